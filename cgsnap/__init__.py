@@ -1,0 +1,87 @@
+"""cgsnap: save a captured CUDA graph to a file and rebuild it, bit-exact, in a fresh process.
+
+Public API::
+
+    with cgsnap.capture() as cap:          # stream capture on cap.stream
+        ...
+    snap = cgsnap.snapshot(cap, buffers={"x": x, "y": y}, name="step")
+    snap.save("step.cgsnap")               # or cgsnap.save(path, [snap_a, snap_b])
+    with cgsnap.load("step.cgsnap") as r:  # in any process; never imports torch or CuPy
+        r.buffer("x").copy_from(host)
+        r.graph("step").launch()
+        r.synchronize()
+        out = r.buffer("y").to_numpy()
+
+Importing cgsnap does not initialise CUDA.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .buffers import Bound, Saved, Scratch
+from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError,
+                     CgsnapError, CompatibilityError, DriverError, FormatError, KernelNotFoundError,
+                     RecorderError, RestoreError, UnsupportedNodeError)
+from .kernels import register_image, start_recorder, start_recorder_from_env
+from .model import Snapshot
+
+__all__ = [
+    "capture", "snapshot", "save", "load", "read", "register_image", "start_recorder",
+    "Bound", "Saved", "Scratch", "Snapshot", "CgsnapError", "FormatError", "BinaryFormatError",
+    "KernelNotFoundError", "AmbiguousKernelError", "UnsupportedNodeError", "CompatibilityError",
+    "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "__version__",
+]
+
+
+def capture(stream=None, mode: str = "thread_local"):
+    """Stream capture: ``with cgsnap.capture() as cap:`` launches on ``cap.stream`` become
+    ``cap.graph``. ``stream`` may be an int handle, a CUstream, a torch or a CuPy stream."""
+    from .stream_capture import capture as _capture
+    return _capture(stream, mode)
+
+
+def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
+             host_callbacks=None, meta=None) -> Snapshot:
+    """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
+    ``torch.cuda.CUDAGraph(keep_graph=True)``.
+
+    ``buffers`` names device memory (torch tensors, CuPy arrays, objects with
+    ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` / :class:`Scratch`
+    to keep contents out of the file). ``record_outputs`` (default: when buffers are named)
+    launches the graph once to record the named buffers' outputs for ``cgsnap replay --check``,
+    then puts every region back as it was."""
+    from .stream_capture import graph_handle
+    from .record import snapshot_graph
+    return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
+                          record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta)
+
+
+def save(path, snaps, *, compress: bool = False) -> None:
+    """Write one snapshot or a list of them (stored once where they share memory) atomically."""
+    from .snapfile import save as _save
+    _save(path, snaps, compress=compress)
+
+
+def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
+         allow_jit=False):
+    """Restore a snapshot file in this process; see :class:`cgsnap.restore.Restored`.
+    The whole file is validated before any GPU work."""
+    from .restore import Restored
+    return Restored(path, device=device, bind=bind, instantiate=instantiate,
+                    verify_bound=verify_bound, allow_jit=allow_jit)
+
+
+def read(path):
+    """The validated :class:`Snapshot` model of a file, without a GPU."""
+    from .snapfile import read as _read
+    snap, f = _read(path)
+    f.close()
+    return snap
+
+
+def _save_method(self, path, *, compress: bool = False) -> None:
+    save(path, self, compress=compress)
+
+
+Snapshot.save = _save_method
+start_recorder_from_env()

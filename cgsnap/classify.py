@@ -1,0 +1,104 @@
+"""Which argument words are pointers, and into which region.
+
+Pure Python over address ranges, so it is tested on CPU with synthetic tables; the recorder
+plugs in the driver (``cuMemGetAddressRange``) as the fallback for addresses no known range holds.
+
+Rules (in this order):
+1. a word inside a *named* buffer is a Ref to that buffer -- names win over the allocation that
+   contains them, and the smallest named range wins among nested names (a view inside a tensor);
+2. a word inside a graph-allocated range or a module global is a Ref to it;
+3. a word inside a device allocation the fallback finds is a Ref to that allocation;
+4. anything else stays literal (host stack addresses, sizes, values that merely look like
+   pointers).
+Ranges are half-open ``[start, start + size)``: a word exactly at the end of a buffer is not
+taken as pointing into it, since it is as often the start of the next one.
+"""
+from __future__ import annotations
+
+import bisect
+import struct
+from typing import Callable, Optional
+
+from .model import Ref
+
+# Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
+# kernels); words outside can never be pointers and are rejected without a lookup.
+_MIN_ADDR = 1 << 16
+_MAX_ADDR = 1 << 57
+
+# Priority classes: lower wins.
+NAMED, SPECIAL, ALLOCATION = 0, 1, 2
+
+_WORD = struct.Struct("<Q")
+
+
+class RangeTable:
+    """Address ranges tagged with a region id and a priority class."""
+
+    def __init__(self):
+        self._ranges: list = []     # (start, end, priority, size, region) sorted by start
+        self._starts: list = []
+        self._negative: set = set()  # words the fallback already said are not device memory
+        self._max_size = 0
+
+    def add(self, start: int, size: int, region: int, priority: int) -> None:
+        item = (start, start + size, priority, size, region)
+        i = bisect.bisect_left(self._ranges, item)
+        self._ranges.insert(i, item)
+        self._starts.insert(i, start)
+        self._max_size = max(self._max_size, size)
+
+    def find(self, addr: int) -> Optional[Ref]:
+        """The best range holding ``addr``: lowest priority class, then smallest size."""
+        best = None
+        i = bisect.bisect_right(self._starts, addr) - 1
+        # Ranges may nest (a named view inside an allocation), so walk back over every range
+        # starting at or before addr that could still reach it (none can past the largest size).
+        while i >= 0 and self._starts[i] + self._max_size > addr:
+            start, end, prio, size, region = self._ranges[i]
+            if addr < end and (best is None or (prio, size) < best[0]):
+                best = ((prio, size), region, addr - start)
+            i -= 1
+        return None if best is None else Ref(best[1], best[2])
+
+    def note_not_device(self, addr: int) -> None:
+        self._negative.add(addr)
+
+    def known_not_device(self, addr: int) -> bool:
+        return addr in self._negative
+
+
+def plausible_address(word: int) -> bool:
+    return _MIN_ADDR <= word < _MAX_ADDR
+
+
+def classify_words(data: bytes, base_offset: int, lookup: Callable[[int], Optional[Ref]]) -> tuple:
+    """Refs among the 8-byte words of one argument.
+
+    ``base_offset`` is the argument's offset in the kernel's parameter buffer: words are those at
+    8-byte aligned *buffer* offsets (that is how the compiler lays out pointers, also inside
+    by-value structs). Returns ``((offset_in_argument, Ref), ...)``."""
+    refs = []
+    first = (-base_offset) % 8
+    for off in range(first, len(data) - 7, 8):
+        word = _WORD.unpack_from(data, off)[0]
+        if not plausible_address(word):
+            continue
+        ref = lookup(word)
+        if ref is not None:
+            refs.append((off, ref))
+    return tuple(refs)
+
+
+def make_lookup(table: RangeTable, fallback: Optional[Callable[[int], Optional[Ref]]] = None):
+    """A lookup trying the table first, then ``fallback`` (which registers what it finds in the
+    table itself), remembering misses so a value is asked about once."""
+    def lookup(addr: int) -> Optional[Ref]:
+        ref = table.find(addr)
+        if ref is not None or fallback is None or table.known_not_device(addr):
+            return ref
+        ref = fallback(addr)
+        if ref is None:
+            table.note_not_device(addr)
+        return ref
+    return lookup

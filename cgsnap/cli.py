@@ -1,0 +1,150 @@
+"""The ``cgsnap`` command line. Exit codes: 0 ok, 1 invalid input or failed check, 2 usage."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import CgsnapError
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _open(path):
+    from . import fileformat
+    from .model import Snapshot
+    f = fileformat.open_file(path)
+    try:
+        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
+                                      blob_getter=lambda i: bytes(f.blob(i)))
+    except BaseException:
+        f.close()
+        raise
+    return snap, f
+
+
+def cmd_info(args) -> int:
+    from .render import info_dict, info_text
+    snap, f = _open(args.file)
+    with f:
+        d = info_dict(snap, f.blobs, f.version, args.file)
+    sys.stdout.write(json.dumps(d, indent=2, sort_keys=True) + "\n" if args.json else info_text(d))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .render import show_text
+    snap, f = _open(args.file)
+    f.close()
+    if args.graph is not None and args.graph not in {g.name for g in snap.graphs}:
+        print(f"cgsnap: {args.file}: no graph named {args.graph!r} (graphs: "
+              f"{', '.join(g.name for g in snap.graphs)})", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(show_text(snap, args.graph))
+    return EXIT_OK
+
+
+def cmd_dot(args) -> int:
+    from .render import dot_text
+    snap, f = _open(args.file)
+    f.close()
+    sys.stdout.write(dot_text(snap))
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    snap, f = _open(args.file)
+    with f:
+        f.verify()
+        nblobs = len(f.blobs)
+    print(f"{args.file}: OK ({len(snap.graphs)} graph(s), {sum(len(g.nodes) for g in snap.graphs)} "
+          f"nodes, {len(snap.kernels)} kernels, {len(snap.regions)} regions, {nblobs} blobs "
+          "verified)")
+    return EXIT_OK
+
+
+def cmd_kernels(args) -> int:
+    from .binaries import format_listing, list_binary, parse_arch
+    from .demangle import demangle
+    arch = None
+    if args.arch:
+        try:
+            arch = parse_arch(args.arch)
+        except CgsnapError as exc:
+            print(f"cgsnap: --arch: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    records = list_binary(args.path, arch=arch)
+    if args.json:
+        sys.stdout.write(json.dumps({"schema": 1, "path": args.path, "entries": records},
+                                    indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(format_listing(records, demangle=demangle))
+    return EXIT_OK
+
+
+def cmd_replay(args) -> int:
+    from .replay import replay
+    return replay(args.file, check=args.check, device=args.device, allow_jit=args.allow_jit,
+                  graph=args.graph)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cgsnap", description="Save CUDA graphs to files and rebuild "
+                                "them, bit-exact, in a fresh process.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="graphs, kernels, regions and sizes of a snapshot file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("show", help="every node as a box, in topological order")
+    s.add_argument("file")
+    s.add_argument("--graph", help="only this graph")
+    s.set_defaults(fn=cmd_show)
+    s = sub.add_parser("dot", help="Graphviz of the graphs")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_dot)
+    s = sub.add_parser("verify", help="checksums and structure (no GPU needed)")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("kernels", help="kernels and globals in a library, executable, fatbin or cubin")
+    s.add_argument("path")
+    s.add_argument("--arch", help="only this arch, e.g. sm_90")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_kernels)
+    s = sub.add_parser("replay", help="restore and launch on this GPU; --check compares outputs")
+    s.add_argument("file")
+    s.add_argument("--check", action="store_true",
+                   help="compare outputs bit-exactly with those recorded at save time")
+    s.add_argument("--graph", help="only this graph")
+    s.add_argument("--device", type=int, default=0)
+    s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
+    s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser("demo", help="capture, save, restore in a fresh process, compare")
+    s.add_argument("--keep", metavar="DIR", help="keep the snapshot file in DIR")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    path = getattr(args, "file", None) or getattr(args, "path", None)
+    if path is not None and not os.path.exists(path):
+        print(f"cgsnap: {path}: no such file", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return args.fn(args)
+    except CgsnapError as exc:
+        print(f"cgsnap: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BrokenPipeError:
+        return EXIT_OK
+    except OSError as exc:
+        print(f"cgsnap: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID

@@ -1,0 +1,326 @@
+"""The thin layer over the CUDA driver (``cuda.bindings.driver``).
+
+Every driver call of cgsnap goes through :func:`call`, which turns cuda-bindings' ``(err, *values)``
+tuples into a value or a :class:`~cgsnap.errors.DriverError` naming the call. Importing this module
+does not initialise CUDA; :func:`init` does, once per process.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Optional
+
+from cuda.bindings import driver as cu
+
+from .errors import CompatibilityError, DriverError
+
+SUCCESS = cu.CUresult.CUDA_SUCCESS
+NodeType = cu.CUgraphNodeType
+MemType = cu.CUmemorytype
+
+
+def error_name(err) -> str:
+    res = cu.cuGetErrorName(err)
+    return res[1].decode() if res[0] == SUCCESS and res[1] else str(int(err))
+
+
+def call(fn, *args):
+    """Call a driver function; return its value (a tuple if several) or raise DriverError."""
+    res = fn(*args)
+    err = res[0]
+    if err != SUCCESS:
+        name = getattr(fn, "__name__", str(fn))
+        msg = cu.cuGetErrorString(err)
+        raise DriverError(name, int(err), error_name(err),
+                          msg[1].decode() if msg[0] == SUCCESS and msg[1] else "")
+    if len(res) == 1:
+        return None
+    return res[1] if len(res) == 2 else res[1:]
+
+
+def attempt(fn, *args):
+    """Like :func:`call` but return ``None`` instead of raising (for probing calls)."""
+    res = fn(*args)
+    if res[0] != SUCCESS:
+        return None
+    return True if len(res) == 1 else (res[1] if len(res) == 2 else res[1:])
+
+
+@dataclass(frozen=True)
+class Device:
+    ordinal: int
+    handle: object
+    context: object
+    name: str
+    arch: int              # compute capability as major*10 + minor (90 for sm_90)
+    driver_version: int    # e.g. 13000
+    total_memory: int
+
+    def describe(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "cc": [self.arch // 10, self.arch % 10],
+                "driver": self.driver_version, "total_memory": self.total_memory}
+
+
+_devices: dict = {}
+
+
+def init(ordinal: int = 0) -> Device:
+    """Initialise the driver and make ``ordinal``'s primary context current (the one torch and
+    CuPy use, so cgsnap shares memory and modules with them)."""
+    dev = _devices.get(ordinal)
+    if dev is not None:
+        call(cu.cuCtxSetCurrent, dev.context)
+        return dev
+    try:
+        call(cu.cuInit, 0)
+    except DriverError as exc:
+        raise CompatibilityError(f"no usable CUDA driver or GPU: {exc}") from None
+    except Exception as exc:  # the driver library itself is missing
+        raise CompatibilityError(f"no CUDA driver found: {exc}") from None
+    count = call(cu.cuDeviceGetCount)
+    if not 0 <= ordinal < count:
+        raise CompatibilityError(f"device {ordinal} requested, this machine has {count}")
+    handle = call(cu.cuDeviceGet, ordinal)
+    ctx = call(cu.cuDevicePrimaryCtxRetain, handle)
+    call(cu.cuCtxSetCurrent, ctx)
+    attr = cu.CUdevice_attribute
+    major = call(cu.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
+    minor = call(cu.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
+    name = call(cu.cuDeviceGetName, 256, handle).split(b"\0", 1)[0].decode(errors="replace")
+    dev = Device(ordinal, handle, ctx, name, major * 10 + minor, call(cu.cuDriverGetVersion),
+                 call(cu.cuDeviceTotalMem, handle))
+    _devices[ordinal] = dev
+    return dev
+
+
+def current_device() -> Device:
+    """The device of the current context (initialising device 0 if there is none)."""
+    res = cu.cuCtxGetDevice()
+    if res[0] != SUCCESS:
+        return init(0)
+    return init(int(res[1]))
+
+
+def driver_version() -> int:
+    return call(cu.cuDriverGetVersion)
+
+
+def bindings_version() -> str:
+    import cuda.bindings
+    return getattr(cuda.bindings, "__version__", "?")
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+def address_range(ptr: int) -> Optional[tuple]:
+    """``(base, size)`` of the device allocation holding ``ptr``, or None if it holds none."""
+    res = cu.cuMemGetAddressRange(ptr)
+    if res[0] != SUCCESS:
+        return None
+    return int(res[1]), int(res[2])
+
+
+def memory_type(ptr: int) -> Optional[int]:
+    """CU_MEMORYTYPE_* of a pointer the driver knows (device, host-pinned, managed), else None."""
+    res = cu.cuPointerGetAttribute(cu.CUpointer_attribute.CU_POINTER_ATTRIBUTE_MEMORY_TYPE, ptr)
+    return int(res[1]) if res[0] == SUCCESS else None
+
+
+def mem_alloc(size: int) -> int:
+    return int(call(cu.cuMemAlloc, max(size, 1)))
+
+
+def mem_free(ptr: int) -> None:
+    call(cu.cuMemFree, ptr)
+
+
+def host_alloc(size: int) -> int:
+    """Page-locked host memory (portable), for staging copies at full bus speed."""
+    return int(call(cu.cuMemHostAlloc, max(size, 1), cu.CU_MEMHOSTALLOC_PORTABLE))
+
+
+def host_free(ptr: int) -> None:
+    call(cu.cuMemFreeHost, ptr)
+
+
+def host_view(ptr: int, size: int) -> memoryview:
+    """A writable memoryview over host memory at ``ptr`` (pinned buffers we own)."""
+    return memoryview((ctypes.c_char * size).from_address(ptr)).cast("B")
+
+
+def buffer_address(buf) -> int:
+    """Address of a contiguous, writable-or-not bytes-like object without copying it."""
+    mv = memoryview(buf)
+    if not mv.contiguous:
+        raise ValueError("buffer must be contiguous")
+    if mv.readonly:
+        # ctypes refuses read-only buffers; numpy reads the address of any buffer.
+        import numpy as np
+        return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if mv.nbytes else 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv)) if mv.nbytes else 0
+
+
+def htod(dst: int, src, size: int, stream=None) -> None:
+    src_ptr = src if isinstance(src, int) else buffer_address(src)
+    if stream is None:
+        call(cu.cuMemcpyHtoD, dst, src_ptr, size)
+    else:
+        call(cu.cuMemcpyHtoDAsync, dst, src_ptr, size, stream)
+
+
+def dtoh(dst, src: int, size: int, stream=None) -> None:
+    dst_ptr = dst if isinstance(dst, int) else buffer_address(dst)
+    if stream is None:
+        call(cu.cuMemcpyDtoH, dst_ptr, src, size)
+    else:
+        call(cu.cuMemcpyDtoHAsync, dst_ptr, src, size, stream)
+
+
+def dtod(dst: int, src: int, size: int) -> None:
+    call(cu.cuMemcpyDtoD, dst, src, size)
+
+
+def memset_d8(dst: int, value: int, size: int) -> None:
+    call(cu.cuMemsetD8, dst, value, size)
+
+
+def mem_get_info() -> tuple:
+    """``(free, total)`` bytes of the current device."""
+    free, total = call(cu.cuMemGetInfo)
+    return int(free), int(total)
+
+
+# ---- streams, events, sync --------------------------------------------------------------
+
+def stream_create() -> object:
+    return call(cu.cuStreamCreate, cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+
+
+def stream_destroy(stream) -> None:
+    call(cu.cuStreamDestroy, stream)
+
+
+def stream_sync(stream) -> None:
+    call(cu.cuStreamSynchronize, stream)
+
+
+def ctx_sync() -> None:
+    call(cu.cuCtxSynchronize)
+
+
+def as_stream(stream) -> object:
+    """A CUstream from an int handle, a CUstream, a torch stream or a CuPy stream (duck-typed:
+    neither framework is imported)."""
+    if stream is None:
+        return cu.CUstream(0)
+    if isinstance(stream, cu.CUstream):
+        return stream
+    if isinstance(stream, int):
+        return cu.CUstream(stream)
+    for attr in ("cuda_stream", "ptr", "handle"):   # torch, CuPy, cuda.core
+        value = getattr(stream, attr, None)
+        if value is not None:
+            return cu.CUstream(int(value))
+    raise TypeError(f"cannot use {type(stream).__name__} as a CUDA stream")
+
+
+def as_graph(graph) -> object:
+    if isinstance(graph, cu.CUgraph):
+        return graph
+    if isinstance(graph, int):
+        return cu.CUgraph(graph)
+    raise TypeError(f"cannot use {type(graph).__name__} as a CUgraph")
+
+
+# ---- functions and modules ----------------------------------------------------------------
+
+def func_name(func) -> str:
+    return call(cu.cuFuncGetName, func).decode()
+
+
+def func_params(func) -> tuple:
+    """``((offset, size), ...)`` of a kernel's parameters."""
+    params = []
+    while True:
+        res = cu.cuFuncGetParamInfo(func, len(params))
+        if res[0] != SUCCESS:
+            # The driver reports the end of the list as CUDA_ERROR_INVALID_VALUE.
+            if res[0] == cu.CUresult.CUDA_ERROR_INVALID_VALUE:
+                return tuple(params)
+            call(cu.cuFuncGetParamInfo, func, len(params))
+        params.append((int(res[1]), int(res[2])))
+
+
+FUNC_ATTRS = {   # recorded name -> attribute; those a launch may need set on a fresh function
+    "max_dynamic_shared_size_bytes":
+        cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    "preferred_shared_memory_carveout":
+        cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+    "non_portable_cluster_size_allowed":
+        cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+    "cluster_scheduling_policy_preference":
+        cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE,
+}
+# Fixed by the compiler; recorded to tell same-named kernels apart, never set.
+IDENTITY_ATTRS = {
+    "num_regs": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS,
+    "shared_size_bytes": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+    "local_size_bytes": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+    "max_threads_per_block": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+}
+
+
+def func_attrs(func, names=FUNC_ATTRS) -> dict:
+    out = {}
+    for key, attr in names.items():
+        value = attempt(cu.cuFuncGetAttribute, attr, func)
+        if value is not None:
+            out[key] = int(value)
+    return out
+
+
+def func_set_attrs(func, attrs: dict) -> None:
+    for key, value in attrs.items():
+        attr = FUNC_ATTRS.get(key)
+        if attr is not None:
+            call(cu.cuFuncSetAttribute, func, attr, int(value))
+
+
+def func_module(func):
+    return attempt(cu.cuFuncGetModule, func)
+
+
+def module_function_names(module) -> frozenset:
+    """Names of every function of a loaded module (used to tell same-named kernels apart)."""
+    count = attempt(cu.cuModuleGetFunctionCount, module)
+    if not count:
+        return frozenset()
+    funcs = call(cu.cuModuleEnumerateFunctions, count, module)
+    return frozenset(func_name(f) for f in funcs)
+
+
+def module_global(module, name: str) -> Optional[tuple]:
+    res = cu.cuModuleGetGlobal(module, name.encode())
+    if res[0] != SUCCESS:
+        return None
+    return int(res[1]), int(res[2])
+
+
+def library_load(image: bytes, allow_jit: bool = True):
+    return call(cu.cuLibraryLoadData, image, None, None, 0, None, None, 0)
+
+
+def library_unload(lib) -> None:
+    call(cu.cuLibraryUnload, lib)
+
+
+def library_function(lib, name: str):
+    kernel = call(cu.cuLibraryGetKernel, lib, name.encode())
+    return call(cu.cuKernelGetFunction, kernel)
+
+
+def library_global(lib, name: str) -> Optional[tuple]:
+    res = cu.cuLibraryGetGlobal(lib, name.encode())
+    if res[0] != SUCCESS:
+        return None
+    return int(res[1]), int(res[2])

@@ -1,0 +1,63 @@
+"""Every error cgsnap raises on purpose derives from :class:`CgsnapError`.
+
+Callers (and the CLI) catch ``CgsnapError`` and nothing else: any other exception escaping
+cgsnap is a bug. Each error carries enough context to act on (the file, node, kernel or
+region it is about) in its message.
+"""
+from __future__ import annotations
+
+
+class CgsnapError(Exception):
+    """Base class of all cgsnap errors."""
+
+
+class FormatError(CgsnapError):
+    """A snapshot file (or its manifest) is malformed, truncated, corrupt or of an unknown version."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class BinaryFormatError(CgsnapError):
+    """A GPU binary (ELF cubin, fatbin container, host ELF) could not be parsed."""
+
+
+class KernelNotFoundError(CgsnapError):
+    """No carried or discoverable image holds the kernel."""
+
+
+class AmbiguousKernelError(CgsnapError):
+    """Several different images hold a kernel of that name and nothing tells them apart."""
+
+
+class UnsupportedNodeError(CgsnapError):
+    """A graph node cannot be carried (host callback not registered, external semaphore, ...)."""
+
+
+class CompatibilityError(CgsnapError):
+    """The machine cannot run the snapshot (arch, driver version, missing feature)."""
+
+
+class BindError(CgsnapError):
+    """Buffers given to ``load(bind=...)`` are missing, extra or do not match the snapshot."""
+
+
+class DriverError(CgsnapError):
+    """A CUDA driver call failed."""
+
+    def __init__(self, call: str, code: int, name: str = "", message: str = ""):
+        self.call, self.code, self.name = call, code, name
+        super().__init__(f"{call} failed: {name or code}" + (f" ({message})" if message else ""))
+
+
+class CaptureError(CgsnapError):
+    """Capturing or recording a graph failed."""
+
+
+class RestoreError(CgsnapError):
+    """Rebuilding a graph failed; everything allocated for it was released."""
+
+
+class RecorderError(CgsnapError):
+    """The CUPTI module recorder could not start (no libcupti, another subscriber, ...)."""

@@ -1,0 +1,598 @@
+"""The snapshot file container: one msgpack manifest plus a list of binary blobs.
+
+The byte layout is specified in ``docs/FORMAT.md``; this module is its only implementation.
+It knows nothing about graphs: the manifest is a plain dict and blobs are opaque bytes the
+manifest refers to by index.
+
+Reading is defensive: whatever bytes a file holds, the reader raises :class:`FormatError`
+(naming the file) and nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import os
+import secrets
+import struct
+from typing import Iterable, Iterator, NamedTuple
+
+import msgpack
+import xxhash
+import zstandard as zstd
+
+from .errors import FormatError
+
+MAGIC = b"\x89CGSNAP\n"
+VERSION = (1, 0)
+HEADER_SIZE = 64
+ALIGN = 64
+MAX_MANIFEST = 64 << 20
+MAX_DEPTH = 64
+# zstd cannot encode more than a 128 KiB block in 4 bytes (an RLE block), so no frame expands
+# more than this; a larger raw_length is a lie, refused before allocating for it.
+MAX_ZSTD_RATIO = 32768
+DEFAULT_CHUNK = 64 << 20
+
+_HEADER = struct.Struct("<8sHHIIIQIIQ16s")
+_CHECKED_HEADER = 48  # header bytes covered by the header checksum: all fields but the checksum
+_ENTRY = struct.Struct("<QQQB7x16s")
+assert _HEADER.size == HEADER_SIZE and _ENTRY.size == 48
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    ZSTD = 1
+
+
+class _Header(NamedTuple):
+    magic: bytes
+    major: int
+    minor: int
+    flags: int
+    manifest_offset: int
+    manifest_length: int
+    blob_table_offset: int
+    blob_count: int
+    reserved: int
+    blobs_offset: int
+    checksum: bytes
+
+
+class BlobInfo(NamedTuple):
+    """One blob table entry; ``offset`` is absolute in the file (the table stores it relative
+    to ``blobs_offset``) so callers can read a blob directly, e.g. with O_DIRECT."""
+
+    index: int
+    offset: int
+    stored_length: int
+    raw_length: int
+    compression: Compression
+    checksum: bytes
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _checksum(*parts) -> bytes:
+    h = xxhash.xxh3_128()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _byte_view(obj) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer (bytes, bytearray, numpy array, ...)."""
+    view = memoryview(obj)
+    if not view.c_contiguous:
+        raise ValueError("blob data must be a C-contiguous buffer")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+class _InvalidManifest(Exception):
+    """Carries the key path outwards so the message can say where the bad value is."""
+
+    def __init__(self, message: str):
+        self.message, self.where = message, []
+
+
+def _canonical(obj, depth: int):
+    """Checks ``obj`` against the manifest's type rules and returns it with every map sorted."""
+    if isinstance(obj, (dict, list)) and depth > MAX_DEPTH:
+        raise _InvalidManifest(f"nests deeper than {MAX_DEPTH} levels")
+    if isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, str):
+                raise _InvalidManifest(f"has a map key that is not a str: {key!r}")
+        return {key: _canonical_item(obj[key], depth, key) for key in sorted(obj)}
+    if isinstance(obj, list):
+        return [_canonical_item(item, depth, i) for i, item in enumerate(obj)]
+    if obj is None or isinstance(obj, (str, bytes, bool, int, float)):
+        return obj
+    raise _InvalidManifest(f"holds a {type(obj).__name__}, which a manifest cannot store")
+
+
+def _canonical_item(obj, depth: int, key):
+    try:
+        return _canonical(obj, depth + 1)
+    except _InvalidManifest as e:
+        e.where.append(key)
+        raise
+
+
+def _canonical_manifest(manifest, path: str | None) -> dict:
+    if not isinstance(manifest, dict):
+        raise FormatError(f"manifest must be a map, not {type(manifest).__name__}", path=path)
+    try:
+        return _canonical(manifest, 1)
+    except _InvalidManifest as e:
+        where = "".join(f"[{key!r}]" for key in reversed(e.where))
+        raise FormatError(f"manifest{where} {e.message}", path=path) from None
+
+
+def _pack_manifest(manifest, path: str | None) -> bytes:
+    canonical = _canonical_manifest(manifest, path)
+    try:
+        packed = msgpack.packb(canonical, use_bin_type=True)
+    except (ValueError, OverflowError) as e:  # lone surrogates in a str, ints beyond 64 bits
+        raise FormatError(f"manifest cannot be encoded: {e}", path=path) from None
+    if len(packed) > MAX_MANIFEST:
+        raise FormatError(f"manifest is {len(packed)} bytes, over the {MAX_MANIFEST}-byte cap", path=path)
+    return packed
+
+
+def pack_manifest(manifest: dict) -> bytes:
+    """The canonical msgpack bytes of ``manifest``: equal values give equal bytes."""
+    return _pack_manifest(manifest, None)
+
+
+def _unique_map(pairs):
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise ValueError("a map has a duplicate key")
+    return mapping
+
+
+def _unpack_manifest(data: bytes, path: str) -> dict:
+    limit = len(data)  # no string, array or map can hold more items than there are bytes
+    try:
+        # The C unpacker nests on its own bounded stack (StackError past 1024 levels); the
+        # pure-Python fallback recurses, hence RecursionError. MAX_DEPTH is enforced below.
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=_unique_map,
+            # max_ext_len=0 also stops the timestamp ext, which bypasses ext_hook; an empty ext
+            # still decodes to an ExtType, which _canonical_manifest refuses.
+            max_ext_len=0, max_str_len=limit, max_bin_len=limit, max_array_len=limit,
+            max_map_len=limit // 2)
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError, MemoryError,
+            RecursionError) as e:
+        raise FormatError(f"manifest is not valid msgpack: {str(e) or type(e).__name__}", path=path) from None
+    return _canonical_manifest(obj, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class BlobSource:
+    """A blob for :func:`write_file`: either ``data`` known up front, or ``chunks`` (an
+    iterable of bytes-like objects, e.g. staged from device memory) producing exactly
+    ``raw_length`` bytes. The length must be known before streaming starts because the zstd
+    frame header records it. A ``chunks`` iterator can be consumed only once."""
+
+    def __init__(self, data=None, *, chunks: Iterable | None = None, raw_length: int | None = None,
+                 compress: bool = False):
+        if (data is None) == (chunks is None):
+            raise TypeError("BlobSource takes exactly one of data or chunks")
+        if data is not None:
+            self._data = _byte_view(data)
+            if raw_length is not None and raw_length != len(self._data):
+                raise ValueError(f"raw_length {raw_length} but data holds {len(self._data)} bytes")
+            raw_length = len(self._data)
+        elif raw_length is None:
+            raise TypeError("BlobSource(chunks=...) needs raw_length")
+        self._chunks = chunks
+        self.raw_length = raw_length
+        self.compress = compress
+
+    def _views(self) -> Iterator[memoryview]:
+        if self._chunks is None:
+            yield self._data
+        else:
+            for chunk in self._chunks:
+                yield _byte_view(chunk)
+
+
+class _HashingSink:
+    """Writes stored bytes to the file while hashing and counting them, so a blob is
+    checksummed as it streams and never has to be held or re-read."""
+
+    def __init__(self, f):
+        self._f, self._hash, self.length = f, xxhash.xxh3_128(), 0
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self._hash.update(data)
+        self.length += len(data)
+        return len(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+def _feed(source: BlobSource, write, index: int, path: str) -> None:
+    """Streams ``source`` into ``write``, holding it to its declared raw_length."""
+    total = 0
+    for view in source._views():
+        total += len(view)
+        if total > source.raw_length:
+            raise FormatError(f"blob {index}: source produced more than its raw_length of "
+                              f"{source.raw_length} bytes", path=path)
+        write(view)
+    if total != source.raw_length:
+        raise FormatError(f"blob {index}: source produced {total} bytes, raw_length is "
+                          f"{source.raw_length}", path=path)
+
+
+def _write_blob(f, index: int, source: BlobSource, blobs_offset: int, cctx, path: str) -> tuple:
+    """Writes one blob at the next aligned position; returns its table entry."""
+    f.write(bytes(_align(f.tell()) - f.tell()))
+    offset = f.tell() - blobs_offset
+    sink = _HashingSink(f)
+    if source.compress:
+        # Not a `with` block: on a failed source, closing would end the frame and raise a
+        # size-mismatch error that hides the real one. The temporary file is discarded anyway.
+        writer = cctx.stream_writer(sink, size=source.raw_length, closefd=False)
+        _feed(source, writer.write, index, path)
+        writer.close()
+    else:
+        _feed(source, sink.write, index, path)
+    compression = Compression.ZSTD if source.compress else Compression.NONE
+    return offset, sink.length, source.raw_length, compression, sink.digest()
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str):
+    """A new file that replaces ``path`` only once it is complete and durable."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    f = open(tmp, "xb")  # outside the try: if creation fails, there is no file of ours to remove
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # must not mask the original error
+            os.unlink(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> None:
+    """Writes a snapshot file atomically; ``blobs`` are :class:`BlobSource` or bytes-like
+    (stored uncompressed). The same inputs always give the same bytes."""
+    path = os.fspath(path)
+    manifest_bytes = _pack_manifest(manifest, path)
+    sources = [b if isinstance(b, BlobSource) else BlobSource(b) for b in blobs]
+    if len(sources) > 0xFFFFFFFF:
+        raise FormatError(f"{len(sources)} blobs, the format holds at most {0xFFFFFFFF}", path=path)
+    table_offset = HEADER_SIZE + len(manifest_bytes)
+    blobs_offset = _align(table_offset + _ENTRY.size * len(sources))
+    # threads=0: zstd's multi-threaded frames differ from single-threaded ones, and
+    # threads=-1 would tie the output to the writing machine's CPU count.
+    cctx = zstd.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False,
+                               threads=0)
+    with _atomic_output(path) as f:
+        # Header and table are placeholders until the blobs' stored sizes are known.
+        f.write(bytes(HEADER_SIZE))
+        f.write(manifest_bytes)
+        f.write(bytes(blobs_offset - table_offset))
+        entries = [_write_blob(f, i, s, blobs_offset, cctx, path) for i, s in enumerate(sources)]
+        table = b"".join(_ENTRY.pack(*entry) for entry in entries)
+        header = _Header(magic=MAGIC, major=VERSION[0], minor=VERSION[1], flags=0,
+                         manifest_offset=HEADER_SIZE, manifest_length=len(manifest_bytes),
+                         blob_table_offset=table_offset, blob_count=len(entries), reserved=0,
+                         blobs_offset=blobs_offset, checksum=bytes(16))
+        fields = _HEADER.pack(*header)[:_CHECKED_HEADER]
+        f.seek(0)
+        f.write(fields + _checksum(fields, manifest_bytes, table))
+        f.seek(table_offset)
+        f.write(table)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_header(buf, path: str) -> _Header:
+    """Checks what must hold before the header checksum can even be computed."""
+    size = len(buf)
+    if size < HEADER_SIZE:
+        raise FormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}", path=path)
+    header = _Header._make(_HEADER.unpack(buf[:HEADER_SIZE]))
+    if header.magic != MAGIC:
+        hint = (" (damaged, e.g. by a text-mode transfer)" if header.magic[1:7] == MAGIC[1:7]
+                else " (not a cgsnap snapshot)")
+        raise FormatError(f"bad magic {header.magic!r}{hint}", path=path)
+    if header.major != VERSION[0]:
+        raise FormatError(f"file is format {header.major}.x, this cgsnap reads {VERSION[0]}.x", path=path)
+    if header.manifest_length > MAX_MANIFEST:
+        raise FormatError(f"manifest_length {header.manifest_length} is over the "
+                          f"{MAX_MANIFEST}-byte cap", path=path)
+    table_end = header.blob_table_offset + _ENTRY.size * header.blob_count
+    if header.manifest_offset + header.manifest_length > size or table_end > size:
+        raise FormatError(f"truncated or corrupt header: manifest and blob table should end at "
+                          f"{max(header.manifest_offset + header.manifest_length, table_end)}, "
+                          f"the file has {size} bytes", path=path)
+    return header
+
+
+def _check_layout(header: _Header, size: int, path: str) -> None:
+    """The header fields hold the only values a 1.x writer produces."""
+    table_end = header.blob_table_offset + _ENTRY.size * header.blob_count
+    expected = {
+        "flags": 0,
+        "manifest_offset": HEADER_SIZE,
+        "blob_table_offset": HEADER_SIZE + header.manifest_length,
+        "blobs_offset": _align(table_end),
+    }
+    for field, value in expected.items():
+        if getattr(header, field) != value:
+            raise FormatError(f"header {field} is {getattr(header, field)}, expected {value}", path=path)
+    if header.blobs_offset > size:
+        raise FormatError(f"truncated: blobs start at {header.blobs_offset}, the file has {size} "
+                          f"bytes", path=path)
+
+
+def _entry_problem(entry: tuple, expected_offset: int, blobs_offset: int, size: int) -> str | None:
+    offset, stored, raw, code, _ = entry
+    if code not in set(Compression):
+        return f"unknown compression {code}"
+    if offset != expected_offset:
+        return (f"offset {offset}, expected {expected_offset} (blobs are stored in order at "
+                f"{ALIGN}-byte alignment with no gaps)")
+    if blobs_offset + offset + stored > size:
+        return f"its {stored} bytes at {blobs_offset + offset} run past the end of the file ({size} bytes)"
+    if code == Compression.NONE and raw != stored:
+        return f"uncompressed but raw_length {raw} != stored_length {stored}"
+    if code == Compression.ZSTD and raw > MAX_ZSTD_RATIO * stored:
+        return f"raw_length {raw} is more than zstd can encode in {stored} bytes"
+    return None
+
+
+def _parse_table(table: bytes, blobs_offset: int, size: int, path: str) -> list[BlobInfo]:
+    """Decodes the table and checks it accounts for the blob section exactly."""
+    blobs, expected = [], 0
+    for index, entry in enumerate(_ENTRY.iter_unpack(table)):
+        problem = _entry_problem(entry, expected, blobs_offset, size)
+        if problem:
+            raise FormatError(f"blob {index}: {problem}", path=path)
+        offset, stored, raw, code, checksum = entry
+        blobs.append(BlobInfo(index, blobs_offset + offset, stored, raw, Compression(code), checksum))
+        expected = _align(offset + stored)
+    end = blobs[-1].offset + blobs[-1].stored_length if blobs else blobs_offset
+    if end != size:
+        raise FormatError(f"the file has {size} bytes but its last blob ends at {end}", path=path)
+    return blobs
+
+
+def _parse(buf, path: str):
+    """Validates everything but the blob bytes; returns (version, manifest, blobs)."""
+    header = _read_header(buf, path)
+    manifest_end = header.manifest_offset + header.manifest_length
+    manifest_bytes = buf[header.manifest_offset:manifest_end]
+    table_end = header.blob_table_offset + _ENTRY.size * header.blob_count
+    table = buf[header.blob_table_offset:table_end]
+    if _checksum(buf[:_CHECKED_HEADER], manifest_bytes, table) != header.checksum:
+        raise FormatError("header checksum mismatch (header, manifest or blob table is corrupt)",
+                          path=path)
+    _check_layout(header, len(buf), path)
+    if buf[table_end:header.blobs_offset].strip(b"\0"):
+        raise FormatError("padding after the blob table is not zero", path=path)
+    blobs = _parse_table(table, header.blobs_offset, len(buf), path)
+    return (header.major, header.minor), _unpack_manifest(manifest_bytes, path), blobs
+
+
+def _map_file(path: str) -> mmap.mmap:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_SIZE:  # also keeps mmap from refusing an empty file
+                raise FormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}",
+                                  path=path)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path=path) from e
+
+
+class SnapshotFile:
+    """An open, validated snapshot file backed by a read-only mmap.
+
+    Blob data is read lazily from the mapping. Views returned by :meth:`blob` and
+    :meth:`iter_chunks` stay valid after :meth:`close`; the mapping goes away with the last one.
+    The file must not be truncated while it is mapped (the OS would fault on access).
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._mm = _map_file(self.path)
+        try:
+            self.version, self.manifest, self.blobs = _parse(self._mm, self.path)
+        except BaseException:
+            self._mm.close()
+            raise
+
+    def __enter__(self) -> SnapshotFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # views still exported: they own it now
+                self._mm.close()
+            self._mm = None
+
+    # --- blob access
+
+    def blob(self, i: int, *, verify: bool = True) -> memoryview | bytes:
+        """The blob's raw bytes: a zero-copy read-only view into the mapping if uncompressed,
+        a new ``bytes`` if zstd."""
+        info, stored = self._locate(i)
+        if verify:
+            self._check_stored(info, stored)
+        if info.compression == Compression.NONE:
+            return stored
+        return self._decompress(info, stored)
+
+    def read_into(self, i: int, dest, *, verify: bool = True) -> None:
+        """Fills ``dest`` (a writable buffer of exactly raw_length bytes, e.g. pinned host
+        memory) with the blob: one copy from the mapping, or zstd decoding straight into it."""
+        info, stored = self._locate(i)
+        dest = _byte_view(dest)
+        if len(dest) != info.raw_length:
+            raise FormatError(f"blob {i} holds {info.raw_length} bytes, the destination "
+                              f"{len(dest)}", path=self.path)
+        if info.compression == Compression.NONE:
+            pos = 0
+            for chunk in self._stored_chunks(info, stored, DEFAULT_CHUNK, verify):
+                dest[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+            return
+        if verify:
+            self._check_stored(info, stored)
+        reader = self._zstd_reader(info, stored)
+        self._fill(info, reader, dest)
+        self._expect_end(info, reader)
+
+    def iter_chunks(self, i: int, chunk_size: int = DEFAULT_CHUNK, verify: bool = True) -> Iterator[memoryview]:
+        """The blob's raw bytes as memoryviews of at most ``chunk_size`` bytes.
+
+        Uncompressed blobs are verified as the chunks go by: a mismatch raises after the last
+        chunk, so consume the iterator fully. zstd blobs are verified before decoding starts."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        info, stored = self._locate(i)
+        if info.compression == Compression.NONE:
+            yield from self._stored_chunks(info, stored, chunk_size, verify)
+            return
+        if verify:
+            self._check_stored(info, stored)
+        reader = self._zstd_reader(info, stored)
+        for start in range(0, info.raw_length, chunk_size):
+            chunk = memoryview(bytearray(min(chunk_size, info.raw_length - start)))
+            self._fill(info, reader, chunk)
+            yield chunk
+        self._expect_end(info, reader)
+
+    def verify(self) -> None:
+        """Checks every blob's checksum and that the padding between blobs is zero."""
+        previous_end = self.blobs[0].offset if self.blobs else 0  # the first padding is checked on open
+        for i in range(len(self.blobs)):
+            info, stored = self._locate(i)
+            if self._mm[previous_end:info.offset].strip(b"\0"):
+                raise FormatError(f"padding before blob {i} is not zero", path=self.path)
+            self._check_stored(info, stored)
+            previous_end = info.offset + info.stored_length
+
+    # --- helpers
+
+    def _locate(self, i: int) -> tuple[BlobInfo, memoryview]:
+        if self._mm is None:
+            raise ValueError(f"{self.path}: snapshot file is closed")
+        if not 0 <= i < len(self.blobs):
+            raise FormatError(f"blob {i} does not exist (the file has {len(self.blobs)})", path=self.path)
+        info = self.blobs[i]
+        return info, memoryview(self._mm)[info.offset:info.offset + info.stored_length]
+
+    def _check_stored(self, info: BlobInfo, stored: memoryview) -> None:
+        if _checksum(stored) != info.checksum:
+            raise self._checksum_error(info)
+
+    def _checksum_error(self, info: BlobInfo) -> FormatError:
+        return FormatError(f"blob {info.index}: checksum mismatch (its stored bytes are corrupt)",
+                           path=self.path)
+
+    def _stored_chunks(self, info: BlobInfo, stored: memoryview, chunk_size: int,
+                       verify: bool) -> Iterator[memoryview]:
+        # Each chunk is hashed right after the consumer used it, while its pages are resident:
+        # a file larger than RAM is then read from disk once, not once to verify and once to use.
+        h = xxhash.xxh3_128()
+        for start in range(0, len(stored), chunk_size):
+            chunk = stored[start:start + chunk_size]
+            yield chunk
+            if verify:
+                h.update(chunk)
+        if verify and h.digest() != info.checksum:
+            raise self._checksum_error(info)
+
+    def _zstd_failure(self, info: BlobInfo, message) -> FormatError:
+        return FormatError(f"blob {info.index}: bad zstd data: {message}", path=self.path)
+
+    def _check_frame(self, info: BlobInfo, stored: memoryview) -> None:
+        """The frame header must agree with raw_length before any output is allocated."""
+        content_size = self._zstd_call(info, zstd.frame_content_size, stored)
+        if content_size != info.raw_length:
+            recorded = "no content size" if content_size < 0 else f"{content_size} bytes"
+            raise self._zstd_failure(info, f"frame records {recorded}, raw_length is {info.raw_length}")
+
+    def _zstd_reader(self, info: BlobInfo, stored: memoryview):
+        self._check_frame(info, stored)
+        # Reading across frames makes a second frame show up as excess output, not go unseen.
+        return zstd.ZstdDecompressor().stream_reader(stored, read_across_frames=True)
+
+    def _zstd_call(self, info: BlobInfo, method, arg):
+        try:
+            return method(arg)
+        except zstd.ZstdError as e:
+            raise self._zstd_failure(info, e) from None
+
+    def _fill(self, info: BlobInfo, reader, dest: memoryview) -> None:
+        filled = 0
+        while filled < len(dest):
+            n = self._zstd_call(info, reader.readinto, dest[filled:])
+            if n == 0:
+                raise self._zstd_failure(info, "data ends early")
+            filled += n
+
+    def _expect_end(self, info: BlobInfo, reader) -> None:
+        if self._zstd_call(info, reader.read, 1):
+            raise self._zstd_failure(info, f"decodes to more than raw_length {info.raw_length}")
+
+    def _decompress(self, info: BlobInfo, stored: memoryview) -> bytes:
+        self._check_frame(info, stored)
+        try:
+            return zstd.ZstdDecompressor().decompress(stored, allow_extra_data=False)
+        except zstd.ZstdError as e:
+            raise self._zstd_failure(info, e) from None
+        except MemoryError:
+            raise FormatError(f"blob {info.index}: cannot allocate {info.raw_length} bytes to "
+                              f"decompress it", path=self.path) from None
+
+
+def open_file(path, *, verify_blobs: bool = False) -> SnapshotFile:
+    """Opens and fully validates a snapshot file's header, manifest and blob table; blob
+    bytes are read only if ``verify_blobs``."""
+    snapshot = SnapshotFile(path)
+    if verify_blobs:
+        try:
+            snapshot.verify()
+        except BaseException:
+            snapshot.close()
+            raise
+    return snapshot
+
+
+def read_manifest(path) -> dict:
+    """The manifest alone; maps the file but reads only header, manifest and blob table."""
+    with SnapshotFile(path) as snapshot:
+        return snapshot.manifest

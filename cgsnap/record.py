@@ -1,0 +1,410 @@
+"""Live CUDA graph -> symbolic :class:`~cgsnap.model.Snapshot`.
+
+Walks every node (recursively through child graphs), turns each kernel into its name + image,
+every pointer into a :class:`~cgsnap.model.Ref`, and copies the contents of every region the graph
+references (see :mod:`cgsnap.classify` for how words are classified).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import platform
+import sys
+from typing import Optional
+
+import numpy as np
+
+from . import __version__, driver
+from .buffers import BufferSpec, expand_buffers
+from .classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
+from .driver import NodeType, call, cu
+from .errors import CaptureError, UnsupportedNodeError
+from .hashing import content_hash
+from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
+                    HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
+                    MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot)
+
+_LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
+_MAX_ALIGNMENT = 4096
+
+
+def _alignment(addr: int) -> int:
+    return min(addr & -addr, _MAX_ALIGNMENT) if addr else _MAX_ALIGNMENT
+
+
+def _node_type_name(t) -> str:
+    return str(getattr(t, "name", t)).replace("CU_GRAPH_NODE_TYPE_", "").lower()
+
+
+class _Recording:
+    """State of one snapshot: regions, kernels, images and events found so far."""
+
+    def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict]):
+        self.device = device
+        self.resolver = resolver
+        self.host_callbacks = {int(k): v for k, v in (host_callbacks or {}).items()}
+        self.table = RangeTable()
+        self.lookup = make_lookup(self.table, self._find_allocation)
+        self.regions: list = []
+        self.kernels: list = []
+        self.kernel_by_func: dict = {}
+        self.images: dict = {}
+        self.module_globals_done: set = set()
+        self.events: dict = {}
+        self.graphs: list = []
+        self.graph_names: set = set()
+
+    # ---- regions --------------------------------------------------------------------------
+    def add_region(self, kind: RegionKind, base: int, size: int, priority: Optional[int],
+                   **fields) -> Region:
+        region = Region(id=len(self.regions), kind=kind, size=size, alignment=_alignment(base),
+                        origin=base, **fields)
+        self.regions.append(region)
+        if priority is not None:
+            self.table.add(base, size, region.id, priority)
+        return region
+
+    def add_named(self, spec: BufferSpec) -> Region:
+        return self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
+                               dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
+
+    def _find_allocation(self, addr: int) -> Optional[Ref]:
+        rng = driver.address_range(addr)
+        if rng is None:
+            return None
+        base, size = rng
+        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION)
+        return Ref(region.id, addr - base)
+
+    def device_ref(self, addr: int, what: str) -> Ref:
+        ref = self.lookup(addr)
+        if ref is None:
+            raise CaptureError(f"{what}: address {addr:#x} is in no device allocation, named "
+                               "buffer or module global")
+        return ref
+
+    # ---- kernels --------------------------------------------------------------------------
+    def kernel_for(self, func) -> int:
+        key = int(func)
+        kid = self.kernel_by_func.get(key)
+        if kid is not None:
+            return kid
+        name = driver.func_name(func)
+        module = driver.func_module(func)
+        cand = self.resolver.resolve(
+            name, lambda: driver.module_function_names(module) if module is not None else frozenset())
+        self._add_image(cand)
+        ptx_hash = None
+        if cand.ptx is not None:
+            self._add_image(cand.ptx)
+            ptx_hash = cand.ptx.hash
+        attrs = driver.func_attrs(func)
+        # Record only attributes whose value a fresh function would not already have.
+        for key_name, default in (("preferred_shared_memory_carveout", -1),
+                                  ("non_portable_cluster_size_allowed", 0),
+                                  ("cluster_scheduling_policy_preference", 0)):
+            if attrs.get(key_name) == default:
+                attrs.pop(key_name, None)
+        kernel = Kernel(id=len(self.kernels), name=name, image=cand.hash,
+                        params=driver.func_params(func), attrs=attrs, ptx_image=ptx_hash)
+        self.kernels.append(kernel)
+        self.kernel_by_func[key] = kernel.id
+        if module is not None and (cand.hash, int(module)) not in self.module_globals_done:
+            self.module_globals_done.add((cand.hash, int(module)))
+            self._add_module_globals(cand, module)
+        return kernel.id
+
+    def _add_image(self, cand) -> None:
+        if cand.hash not in self.images:
+            self.images[cand.hash] = KernelImage(hash=cand.hash, kind=cand.kind, arch=cand.arch,
+                                                 names=tuple(sorted(cand.kernels)), data=cand.data,
+                                                 source=cand.source)
+
+    def _add_module_globals(self, cand, module) -> None:
+        """``__device__`` / ``__constant__`` variables become regions: kernels read them without
+        any pointer in their arguments, so their contents must travel with the image."""
+        for symbol, _size in cand.globals:
+            found = driver.module_global(module, symbol)
+            if found is None:
+                continue
+            addr, size = found
+            self.add_region(RegionKind.MODULE_GLOBAL, addr, size, SPECIAL, image=cand.hash,
+                            symbol=symbol)
+
+    # ---- graphs ---------------------------------------------------------------------------
+    def walk(self, graph, name: str, top_level: bool = True) -> Graph:
+        if name in self.graph_names:
+            raise CaptureError(f"two graphs are named {name!r}")
+        self.graph_names.add(name)
+        nodes = _graph_nodes(graph)
+        ids = {int(n): i for i, n in enumerate(nodes)}
+        types = [call(cu.cuGraphNodeGetType, n) for n in nodes]
+        # Graph allocations first: other nodes' pointers into them must resolve to them.
+        alloc_region = {}
+        for i, (n, t) in enumerate(zip(nodes, types)):
+            if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_ALLOC:
+                p = call(cu.cuGraphMemAllocNodeGetParams, n)
+                alloc_region[i] = self.add_region(RegionKind.GRAPH_ALLOC, int(p.dptr),
+                                                  int(p.bytesize), SPECIAL,
+                                                  policy=Policy.SCRATCH).id
+        out = []
+        for i, (n, t) in enumerate(zip(nodes, types)):
+            where = f"graph {name!r} node {i} ({_node_type_name(t)})"
+            out.append(self.node(i, n, t, where, name, alloc_region))
+        edges = [Edge(ids[int(a)], ids[int(b)], *data) for a, b, data in _graph_edges(graph)]
+        g = Graph(name=name, nodes=out, edges=edges, top_level=top_level)
+        self.graphs.append(g)
+        return g
+
+    def node(self, i, n, t, where, graph_name, alloc_region):
+        if t == NodeType.CU_GRAPH_NODE_TYPE_KERNEL:
+            return self.kernel_node(i, n, where)
+        if t == NodeType.CU_GRAPH_NODE_TYPE_MEMCPY:
+            return self.memcpy_node(i, call(cu.cuGraphMemcpyNodeGetParams, n), where)
+        if t == NodeType.CU_GRAPH_NODE_TYPE_MEMSET:
+            p = call(cu.cuGraphMemsetNodeGetParams, n)
+            return MemsetNode(i, self.device_ref(int(p.dst), where), int(p.value),
+                              int(p.elementSize), int(p.width), int(p.height), int(p.pitch))
+        if t == NodeType.CU_GRAPH_NODE_TYPE_EMPTY:
+            return EmptyNode(i)
+        if t == NodeType.CU_GRAPH_NODE_TYPE_GRAPH:
+            child = call(cu.cuGraphChildGraphNodeGetGraph, n)
+            child_name = f"{graph_name}/child{i}"
+            self.walk(child, child_name, top_level=False)
+            return ChildGraphNode(i, child_name)
+        if t in (NodeType.CU_GRAPH_NODE_TYPE_EVENT_RECORD, NodeType.CU_GRAPH_NODE_TYPE_WAIT_EVENT):
+            record = t == NodeType.CU_GRAPH_NODE_TYPE_EVENT_RECORD
+            ev = call(cu.cuGraphEventRecordNodeGetEvent if record else
+                      cu.cuGraphEventWaitNodeGetEvent, n)
+            index = self.events.setdefault(int(ev), len(self.events))
+            return (EventRecordNode if record else EventWaitNode)(i, index)
+        if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_ALLOC:
+            return MemAllocNode(i, alloc_region[i])
+        if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_FREE:
+            return MemFreeNode(i, self.device_ref(int(call(cu.cuGraphMemFreeNodeGetParams, n)),
+                                                  where))
+        if t == NodeType.CU_GRAPH_NODE_TYPE_HOST:
+            p = call(cu.cuGraphHostNodeGetParams, n)
+            name = self.host_callbacks.get(int(p.fn))
+            if name is None:
+                raise UnsupportedNodeError(
+                    f"{where}: a host callback cannot be carried to another process; register it "
+                    "by name (snapshot(..., host_callbacks={fn_address: 'name'}))")
+            return HostNode(i, name)
+        raise UnsupportedNodeError(f"{where}: nodes of type {_node_type_name(t)} cannot be carried")
+
+    def kernel_node(self, i, n, where) -> KernelNode:
+        p = call(cu.cuGraphKernelNodeGetParams, n)
+        func = p.func
+        if not int(func) and int(p.kern):
+            func = call(cu.cuKernelGetFunction, p.kern)
+        kid = self.kernel_for(func)
+        kernel = self.kernels[kid]
+        raw = _read_params(p, kernel.params, where)
+        args = tuple(Arg(data, classify_words(data, off, self.lookup))
+                     for data, (off, _size) in zip(raw, kernel.params))
+        return KernelNode(i, kid, (int(p.gridDimX), int(p.gridDimY), int(p.gridDimZ)),
+                          (int(p.blockDimX), int(p.blockDimY), int(p.blockDimZ)),
+                          int(p.sharedMemBytes), args, _kernel_node_attrs(n))
+
+    def memcpy_node(self, i, p, where) -> MemcpyNode:
+        width, height, depth = int(p.WidthInBytes), int(p.Height) or 1, int(p.Depth) or 1
+        ends = []
+        for side in ("src", "dst"):
+            mtype = getattr(p, f"{side}MemoryType")
+            pitch = int(getattr(p, f"{side}Pitch")) or width
+            slice_h = int(getattr(p, f"{side}Height")) or height
+            offset = (int(getattr(p, f"{side}Z")) * slice_h + int(getattr(p, f"{side}Y"))) * pitch \
+                + int(getattr(p, f"{side}XInBytes"))
+            span = (depth - 1) * pitch * slice_h + (height - 1) * pitch + width
+            if mtype == driver.MemType.CU_MEMORYTYPE_HOST:
+                addr = int(getattr(p, f"{side}Host")) + offset
+                ref = self.host_ref(addr, span, side == "src")
+            elif mtype in (driver.MemType.CU_MEMORYTYPE_DEVICE, driver.MemType.CU_MEMORYTYPE_UNIFIED):
+                addr = int(getattr(p, f"{side}Device")) + offset
+                if mtype == driver.MemType.CU_MEMORYTYPE_UNIFIED and driver.memory_type(addr) in (
+                        None, int(driver.MemType.CU_MEMORYTYPE_HOST)):
+                    ref = self.host_ref(addr, span, side == "src")
+                else:
+                    ref = self.device_ref(addr, f"{where} {side}")
+            else:
+                raise UnsupportedNodeError(f"{where}: copies to or from CUDA arrays are not supported")
+            ends.append((ref, pitch if height > 1 or depth > 1 else 0,
+                         slice_h if depth > 1 else 0))
+        (src, sp, sh), (dst, dp, dh) = ends
+        return MemcpyNode(i, src, dst, width, height, depth, sp, sh, dp, dh)
+
+    def host_ref(self, addr: int, span: int, is_source: bool) -> Ref:
+        """Host memory a copy reads or writes becomes a HOST region spanning exactly the copy;
+        a source's bytes are saved (the host program that filled them is not carried)."""
+        ref = self.table.find(addr)
+        if ref is not None and self.regions[ref.region].kind is RegionKind.HOST and \
+                ref.offset + span <= self.regions[ref.region].size:
+            return ref
+        region = self.add_region(RegionKind.HOST, addr, span, SPECIAL,
+                                 policy=Policy.SAVED if is_source else Policy.SCRATCH)
+        return Ref(region.id, 0)
+
+
+def _graph_nodes(graph) -> list:
+    count = call(cu.cuGraphGetNodes, graph, 0)[1]
+    if not count:
+        return []
+    return list(call(cu.cuGraphGetNodes, graph, count)[0])
+
+
+def _graph_edges(graph) -> list:
+    """``[(from, to, (from_port, to_port, type)), ...]``."""
+    res = call(cu.cuGraphGetEdges, graph, 0)
+    count = res[-1]
+    if not count:
+        return []
+    res = call(cu.cuGraphGetEdges, graph, count)
+    if len(res) == 4:       # CUDA 13: from, to, edge data, count
+        froms, tos, data = res[0], res[1], res[2]
+    else:
+        froms, tos, data = res[0], res[1], [None] * len(res[0])
+    out = []
+    for a, b, d in zip(froms, tos, data):
+        info = (0, 0, 0) if d is None else (int(d.from_port), int(d.to_port), int(d.type))
+        out.append((a, b, info))
+    return out
+
+
+def _read_params(p, params: tuple, where: str) -> list:
+    """The bytes of each kernel argument, from ``kernelParams`` (void**) or ``extra``."""
+    kp = int(p.kernelParams) if p.kernelParams is not None else 0
+    if kp:
+        ptrs = (ctypes.c_void_p * len(params)).from_address(kp)
+        return [ctypes.string_at(ptrs[j], size) if size else b"" for j, (_, size) in enumerate(params)]
+    extra = int(p.extra) if p.extra is not None else 0
+    if extra:
+        buf, buf_size = None, None
+        words = (ctypes.c_void_p * 16).from_address(extra)
+        for k in range(0, 16, 2):
+            key = words[k] or 0
+            if key == _LAUNCH_PARAM_END:
+                break
+            if key == _LAUNCH_PARAM_BUFFER_POINTER:
+                buf = words[k + 1]
+            elif key == _LAUNCH_PARAM_BUFFER_SIZE:
+                buf_size = ctypes.c_size_t.from_address(words[k + 1]).value
+        if buf and buf_size is not None:
+            blob = ctypes.string_at(buf, buf_size)
+            return [blob[off:off + size] for off, size in params]
+    if not params:
+        return []
+    raise CaptureError(f"{where}: the driver returned neither kernelParams nor extra")
+
+
+_ATTR = cu.CUkernelNodeAttrID if hasattr(cu, "CUkernelNodeAttrID") else cu.CUlaunchAttributeID
+
+
+def _kernel_node_attrs(node) -> dict:
+    out = {}
+    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node,
+                         _ATTR.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+    if val is not None:
+        dims = (int(val.clusterDim.x), int(val.clusterDim.y), int(val.clusterDim.z))
+        if dims not in ((0, 0, 0), (1, 1, 1)):
+            out["cluster_dim"] = dims
+    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node, _ATTR.CU_LAUNCH_ATTRIBUTE_PRIORITY)
+    if val is not None and int(val.priority):
+        out["priority"] = int(val.priority)
+    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node,
+                         _ATTR.CU_LAUNCH_ATTRIBUTE_COOPERATIVE)
+    if val is not None and int(val.cooperative):
+        out["cooperative"] = int(val.cooperative)
+    return out
+
+
+# ---- contents ---------------------------------------------------------------------------------
+
+def _read_region(region: Region) -> np.ndarray:
+    out = np.empty(region.size, dtype=np.uint8)
+    if region.size:
+        if region.kind is RegionKind.HOST:
+            ctypes.memmove(out.ctypes.data, region.origin, region.size)
+        else:
+            driver.dtoh(int(out.ctypes.data), region.origin, region.size)
+    return out
+
+
+def _write_region(region: Region, data: np.ndarray) -> None:
+    if region.size:
+        if region.kind is RegionKind.HOST:
+            ctypes.memmove(region.origin, data.ctypes.data, region.size)
+        else:
+            driver.htod(region.origin, int(data.ctypes.data), region.size)
+
+
+def _record_checks(rec: _Recording, graph, g: Graph, backups: dict) -> Optional[str]:
+    """Launch the original graph once, keep the named regions' contents as the expected output
+    of `replay --check`, then put every region back as it was (the original is left untouched).
+    Returns a reason when the graph cannot be launched a second time (e.g. it holds memory nodes
+    and the caller already instantiated it)."""
+    named = [r for r in rec.regions if r.kind is RegionKind.NAMED]
+    if not named:
+        return None
+    try:
+        exe = call(cu.cuGraphInstantiate, graph, 0)
+    except Exception as exc:   # DriverError: report, snapshot without checks
+        return f"the graph could not be instantiated again for the check: {exc}"
+    stream = driver.stream_create()
+    try:
+        call(cu.cuGraphLaunch, exe, stream)
+        driver.stream_sync(stream)
+        for r in named:
+            g.checks[r.id] = _read_region(r)
+    finally:
+        call(cu.cuGraphExecDestroy, exe)
+        driver.stream_destroy(stream)
+        for rid, data in backups.items():
+            _write_region(rec.regions[rid], data)
+        driver.ctx_sync()
+    return None
+
+
+def _versions() -> dict:
+    out = {"cgsnap": __version__, "cuda-bindings": driver.bindings_version(),
+           "python": platform.python_version()}
+    for mod in ("torch", "cupy", "triton"):   # only what the process already imported
+        m = sys.modules.get(mod)
+        if m is not None and getattr(m, "__version__", None):
+            out[mod] = str(m.__version__)
+    return out
+
+
+def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
+                   record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
+                   resolver=None, meta: Optional[dict] = None) -> Snapshot:
+    """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
+    device = driver.current_device()
+    if resolver is None:
+        from .kernels import default_resolver
+        resolver = default_resolver(device.arch)
+    rec = _Recording(device, resolver, host_callbacks)
+    for spec in expand_buffers(buffers or {}):
+        rec.add_named(spec)
+    driver.ctx_sync()      # contents must be read after the work that produced them
+    g = rec.walk(graph, name)
+    # Every region's contents before any check launch; bound regions are supplied at restore.
+    contents = {r.id: _read_region(r) for r in rec.regions
+                if r.policy is not Policy.BOUND and r.kind is not RegionKind.GRAPH_ALLOC}
+    for r in rec.regions:
+        if r.policy is Policy.SAVED:
+            r.data = contents[r.id]
+            r.content_hash = content_hash(r.data)
+    note = None
+    if record_outputs is None or record_outputs:
+        note = _record_checks(rec, graph, g, contents)
+        if note and record_outputs:
+            raise CaptureError(note)
+    snap_meta = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc)
+                 .isoformat(timespec="seconds"), "host": platform.node()}
+    if note:
+        snap_meta["checks_skipped"] = note
+    snap_meta.update(meta or {})
+    return Snapshot(graphs=rec.graphs, regions=rec.regions, images=list(rec.images.values()),
+                    kernels=rec.kernels, events=len(rec.events), device=device.describe(),
+                    versions=_versions(), meta=snap_meta)

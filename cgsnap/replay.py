@@ -1,0 +1,70 @@
+"""``cgsnap replay FILE [--check]``: restore on this GPU, launch, and compare bit-exactly with the
+outputs recorded at save time."""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .model import Policy
+
+
+def first_difference(actual: np.ndarray, expected) -> int:
+    """Byte offset of the first difference, or -1 if equal."""
+    exp = np.frombuffer(expected, dtype=np.uint8)
+    if actual.nbytes != exp.nbytes:
+        return 0
+    diff = np.flatnonzero(actual != exp)
+    return int(diff[0]) if diff.size else -1
+
+
+def check_graph(r, name: str) -> list:
+    """Reset the saved state, launch ``name`` once, return ``[(buffer, offset)]`` mismatches."""
+    g = r.snapshot.graph(name)
+    r.reset()
+    r.graph(name).launch()
+    r.synchronize()
+    failures = []
+    for rid in sorted(g.checks):
+        off = first_difference(r.read_region(rid), r.expected(name, rid))
+        if off >= 0:
+            failures.append((r.snapshot.regions[rid].name or f"region {rid}", off))
+    return failures
+
+
+def replay(path: str, check: bool = False, device: int = 0, allow_jit: bool = False,
+           graph=None) -> int:
+    from . import load
+    t0 = time.perf_counter()
+    with load(path, device=device, allow_jit=allow_jit) as r:
+        names = [graph] if graph else r.graph_names
+        bound = [x.name for x in r.snapshot.regions if x.policy is Policy.BOUND]
+        if check and bound:
+            print(f"cgsnap: {path}: buffers {', '.join(bound)} are bound at restore; check this "
+                  "snapshot through the Python API with load(bind=...)", file=sys.stderr)
+            return 1
+        status = 0
+        for name in names:
+            if check:
+                if not r.snapshot.graph(name).checks:
+                    print(f"SKIP  {name}: no outputs were recorded at save time")
+                    continue
+                failures = check_graph(r, name)
+                if failures:
+                    buf, off = failures[0]
+                    print(f"FAIL  {name}: buffer {buf!r} differs first at byte offset {off:#x}"
+                          + (f" ({len(failures)} buffers differ)" if len(failures) > 1 else ""))
+                    status = 1
+                else:
+                    print(f"PASS  {name}: {len(r.snapshot.graph(name).checks)} buffer(s) "
+                          "bit-identical to the recorded outputs")
+            else:
+                r.graph(name).launch()
+                r.synchronize()
+                print(f"ran   {name}")
+        total = time.perf_counter() - t0
+        tim = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r.timings.items())
+        print(f"restore timings: {tim}; total {total * 1e3:.1f} ms; torch imported: "
+              f"{'yes' if 'torch' in sys.modules else 'no'}")
+    return status

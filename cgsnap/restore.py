@@ -1,0 +1,575 @@
+"""Snapshot file -> runnable graphs in this process.
+
+Order of work (each step only after the previous succeeded; any failure frees everything made so
+far and raises a typed error):
+
+1. read and validate the whole file (no GPU work yet);
+2. check the device, the driver and every kernel image against the snapshot, and the bound
+   buffers against the regions they replace;
+3. allocate regions, copy saved contents, load images and kernels, write module globals,
+   create events;
+4. build each graph on first use (or all at once), instantiate once.
+
+The per-node work that does not depend on addresses (argument bytes, pointer patch lists,
+dependency lists, node order) is planned once per graph before any driver call.
+
+Nothing here imports torch or CuPy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import driver, fileformat
+from .buffers import check_bind, numpy_dtype
+from .driver import call, cu
+from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, KernelNotFoundError,
+                     RestoreError)
+from .hashing import content_hash
+from .model import Policy, RegionKind, Snapshot
+from .sources import arch_runs_on
+
+
+# ---- buffers ----------------------------------------------------------------------------------
+
+class Buffer:
+    """A named region's memory in this process; exposes ``__cuda_array_interface__``."""
+
+    def __init__(self, name: str, ptr: int, nbytes: int, dtype: Optional[str], shape: Optional[tuple]):
+        self.name, self.ptr, self.nbytes = name, ptr, nbytes
+        self.dtype = dtype
+        self.shape = tuple(shape) if shape is not None else (nbytes,)
+        self._np_dtype = numpy_dtype(dtype) if shape is not None else np.uint8
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": np.dtype(self._np_dtype).str,
+                "data": (self.ptr, False), "version": 3, "strides": None}
+
+    def copy_from(self, host) -> None:
+        """Copy a host array (any dtype, same number of bytes) into the buffer (synchronous)."""
+        arr = np.ascontiguousarray(host)
+        if arr.nbytes != self.nbytes:
+            raise ValueError(f"buffer {self.name!r} holds {self.nbytes} bytes, got {arr.nbytes}")
+        driver.htod(self.ptr, int(arr.ctypes.data), self.nbytes)
+
+    def to_numpy(self) -> np.ndarray:
+        """A host copy (synchronous). bfloat16 / fp8 come back as raw unsigned integers."""
+        out = np.empty(self.shape, dtype=self._np_dtype)
+        driver.dtoh(int(out.ctypes.data), self.ptr, self.nbytes)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Buffer({self.name!r}, {self.nbytes} bytes, dtype={self.dtype}, shape={self.shape})"
+
+
+# ---- plans: the address-independent part of each graph --------------------------------------
+
+@dataclass
+class _KernelPlan:
+    kernel: int
+    grid: tuple
+    block: tuple
+    smem: int
+    start: int                # offset of this node's argument bytes in the graph's arg buffer
+    offsets: np.ndarray       # parameter offsets (uint64) relative to start
+    late_refs: tuple          # ((byte position, region, offset), ...) into graph-allocated regions
+    attrs: dict
+
+
+class _GraphPlan:
+    """Everything about one graph that can be worked out before touching the GPU."""
+
+    def __init__(self, snap: Snapshot, graph, late_regions: set):
+        self.name = graph.name
+        order = graph.topological_order()
+        pos = {n.id: i for i, n in enumerate(order)}
+        self.nodes = order
+        self.deps: list = [[] for _ in order]
+        self.special_edges = []
+        for e in graph.edges:
+            if (e.from_port, e.to_port, e.type) == (0, 0, 0):
+                self.deps[pos[e.dst]].append(pos[e.src])
+            else:
+                self.special_edges.append((pos[e.src], pos[e.dst], e))
+        chunks, patch_pos, patch_region, patch_off = [], [], [], []
+        self.kernel_plans: dict = {}
+        cursor = 0
+        for i, n in enumerate(order):
+            if n.TYPE != "kernel":
+                continue
+            params = snap.kernels[n.kernel].params
+            size = max((o + s for o, s in params), default=0)
+            buf = bytearray(size)
+            late = []
+            for (off, _), arg in zip(params, n.args):
+                buf[off:off + len(arg.data)] = arg.data
+                for rel, ref in arg.refs:
+                    at = cursor + off + rel
+                    if ref.region in late_regions:
+                        late.append((at, ref.region, ref.offset))
+                    else:
+                        patch_pos.append(at // 8)
+                        patch_region.append(ref.region)
+                        patch_off.append(ref.offset)
+            self.kernel_plans[i] = _KernelPlan(
+                n.kernel, n.grid, n.block, n.shared_mem, cursor,
+                np.array([o for o, _ in params], dtype=np.uint64), tuple(late), n.attrs)
+            chunks.append(bytes(buf) + b"\0" * (-size % 8))
+            cursor += size + (-size % 8)
+        self.arg_bytes = b"".join(chunks)
+        self.patch_pos = np.array(patch_pos, dtype=np.int64)
+        self.patch_region = np.array(patch_region, dtype=np.int64)
+        self.patch_off = np.array(patch_off, dtype=np.uint64)
+        self.children = [n.graph for n in order if n.TYPE == "graph"]
+
+
+# ---- the restored snapshot ----------------------------------------------------------------
+
+class RestoredGraph:
+    """One graph, built and instantiated on first launch (or by :meth:`instantiate`)."""
+
+    def __init__(self, owner: "Restored", name: str):
+        self._owner = owner
+        self.name = name
+        self.exec = None
+
+    def instantiate(self) -> "RestoredGraph":
+        if self.exec is None:
+            self._owner._instantiate(self.name)
+        return self
+
+    def launch(self, stream=None) -> None:
+        if self.exec is None:
+            self.instantiate()
+        call(cu.cuGraphLaunch, self.exec, driver.as_stream(stream))
+
+    replay = launch
+
+
+class Restored:
+    """What :func:`cgsnap.load` returns; a context manager that frees everything on exit."""
+
+    def __init__(self, path: str, device: int = 0, bind: Optional[dict] = None,
+                 instantiate: str = "lazy", verify_bound: bool = False, allow_jit: bool = False,
+                 verify_blobs: bool = True):
+        self.path = str(path)
+        self.timings: dict = {}
+        self._allocs: list = []
+        self._host_allocs: list = []
+        self._libraries: list = []
+        self._events: list = []
+        self._cu_graphs: dict = {}
+        self._graphs: dict = {}
+        self._closed = False
+        self._file = None
+        t0 = time.perf_counter()
+        self._file = fileformat.open_file(self.path)
+        try:
+            self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
+            self.timings["read"] = time.perf_counter() - t0
+            self._setup_gpu(device)
+            if instantiate == "all":
+                for name in self.graph_names:
+                    self.graph(name).instantiate()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, DriverError):
+                raise RestoreError(f"{self.path}: restore failed, everything it allocated was "
+                                   f"released: {exc}") from exc
+            raise
+
+    # ---- step 1-2: validate, plan, check (no GPU work) ----------------------------------
+    def _prepare(self, bind, verify_bound, allow_jit, verify_blobs):
+        f = self._file
+        blob_sizes = [b.raw_length for b in f.blobs]
+        self.snapshot = snap = Snapshot.from_manifest(
+            f.manifest, blob_sizes, self.path,
+            blob_getter=lambda i: bytes(f.blob(i, verify=verify_blobs)))
+        self._verify_blobs = verify_blobs
+        self._bound = self._check_bind(bind)
+        self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
+        self._plans = {g.name: _GraphPlan(snap, g, self._late) for g in snap.graphs}
+        self.graph_names = [g.name for g in snap.graphs if g.top_level]
+        self._allow_jit = allow_jit
+        self._verify_bound = verify_bound
+
+    def _check_bind(self, bind: dict) -> dict:
+        snap = self.snapshot
+        named = {r.name: r for r in snap.regions if r.name is not None}
+        problems = []
+        missing = [r.name for r in snap.regions if r.policy is Policy.BOUND and r.name not in bind]
+        if missing:
+            problems.append("missing: " + ", ".join(sorted(missing)))
+        extra = [k for k in bind if k not in named]
+        if extra:
+            problems.append("not in the snapshot: " + ", ".join(sorted(extra)))
+        bound = {}
+        for key, obj in bind.items():
+            if key in named:
+                try:
+                    bound[named[key].id] = check_bind(named[key], obj)
+                except BindError as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise BindError(f"{self.path}: cannot bind buffers: " + "; ".join(problems))
+        return bound
+
+    def _check_device(self, dev: driver.Device) -> dict:
+        """Which image to load for each kernel, or a CompatibilityError before any allocation."""
+        snap = self.snapshot
+        recorded = int(snap.device.get("driver", 0) or 0)
+        if recorded and dev.driver_version // 1000 < recorded // 1000:
+            raise CompatibilityError(
+                f"{self.path}: the snapshot was taken with CUDA driver {_ver(recorded)}; this "
+                f"machine's driver is {_ver(dev.driver_version)}, older than its major version")
+        images = {im.hash: im for im in snap.images}
+        choice, problems = {}, []
+        for k in snap.kernels:
+            im = images[k.image]
+            if im.kind == "cubin" and arch_runs_on(im.arch, _arch_name(im), dev.arch):
+                choice[k.id] = im
+            elif k.ptx_image and allow_jit_ok(self._allow_jit, images[k.ptx_image], dev.arch):
+                choice[k.id] = images[k.ptx_image]
+            else:
+                problems.append(k.name)
+        if problems:
+            has_ptx = any(k.ptx_image for k in snap.kernels)
+            hint = (" (the file carries PTX: pass allow_jit=True / --allow-jit to JIT it)"
+                    if has_ptx and not self._allow_jit else "")
+            raise CompatibilityError(
+                f"{self.path}: the snapshot needs sm_{snap.arch} "
+                f"({snap.device.get('name', '?')}); this machine has sm_{dev.arch} ({dev.name}). "
+                f"{len(problems)} kernel(s) cannot run here, e.g. {problems[0]}{hint}")
+        return choice
+
+    # ---- step 3: memory, kernels, events --------------------------------------------------
+    def _setup_gpu(self, ordinal: int):
+        t = time.perf_counter()
+        self.device = dev = driver.init(ordinal)
+        choice = self._check_device(dev)
+        snap = self.snapshot
+        self._bases = np.zeros(len(snap.regions), dtype=np.uint64)
+        pools: dict = {}
+        for r in snap.regions:
+            if r.id in self._bound:
+                self._bases[r.id] = self._bound[r.id]
+            elif r.kind in (RegionKind.MODULE_GLOBAL, RegionKind.GRAPH_ALLOC):
+                continue    # placed by the library load / by the graph
+            elif r.kind is RegionKind.HOST:
+                ptr = driver.host_alloc(r.size)
+                self._host_allocs.append(ptr)
+                self._bases[r.id] = ptr
+            elif r.policy is Policy.SCRATCH and r.pool:
+                pools.setdefault(r.pool, []).append(r)
+            else:
+                self._bases[r.id] = self._alloc(r.size, r.alignment)
+        for members in pools.values():      # regions of one pool share memory, as they did
+            base = self._alloc(max(m.size for m in members), max(m.alignment for m in members))
+            for m in members:
+                self._bases[m.id] = base
+        self.timings["alloc"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._load_kernels(choice)
+        self.timings["kernels"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for r in snap.regions:
+            if r.policy is Policy.SAVED and r.id not in self._bound:
+                self._write_blob(r.data, int(self._bases[r.id]), r.size, host=r.kind is RegionKind.HOST)
+        if self._verify_bound:
+            self._verify_bound_hashes()
+        driver.ctx_sync()
+        self.timings["copy"] = time.perf_counter() - t
+        self._events = [call(cu.cuEventCreate, 0) for _ in range(snap.events)]
+
+    def _alloc(self, size: int, alignment: int) -> int:
+        # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
+        pad = alignment if alignment > 256 else 0
+        ptr = driver.mem_alloc(size + pad)
+        self._allocs.append(ptr)
+        return (ptr + pad - 1) // pad * pad if pad else ptr
+
+    def _write_blob(self, blob: int, dst: int, size: int, host: bool = False) -> None:
+        if not size:
+            return
+        data = self._file.blob(blob, verify=self._verify_blobs)
+        if host:
+            driver.host_view(dst, size)[:] = data
+        else:
+            driver.htod(dst, data, size)
+
+    def _verify_bound_hashes(self):
+        for r in self.snapshot.regions:
+            if r.id in self._bound and r.content_hash:
+                host = np.empty(r.size, dtype=np.uint8)
+                driver.dtoh(int(host.ctypes.data), int(self._bases[r.id]), r.size)
+                if content_hash(host) != r.content_hash:
+                    raise BindError(f"{self.path}: bound buffer {r.name!r} does not hold the "
+                                    "contents recorded at save time (verify_bound=True)")
+
+    def _load_kernels(self, choice: dict):
+        snap = self.snapshot
+        libs = {}
+        for im in {id(v): v for v in choice.values()}.values():
+            data = bytes(im.data)
+            if im.kind == "ptx" and not data.endswith(b"\0"):
+                data += b"\0"
+            lib = driver.library_load(data)
+            self._libraries.append(lib)
+            libs[im.hash] = lib
+        self._funcs = []
+        for k in snap.kernels:
+            lib = libs[choice[k.id].hash]
+            try:
+                func = driver.library_function(lib, k.name)
+            except DriverError:
+                raise KernelNotFoundError(f"{self.path}: kernel {k.name} is not in its image "
+                                          f"{choice[k.id].hash}") from None
+            params = driver.func_params(func)
+            if params != tuple(k.params):
+                raise RestoreError(f"{self.path}: kernel {k.name}: the reloaded kernel takes "
+                                   f"parameters {params}, the snapshot recorded {k.params}")
+            driver.func_set_attrs(func, k.attrs)
+            self._funcs.append(func)
+        # Module globals live in the reloaded library; their saved contents are written there.
+        for r in snap.regions:
+            if r.kind is RegionKind.MODULE_GLOBAL:
+                lib = libs.get(r.image)
+                found = driver.library_global(lib, r.symbol) if lib is not None else None
+                if found is None:
+                    raise RestoreError(f"{self.path}: module global {r.symbol} of region {r.id} "
+                                       "is not in the reloaded image")
+                addr, size = found
+                if size != r.size:
+                    raise RestoreError(f"{self.path}: module global {r.symbol} has {size} bytes, "
+                                       f"the snapshot recorded {r.size}")
+                self._bases[r.id] = addr
+                if r.policy is Policy.SAVED:
+                    self._write_blob(r.data, addr, size)
+
+    # ---- step 4: graphs -------------------------------------------------------------------
+    def graph(self, name: str) -> RestoredGraph:
+        if name not in self._plans:
+            raise KeyError(f"{self.path} has no graph {name!r} (it has: "
+                           f"{', '.join(self.graph_names)})")
+        g = self._graphs.get(name)
+        if g is None:
+            g = self._graphs[name] = RestoredGraph(self, name)
+        return g
+
+    def _instantiate(self, name: str) -> None:
+        t = time.perf_counter()
+        graph = self._build(name)
+        t1 = time.perf_counter()
+        exe = call(cu.cuGraphInstantiate, graph, 0)
+        self._graphs[name].exec = exe
+        self.timings.setdefault("build", 0.0)
+        self.timings.setdefault("instantiate", 0.0)
+        self.timings["build"] += t1 - t
+        self.timings["instantiate"] += time.perf_counter() - t1
+
+    def _build(self, name: str):
+        """Create the CUgraph for ``name`` (children first), all nodes in topological order."""
+        if name in self._cu_graphs:
+            return self._cu_graphs[name]
+        plan = self._plans[name]
+        for child in plan.children:
+            self._build(child)
+        graph = call(cu.cuGraphCreate, 0)
+        self._cu_graphs[name] = graph
+        bases = self._bases
+        args = np.frombuffer(bytearray(plan.arg_bytes), dtype=np.uint8)
+        if len(plan.patch_pos):
+            args.view(np.uint64)[plan.patch_pos] = bases[plan.patch_region] + plan.patch_off
+        arg_base = int(args.ctypes.data)
+        handles = []
+        for i, node in enumerate(plan.nodes):
+            deps = [handles[j] for j in plan.deps[i]]
+            handles.append(self._add_node(graph, node, deps, plan.kernel_plans.get(i), args,
+                                          arg_base))
+        if plan.special_edges:
+            data = []
+            for _, _, e in plan.special_edges:
+                d = cu.CUgraphEdgeData()
+                d.from_port, d.to_port, d.type = e.from_port, e.to_port, e.type
+                data.append(d)
+            call(cu.cuGraphAddDependencies, graph, [handles[a] for a, _, _ in plan.special_edges],
+                 [handles[b] for _, b, _ in plan.special_edges], data, len(data))
+        return graph
+
+    def _ref_addr(self, ref) -> int:
+        return int(self._bases[ref.region]) + ref.offset
+
+    def _add_node(self, graph, node, deps, kplan, args, arg_base):
+        t = node.TYPE
+        if t == "kernel":
+            for at, region, off in kplan.late_refs:
+                args.view(np.uint64)[at // 8] = int(self._bases[region]) + off
+            ptrs = kplan.offsets + np.uint64(arg_base + kplan.start)
+            p = cu.CUDA_KERNEL_NODE_PARAMS()
+            p.func = self._funcs[kplan.kernel]
+            p.gridDimX, p.gridDimY, p.gridDimZ = kplan.grid
+            p.blockDimX, p.blockDimY, p.blockDimZ = kplan.block
+            p.sharedMemBytes = kplan.smem
+            p.kernelParams = int(ptrs.ctypes.data) if len(ptrs) else 0
+            h = call(cu.cuGraphAddKernelNode, graph, deps, len(deps), p)
+            if kplan.attrs:
+                _set_kernel_attrs(h, kplan.attrs)
+            return h
+        if t == "memcpy":
+            p = cu.CUDA_MEMCPY3D()
+            for side, ref, pitch, height in (("src", node.src, node.src_pitch, node.src_height),
+                                             ("dst", node.dst, node.dst_pitch, node.dst_height)):
+                addr = self._ref_addr(ref)
+                if self.snapshot.regions[ref.region].kind is RegionKind.HOST:
+                    setattr(p, f"{side}MemoryType", driver.MemType.CU_MEMORYTYPE_HOST)
+                    setattr(p, f"{side}Host", addr)
+                else:
+                    setattr(p, f"{side}MemoryType", driver.MemType.CU_MEMORYTYPE_DEVICE)
+                    setattr(p, f"{side}Device", addr)
+                setattr(p, f"{side}Pitch", pitch or node.width)
+                setattr(p, f"{side}Height", height or node.height)
+            p.WidthInBytes, p.Height, p.Depth = node.width, node.height, node.depth
+            return call(cu.cuGraphAddMemcpyNode, graph, deps, len(deps), p, self.device.context)
+        if t == "memset":
+            p = cu.CUDA_MEMSET_NODE_PARAMS()
+            p.dst = self._ref_addr(node.dst)
+            p.value, p.elementSize = node.value, node.element_size
+            p.width, p.height = node.width, node.height
+            p.pitch = node.pitch or node.width * node.element_size
+            return call(cu.cuGraphAddMemsetNode, graph, deps, len(deps), p, self.device.context)
+        if t == "empty":
+            return call(cu.cuGraphAddEmptyNode, graph, deps, len(deps))
+        if t == "graph":
+            return call(cu.cuGraphAddChildGraphNode, graph, deps, len(deps),
+                        self._cu_graphs[node.graph])
+        if t == "event_record":
+            return call(cu.cuGraphAddEventRecordNode, graph, deps, len(deps), self._events[node.event])
+        if t == "event_wait":
+            return call(cu.cuGraphAddEventWaitNode, graph, deps, len(deps), self._events[node.event])
+        if t == "mem_alloc":
+            region = self.snapshot.regions[node.region]
+            p = cu.CUDA_MEM_ALLOC_NODE_PARAMS()
+            p.poolProps.allocType = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            p.poolProps.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            p.poolProps.location.id = self.device.ordinal
+            p.bytesize = region.size
+            h = call(cu.cuGraphAddMemAllocNode, graph, deps, len(deps), p)
+            self._bases[node.region] = int(call(cu.cuGraphMemAllocNodeGetParams, h).dptr)
+            return h
+        if t == "mem_free":
+            return call(cu.cuGraphAddMemFreeNode, graph, deps, len(deps), self._ref_addr(node.ptr))
+        raise RestoreError(f"{self.path}: graph node type {t!r} cannot be rebuilt "
+                           "(host callbacks are not supported on restore yet)")
+
+    # ---- public -----------------------------------------------------------------------------
+    def buffer(self, name: str) -> Buffer:
+        try:
+            r = self.snapshot.region_by_name(name)
+        except KeyError:
+            names = [r.name for r in self.snapshot.regions if r.name]
+            raise KeyError(f"{self.path} has no buffer {name!r} (it has: {', '.join(names)})") \
+                from None
+        return Buffer(name, int(self._bases[r.id]), r.size, r.dtype, r.shape)
+
+    @property
+    def buffers(self) -> dict:
+        return {r.name: self.buffer(r.name) for r in self.snapshot.regions if r.name}
+
+    def reset(self) -> None:
+        """Write the saved contents back into every saved region (the state at save time)."""
+        for r in self.snapshot.regions:
+            if r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
+                    RegionKind.GRAPH_ALLOC:
+                self._write_blob(r.data, int(self._bases[r.id]), r.size,
+                                 host=r.kind is RegionKind.HOST)
+        driver.ctx_sync()
+
+    def read_region(self, rid: int) -> np.ndarray:
+        """A host copy of region ``rid`` (synchronous)."""
+        r = self.snapshot.regions[rid]
+        out = np.empty(r.size, dtype=np.uint8)
+        if r.size:
+            if r.kind is RegionKind.HOST:
+                out[:] = driver.host_view(int(self._bases[rid]), r.size)
+            else:
+                driver.dtoh(int(out.ctypes.data), int(self._bases[rid]), r.size)
+        return out
+
+    def expected(self, graph: str, rid: int):
+        """The contents region ``rid`` held after one launch of ``graph`` at save time."""
+        return self._file.blob(self.snapshot.graph(graph).checks[rid])
+
+    def synchronize(self) -> None:
+        driver.ctx_sync()
+
+    def close(self) -> None:
+        """Free every graph, event, library and allocation this restore made (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+
+        def attempt(fn, *args):
+            try:
+                fn(*args)
+            except CgsnapError as exc:
+                errors.append(exc)
+        if self._allocs or self._graphs or self._libraries:
+            attempt(driver.ctx_sync)
+        for g in self._graphs.values():
+            if g.exec is not None:
+                attempt(call, cu.cuGraphExecDestroy, g.exec)
+                g.exec = None
+        for graph in self._cu_graphs.values():
+            attempt(call, cu.cuGraphDestroy, graph)
+        for ev in self._events:
+            attempt(call, cu.cuEventDestroy, ev)
+        for lib in self._libraries:
+            attempt(driver.library_unload, lib)
+        for ptr in self._allocs:
+            attempt(driver.mem_free, ptr)
+        for ptr in self._host_allocs:
+            attempt(driver.host_free, ptr)
+        self._allocs, self._host_allocs, self._libraries, self._events = [], [], [], []
+        self._cu_graphs = {}
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "Restored":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _set_kernel_attrs(node, attrs: dict) -> None:
+    ids = cu.CUkernelNodeAttrID if hasattr(cu, "CUkernelNodeAttrID") else cu.CUlaunchAttributeID
+    if "cluster_dim" in attrs:
+        v = cu.CUkernelNodeAttrValue()
+        v.clusterDim.x, v.clusterDim.y, v.clusterDim.z = attrs["cluster_dim"]
+        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, v)
+    if "priority" in attrs:
+        v = cu.CUkernelNodeAttrValue()
+        v.priority = attrs["priority"]
+        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_PRIORITY, v)
+    if "cooperative" in attrs:
+        v = cu.CUkernelNodeAttrValue()
+        v.cooperative = attrs["cooperative"]
+        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_COOPERATIVE, v)
+
+
+def _arch_name(im) -> str:
+    return f"sm_{im.arch}"
+
+
+def allow_jit_ok(allow_jit: bool, ptx_image, device_arch: int) -> bool:
+    """PTX for compute_XX JITs on any device of arch >= XX, when the caller allows it."""
+    return allow_jit and ptx_image.kind == "ptx" and ptx_image.arch <= device_arch
+
+
+def _ver(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"

@@ -1,0 +1,115 @@
+"""Snapshots <-> files: merging several snapshots into one file, and reading one back (no GPU).
+
+The container itself is :mod:`cgsnap.fileformat`; the dict it carries is the model's manifest
+(:meth:`cgsnap.model.Snapshot.to_manifest`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Union
+
+from . import fileformat
+from .errors import CaptureError
+from .model import (Arg, ChildGraphNode, EventRecordNode, EventWaitNode, Graph, Kernel,
+                    MemAllocNode, MemcpyNode, MemFreeNode, MemsetNode, KernelNode, Ref, Region,
+                    RegionKind, Snapshot)
+
+
+def _region_key(r: Region):
+    """Regions that are the same memory in the capturing process merge into one."""
+    if r.kind is RegionKind.NAMED:
+        return ("named", r.name)
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return ("global", r.image, r.symbol)
+    if r.origin is None:      # a region read from a file: nothing to merge it with
+        return ("unique", id(r))
+    return (r.kind.value, r.origin, r.size)
+
+
+def merge(snaps: Iterable[Snapshot]) -> Snapshot:
+    """One snapshot holding the graphs of all ``snaps``: regions that are the same memory, images
+    and kernels are stored once. Graph names must be unique."""
+    snaps = list(snaps)
+    if len(snaps) == 1:
+        return snaps[0]
+    if not snaps:
+        raise CaptureError("nothing to save: no snapshots given")
+    archs = {s.arch for s in snaps}
+    if len(archs) > 1:
+        raise CaptureError(f"snapshots of different GPU archs cannot share a file: {sorted(archs)}")
+    regions, region_ids = [], {}
+    images, kernels, kernel_ids = {}, [], {}
+    graphs, names, events = [], set(), 0
+    for snap in snaps:
+        rmap = {}
+        for r in snap.regions:
+            key = _region_key(r)
+            if key not in region_ids:
+                region_ids[key] = len(regions)
+                regions.append(dataclasses.replace(r, id=len(regions)))
+            rmap[r.id] = region_ids[key]
+        for im in snap.images:
+            images.setdefault(im.hash, im)
+        kmap = {}
+        for k in snap.kernels:
+            key = (k.name, k.image)
+            if key not in kernel_ids:
+                kernel_ids[key] = len(kernels)
+                kernels.append(dataclasses.replace(k, id=len(kernels)))
+            kmap[k.id] = kernel_ids[key]
+        for g in snap.graphs:
+            if g.name in names:
+                raise CaptureError(f"two snapshots hold a graph named {g.name!r}; give each "
+                                   "snapshot(..., name=...) a different name")
+            names.add(g.name)
+            graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
+                                nodes=[_remap(n, rmap, kmap, events) for n in g.nodes],
+                                checks={rmap[rid]: data for rid, data in g.checks.items()}))
+        events += snap.events
+    first = snaps[0]
+    return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
+                    events=events, device=dict(first.device), versions=dict(first.versions),
+                    meta={**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)})
+
+
+def _remap(n, rmap: dict, kmap: dict, event_offset: int):
+    def ref(r: Ref) -> Ref:
+        return Ref(rmap[r.region], r.offset)
+    t = n.TYPE
+    if t == "kernel":
+        args = tuple(Arg(a.data, tuple((o, ref(r)) for o, r in a.refs)) for a in n.args)
+        return dataclasses.replace(n, kernel=kmap[n.kernel], args=args)
+    if t == "memcpy":
+        return dataclasses.replace(n, src=ref(n.src), dst=ref(n.dst))
+    if t == "memset":
+        return dataclasses.replace(n, dst=ref(n.dst))
+    if t in ("event_record", "event_wait"):
+        return dataclasses.replace(n, event=n.event + event_offset)
+    if t == "mem_alloc":
+        return dataclasses.replace(n, region=rmap[n.region])
+    if t == "mem_free":
+        return dataclasses.replace(n, ptr=ref(n.ptr))
+    return n
+
+
+def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = False) -> None:
+    """Write one or several snapshots to ``path`` atomically. ``compress`` zstd-compresses region
+    contents too (kernel images are always compressed: they shrink several-fold)."""
+    snap = merge([snaps] if isinstance(snaps, Snapshot) else list(snaps))
+    manifest, blobs = snap.to_manifest()
+    image_blobs = {id(im.data) for im in snap.images}
+    sources = [fileformat.BlobSource(b, compress=compress or id(b) in image_blobs) for b in blobs]
+    fileformat.write_file(str(path), manifest, sources)
+
+
+def read(path, *, load_images: bool = True) -> tuple:
+    """``(snapshot, file)``: the validated model and the open :class:`fileformat.SnapshotFile`
+    (regions' ``data`` are blob indices into it). Close the file when done."""
+    f = fileformat.open_file(str(path))
+    try:
+        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], str(path),
+                                      blob_getter=(lambda i: bytes(f.blob(i))) if load_images else None)
+    except BaseException:
+        f.close()
+        raise
+    return snap, f

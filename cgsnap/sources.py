@@ -1,0 +1,390 @@
+"""Where the GPU binary of a kernel comes from.
+
+A kernel node holds a CUfunction, which means nothing in another process; we carry the kernel's
+mangled name plus the image that holds it. Sources are tried in order, each answering "the images
+holding kernel NAME that this device can run":
+
+1. :class:`RecorderSource` -- cubins the CUPTI module recorder saw being loaded (:mod:`cgsnap.cupti`);
+2. :class:`RegisteredSource` -- images the user registered (``cgsnap.register_image``, e.g. NVRTC
+   output) plus the on-disk caches of JIT producers (Triton, CuPy);
+3. :class:`LoadedObjectScan` -- the ``.nv_fatbin`` sections of every ELF object mapped into the
+   process, with an on-disk index cache keyed by file identity.
+
+When a name is in several different images, the original module's function set
+(``cuFuncGetModule`` + ``cuModuleEnumerateFunctions``) picks the one that matches; if that does not
+settle it the lookup fails with :class:`AmbiguousKernelError` rather than guessing.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import mmap
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import msgpack
+
+from . import elf, fatbin
+from .errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError
+from .hashing import content_hash
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class Candidate:
+    """One loadable image that holds a kernel."""
+    hash: str
+    kind: str                  # "cubin" | "ptx"
+    arch: int
+    arch_name: str
+    kernels: frozenset
+    globals: tuple             # ((name, size), ...)
+    source: str
+    load: Callable[[], bytes] = field(repr=False, default=None)   # the bytes, read on demand
+    ptx: Optional["Candidate"] = None
+
+    @property
+    def data(self) -> bytes:
+        return self.load()
+
+
+def arch_runs_on(image_arch: int, arch_name: str, device_arch: int) -> bool:
+    """Can SASS built for ``image_arch`` run on ``device_arch``? Same major, minor not above the
+    device's; arch-specific builds (sm_90a, sm_100f...) only on their exact arch."""
+    if arch_name.endswith(("a", "f")):
+        return image_arch == device_arch
+    return image_arch // 10 == device_arch // 10 and image_arch % 10 <= device_arch % 10
+
+
+def cubin_candidate(data: bytes, source: str, h: Optional[str] = None) -> Optional[Candidate]:
+    try:
+        info = elf.cubin_info(data)
+    except BinaryFormatError:
+        return None
+    return Candidate(hash=h or content_hash(data), kind="cubin", arch=info.arch,
+                     arch_name=info.arch_name, kernels=frozenset(info.kernels),
+                     globals=tuple((g.name, g.size) for g in info.globals), source=source,
+                     load=lambda: data)
+
+
+_PTX_ENTRY = re.compile(rb"^[ \t]*(?:\.(?:visible|weak|extern)[ \t]+)*\.entry[ \t]+([A-Za-z_$%][\w$]*)",
+                        re.M)
+_PTX_TARGET = re.compile(rb"^[ \t]*\.target[ \t]+(?:sm|compute)_(\d+)", re.M)
+
+
+def ptx_kernels(text: bytes) -> list:
+    return [m.group(1).decode() for m in _PTX_ENTRY.finditer(text)]
+
+
+def ptx_target(text: bytes) -> int:
+    m = _PTX_TARGET.search(text)
+    if m is None:
+        raise BinaryFormatError("PTX text without a .target directive")
+    return int(m.group(1))
+
+
+def ptx_candidate(text: bytes, arch: int, source: str) -> Candidate:
+    kernels = frozenset(ptx_kernels(text))
+    return Candidate(hash=content_hash(text), kind="ptx", arch=arch, arch_name=f"compute_{arch}",
+                     kernels=kernels, globals=(), source=source, load=lambda: text)
+
+
+class _NameIndex:
+    """name -> candidates, filled incrementally."""
+
+    def __init__(self):
+        self.by_name: dict = {}
+        self.by_hash: dict = {}
+
+    def add(self, cand: Optional[Candidate]) -> None:
+        if cand is None or cand.hash in self.by_hash:
+            return
+        self.by_hash[cand.hash] = cand
+        for name in cand.kernels:
+            self.by_name.setdefault(name, []).append(cand)
+
+    def find(self, name: str) -> list:
+        return list(self.by_name.get(name, ()))
+
+
+class RecorderSource:
+    name = "recorder"
+
+    def __init__(self, rec):
+        self.rec = rec
+        self.index = _NameIndex()
+
+    def find(self, name: str) -> list:
+        for h, data in self.rec.take_new():
+            self.index.add(cubin_candidate(data, "recorder", h))
+        return self.index.find(name)
+
+
+class RegisteredSource:
+    """Images registered by the user, and cubins in the JIT caches of Triton and CuPy."""
+    name = "registered"
+
+    def __init__(self):
+        self.index = _NameIndex()
+        self._seen_files: set = set()
+
+    def register(self, data: bytes, source: str = "registered") -> list:
+        """Add a cubin, a fatbin or PTX text; return the candidates it yielded."""
+        data = bytes(data)
+        before = set(self.index.by_hash)
+        if data[:4] == b"\x7fELF":
+            self.index.add(cubin_candidate(data, source))
+        elif data[:4] == fatbin.FATBIN_MAGIC.to_bytes(4, "little"):
+            for cand in _fatbin_candidates(memoryview(data), source):
+                self.index.add(cand)
+        elif b".entry" in data:
+            target = ptx_target(data)
+            self.index.add(ptx_candidate(data, target, source))
+        else:
+            raise BinaryFormatError(f"{source}: not a cubin, fatbin or PTX image")
+        return [c for h, c in self.index.by_hash.items() if h not in before]
+
+    def _scan_jit_caches(self) -> None:
+        dirs = [os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"),
+                os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")]
+        for d in dirs:
+            for path in glob.glob(os.path.join(d, "**", "*.cubin"), recursive=True):
+                if path in self._seen_files:
+                    continue
+                self._seen_files.add(path)
+                try:
+                    with open(path, "rb") as f:
+                        raw = f.read()
+                except OSError:
+                    continue
+                start = raw.find(b"\x7fELF")   # CuPy prefixes its cache files with a hash
+                if start >= 0:
+                    self.index.add(cubin_candidate(raw[start:], f"jit-cache:{path}"))
+
+    def find(self, name: str) -> list:
+        hits = self.index.find(name)
+        if not hits:
+            self._scan_jit_caches()
+            hits = self.index.find(name)
+        return hits
+
+
+def _fatbin_candidates(data: memoryview, source: str, arch: Optional[int] = None) -> list:
+    out = []
+    for container in fatbin.iter_containers(data):
+        for entry in container.entries:
+            if entry.kind not in ("cubin", "ptx") or (arch is not None and
+                                                       entry.arch // 10 != arch // 10):
+                continue     # LTO-IR and unknown kinds cannot be loaded
+            payload = entry.payload()
+            if entry.kind == "cubin":
+                cand = cubin_candidate(payload, source)
+            elif entry.kind == "ptx":
+                cand = ptx_candidate(payload, entry.arch, source)
+            else:
+                cand = None
+            if cand is not None:
+                out.append(cand)
+    return out
+
+
+# ---- scanning loaded objects ------------------------------------------------------------
+
+def _mapped_files() -> list:
+    """Regular files mapped into this process (shared libraries and the executable)."""
+    files = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    files.append(parts[5].strip())
+    except OSError:
+        return []
+    return [p for p in dict.fromkeys(files) if os.path.isfile(p)]
+
+
+def _file_identity(path: str, host) -> str:
+    """Path, size, mtime and GNU build-id: a rebuilt or replaced library gets a new index."""
+    st = os.stat(path)
+    note = host.section(".note.gnu.build-id")
+    build_id = bytes(host.section_data(note)) if note is not None else b""
+    key = f"{INDEX_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}|{build_id.hex()}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("CGSNAP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cgsnap")
+    return os.path.join(base, "index")
+
+
+class LoadedObjectScan:
+    """Finds kernels in the fatbins of the objects mapped into this process.
+
+    For each file, an index (kernel name -> fatbin entry offsets, per arch family) is built once
+    and cached on disk under a key of the file's identity (path, size, mtime, build-id), so a
+    later process looks a kernel up without decompressing anything but the entry it needs."""
+    name = "scan"
+
+    def __init__(self, arch: int, cache_dir: Optional[str] = None):
+        self.arch = arch
+        self.cache_dir = cache_dir or default_cache_dir()
+        # [(path, {name: [[section offset, section size, container offset, entry index], ...]})]
+        self._indexes: Optional[list] = None
+        self._lock = threading.Lock()
+        self._loaded: dict = {}                    # (path, offset) -> Candidate
+
+    def _index_file(self, path: str) -> Optional[dict]:
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < 64:
+                    return None
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
+        # The mapping is not closed explicitly: parsed entries hold zero-copy views into it, and
+        # it is unmapped when the last of them goes (on return).
+        if mm[:4] != b"\x7fELF":
+            return None
+        try:
+            host = elf.ElfFile(mm, path)
+            sections = [sec for sec in host.sections if sec.name in fatbin.FATBIN_SECTIONS]
+        except BinaryFormatError:
+            return None
+        if not sections:
+            return None
+        key = _file_identity(path, host)
+        cache_path = os.path.join(self.cache_dir, f"{key}-sm{self.arch // 10}x.msgpack")
+        cached = _read_cache(cache_path)
+        if cached is not None:
+            return cached
+        index: dict = {}
+        for sec in sections:
+            view = memoryview(mm)[sec.offset:sec.offset + sec.size]
+            try:
+                for container in fatbin.iter_containers(view):
+                    for j, entry in enumerate(container.entries):
+                        if entry.kind != "cubin" or entry.arch // 10 != self.arch // 10:
+                            continue
+                        try:
+                            info = elf.cubin_info(entry.payload())
+                        except BinaryFormatError:
+                            continue
+                        where = [sec.offset, sec.size, container.offset, j]
+                        for name in info.kernels:
+                            index.setdefault(name, []).append(where)
+            except BinaryFormatError:
+                continue    # keep what earlier containers gave
+        _write_cache(cache_path, index)
+        return index
+
+    def _ensure_indexes(self) -> list:
+        with self._lock:
+            if self._indexes is None:
+                self._indexes = []
+                for path in _mapped_files():
+                    index = self._index_file(path)
+                    if index:
+                        self._indexes.append((path, index))
+            return self._indexes
+
+    def find(self, name: str) -> list:
+        out = []
+        for path, index in self._ensure_indexes():
+            for where in index.get(name, ()):
+                key = (path, tuple(where))
+                if key not in self._loaded:
+                    self._loaded[key] = self._load_entry(path, *where)
+                if self._loaded[key] is not None:
+                    out.append(self._loaded[key])
+        return out
+
+    def _load_entry(self, path: str, sec_offset: int, sec_size: int, container_offset: int,
+                    entry_index: int) -> Optional[Candidate]:
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(mm)[sec_offset + container_offset:sec_offset + sec_size]
+            payload = next(fatbin.iter_containers(view)).entries[entry_index].payload()
+        except (OSError, ValueError, IndexError, StopIteration, BinaryFormatError):
+            return None
+        return cubin_candidate(payload, f"scan:{path}")
+
+
+def _read_cache(path: str) -> Optional[dict]:
+    try:
+        with open(path, "rb") as f:
+            data = msgpack.unpackb(f.read(), raw=False, strict_map_key=True)
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+            return data
+    except (OSError, ValueError, msgpack.UnpackException):
+        pass
+    return None
+
+
+def _write_cache(path: str, index: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb(index, use_bin_type=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass    # a read-only cache directory only costs speed
+
+
+# ---- the resolver ---------------------------------------------------------------------------
+
+class KernelResolver:
+    """Finds, for a live CUfunction, the image that holds it (see the module docstring)."""
+
+    def __init__(self, device_arch: int, recorder=None, registered: Optional[RegisteredSource] = None,
+                 scan: bool = True):
+        self.arch = device_arch
+        self.sources: list = []
+        if recorder is not None:
+            self.sources.append(RecorderSource(recorder))
+        self.sources.append(registered or RegisteredSource())
+        if scan:
+            self.sources.append(LoadedObjectScan(device_arch))
+
+    def resolve(self, name: str, module_functions: Callable[[], frozenset]) -> Candidate:
+        """The single runnable cubin holding ``name``; ``module_functions()`` lists the functions
+        of the module the live kernel came from, asked only when several images match."""
+        tried = []
+        for source in self.sources:
+            hits = {c.hash: c for c in source.find(name)}
+            tried.append(source.name)
+            runnable = [c for c in hits.values() if c.kind == "cubin"
+                        and arch_runs_on(c.arch, c.arch_name, self.arch)]
+            if not runnable:
+                continue
+            if len(runnable) > 1:
+                wanted = module_functions()
+                same = [c for c in runnable if wanted and c.kernels == wanted]
+                if len(same) == 1:
+                    runnable = same
+                elif len(same) > 1 and len({c.kernels for c in same}) == 1:
+                    # Identical function sets: prefer the exact arch, then refuse to guess.
+                    exact = [c for c in same if c.arch == self.arch]
+                    runnable = exact if len(exact) == 1 else same
+            if len(runnable) > 1:
+                raise AmbiguousKernelError(
+                    f"kernel {name}: {len(runnable)} different images hold it "
+                    f"({', '.join(c.source for c in runnable)}) and its module's function set does "
+                    "not tell them apart; register the right image with cgsnap.register_image()")
+            best = runnable[0]
+            ptx = [c for c in hits.values() if c.kind == "ptx"]
+            if ptx and best.ptx is None:
+                best.ptx = max(ptx, key=lambda c: c.arch)
+            return best
+        raise KernelNotFoundError(
+            f"kernel {name} was found in no image for sm_{self.arch} (searched: "
+            f"{', '.join(tried)}). Start the module recorder before the kernel is first loaded "
+            "(cgsnap.start_recorder() at start-up, or CGSNAP_RECORD=1), or register its image "
+            "with cgsnap.register_image(data)")

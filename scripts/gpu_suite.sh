@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole GPU suite, the demo and (with BENCH=1) the benchmarks, in one call on a GPU machine.
+# On the lent device (no package registry) carry the wheels fetched by scripts/fetch_wheels.sh:
+#   run(command="bash scripts/gpu_suite.sh", carry=[".whl"])
+# Prints pass/fail counts last; logs go to $OUT (or ./gpu-out) when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m pytest -q --junitxml="$OUT/junit.xml" -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log"
+suite=${PIPESTATUS[0]}
+python3 -m cgsnap demo --keep "$OUT" 2>&1 | tee "$OUT/demo.log"
+demo=${PIPESTATUS[0]}
+bench=0
+if [ "${BENCH:-0}" = 1 ]; then
+  python3 scripts/bench.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  bench=${PIPESTATUS[0]}
+fi
+echo "=== summary ==="
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/pytest.log" | tail -1
+echo "pytest exit $suite, demo exit $demo, bench exit $bench"
+exit $(( suite || demo || bench ))

@@ -1,0 +1,97 @@
+"""The command line on the bundled snapshot, against golden files (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = "examples/sample.cgsnap"
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+UPDATE = os.environ.get("CGSNAP_UPDATE_GOLDEN") == "1"
+
+
+def cgsnap(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cgsnap", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, **(env or {})), timeout=120)
+
+
+@pytest.mark.parametrize("args,golden", [
+    (("info", SAMPLE), "info.txt"),
+    (("show", SAMPLE), "show.txt"),
+    (("dot", SAMPLE), "dot.txt"),
+    (("verify", SAMPLE), "verify.txt"),
+])
+def test_output_matches_golden(args, golden):
+    proc = cgsnap(*args)
+    assert proc.returncode == 0, proc.stderr
+    path = os.path.join(GOLDEN, golden)
+    if UPDATE:
+        with open(path, "w") as f:
+            f.write(proc.stdout)
+    with open(path) as f:
+        assert proc.stdout == f.read()
+
+
+def test_info_json_has_schema_and_counts():
+    proc = cgsnap("info", SAMPLE, "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["schema"] == 1
+    g = d["graphs"][0]
+    assert g["node_types"] == {"kernel": 5} and g["refs"] > 0
+    assert d["device"]["arch"] == 90
+    assert any("cutlass" in k["name"] for k in d["kernels"])
+    assert d["bytes"]["stored"] < d["bytes"]["raw"]
+
+
+def test_show_names_refs_like_the_docs():
+    out = cgsnap("show", SAMPLE, "--graph", "demo").stdout
+    assert '→ region 6 "x" + 0x0' in out and "<<<(" in out
+
+
+def test_exit_codes(tmp_path):
+    assert cgsnap().returncode == 2
+    assert cgsnap("frobnicate").returncode == 2
+    missing = cgsnap("info", str(tmp_path / "missing.cgsnap"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+    bad = tmp_path / "bad.cgsnap"
+    with open(os.path.join(ROOT, SAMPLE), "rb") as f:
+        bad.write_bytes(f.read()[:5000])
+    for cmd in ("info", "show", "dot", "verify"):
+        proc = cgsnap(cmd, str(bad))
+        assert proc.returncode == 1, cmd
+        assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert cgsnap("show", SAMPLE, "--graph", "nope").returncode == 2
+
+
+def test_verify_catches_a_flipped_blob_byte(tmp_path):
+    data = bytearray(open(os.path.join(ROOT, SAMPLE), "rb").read())
+    data[-100] ^= 0x40
+    bad = tmp_path / "flipped.cgsnap"
+    bad.write_bytes(bytes(data))
+    assert cgsnap("info", str(bad)).returncode == 0      # the manifest is intact
+    proc = cgsnap("verify", str(bad))
+    assert proc.returncode == 1 and "checksum" in proc.stderr
+
+
+def test_demo_without_gpu_shows_the_sample():
+    from cgsnap.demo import _gpu_available
+    if _gpu_available():
+        pytest.skip("this machine has a GPU: the demo runs for real (GPU suite)")
+    proc = cgsnap("demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU here" in proc.stdout and "graphs (1)" in proc.stdout and "┌─" in proc.stdout
+
+
+def test_kernels_command_on_a_shared_library():
+    lib = os.path.join("tests", "fixtures", "libkernels.so")
+    proc = cgsnap("kernels", lib, "--arch", "sm_90")
+    assert proc.returncode == 0, proc.stderr
+    assert "axpy" in proc.stdout or "hidden" in proc.stdout
+    js = json.loads(cgsnap("kernels", lib, "--json").stdout)
+    assert js["schema"] == 1 and js["entries"]
+    assert cgsnap("kernels", lib, "--arch", "bogus").returncode == 2

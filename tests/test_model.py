@@ -1,0 +1,191 @@
+"""The symbolic model and its manifest: exact round trips and strict validation (CPU)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cgsnap
+from cgsnap import fileformat, snapfile
+from cgsnap.errors import FormatError
+from cgsnap.model import Ref, Snapshot
+from synthetic import make_snapshot
+
+
+def manifest_and_sizes(snap=None):
+    snap = snap or make_snapshot()
+    manifest, blobs = snap.to_manifest()
+    return manifest, [len(memoryview(b).cast("B")) for b in blobs], blobs
+
+
+def test_model_file_model_roundtrip_is_exact(tmp_path):
+    snap = make_snapshot()
+    path = tmp_path / "s.cgsnap"
+    snap.save(path)
+    back = cgsnap.read(path)
+    # The manifest of the re-read model equals the original one (blob indices included) ...
+    m1, b1 = snap.to_manifest()
+    back_blob_src = {}
+    with fileformat.open_file(path) as f:
+        for r in back.regions:
+            if r.data is not None:
+                r.data = bytes(f.blob(r.data))
+        for g in back.graphs:
+            g.checks = {rid: bytes(f.blob(i)) for rid, i in g.checks.items()}
+    m2, b2 = back.to_manifest()
+    assert m1 == m2
+    # ... and so do the blobs, byte for byte.
+    assert [bytes(memoryview(b).cast("B")) for b in b1] == [bytes(memoryview(b).cast("B"))
+                                                           for b in b2]
+    assert back.graphs[0].nodes[1].args[0].refs == ((0, Ref(2, 0)), (16, Ref(4, 64)))
+    assert back.graphs[0].nodes[1].attrs == {"priority": 1, "cluster_dim": (2, 1, 1)}
+
+
+def test_same_snapshot_same_bytes(tmp_path):
+    a, b = tmp_path / "a.cgsnap", tmp_path / "b.cgsnap"
+    make_snapshot().save(a)
+    make_snapshot().save(b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_merge_stores_shared_regions_once():
+    s1, s2 = make_snapshot(), make_snapshot()
+    for s in (s1, s2):
+        for r in s.regions:
+            r.origin = 0x7000_0000 + r.id * 0x10000
+    s2.graphs[0].name = "step2"
+    s2.graphs[1].name = "step2/child6"
+    s2.graphs[0].nodes[6].graph = "step2/child6"
+    merged = snapfile.merge([s1, s2])
+    assert len(merged.regions) == len(s1.regions)
+    assert len(merged.kernels) == len(s1.kernels) and len(merged.images) == 1
+    assert merged.events == 2
+    assert merged.graphs[2].nodes[7].event == 1
+    with pytest.raises(cgsnap.CaptureError, match="two snapshots hold a graph named"):
+        snapfile.merge([make_snapshot(), make_snapshot()])
+
+
+def test_topological_order_respects_edges():
+    g = make_snapshot().graphs[0]
+    order = [n.id for n in g.topological_order()]
+    pos = {nid: i for i, nid in enumerate(order)}
+    assert all(pos[e.src] < pos[e.dst] for e in g.edges)
+
+
+def _expect_invalid(manifest, sizes, match):
+    with pytest.raises(FormatError, match=match):
+        Snapshot.from_manifest(manifest, sizes, "test.cgsnap")
+
+
+CORRUPTIONS = [
+    ("list where a map belongs", lambda m: m.__setitem__("regions", [[1, 2]]), "expected a map"),
+    ("map where a list belongs", lambda m: m.__setitem__("graphs", {}), "expected a list"),
+    ("string where an int belongs", lambda m: m["regions"][0].__setitem__("size", "big"),
+     "expected an integer"),
+    ("bool is not an int", lambda m: m["regions"][0].__setitem__("size", True),
+     "expected an integer"),
+    ("negative size", lambda m: m["regions"][0].__setitem__("size", -1), "out of range"),
+    ("unknown field", lambda m: m["regions"][0].__setitem__("evil", 1), "unknown field"),
+    ("missing field", lambda m: m["regions"][0].pop("kind"), "missing field"),
+    ("unknown region kind", lambda m: m["regions"][0].__setitem__("kind", "mystery"),
+     "is not one of"),
+    ("dangling region ref", lambda m: m["graphs"][0]["nodes"][0]["args"][0]["r"][0]
+     .__setitem__(1, 99), "out of range"),
+    ("ref offset beyond region", lambda m: m["graphs"][0]["nodes"][0]["args"][0]["r"][0]
+     .__setitem__(2, 10 ** 6), "out of range"),
+    ("misaligned pointer offset", lambda m: m["graphs"][0]["nodes"][1]["args"][0]["r"][1]
+     .__setitem__(0, 12), "8-aligned"),
+    ("argument size mismatch", lambda m: m["graphs"][0]["nodes"][0]["args"][2]
+     .__setitem__("d", b"\0"), "the parameter has 4"),
+    ("wrong argument count", lambda m: m["graphs"][0]["nodes"][0]["args"].pop(), "takes 3"),
+    ("dangling kernel", lambda m: m["graphs"][0]["nodes"][0].__setitem__("kernel", 7),
+     "out of range"),
+    ("unknown node type", lambda m: m["graphs"][0]["nodes"][5].__setitem__("t", "teleport"),
+     "is not one of"),
+    ("edge to nowhere", lambda m: m["graphs"][0]["edges"].append([0, 999, 0, 0, 0]),
+     "names no pair"),
+    ("cycle", lambda m: m["graphs"][0]["edges"].append([11, 0, 0, 0, 0]), "cycle"),
+    ("child graph cycle", lambda m: m["graphs"][1]["nodes"].append({"id": 1, "t": "graph",
+                                                                   "graph": "step/child6"}),
+     "contains itself"),
+    ("unknown child graph", lambda m: m["graphs"][0]["nodes"][6].__setitem__("graph", "nope"),
+     "unknown graph"),
+    ("memcpy overruns region", lambda m: m["graphs"][0]["nodes"][2].__setitem__("width", 10 ** 7),
+     "overrun"),
+    ("duplicate node id", lambda m: m["graphs"][0]["nodes"][1].__setitem__("id", 0),
+     "duplicate node id"),
+    ("blob index out of range", lambda m: m["regions"][0].__setitem__("blob", 1000),
+     "out of range"),
+    ("blob used twice", lambda m: m["regions"][2].__setitem__("blob", m["regions"][0]["blob"]),
+     "used twice"),
+    ("bad hash", lambda m: m["images"][0].__setitem__("hash", "zz"), "hex content hash"),
+    ("kernel of unknown image", lambda m: m["kernels"][0].__setitem__("image", "0" * 32),
+     "unknown image"),
+    ("schema from the future", lambda m: m.__setitem__("schema", 2), "schema 2 is not supported"),
+    ("non-scalar metadata", lambda m: m["meta"].__setitem__("x", {"y": {"z": {"a": {"b": {"c": {
+        "d": {"e": {"f": {"g": 1}}}}}}}}}), "nested too deeply"),
+    ("bound region with a blob", lambda m: m["regions"][5].__setitem__("blob", 0), "carries no"),
+    ("mem_alloc of a non graph region", lambda m: m["graphs"][0]["nodes"][9]
+     .__setitem__("region", 0), "graph_alloc"),
+    ("event out of range", lambda m: m["graphs"][0]["nodes"][7].__setitem__("event", 3),
+     "out of range"),
+    ("parameters overlap", lambda m: m["kernels"][0]["params"][1].__setitem__(0, 4), "overlap"),
+]
+
+
+@pytest.mark.parametrize("label,mutate,match", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_invalid_manifest_is_a_format_error(label, mutate, match):
+    manifest, sizes, _ = manifest_and_sizes()
+    mutate(manifest)
+    _expect_invalid(manifest, sizes, match)
+
+
+def test_blob_size_must_match_region():
+    manifest, sizes, _ = manifest_and_sizes()
+    sizes[manifest["regions"][0]["blob"]] += 1
+    _expect_invalid(manifest, sizes, "expected 1024")
+
+
+def test_error_names_file_and_place():
+    manifest, sizes, _ = manifest_and_sizes()
+    manifest["graphs"][0]["nodes"][4]["element_size"] = 3
+    with pytest.raises(FormatError) as info:
+        Snapshot.from_manifest(manifest, sizes, "/tmp/x.cgsnap")
+    assert "/tmp/x.cgsnap" in str(info.value) and "graphs[0].nodes[4].element_size" in str(info.value)
+
+
+def _leaf_paths(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaf_paths(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaf_paths(v, path + (i,))
+    yield path
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.text(max_size=8),
+                    st.binary(max_size=8), st.lists(st.integers(0, 5), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_BASE = manifest_and_sizes()
+_PATHS = [p for p in _leaf_paths(_BASE[0]) if p]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
+def test_fuzzed_manifest_only_raises_format_error(edits):
+    manifest = copy.deepcopy(_BASE[0])
+    for path, value in edits:
+        target = manifest
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        Snapshot.from_manifest(manifest, list(_BASE[1]), "fuzz.cgsnap")
+    except FormatError:
+        pass
