@@ -87,11 +87,11 @@ def _is_module(obj) -> bool:
     return hasattr(obj, "named_parameters") and hasattr(obj, "named_buffers")
 
 
-def expand_buffers(buffers: dict) -> list:
-    """BufferSpecs for ``snapshot(buffers=...)``. A ``torch.nn.Module`` stands for all its
-    parameters and buffers, named ``"{name}.{param}"``, bound at restore unless wrapped in
-    :class:`Saved` (weights are what a restarted server loads again anyway)."""
-    specs = []
+def flatten(buffers: dict) -> list:
+    """``[(name, tensor_or_buffer, policy or None)]``: a ``torch.nn.Module`` stands for all its
+    parameters and buffers, named ``"{name}.{param}"`` (tied weights once, under their first
+    name)."""
+    out = []
     for name, obj in buffers.items():
         policy = None
         if isinstance(obj, _PolicyWrapper):
@@ -99,15 +99,22 @@ def expand_buffers(buffers: dict) -> list:
         if _is_module(obj):
             seen = set()
             for sub, t in list(obj.named_parameters()) + list(obj.named_buffers()):
-                if t is None or t.data_ptr() in seen or t.numel() == 0:
-                    continue       # tied weights are one region, under their first name
+                if t is None or t.numel() == 0 or t.data_ptr() in seen:
+                    continue
                 seen.add(t.data_ptr())
-                ptr, nbytes, dtype, shape = describe(t.detach())
-                specs.append(BufferSpec(f"{name}.{sub}", ptr, nbytes, dtype, shape,
-                                        policy or Policy.BOUND))
+                # Weights are what a restarted server loads again anyway: bound by default.
+                out.append((f"{name}.{sub}", t.detach(), policy or Policy.BOUND))
         else:
-            ptr, nbytes, dtype, shape = describe(obj)
-            specs.append(BufferSpec(name, ptr, nbytes, dtype, shape, policy or Policy.SAVED))
+            out.append((name, obj, policy))
+    return out
+
+
+def expand_buffers(buffers: dict) -> list:
+    """BufferSpecs for ``snapshot(buffers=...)``; plain buffers are saved unless wrapped."""
+    specs = []
+    for name, obj, policy in flatten(buffers):
+        ptr, nbytes, dtype, shape = describe(obj)
+        specs.append(BufferSpec(name, ptr, nbytes, dtype, shape, policy or Policy.SAVED))
     return specs
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 
 from . import cupti
-from .sources import KernelResolver, RegisteredSource
+from .sources import KernelResolver, LoadedObjectScan, RecorderSource, RegisteredSource
 
+# Process-wide sources: what they learn (recorded images, per-library indexes) is kept across
+# snapshots, so a second snapshot of the same kernels costs nothing.
 _registered = RegisteredSource()
+_recorder_source = None
+_scans: dict = {}
 
 
 def start_recorder():
@@ -26,10 +30,19 @@ def register_image(data, source: str = "registered") -> list:
 
 
 def default_resolver(arch: int) -> KernelResolver:
+    global _recorder_source
+    sources = []
     rec = cupti.recorder()
-    return KernelResolver(arch, recorder=rec if rec is not None and rec.active else None,
-                          registered=_registered,
-                          scan=os.environ.get("CGSNAP_NO_SCAN", "") in ("", "0"))
+    if rec is not None:
+        if _recorder_source is None:
+            _recorder_source = RecorderSource(rec)
+        sources.append(_recorder_source)
+    sources.append(_registered)
+    if os.environ.get("CGSNAP_NO_SCAN", "") in ("", "0"):
+        if arch not in _scans:
+            _scans[arch] = LoadedObjectScan(arch)
+        sources.append(_scans[arch])
+    return KernelResolver(arch, sources)
 
 
 def start_recorder_from_env() -> None:

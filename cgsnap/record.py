@@ -39,10 +39,14 @@ def _node_type_name(t) -> str:
 class _Recording:
     """State of one snapshot: regions, kernels, images and events found so far."""
 
-    def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict]):
+    def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict],
+                 allocation_policy=None):
         self.device = device
         self.resolver = resolver
         self.host_callbacks = {int(k): v for k, v in (host_callbacks or {}).items()}
+        # (base, size) -> (Policy, pool name) or None: lets an integration mark allocations it
+        # knows (torch's graph memory pool becomes shared scratch).
+        self.allocation_policy = allocation_policy
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -73,7 +77,11 @@ class _Recording:
         if rng is None:
             return None
         base, size = rng
-        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION)
+        policy, pool = Policy.SAVED, None
+        if self.allocation_policy is not None:
+            policy, pool = self.allocation_policy(base, size) or (policy, pool)
+        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
+                                 pool=pool)
         return Ref(region.id, addr - base)
 
     def device_ref(self, addr: int, what: str) -> Ref:
@@ -136,6 +144,8 @@ class _Recording:
         if name in self.graph_names:
             raise CaptureError(f"two graphs are named {name!r}")
         self.graph_names.add(name)
+        slot = len(self.graphs)      # parents before their children in the snapshot
+        self.graphs.append(None)
         nodes = _graph_nodes(graph)
         ids = {int(n): i for i, n in enumerate(nodes)}
         types = [call(cu.cuGraphNodeGetType, n) for n in nodes]
@@ -153,7 +163,7 @@ class _Recording:
             out.append(self.node(i, n, t, where, name, alloc_region))
         edges = [Edge(ids[int(a)], ids[int(b)], *data) for a, b, data in _graph_edges(graph)]
         g = Graph(name=name, nodes=out, edges=edges, top_level=top_level)
-        self.graphs.append(g)
+        self.graphs[slot] = g
         return g
 
     def node(self, i, n, t, where, graph_name, alloc_region):
@@ -338,7 +348,7 @@ def _write_region(region: Region, data: np.ndarray) -> None:
             driver.htod(region.origin, int(data.ctypes.data), region.size)
 
 
-def _record_checks(rec: _Recording, graph, g: Graph, backups: dict) -> Optional[str]:
+def _record_checks(rec: _Recording, graph, g: Graph) -> Optional[str]:
     """Launch the original graph once, keep the named regions' contents as the expected output
     of `replay --check`, then put every region back as it was (the original is left untouched).
     Returns a reason when the graph cannot be launched a second time (e.g. it holds memory nodes
@@ -346,6 +356,7 @@ def _record_checks(rec: _Recording, graph, g: Graph, backups: dict) -> Optional[
     named = [r for r in rec.regions if r.kind is RegionKind.NAMED]
     if not named:
         return None
+    backups = {r.id: _read_region(r) for r in rec.regions if r.kind is not RegionKind.GRAPH_ALLOC}
     try:
         exe = call(cu.cuGraphInstantiate, graph, 0)
     except Exception as exc:   # DriverError: report, snapshot without checks
@@ -377,28 +388,33 @@ def _versions() -> dict:
 
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
-                   resolver=None, meta: Optional[dict] = None) -> Snapshot:
+                   resolver=None, meta: Optional[dict] = None,
+                   allocation_policy=None) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
     device = driver.current_device()
     if resolver is None:
         from .kernels import default_resolver
         resolver = default_resolver(device.arch)
-    rec = _Recording(device, resolver, host_callbacks)
+    rec = _Recording(device, resolver, host_callbacks, allocation_policy)
     for spec in expand_buffers(buffers or {}):
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)
-    # Every region's contents before any check launch; bound regions are supplied at restore.
-    contents = {r.id: _read_region(r) for r in rec.regions
-                if r.policy is not Policy.BOUND and r.kind is not RegionKind.GRAPH_ALLOC}
-    for r in rec.regions:
+    for r in rec.regions:     # contents as they are now, before any check launch
         if r.policy is Policy.SAVED:
-            r.data = contents[r.id]
+            r.data = _read_region(r)
             r.content_hash = content_hash(r.data)
+        elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
+            r.content_hash = content_hash(_read_region(r))   # for load(verify_bound=True)
     note = None
-    if record_outputs is None or record_outputs:
-        note = _record_checks(rec, graph, g, contents)
-        if note and record_outputs:
+    # By default outputs are recorded when buffers are named and nothing is bound: a bound
+    # region's contents are not in the file, so `replay --check` could not use them anyway.
+    strict = record_outputs is True
+    if record_outputs is None:
+        record_outputs = not any(r.policy is Policy.BOUND for r in rec.regions)
+    if record_outputs:
+        note = _record_checks(rec, graph, g)
+        if note and strict:
             raise CaptureError(note)
     snap_meta = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc)
                  .isoformat(timespec="seconds"), "host": platform.node()}

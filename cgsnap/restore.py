@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from . import driver, fileformat
-from .buffers import check_bind, numpy_dtype
+from .buffers import check_bind, flatten, numpy_dtype
 from .driver import call, cu
 from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, KernelNotFoundError,
                      RestoreError)
@@ -199,6 +199,7 @@ class Restored:
 
     def _check_bind(self, bind: dict) -> dict:
         snap = self.snapshot
+        bind = {name: obj for name, obj, _ in flatten(bind)}
         named = {r.name: r for r in snap.regions if r.name is not None}
         problems = []
         missing = [r.name for r in snap.regions if r.policy is Policy.BOUND and r.name not in bind]

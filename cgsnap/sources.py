@@ -235,7 +235,8 @@ class LoadedObjectScan:
         self.arch = arch
         self.cache_dir = cache_dir or default_cache_dir()
         # [(path, {name: [[section offset, section size, container offset, entry index], ...]})]
-        self._indexes: Optional[list] = None
+        self._indexes: list = []
+        self._seen: set = set()
         self._lock = threading.Lock()
         self._loaded: dict = {}                    # (path, offset) -> Candidate
 
@@ -284,10 +285,11 @@ class LoadedObjectScan:
         return index
 
     def _ensure_indexes(self) -> list:
+        """Index every mapped file not indexed yet (libraries may be loaded after a lookup)."""
         with self._lock:
-            if self._indexes is None:
-                self._indexes = []
-                for path in _mapped_files():
+            for path in _mapped_files():
+                if path not in self._seen:
+                    self._seen.add(path)
                     index = self._index_file(path)
                     if index:
                         self._indexes.append((path, index))
@@ -343,15 +345,9 @@ def _write_cache(path: str, index: dict) -> None:
 class KernelResolver:
     """Finds, for a live CUfunction, the image that holds it (see the module docstring)."""
 
-    def __init__(self, device_arch: int, recorder=None, registered: Optional[RegisteredSource] = None,
-                 scan: bool = True):
+    def __init__(self, device_arch: int, sources: list):
         self.arch = device_arch
-        self.sources: list = []
-        if recorder is not None:
-            self.sources.append(RecorderSource(recorder))
-        self.sources.append(registered or RegisteredSource())
-        if scan:
-            self.sources.append(LoadedObjectScan(device_arch))
+        self.sources = sources
 
     def resolve(self, name: str, module_functions: Callable[[], frozenset]) -> Candidate:
         """The single runnable cubin holding ``name``; ``module_functions()`` lists the functions

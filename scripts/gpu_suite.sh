@@ -21,7 +21,7 @@ python3 -m cgsnap demo --keep "$OUT" 2>&1 | tee "$OUT/demo.log"
 demo=${PIPESTATUS[0]}
 bench=0
 if [ "${BENCH:-0}" = 1 ]; then
-  python3 scripts/bench.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  python3 scripts/bench.py --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   bench=${PIPESTATUS[0]}
 fi
 echo "=== summary ==="

@@ -117,7 +117,7 @@ class BindingsGraph:
             launch(f["pair_mul"], grid, 256, [pair, ctypes.c_uint64(b["x"])], s2)
             tmp = None
             if mem_nodes:
-                tmp = call(cu.cuMemAllocAsync, nb, s2)
+                tmp = int(call(cu.cuMemAllocAsync, nb, s2))
                 call(cu.cuMemcpyDtoDAsync, tmp, b["w"], nb, s2)
                 launch(f["add"], grid, 256, [ctypes.c_uint64(tmp), ctypes.c_uint64(b["x"]),
                                              ctypes.c_int(n)], s2)

@@ -1,0 +1,100 @@
+"""Warm restarts: graphs saved in one process, bound to a new process's model and KV cache (GPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cgsnap
+
+pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "warm_restart")
+
+
+def run_example(script, out_dir):
+    env = dict(os.environ, WARM_LAYERS="4",
+               PYTHONPATH=os.pathsep.join([ROOT, EXAMPLE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLE, script), str(out_dir)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("warm")
+    run_example("save_graphs.py", out)
+    return out
+
+
+def test_restore_in_new_process_is_bit_exact(saved):
+    out = run_example("restore_graphs.py", saved)
+    assert out.count("bit-identical") == 7
+
+
+def test_file_shares_regions_and_kernels(saved):
+    snap = cgsnap.read(saved / "decoder.cgsnap")
+    assert [g.name for g in snap.graphs if g.top_level] == [f"bs{b}" for b in (64, 32, 16, 8, 4, 2, 1)]
+    weights = [r for r in snap.regions if r.name and r.name.startswith("model.")]
+    assert weights and all(r.policy.value == "bound" for r in weights)
+    assert snap.region_by_name("kv_cache").policy.value == "bound"
+    pools = {r.pool for r in snap.regions if r.pool}
+    assert pools, "torch's graph pool must become shared scratch"
+
+
+def test_bind_errors_list_every_problem(saved):
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, EXAMPLE)
+    os.environ["WARM_LAYERS"] = "4"
+    from model import build
+    model, kv, _ = build()
+    path = saved / "decoder.cgsnap"
+    with pytest.raises(cgsnap.BindError, match=r"missing: kv_cache"):
+        cgsnap.load(path, bind={"model": model})
+    with pytest.raises(cgsnap.BindError, match=r"not in the snapshot: bogus"):
+        cgsnap.load(path, bind={"model": model, "kv_cache": kv, "bogus": kv})
+    wrong = torch.zeros(kv.shape[0], 2, 32, *kv.shape[3:], dtype=kv.dtype, device="cuda")
+    with pytest.raises(cgsnap.BindError, match=r"kv_cache: .*shape"):
+        cgsnap.load(path, bind={"model": model, "kv_cache": wrong})
+    with pytest.raises(cgsnap.BindError) as info:    # all three at once, in one message
+        cgsnap.load(path, bind={"model": model, "bogus": kv, "model.head.weight": wrong})
+    msg = str(info.value)
+    assert "missing: kv_cache" in msg and "bogus" in msg and "model.head.weight" in msg
+
+
+def test_seven_graphs_in_one_file_are_far_smaller(saved, tmp_path):
+    """Shared images and regions are stored once: compare with one file per graph."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, EXAMPLE)
+    os.environ["WARM_LAYERS"] = "4"
+    import cgsnap.torch
+    from model import BATCH_SIZES, CONFIG, build
+    model, kv, _ = build()
+    tokens = torch.zeros(CONFIG["max_batch"], dtype=torch.long, device="cuda")
+    pos = torch.zeros_like(tokens)
+    graphs, outs = {}, {}
+    pool = torch.cuda.graph_pool_handle()
+    with torch.no_grad():
+        for b in BATCH_SIZES:
+            model(tokens[:b], pos[:b], kv)
+        for b in sorted(BATCH_SIZES, reverse=True):
+            g = torch.cuda.CUDAGraph(keep_graph=True)
+            with torch.cuda.graph(g, pool=pool):
+                outs[b] = model(tokens[:b], pos[:b], kv)
+            graphs[f"bs{b}"] = g
+    tensors = {"tokens": tokens, "pos": pos, **{f"logits_bs{b}": outs[b] for b in BATCH_SIZES}}
+    combined = tmp_path / "all.cgsnap"
+    cgsnap.torch.save(combined, graphs, model=model, bound={"kv_cache": kv}, tensors=tensors)
+    singles = 0
+    for name, g in graphs.items():
+        p = tmp_path / f"{name}.cgsnap"
+        cgsnap.torch.save(p, {name: g}, model=model, bound={"kv_cache": kv}, tensors=tensors)
+        singles += p.stat().st_size
+    ratio = singles / combined.stat().st_size
+    print(f"7 single-graph files: {singles / 1e6:.2f} MB; one file: "
+          f"{combined.stat().st_size / 1e6:.2f} MB; ratio {ratio:.2f}")
+    assert ratio > 3
