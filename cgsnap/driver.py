@@ -324,3 +324,49 @@ def library_global(lib, name: str) -> Optional[tuple]:
     if res[0] != SUCCESS:
         return None
     return int(res[1]), int(res[2])
+
+
+# ---- the hot path of graph rebuilding -------------------------------------------------------
+# cuda-bindings builds a Python object per call (several microseconds a node). Adding thousands
+# of kernel nodes goes straight to libcuda through ctypes instead, with every node's
+# CUDA_KERNEL_NODE_PARAMS prebuilt in one numpy array (layout from cuda.h, CUDA 12+ "_v2").
+
+import numpy as _np
+
+KERNEL_NODE_PARAMS = _np.dtype([
+    ("func", "<u8"), ("grid", "<u4", (3,)), ("block", "<u4", (3,)), ("shared_mem", "<u4"),
+    ("_pad", "<u4"), ("kernel_params", "<u8"), ("extra", "<u8"), ("kern", "<u8"), ("ctx", "<u8"),
+])
+assert KERNEL_NODE_PARAMS.itemsize == 72
+
+
+class GraphBuilder:
+    """``cuGraphAddKernelNode_v2`` and ``cuGraphAddDependencies_v2`` through ctypes."""
+
+    _lib = None
+
+    def __init__(self):
+        if GraphBuilder._lib is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            add = lib.cuGraphAddKernelNode_v2
+            add.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_void_p]
+            add.restype = ctypes.c_int
+            deps = lib.cuGraphAddDependencies_v2
+            deps.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_size_t]
+            deps.restype = ctypes.c_int
+            GraphBuilder._lib = (add, deps)
+        self.add_kernel, self._add_deps = GraphBuilder._lib
+
+    @staticmethod
+    def raise_for(code: int, what: str) -> None:
+        if code:
+            err = cu.CUresult(code)
+            raise DriverError(what, code, error_name(err))
+
+    def add_dependencies(self, graph: int, froms, tos) -> None:
+        """Edges ``froms[i] -> tos[i]`` (uint64 arrays of node handles), default edge data."""
+        if len(froms):
+            self.raise_for(self._add_deps(graph, froms.ctypes.data, tos.ctypes.data, None,
+                                          len(froms)), "cuGraphAddDependencies")

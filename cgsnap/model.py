@@ -56,7 +56,11 @@ class Region:
     alignment: int = 256
     image: Optional[str] = None    # MODULE_GLOBAL: hash of the image defining the symbol
     symbol: Optional[str] = None   # MODULE_GLOBAL: the variable's symbol name
-    pool: Optional[str] = None     # SCRATCH regions with the same pool share memory at restore
+    pool: Optional[str] = None     # the memory pool it came from (torch graph pools), for tools
+    # A named buffer inside a larger allocation is placed at the same offset of that allocation
+    # at restore, so memory that graphs share (torch's graph pool) stays shared exactly.
+    parent: Optional[int] = None
+    parent_offset: int = 0
     data: Any = None               # SAVED: contents (bytes-like, a BlobSource, or a blob index)
     origin: Optional[int] = None   # address in the capturing process (never saved; merges snapshots)
 
@@ -285,10 +289,12 @@ def _ref_out(ref: Ref) -> list:
 def _region_out(r: Region, add_blob) -> dict:
     out = {"id": r.id, "kind": r.kind.value, "size": r.size, "policy": r.policy.value,
            "alignment": r.alignment}
-    for key in ("name", "dtype", "content_hash", "image", "symbol", "pool"):
+    for key in ("name", "dtype", "content_hash", "image", "symbol", "pool", "parent"):
         value = getattr(r, key)
         if value is not None:
             out[key] = value
+    if r.parent is not None:
+        out["parent_offset"] = r.parent_offset
     if r.shape is not None:
         out["shape"] = list(r.shape)
     if r.policy is Policy.SAVED:
@@ -487,8 +493,10 @@ class _Validator:
         versions = self.free_map(m["versions"], "versions")
         meta = self.free_map(m["meta"], "meta")
         events = self.int(m["events"], "events", 0, 1 << 20)
-        regions = [self.region(r, f"regions[{i}]", i)
-                   for i, r in enumerate(self.list(m["regions"], "regions"))]
+        self.regions: list = []
+        for i, r in enumerate(self.list(m["regions"], "regions")):
+            self.regions.append(self.region(r, f"regions[{i}]", i))
+        regions = self.regions
         images = [self.image(im, f"images[{i}]")
                   for i, im in enumerate(self.list(m["images"], "images"))]
         hashes = {im.hash for im in images}
@@ -524,7 +532,7 @@ class _Validator:
     def region(self, r, where, index) -> Region:
         r = self.map(r, where, ("id", "kind", "size", "policy", "alignment"),
                      ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool",
-                      "blob"))
+                      "blob", "parent", "parent_offset"))
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
         kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
@@ -555,6 +563,20 @@ class _Validator:
                         symbol=self.opt_str(r.get("symbol"), f"{where}.symbol"),
                         pool=self.opt_str(r.get("pool"), f"{where}.pool"))
         region.data = r.get("blob")          # blob index; the loader reads it lazily
+        if "parent" in r:
+            # Parents come first (ids are in order), so the parent is already validated.
+            region.parent = self.int(r["parent"], f"{where}.parent", 0, index - 1)
+            region.parent_offset = self.int(r.get("parent_offset"), f"{where}.parent_offset")
+            parent = self.regions[region.parent]
+            if parent.kind is not RegionKind.ALLOCATION or parent.parent is not None:
+                self.fail(f"{where}.parent", "a parent must be an allocation without a parent")
+            if region.parent_offset + size > parent.size:
+                self.fail(f"{where}.parent_offset", f"{size} bytes at offset "
+                          f"{region.parent_offset} overrun parent region {region.parent}")
+            if policy is Policy.BOUND:
+                self.fail(f"{where}.parent", "a bound region is the caller's memory, not a view")
+        elif "parent_offset" in r:
+            self.fail(f"{where}.parent_offset", "given without a parent")
         return region
 
     def image(self, im, where) -> KernelImage:

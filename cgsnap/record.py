@@ -6,6 +6,7 @@ references (see :mod:`cgsnap.classify` for how words are classified).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import platform
@@ -14,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__, driver
+from . import __version__, driver, transfer
 from .buffers import BufferSpec, expand_buffers
 from .classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
 from .driver import NodeType, call, cu
@@ -69,26 +70,51 @@ class _Recording:
         return region
 
     def add_named(self, spec: BufferSpec) -> Region:
-        return self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
-                               dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
+        parent = None
+        if spec.policy is not Policy.BOUND:
+            # A named buffer carved out of a larger allocation (a caching allocator's segment)
+            # is restored as a view of that allocation: other graphs may use the same memory.
+            rng = driver.address_range(spec.ptr)
+            if rng is not None and rng != (spec.ptr, spec.nbytes):
+                parent = self._allocation_region(*rng)
+        region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
+                                 dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
+        if parent is not None:
+            region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
+        return region
+
+    def _allocation_region(self, base: int, size: int) -> Region:
+        for r in self.regions:
+            if r.kind is RegionKind.ALLOCATION and r.origin == base:
+                return r
+        policy, pool = Policy.SAVED, None
+        if self.allocation_policy is not None:
+            policy, pool = self.allocation_policy(base, size) or (policy, pool)
+        return self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
+                               pool=pool)
 
     def _find_allocation(self, addr: int) -> Optional[Ref]:
         rng = driver.address_range(addr)
         if rng is None:
             return None
-        base, size = rng
-        policy, pool = Policy.SAVED, None
-        if self.allocation_policy is not None:
-            policy, pool = self.allocation_policy(base, size) or (policy, pool)
-        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
-                                 pool=pool)
-        return Ref(region.id, addr - base)
+        region = self._allocation_region(*rng)
+        return Ref(region.id, addr - region.origin)
 
-    def device_ref(self, addr: int, what: str) -> Ref:
+    def device_ref(self, addr: int, what: str, span: int = 0) -> Ref:
+        """The Ref for ``addr``; when the access of ``span`` bytes runs past a named buffer that
+        is a view of an allocation, the Ref goes to the allocation (the memory is the same)."""
         ref = self.lookup(addr)
         if ref is None:
             raise CaptureError(f"{what}: address {addr:#x} is in no device allocation, named "
                                "buffer or module global")
+        region = self.regions[ref.region]
+        if ref.offset + span > region.size:
+            if region.parent is not None:
+                ref = Ref(region.parent, region.parent_offset + ref.offset)
+                region = self.regions[ref.region]
+            if ref.offset + span > region.size:
+                raise CaptureError(f"{what}: {span} bytes at {addr:#x} run past the end of "
+                                   f"region {ref.region} ({region.size} bytes)")
         return ref
 
     # ---- kernels --------------------------------------------------------------------------
@@ -173,7 +199,9 @@ class _Recording:
             return self.memcpy_node(i, call(cu.cuGraphMemcpyNodeGetParams, n), where)
         if t == NodeType.CU_GRAPH_NODE_TYPE_MEMSET:
             p = call(cu.cuGraphMemsetNodeGetParams, n)
-            return MemsetNode(i, self.device_ref(int(p.dst), where), int(p.value),
+            row = int(p.width) * int(p.elementSize)
+            span = (int(p.height) - 1) * (int(p.pitch) or row) + row if int(p.height) else 0
+            return MemsetNode(i, self.device_ref(int(p.dst), where, span), int(p.value),
                               int(p.elementSize), int(p.width), int(p.height), int(p.pitch))
         if t == NodeType.CU_GRAPH_NODE_TYPE_EMPTY:
             return EmptyNode(i)
@@ -236,7 +264,7 @@ class _Recording:
                         None, int(driver.MemType.CU_MEMORYTYPE_HOST)):
                     ref = self.host_ref(addr, span, side == "src")
                 else:
-                    ref = self.device_ref(addr, f"{where} {side}")
+                    ref = self.device_ref(addr, f"{where} {side}", span)
             else:
                 raise UnsupportedNodeError(f"{where}: copies to or from CUDA arrays are not supported")
             ends.append((ref, pitch if height > 1 or depth > 1 else 0,
@@ -330,11 +358,13 @@ def _kernel_node_attrs(node) -> dict:
 
 # ---- contents ---------------------------------------------------------------------------------
 
-def _read_region(region: Region) -> np.ndarray:
-    out = np.empty(region.size, dtype=np.uint8)
+def _read_region(region: Region, stager=None) -> np.ndarray:
+    out = transfer.host_array(region.size, stager)
     if region.size:
         if region.kind is RegionKind.HOST:
             ctypes.memmove(out.ctypes.data, region.origin, region.size)
+        elif stager is not None and region.size >= transfer.THRESHOLD:
+            stager.download(out, region.origin, region.size)
         else:
             driver.dtoh(int(out.ctypes.data), region.origin, region.size)
     return out
@@ -400,12 +430,15 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)
-    for r in rec.regions:     # contents as they are now, before any check launch
-        if r.policy is Policy.SAVED:
-            r.data = _read_region(r)
-            r.content_hash = content_hash(r.data)
-        elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
-            r.content_hash = content_hash(_read_region(r))   # for load(verify_bound=True)
+    big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
+    with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
+        for r in rec.regions:     # contents as they are now, before any check launch
+            if r.policy is Policy.SAVED:
+                r.data = _read_region(r, stager)
+                r.content_hash = content_hash(r.data)
+            elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
+                # for load(verify_bound=True)
+                r.content_hash = content_hash(_read_region(r, stager))
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

@@ -23,11 +23,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import driver, fileformat
+from . import driver, fileformat, transfer
 from .buffers import check_bind, flatten, numpy_dtype
 from .driver import call, cu
-from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, KernelNotFoundError,
-                     RestoreError)
+from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
+                     KernelNotFoundError, RestoreError)
 from .hashing import content_hash
 from .model import Policy, RegionKind, Snapshot
 from .sources import arch_runs_on
@@ -68,59 +68,59 @@ class Buffer:
 
 # ---- plans: the address-independent part of each graph --------------------------------------
 
-@dataclass
-class _KernelPlan:
-    kernel: int
-    grid: tuple
-    block: tuple
-    smem: int
-    start: int                # offset of this node's argument bytes in the graph's arg buffer
-    offsets: np.ndarray       # parameter offsets (uint64) relative to start
-    late_refs: tuple          # ((byte position, region, offset), ...) into graph-allocated regions
-    attrs: dict
-
-
 class _GraphPlan:
-    """Everything about one graph that can be worked out before touching the GPU."""
+    """Everything about one graph that can be worked out before touching the GPU: node order,
+    dependencies, every kernel node's launch parameters in one array, the argument bytes of
+    all kernel nodes in one buffer, and where the pointers go in it."""
 
     def __init__(self, snap: Snapshot, graph, late_regions: set):
         self.name = graph.name
         order = graph.topological_order()
         pos = {n.id: i for i, n in enumerate(order)}
         self.nodes = order
+        self.has_mem_nodes = any(n.TYPE in ("mem_alloc", "mem_free") for n in order)
+        default = [(pos[e.src], pos[e.dst]) for e in graph.edges
+                   if (e.from_port, e.to_port, e.type) == (0, 0, 0)]
+        self.edge_src = np.array([a for a, _ in default], dtype=np.int64)
+        self.edge_dst = np.array([b for _, b in default], dtype=np.int64)
         self.deps: list = [[] for _ in order]
-        self.special_edges = []
-        for e in graph.edges:
-            if (e.from_port, e.to_port, e.type) == (0, 0, 0):
-                self.deps[pos[e.dst]].append(pos[e.src])
-            else:
-                self.special_edges.append((pos[e.src], pos[e.dst], e))
-        chunks, patch_pos, patch_region, patch_off = [], [], [], []
-        self.kernel_plans: dict = {}
+        for a, b in default:
+            self.deps[b].append(a)
+        self.special_edges = [(pos[e.src], pos[e.dst], e) for e in graph.edges
+                              if (e.from_port, e.to_port, e.type) != (0, 0, 0)]
+        kernel_nodes = [(i, n) for i, n in enumerate(order) if n.TYPE == "kernel"]
+        self.kernel_row = {i: k for k, (i, _) in enumerate(kernel_nodes)}
+        self.params = np.zeros(len(kernel_nodes), dtype=driver.KERNEL_NODE_PARAMS)
+        self.kernel_index = np.array([n.kernel for _, n in kernel_nodes], dtype=np.int64)
+        self.param_first = np.zeros(len(kernel_nodes), dtype=np.int64)
+        self.param_count = np.zeros(len(kernel_nodes), dtype=np.int64)
+        self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
+        self.late_refs: dict = {}
+        chunks, rel, patch_pos, patch_region, patch_off = [], [], [], [], []
         cursor = 0
-        for i, n in enumerate(order):
-            if n.TYPE != "kernel":
-                continue
+        for k, (i, n) in enumerate(kernel_nodes):
+            self.params[k]["grid"] = n.grid
+            self.params[k]["block"] = n.block
+            self.params[k]["shared_mem"] = n.shared_mem
             params = snap.kernels[n.kernel].params
-            size = max((o + s for o, s in params), default=0)
-            buf = bytearray(size)
-            late = []
+            self.param_first[k], self.param_count[k] = len(rel), len(params)
+            size = max((o + sz for o, sz in params), default=0)
+            buf = bytearray(size + (-size % 8))
             for (off, _), arg in zip(params, n.args):
+                rel.append(cursor + off)
                 buf[off:off + len(arg.data)] = arg.data
-                for rel, ref in arg.refs:
-                    at = cursor + off + rel
+                for at_arg, ref in arg.refs:
+                    at = cursor + off + at_arg
                     if ref.region in late_regions:
-                        late.append((at, ref.region, ref.offset))
+                        self.late_refs.setdefault(i, []).append((at // 8, ref.region, ref.offset))
                     else:
                         patch_pos.append(at // 8)
                         patch_region.append(ref.region)
                         patch_off.append(ref.offset)
-            self.kernel_plans[i] = _KernelPlan(
-                n.kernel, n.grid, n.block, n.shared_mem, cursor,
-                np.array([o for o, _ in params], dtype=np.uint64), tuple(late), n.attrs)
-            chunks.append(bytes(buf) + b"\0" * (-size % 8))
-            cursor += size + (-size % 8)
+            chunks.append(bytes(buf))
+            cursor += len(buf)
         self.arg_bytes = b"".join(chunks)
+        self.param_rel = np.array(rel, dtype=np.uint64)
         self.patch_pos = np.array(patch_pos, dtype=np.int64)
         self.patch_region = np.array(patch_region, dtype=np.int64)
         self.patch_off = np.array(patch_off, dtype=np.uint64)
@@ -166,6 +166,7 @@ class Restored:
         self._graphs: dict = {}
         self._closed = False
         self._file = None
+        self._stager = None
         t0 = time.perf_counter()
         self._file = fileformat.open_file(self.path)
         try:
@@ -254,24 +255,21 @@ class Restored:
         choice = self._check_device(dev)
         snap = self.snapshot
         self._bases = np.zeros(len(snap.regions), dtype=np.uint64)
-        pools: dict = {}
         for r in snap.regions:
             if r.id in self._bound:
                 self._bases[r.id] = self._bound[r.id]
-            elif r.kind in (RegionKind.MODULE_GLOBAL, RegionKind.GRAPH_ALLOC):
-                continue    # placed by the library load / by the graph
+            elif r.kind in (RegionKind.MODULE_GLOBAL, RegionKind.GRAPH_ALLOC) or \
+                    r.parent is not None:
+                continue    # placed by the library load / by the graph / inside its parent
             elif r.kind is RegionKind.HOST:
                 ptr = driver.host_alloc(r.size)
                 self._host_allocs.append(ptr)
                 self._bases[r.id] = ptr
-            elif r.policy is Policy.SCRATCH and r.pool:
-                pools.setdefault(r.pool, []).append(r)
             else:
                 self._bases[r.id] = self._alloc(r.size, r.alignment)
-        for members in pools.values():      # regions of one pool share memory, as they did
-            base = self._alloc(max(m.size for m in members), max(m.alignment for m in members))
-            for m in members:
-                self._bases[m.id] = base
+        for r in snap.regions:              # views: at their offset in the parent's memory
+            if r.parent is not None and r.id not in self._bound:
+                self._bases[r.id] = self._bases[r.parent] + np.uint64(r.parent_offset)
         self.timings["alloc"] = time.perf_counter() - t
         t = time.perf_counter()
         self._load_kernels(choice)
@@ -283,6 +281,7 @@ class Restored:
         if self._verify_bound:
             self._verify_bound_hashes()
         driver.ctx_sync()
+        self._close_stager()
         self.timings["copy"] = time.perf_counter() - t
         self._events = [call(cu.cuEventCreate, 0) for _ in range(snap.events)]
 
@@ -296,11 +295,28 @@ class Restored:
     def _write_blob(self, blob: int, dst: int, size: int, host: bool = False) -> None:
         if not size:
             return
-        data = self._file.blob(blob, verify=self._verify_blobs)
-        if host:
-            driver.host_view(dst, size)[:] = data
-        else:
-            driver.htod(dst, data, size)
+        info = self._file.blobs[blob]
+        if host or size < transfer.THRESHOLD or info.compression != fileformat.Compression.NONE:
+            data = self._file.blob(blob, verify=self._verify_blobs)
+            if host:
+                driver.host_view(dst, size)[:] = data
+            else:
+                driver.htod(dst, data, size)
+            return
+        # Large and stored as is: straight from the file's mapping through the staging ring,
+        # its checksum computed on the way (the file is read once).
+        if self._stager is None:
+            self._stager = transfer.Stager()
+        ok = self._stager.upload(dst, self._file.blob(blob, verify=False), size,
+                                 info.checksum if self._verify_blobs else None)
+        if not ok:
+            raise FormatError(f"blob {blob}: checksum mismatch (the file is corrupt)",
+                              path=self.path)
+
+    def _close_stager(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _verify_bound_hashes(self):
         for r in self.snapshot.regions:
@@ -335,6 +351,8 @@ class Restored:
                                    f"parameters {params}, the snapshot recorded {k.params}")
             driver.func_set_attrs(func, k.attrs)
             self._funcs.append(func)
+        self._func_handles = np.array([int(f) for f in self._funcs], dtype=np.uint64)
+        self._builder = driver.GraphBuilder()
         # Module globals live in the reloaded library; their saved contents are written there.
         for r in snap.regions:
             if r.kind is RegionKind.MODULE_GLOBAL:
@@ -373,7 +391,11 @@ class Restored:
         self.timings["instantiate"] += time.perf_counter() - t1
 
     def _build(self, name: str):
-        """Create the CUgraph for ``name`` (children first), all nodes in topological order."""
+        """Create the CUgraph for ``name`` (children first), all nodes in topological order.
+
+        Kernel nodes go through :class:`driver.GraphBuilder` with their parameters prebuilt;
+        edges are added in one call at the end, except in graphs with memory nodes, whose
+        nodes get their dependencies as they are added (the driver orders allocations then)."""
         if name in self._cu_graphs:
             return self._cu_graphs[name]
         plan = self._plans[name]
@@ -381,45 +403,62 @@ class Restored:
             self._build(child)
         graph = call(cu.cuGraphCreate, 0)
         self._cu_graphs[name] = graph
-        bases = self._bases
+        graph_int = int(graph)
+        fast = self._builder
+        # Arguments: one buffer for the graph, every pointer patched in one vectorised step.
         args = np.frombuffer(bytearray(plan.arg_bytes), dtype=np.uint8)
+        words = args.view(np.uint64) if args.nbytes else np.zeros(0, dtype=np.uint64)
         if len(plan.patch_pos):
-            args.view(np.uint64)[plan.patch_pos] = bases[plan.patch_region] + plan.patch_off
-        arg_base = int(args.ctypes.data)
-        handles = []
+            words[plan.patch_pos] = self._bases[plan.patch_region] + plan.patch_off
+        ptrs = np.uint64(args.ctypes.data) + plan.param_rel
+        params = plan.params.copy()
+        if len(params):
+            params["func"] = self._func_handles[plan.kernel_index]
+            params["kernel_params"] = np.where(
+                plan.param_count > 0, np.uint64(ptrs.ctypes.data) + 8 * plan.param_first.astype(
+                    np.uint64), 0)
+        params_addr = params.ctypes.data
+        handles = np.zeros(len(plan.nodes), dtype=np.uint64)
+        inline = plan.has_mem_nodes
+        dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
         for i, node in enumerate(plan.nodes):
-            deps = [handles[j] for j in plan.deps[i]]
-            handles.append(self._add_node(graph, node, deps, plan.kernel_plans.get(i), args,
-                                          arg_base))
+            deps = plan.deps[i] if inline else ()
+            k = plan.kernel_row.get(i)
+            if k is not None:
+                for pos_, region, off in plan.late_refs.get(i, ()):
+                    words[pos_] = int(self._bases[region]) + off
+                if deps:
+                    dep_buf[:len(deps)] = handles[deps]
+                code = fast.add_kernel(handles.ctypes.data + 8 * i, graph_int,
+                                       dep_buf.ctypes.data if deps else None, len(deps),
+                                       params_addr + k * driver.KERNEL_NODE_PARAMS.itemsize)
+                if code:
+                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node {node.id})")
+                if i in plan.attrs:
+                    _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), plan.attrs[i])
+            else:
+                dep_nodes = [cu.CUgraphNode(int(handles[j])) for j in deps]
+                handles[i] = int(self._add_node(graph, node, dep_nodes))
+        if not inline:
+            fast.add_dependencies(graph_int, handles[plan.edge_src], handles[plan.edge_dst])
         if plan.special_edges:
             data = []
             for _, _, e in plan.special_edges:
                 d = cu.CUgraphEdgeData()
                 d.from_port, d.to_port, d.type = e.from_port, e.to_port, e.type
                 data.append(d)
-            call(cu.cuGraphAddDependencies, graph, [handles[a] for a, _, _ in plan.special_edges],
-                 [handles[b] for _, b, _ in plan.special_edges], data, len(data))
+            call(cu.cuGraphAddDependencies, graph,
+                 [cu.CUgraphNode(int(handles[a])) for a, _, _ in plan.special_edges],
+                 [cu.CUgraphNode(int(handles[b])) for _, b, _ in plan.special_edges],
+                 data, len(data))
         return graph
 
     def _ref_addr(self, ref) -> int:
         return int(self._bases[ref.region]) + ref.offset
 
-    def _add_node(self, graph, node, deps, kplan, args, arg_base):
+    def _add_node(self, graph, node, deps):
+        """Any node but a kernel node, through cuda-bindings (these are few)."""
         t = node.TYPE
-        if t == "kernel":
-            for at, region, off in kplan.late_refs:
-                args.view(np.uint64)[at // 8] = int(self._bases[region]) + off
-            ptrs = kplan.offsets + np.uint64(arg_base + kplan.start)
-            p = cu.CUDA_KERNEL_NODE_PARAMS()
-            p.func = self._funcs[kplan.kernel]
-            p.gridDimX, p.gridDimY, p.gridDimZ = kplan.grid
-            p.blockDimX, p.blockDimY, p.blockDimZ = kplan.block
-            p.sharedMemBytes = kplan.smem
-            p.kernelParams = int(ptrs.ctypes.data) if len(ptrs) else 0
-            h = call(cu.cuGraphAddKernelNode, graph, deps, len(deps), p)
-            if kplan.attrs:
-                _set_kernel_attrs(h, kplan.attrs)
-            return h
         if t == "memcpy":
             p = cu.CUDA_MEMCPY3D()
             for side, ref, pitch, height in (("src", node.src, node.src_pitch, node.src_height),
@@ -488,6 +527,7 @@ class Restored:
                 self._write_blob(r.data, int(self._bases[r.id]), r.size,
                                  host=r.kind is RegionKind.HOST)
         driver.ctx_sync()
+        self._close_stager()
 
     def read_region(self, rid: int) -> np.ndarray:
         """A host copy of region ``rid`` (synchronous)."""
@@ -521,6 +561,8 @@ class Restored:
                 errors.append(exc)
         if self._allocs or self._graphs or self._libraries:
             attempt(driver.ctx_sync)
+        if self._stager is not None:
+            attempt(self._close_stager)
         for g in self._graphs.values():
             if g.exec is not None:
                 attempt(call, cu.cuGraphExecDestroy, g.exec)

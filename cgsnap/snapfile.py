@@ -42,11 +42,12 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     graphs, names, events = [], set(), 0
     for snap in snaps:
         rmap = {}
-        for r in snap.regions:
+        for r in snap.regions:     # parents precede their children, so rmap has them
             key = _region_key(r)
             if key not in region_ids:
                 region_ids[key] = len(regions)
-                regions.append(dataclasses.replace(r, id=len(regions)))
+                parent = rmap[r.parent] if r.parent is not None else None
+                regions.append(dataclasses.replace(r, id=len(regions), parent=parent))
             rmap[r.id] = region_ids[key]
         for im in snap.images:
             images.setdefault(im.hash, im)

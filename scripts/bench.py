@@ -29,7 +29,7 @@ def row(section, what, value, unit, goal=""):
 
 
 def env_with(extra=None):
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, EXAMPLE,
+    return dict(os.environ, PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join([ROOT, EXAMPLE,
                                                         os.environ.get("PYTHONPATH", "")]),
                 **(extra or {}))
 
