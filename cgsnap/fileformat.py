@@ -15,6 +15,7 @@ import mmap
 import os
 import secrets
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
 
 import msgpack
@@ -248,10 +249,36 @@ def _write_blob(f, index: int, source: BlobSource, blobs_offset: int, cctx, path
         writer = cctx.stream_writer(sink, size=source.raw_length, closefd=False)
         _feed(source, writer.write, index, path)
         writer.close()
+    elif source._chunks is None and source.raw_length >= PARALLEL_WRITE:
+        n, digest = _write_parallel(f, source._data)
+        return offset, n, n, Compression.NONE, digest
     else:
         _feed(source, sink.write, index, path)
     compression = Compression.ZSTD if source.compress else Compression.NONE
     return offset, sink.length, source.raw_length, compression, sink.digest()
+
+
+PARALLEL_WRITE = 64 << 20   # large uncompressed blobs are written by several threads at once
+_PIECE = 16 << 20
+
+
+def _write_parallel(f, view: memoryview) -> tuple:
+    """``os.pwrite`` of the pieces of a large blob from several threads: one thread copying into
+    the page cache is bound by page allocation at a few GB/s."""
+    f.flush()
+    fd, start, n = f.fileno(), f.tell(), len(view)
+
+    def put(off):
+        chunk = view[off:off + _PIECE]
+        done = 0
+        while done < len(chunk):
+            done += os.pwrite(fd, chunk[done:], start + off + done)
+    with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+        digest = pool.submit(lambda: xxhash.xxh3_128(view).digest())   # xxhash releases the GIL
+        list(pool.map(put, range(0, n, _PIECE)))
+        digest = digest.result()
+    f.seek(start + n)
+    return n, digest
 
 
 @contextlib.contextmanager
@@ -401,14 +428,22 @@ def _parse(buf, path: str):
     return (header.major, header.minor), _unpack_manifest(manifest_bytes, path), blobs
 
 
-def _map_file(path: str) -> mmap.mmap:
+def _address_of(mm: mmap.mmap) -> int:
+    """The address of a read-only mapping (ctypes refuses read-only buffers; numpy does not)."""
+    import numpy as np
+    return int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
+
+
+def _map_file(path: str) -> tuple:
+    """``(mapping, fd)``: the fd stays open so that reads with ``pread`` see the very file that
+    was mapped and validated, even if ``path`` is replaced meanwhile."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < HEADER_SIZE:  # also keeps mmap from refusing an empty file
                 raise FormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}",
                                   path=path)
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), os.dup(f.fileno())
     except OSError as e:
         raise FormatError(f"cannot read: {e.strerror or e}", path=path) from e
 
@@ -423,12 +458,26 @@ class SnapshotFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self._mm = _map_file(self.path)
+        self._mm, self._fd = _map_file(self.path)
         try:
             self.version, self.manifest, self.blobs = _parse(self._mm, self.path)
         except BaseException:
             self._mm.close()
+            os.close(self._fd)
             raise
+
+    def mapping_address(self) -> tuple:
+        """``(address, length)`` of the read-only mapping, for page-locking and DMA."""
+        if self._mm is None:
+            raise ValueError("I/O operation on a closed snapshot file")
+        return _address_of(self._mm), len(self._mm)
+
+    def fileno(self) -> int:
+        """A descriptor of the mapped file, for reading blobs with ``pread`` (see
+        :class:`BlobInfo`: offsets are absolute)."""
+        if self._fd is None:
+            raise ValueError("I/O operation on a closed snapshot file")
+        return self._fd
 
     def __enter__(self) -> SnapshotFile:
         return self
@@ -437,6 +486,9 @@ class SnapshotFile:
         self.close()
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             with contextlib.suppress(BufferError):  # views still exported: they own it now
                 self._mm.close()

@@ -95,6 +95,8 @@ class _GraphPlan:
         self.param_first = np.zeros(len(kernel_nodes), dtype=np.int64)
         self.param_count = np.zeros(len(kernel_nodes), dtype=np.int64)
         self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
+        self.plain_kernels = [(i, k) for k, (i, _) in enumerate(kernel_nodes)
+                              if i not in self.attrs]
         self.late_refs: dict = {}
         chunks, rel, patch_pos, patch_region, patch_off = [], [], [], [], []
         cursor = 0
@@ -267,6 +269,12 @@ class Restored:
                 self._bases[r.id] = ptr
             else:
                 self._bases[r.id] = self._alloc(r.size, r.alignment)
+        for r in snap.regions:
+            # Scratch starts zeroed, not with whatever the allocator returns: some library
+            # kernels keep self-resetting counters in their workspace, valid when zero.
+            if r.policy is Policy.SCRATCH and r.parent is None and r.id not in self._bound \
+                    and r.kind in (RegionKind.ALLOCATION, RegionKind.NAMED):
+                driver.memset_d8(int(self._bases[r.id]), 0, r.size)
         for r in snap.regions:              # views: at their offset in the parent's memory
             if r.parent is not None and r.id not in self._bound:
                 self._bases[r.id] = self._bases[r.parent] + np.uint64(r.parent_offset)
@@ -303,12 +311,16 @@ class Restored:
             else:
                 driver.htod(dst, data, size)
             return
-        # Large and stored as is: straight from the file's mapping through the staging ring,
-        # its checksum computed on the way (the file is read once).
+        # Large and stored as is: DMA straight from the file's page cache (or, where file pages
+        # cannot be page-locked, read by several threads into a pinned ring), the checksum
+        # computed on the way: the file is read once.
         if self._stager is None:
             self._stager = transfer.Stager()
-        ok = self._stager.upload(dst, self._file.blob(blob, verify=False), size,
-                                 info.checksum if self._verify_blobs else None)
+        checksum = info.checksum if self._verify_blobs else None
+        base, mapped = self._file.mapping_address()
+        ok = self._stager.upload_mapped(dst, base, info.offset, size, mapped, checksum)
+        if ok is None:      # the driver would not page-lock file pages here
+            ok = self._stager.upload_file(dst, self._file.fileno(), info.offset, size, checksum)
         if not ok:
             raise FormatError(f"blob {blob}: checksum mismatch (the file is corrupt)",
                               path=self.path)
@@ -418,20 +430,34 @@ class Restored:
                 plan.param_count > 0, np.uint64(ptrs.ctypes.data) + 8 * plan.param_first.astype(
                     np.uint64), 0)
         params_addr = params.ctypes.data
+        param_size = driver.KERNEL_NODE_PARAMS.itemsize
         handles = np.zeros(len(plan.nodes), dtype=np.uint64)
+        handles_addr = handles.ctypes.data
         inline = plan.has_mem_nodes
         dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
+        dep_addr = dep_buf.ctypes.data
+        add_kernel, kernel_row = fast.add_kernel, plan.kernel_row
+        if not inline:
+            # No ordering constraints when edges come last: the plain kernel nodes, nearly all
+            # of them, go in one tight loop over precomputed addresses.
+            for i, k in plan.plain_kernels:
+                code = add_kernel(handles_addr + 8 * i, graph_int, None, 0,
+                                  params_addr + k * param_size)
+                if code:
+                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
+                                         f"{plan.nodes[i].id})")
         for i, node in enumerate(plan.nodes):
+            k = kernel_row.get(i)
+            if not inline and k is not None and i not in plan.attrs:
+                continue            # added above
             deps = plan.deps[i] if inline else ()
-            k = plan.kernel_row.get(i)
             if k is not None:
                 for pos_, region, off in plan.late_refs.get(i, ()):
                     words[pos_] = int(self._bases[region]) + off
                 if deps:
                     dep_buf[:len(deps)] = handles[deps]
-                code = fast.add_kernel(handles.ctypes.data + 8 * i, graph_int,
-                                       dep_buf.ctypes.data if deps else None, len(deps),
-                                       params_addr + k * driver.KERNEL_NODE_PARAMS.itemsize)
+                code = add_kernel(handles_addr + 8 * i, graph_int, dep_addr if deps else None,
+                                  len(deps), params_addr + k * param_size)
                 if code:
                     fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node {node.id})")
                 if i in plan.attrs:

@@ -10,6 +10,7 @@ verified restore reads the file once.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -24,6 +25,7 @@ CHUNK = 64 << 20
 RING = 3
 THRESHOLD = 8 << 20          # smaller copies go straight through the driver
 _PIECE = 8 << 20
+REGISTER_PIECE = 256 << 20
 
 
 def _threads() -> int:
@@ -38,6 +40,7 @@ class Stager:
         self.buffers = []
         self.events = []
         self.pool = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-copy")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="cgsnap-hash")
         self.stream = driver.stream_create()
         try:
             for _ in range(ring):
@@ -57,25 +60,104 @@ class Stager:
         ``checksum`` (XXH3-128 digest) the bytes are hashed on the way; returns whether it
         matched (True when no checksum was given)."""
         src_addr = driver.buffer_address(src)
+
+        def fill(slot: int, off: int, n: int) -> None:
+            self._parallel_memmove(self.buffers[slot], src_addr + off, n)
+        return self._upload(dst, size, fill, checksum)
+
+    def upload_file(self, dst: int, fd: int, file_offset: int, size: int,
+                    checksum: Optional[bytes] = None) -> bool:
+        """Like :meth:`upload`, reading the bytes from a file with ``pread`` by several threads
+        straight into the pinned ring: no page faults on a mapping, one copy."""
+        def fill(slot: int, off: int, n: int) -> None:
+            base = self.buffers[slot]
+
+            def read(p):
+                view = driver.host_view(base + p, min(_PIECE, n - p))
+                done = 0
+                while done < len(view):
+                    got = os.preadv(fd, [view[done:]], file_offset + off + p + done)
+                    if got <= 0:
+                        raise OSError(f"unexpected end of file at {file_offset + off + p + done}")
+                    done += got
+            list(self.pool.map(read, range(0, n, _PIECE)))
+        return self._upload(dst, size, fill, checksum)
+
+    def _upload(self, dst: int, size: int, fill, checksum: Optional[bytes]) -> bool:
         hasher = xxhash.xxh3_128() if checksum is not None else None
-        view = memoryview(src).cast("B") if hasher is not None else None
+        hashes = [None] * len(self.buffers)   # the pending hash of each slot's bytes
         for index, off in enumerate(range(0, size, self.chunk)):
             n = min(self.chunk, size - off)
             slot = index % len(self.buffers)
             call(cu.cuEventSynchronize, self.events[slot])      # the DMA from this slot is done
-            if hasher is not None:
-                hashing = self.pool.submit(hasher.update, view[off:off + n])
-            self._parallel_memmove(self.buffers[slot], src_addr + off, n)
+            if hashes[slot] is not None:
+                hashes[slot].result()                            # and so is its hashing
+            fill(slot, off, n)
             call(cu.cuMemcpyHtoDAsync, dst + off, self.buffers[slot], n, self.stream)
             call(cu.cuEventRecord, self.events[slot], self.stream)
             if hasher is not None:
-                hashing.result()
+                # One thread hashes the chunks in order while the next one is being read.
+                hashes[slot] = self.hasher.submit(hasher.update,
+                                                  driver.host_view(self.buffers[slot], n))
+        for h in hashes:
+            if h is not None:
+                h.result()
         driver.stream_sync(self.stream)
         return hasher is None or hasher.digest() == checksum
 
+    def upload_mapped(self, dst: int, base: int, offset: int, size: int, mapped_size: int,
+                      checksum: Optional[bytes] = None) -> bool:
+        """Copy ``size`` bytes at ``offset`` of a read-only file mapping at ``base`` (length
+        ``mapped_size``) to ``dst`` by DMA straight from the page cache: each piece of the
+        mapping is page-locked (``cuMemHostRegister``, READ_ONLY) by a pool thread while the
+        previous piece is copied. Returns None if the driver refuses to register file pages
+        (the caller falls back to :meth:`upload_file`), else whether the checksum matched."""
+        page = mmap.PAGESIZE
+        start = offset - offset % page
+        end = min(-(-(offset + size) // page) * page, -(-mapped_size // page) * page)
+        pieces = [(p, min(p + REGISTER_PIECE, end)) for p in range(start, end, REGISTER_PIECE)]
+
+        def register(piece):
+            lo, hi = piece
+            res = cu.cuMemHostRegister(base + lo, hi - lo, cu.CU_MEMHOSTREGISTER_READ_ONLY)
+            return res[0] == driver.SUCCESS
+        hasher = xxhash.xxh3_128() if checksum is not None else None
+        mv = memoryview((ctypes.c_char * mapped_size).from_address(base)).cast("B") \
+            if hasher is not None else None
+        ahead = len(self.buffers)         # pieces being page-locked ahead of the copy
+        jobs = [(p, self.pool.submit(register, p)) for p in pieces[:ahead]]
+        ok = True
+        for i, (lo, hi) in enumerate(pieces):
+            if not jobs[i][1].result():
+                ok = False
+                break
+            if i + ahead < len(pieces):
+                jobs.append((pieces[i + ahead], self.pool.submit(register, pieces[i + ahead])))
+            a, b = max(lo, offset), min(hi, offset + size)
+            call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
+            if hasher is not None:
+                hasher.update(mv[a:b])        # overlaps the DMA; xxhash releases the GIL
+        driver.stream_sync(self.stream)
+        for (lo, _), job in jobs:             # every piece that did get page-locked
+            if job.result():
+                call(cu.cuMemHostUnregister, base + lo)
+        if mv is not None:
+            mv.release()
+        if not ok:
+            return None
+        return hasher is None or hasher.digest() == checksum
+
     def download(self, dst, src: int, size: int) -> None:
-        """Copy ``size`` bytes from device address ``src`` into the writable host buffer ``dst``."""
+        """Copy ``size`` bytes from device address ``src`` into the writable host buffer ``dst``:
+        by DMA straight into it once page-locked, else through the staging ring."""
         dst_addr = driver.buffer_address(dst)
+        if cu.cuMemHostRegister(dst_addr, size, 0)[0] == driver.SUCCESS:
+            try:
+                call(cu.cuMemcpyDtoHAsync, dst_addr, src, size, self.stream)
+                driver.stream_sync(self.stream)
+            finally:
+                call(cu.cuMemHostUnregister, dst_addr)
+            return
         chunks = list(range(0, size, self.chunk))
         ring = len(self.buffers)
         # Keep the ring full: chunk i+ring-1 is in flight while chunk i is copied out.
@@ -105,6 +187,7 @@ class Stager:
         if self.stream is not None:
             driver.stream_destroy(self.stream)
         self.pool.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
         self.buffers, self.events, self.stream = [], [], None
 
     def __enter__(self) -> "Stager":
@@ -115,10 +198,18 @@ class Stager:
 
 
 def host_array(size: int, stager: Optional[Stager] = None) -> np.ndarray:
-    """An uninitialised host array; large ones are first touched by several threads at once
-    (page faults, not copies, are what make a fresh multi-GB buffer slow to fill)."""
-    out = np.empty(size, dtype=np.uint8)
-    if stager is not None and size >= THRESHOLD:
-        step = 64 << 20
-        list(stager.pool.map(lambda off: out[off:off + step].fill(0), range(0, size, step)))
+    """An uninitialised host array. Large ones live in an anonymous mapping advised to use huge
+    pages, first touched by several threads: page faults, not copies, are what make a fresh
+    multi-GB buffer slow to fill."""
+    if stager is None or size < THRESHOLD:
+        return np.empty(size, dtype=np.uint8)
+    mapping = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass      # transparent huge pages disabled: still correct, slower
+    out = np.frombuffer(mapping, dtype=np.uint8)
+    step = 64 << 20
+    list(stager.pool.map(lambda off: out[off:off + step].fill(0), range(0, size, step)))
     return out

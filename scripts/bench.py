@@ -274,6 +274,59 @@ def _drop_caches(path) -> bool:
         return False
 
 
+def bench_io(gb: float = 4):
+    """Where restore bandwidth goes: pread into pinned memory with 1..16 threads, and DMA
+    straight from the file's page cache after cuMemHostRegister of its mapping."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from cgsnap import driver
+    from cgsnap.driver import call, cu
+    driver.init(0)
+    size = int(gb * (1 << 30))
+    tmp = tempfile.mkdtemp(prefix="cgsnap-bench-io-", dir=os.environ.get("BENCH_DIR"))
+    path = os.path.join(tmp, "io.bin")
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+    with open(path, "wb") as f:
+        for _ in range(size // block.nbytes):
+            f.write(block)
+    chunk = 64 << 20
+    pinned = driver.host_alloc(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    for threads in (1, 4, 8, 16):
+        pool = ThreadPoolExecutor(threads)
+        t = time.perf_counter()
+        for off in range(0, size, chunk):
+            def read(p, off=off):
+                os.preadv(fd, [driver.host_view(pinned + p, 4 << 20)], off + p)
+            list(pool.map(read, range(0, chunk, 4 << 20)))
+        row("io", f"pread page cache -> pinned, {threads} threads", size / (time.perf_counter() - t) / 1e9,
+            "GB/s")
+        pool.shutdown()
+    dev = driver.mem_alloc(size)
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    addr = int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
+    t = time.perf_counter()
+    res = cu.cuMemHostRegister(addr, size, cu.CU_MEMHOSTREGISTER_READ_ONLY)
+    t_reg = time.perf_counter() - t
+    if res[0] == driver.SUCCESS:
+        t = time.perf_counter()
+        call(cu.cuMemcpyHtoD, dev, addr, size)
+        t_copy = time.perf_counter() - t
+        row("io", "cuMemHostRegister(READ_ONLY) of the file mapping", size / t_reg / 1e9, "GB/s")
+        row("io", "H2D straight from the registered page cache", size / t_copy / 1e9, "GB/s")
+        row("io", "register + copy together", size / (t_reg + t_copy) / 1e9, "GB/s")
+        call(cu.cuMemHostUnregister, addr)
+    else:
+        print(f"  io: cuMemHostRegister of a file mapping failed: {res[0]}")
+    driver.mem_free(dev)
+    driver.host_free(pinned)
+    os.close(fd)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- 4. replay parity ---------------------------------------------------------------------
 
 PARITY = r"""
@@ -386,7 +439,7 @@ def bench_lookup(layers: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--only", default="cold,nodes,memory,parity,lookup")
+    ap.add_argument("--only", default="cold,nodes,memory,parity,lookup,io")
     ap.add_argument("--memory-gb", default="1,4,16")
     ap.add_argument("--nodes", type=int, default=10000)
     ap.add_argument("--layers", type=int, default=12)
@@ -396,7 +449,8 @@ def main():
     for name, fn in (("cold", lambda: bench_cold(args.layers)), ("nodes", lambda: bench_nodes(args.nodes)),
                      ("parity", lambda: bench_parity(args.layers)),
                      ("lookup", lambda: bench_lookup(args.layers)),
-                     ("memory", lambda: bench_memory([float(x) for x in args.memory_gb.split(",")]))):
+                     ("memory", lambda: bench_memory([float(x) for x in args.memory_gb.split(",")])),
+                     ("io", bench_io)):
         if name in only:
             try:
                 fn()
