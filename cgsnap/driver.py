@@ -341,7 +341,7 @@ assert KERNEL_NODE_PARAMS.itemsize == 72
 
 
 class GraphBuilder:
-    """``cuGraphAddKernelNode_v2`` and ``cuGraphAddDependencies_v2`` through ctypes."""
+    """``cuGraphAddKernelNode_v2`` through ctypes."""
 
     _lib = None
 
@@ -352,21 +352,11 @@ class GraphBuilder:
             add.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                             ctypes.c_void_p]
             add.restype = ctypes.c_int
-            deps = lib.cuGraphAddDependencies_v2
-            deps.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_size_t]
-            deps.restype = ctypes.c_int
-            GraphBuilder._lib = (add, deps)
-        self.add_kernel, self._add_deps = GraphBuilder._lib
+            GraphBuilder._lib = add
+        self.add_kernel = GraphBuilder._lib
 
     @staticmethod
     def raise_for(code: int, what: str) -> None:
         if code:
             err = cu.CUresult(code)
             raise DriverError(what, code, error_name(err))
-
-    def add_dependencies(self, graph: int, froms, tos) -> None:
-        """Edges ``froms[i] -> tos[i]`` (uint64 arrays of node handles), default edge data."""
-        if len(froms):
-            self.raise_for(self._add_deps(graph, froms.ctypes.data, tos.ctypes.data, None,
-                                          len(froms)), "cuGraphAddDependencies")

@@ -35,3 +35,56 @@ class Hasher:
 def is_hash(value) -> bool:
     return (isinstance(value, str) and len(value) == HASH_HEX_LEN
             and all(c in "0123456789abcdef" for c in value))
+
+
+# ---- blob checksums ---------------------------------------------------------------------------
+# A blob's checksum is the XXH3-128 of the concatenated XXH3-128 digests of its consecutive
+# 64 MiB pieces (the last one shorter; an empty blob has no piece). One XXH3 stream runs at
+# ~25 GB/s, under a PCIe 5 link's ~55; pieces let several threads verify one multi-GB blob at
+# once while it is copied to the GPU. Digests are XXH3-128's canonical 16 bytes.
+
+BLOB_PIECE = 64 << 20
+
+
+def piece_digest(view) -> bytes:
+    return xxhash.xxh3_128(view).digest()
+
+
+def combine(digests) -> bytes:
+    return xxhash.xxh3_128(b"".join(digests)).digest()
+
+
+def blob_checksum(view, pool=None) -> bytes:
+    """The checksum of a whole blob held in memory; pieces hashed by ``pool`` when given."""
+    view = memoryview(view).cast("B")
+    offsets = range(0, len(view), BLOB_PIECE)
+    pieces = [view[o:o + BLOB_PIECE] for o in offsets]
+    digests = list(pool.map(piece_digest, pieces)) if pool is not None else \
+        [piece_digest(p) for p in pieces]
+    return combine(digests)
+
+
+class BlobHasher:
+    """:func:`blob_checksum` of data that arrives in chunks of any size, in order."""
+
+    __slots__ = ("_digests", "_piece", "_filled")
+
+    def __init__(self):
+        self._digests: list = []
+        self._piece = xxhash.xxh3_128()
+        self._filled = 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(BLOB_PIECE - self._filled, len(view))
+            self._piece.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOB_PIECE:
+                self._digests.append(self._piece.digest())
+                self._piece, self._filled = xxhash.xxh3_128(), 0
+
+    def digest(self) -> bytes:
+        tail = [self._piece.digest()] if self._filled else []
+        return combine(self._digests + tail)

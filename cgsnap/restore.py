@@ -18,7 +18,7 @@ Nothing here imports torch or CuPy.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -78,14 +78,19 @@ class _GraphPlan:
         order = graph.topological_order()
         pos = {n.id: i for i, n in enumerate(order)}
         self.nodes = order
-        self.has_mem_nodes = any(n.TYPE in ("mem_alloc", "mem_free") for n in order)
         default = [(pos[e.src], pos[e.dst]) for e in graph.edges
                    if (e.from_port, e.to_port, e.type) == (0, 0, 0)]
-        self.edge_src = np.array([a for a, _ in default], dtype=np.int64)
-        self.edge_dst = np.array([b for _, b in default], dtype=np.int64)
         self.deps: list = [[] for _ in order]
         for a, b in default:
             self.deps[b].append(a)
+        # Dependencies are passed to the driver as a pointer into the array of node handles
+        # being built: nodes of a chain, or whose dependencies are consecutive in topological
+        # order (nearly all of a captured graph), need no per-node array at all.
+        self.dep_first = []
+        for d in self.deps:
+            d.sort()
+            consecutive = bool(d) and d[-1] - d[0] == len(d) - 1
+            self.dep_first.append(d[0] if consecutive else -1)
         self.special_edges = [(pos[e.src], pos[e.dst], e) for e in graph.edges
                               if (e.from_port, e.to_port, e.type) != (0, 0, 0)]
         kernel_nodes = [(i, n) for i, n in enumerate(order) if n.TYPE == "kernel"]
@@ -95,8 +100,6 @@ class _GraphPlan:
         self.param_first = np.zeros(len(kernel_nodes), dtype=np.int64)
         self.param_count = np.zeros(len(kernel_nodes), dtype=np.int64)
         self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
-        self.plain_kernels = [(i, k) for k, (i, _) in enumerate(kernel_nodes)
-                              if i not in self.attrs]
         self.late_refs: dict = {}
         chunks, rel, patch_pos, patch_region, patch_off = [], [], [], [], []
         cursor = 0
@@ -189,9 +192,14 @@ class Restored:
     def _prepare(self, bind, verify_bound, allow_jit, verify_blobs):
         f = self._file
         blob_sizes = [b.raw_length for b in f.blobs]
-        self.snapshot = snap = Snapshot.from_manifest(
-            f.manifest, blob_sizes, self.path,
-            blob_getter=lambda i: bytes(f.blob(i, verify=verify_blobs)))
+        self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path)
+        # Kernel images are zstd-compressed (several-fold smaller); decompress them in parallel
+        # (zstd releases the GIL): tens of MB of cuBLAS cubins are common.
+        with ThreadPoolExecutor(min(8, max(1, len(snap.images)))) as pool:
+            datas = list(pool.map(lambda im: bytes(f.blob(im.data, verify=verify_blobs)),
+                                  snap.images))
+        for im, data in zip(snap.images, datas):
+            im.data = data
         self._verify_blobs = verify_blobs
         self._bound = self._check_bind(bind)
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
@@ -405,9 +413,8 @@ class Restored:
     def _build(self, name: str):
         """Create the CUgraph for ``name`` (children first), all nodes in topological order.
 
-        Kernel nodes go through :class:`driver.GraphBuilder` with their parameters prebuilt;
-        edges are added in one call at the end, except in graphs with memory nodes, whose
-        nodes get their dependencies as they are added (the driver orders allocations then)."""
+        Kernel nodes go through :class:`driver.GraphBuilder` with their parameters prebuilt and
+        their dependencies given as they are added."""
         if name in self._cu_graphs:
             return self._cu_graphs[name]
         plan = self._plans[name]
@@ -433,40 +440,32 @@ class Restored:
         param_size = driver.KERNEL_NODE_PARAMS.itemsize
         handles = np.zeros(len(plan.nodes), dtype=np.uint64)
         handles_addr = handles.ctypes.data
-        inline = plan.has_mem_nodes
         dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
         dep_addr = dep_buf.ctypes.data
-        add_kernel, kernel_row = fast.add_kernel, plan.kernel_row
-        if not inline:
-            # No ordering constraints when edges come last: the plain kernel nodes, nearly all
-            # of them, go in one tight loop over precomputed addresses.
-            for i, k in plan.plain_kernels:
-                code = add_kernel(handles_addr + 8 * i, graph_int, None, 0,
-                                  params_addr + k * param_size)
-                if code:
-                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                         f"{plan.nodes[i].id})")
-        for i, node in enumerate(plan.nodes):
-            k = kernel_row.get(i)
-            if not inline and k is not None and i not in plan.attrs:
-                continue            # added above
-            deps = plan.deps[i] if inline else ()
-            if k is not None:
-                for pos_, region, off in plan.late_refs.get(i, ()):
-                    words[pos_] = int(self._bases[region]) + off
-                if deps:
-                    dep_buf[:len(deps)] = handles[deps]
-                code = add_kernel(handles_addr + 8 * i, graph_int, dep_addr if deps else None,
-                                  len(deps), params_addr + k * param_size)
-                if code:
-                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node {node.id})")
-                if i in plan.attrs:
-                    _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), plan.attrs[i])
+        add_kernel, kernel_row, attrs = fast.add_kernel, plan.kernel_row, plan.attrs
+        for i, (deps, first) in enumerate(zip(plan.deps, plan.dep_first)):
+            if not deps:
+                dep_ptr = None
+            elif first >= 0:
+                dep_ptr = handles_addr + 8 * first
             else:
+                dep_buf[:len(deps)] = handles[deps]
+                dep_ptr = dep_addr
+            k = kernel_row.get(i)
+            if k is None:
                 dep_nodes = [cu.CUgraphNode(int(handles[j])) for j in deps]
-                handles[i] = int(self._add_node(graph, node, dep_nodes))
-        if not inline:
-            fast.add_dependencies(graph_int, handles[plan.edge_src], handles[plan.edge_dst])
+                handles[i] = int(self._add_node(graph, plan.nodes[i], dep_nodes))
+                continue
+            if i in plan.late_refs:
+                for pos_, region, off in plan.late_refs[i]:
+                    words[pos_] = int(self._bases[region]) + off
+            code = add_kernel(handles_addr + 8 * i, graph_int, dep_ptr, len(deps),
+                              params_addr + k * param_size)
+            if code:
+                fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
+                                     f"{plan.nodes[i].id})")
+            if i in attrs:
+                _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
         if plan.special_edges:
             data = []
             for _, _, e in plan.special_edges:

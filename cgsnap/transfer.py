@@ -16,12 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
-import xxhash
 
-from . import driver
+from . import driver, hashing
 from .driver import call, cu
 
-CHUNK = 64 << 20
+CHUNK = 64 << 20           # one blob checksum piece (hashing.BLOB_PIECE)
 RING = 3
 THRESHOLD = 8 << 20          # smaller copies go straight through the driver
 _PIECE = 8 << 20
@@ -40,7 +39,6 @@ class Stager:
         self.buffers = []
         self.events = []
         self.pool = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-copy")
-        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="cgsnap-hash")
         self.stream = driver.stream_create()
         try:
             for _ in range(ring):
@@ -84,7 +82,10 @@ class Stager:
         return self._upload(dst, size, fill, checksum)
 
     def _upload(self, dst: int, size: int, fill, checksum: Optional[bytes]) -> bool:
-        hasher = xxhash.xxh3_128() if checksum is not None else None
+        # chunk == hashing.BLOB_PIECE: each chunk is one piece of the blob checksum, hashed on
+        # the pool while the next chunk is read.
+        assert self.chunk == hashing.BLOB_PIECE
+        digests: list = []
         hashes = [None] * len(self.buffers)   # the pending hash of each slot's bytes
         for index, off in enumerate(range(0, size, self.chunk)):
             n = min(self.chunk, size - off)
@@ -95,15 +96,12 @@ class Stager:
             fill(slot, off, n)
             call(cu.cuMemcpyHtoDAsync, dst + off, self.buffers[slot], n, self.stream)
             call(cu.cuEventRecord, self.events[slot], self.stream)
-            if hasher is not None:
-                # One thread hashes the chunks in order while the next one is being read.
-                hashes[slot] = self.hasher.submit(hasher.update,
-                                                  driver.host_view(self.buffers[slot], n))
-        for h in hashes:
-            if h is not None:
-                h.result()
+            if checksum is not None:
+                hashes[slot] = self.pool.submit(hashing.piece_digest,
+                                                driver.host_view(self.buffers[slot], n))
+                digests.append(hashes[slot])
         driver.stream_sync(self.stream)
-        return hasher is None or hasher.digest() == checksum
+        return checksum is None or hashing.combine([d.result() for d in digests]) == checksum
 
     def upload_mapped(self, dst: int, base: int, offset: int, size: int, mapped_size: int,
                       checksum: Optional[bytes] = None) -> bool:
@@ -117,35 +115,49 @@ class Stager:
         end = min(-(-(offset + size) // page) * page, -(-mapped_size // page) * page)
         pieces = [(p, min(p + REGISTER_PIECE, end)) for p in range(start, end, REGISTER_PIECE)]
 
+        ctx = call(cu.cuCtxGetCurrent)
+
         def register(piece):
             lo, hi = piece
+            call(cu.cuCtxSetCurrent, ctx)        # pool threads have no current context
             res = cu.cuMemHostRegister(base + lo, hi - lo, cu.CU_MEMHOSTREGISTER_READ_ONLY)
             return res[0] == driver.SUCCESS
-        hasher = xxhash.xxh3_128() if checksum is not None else None
         mv = memoryview((ctypes.c_char * mapped_size).from_address(base)).cast("B") \
-            if hasher is not None else None
-        ahead = len(self.buffers)         # pieces being page-locked ahead of the copy
-        jobs = [(p, self.pool.submit(register, p)) for p in pieces[:ahead]]
+            if checksum is not None else None
+        digests = []
+        ring = len(self.events)           # pieces page-locked ahead of / copied behind
+        jobs = [self.pool.submit(register, p) for p in pieces[:ring]]
+        unlocked: set = set()             # pieces already unlocked again
         ok = True
         for i, (lo, hi) in enumerate(pieces):
-            if not jobs[i][1].result():
+            if not jobs[i].result():
                 ok = False
                 break
-            if i + ahead < len(pieces):
-                jobs.append((pieces[i + ahead], self.pool.submit(register, pieces[i + ahead])))
+            slot = i % ring
+            call(cu.cuEventSynchronize, self.events[slot])   # piece i - ring is copied ...
+            if i >= ring:
+                call(cu.cuMemHostUnregister, base + pieces[i - ring][0])   # ... so unlock it
+                unlocked.add(i - ring)
             a, b = max(lo, offset), min(hi, offset + size)
             call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
-            if hasher is not None:
-                hasher.update(mv[a:b])        # overlaps the DMA; xxhash releases the GIL
+            call(cu.cuEventRecord, self.events[slot], self.stream)
+            if i + ring < len(pieces):
+                jobs.append(self.pool.submit(register, pieces[i + ring]))
+            if mv is not None:   # hash the blob pieces that end in this part, on the pool
+                first = len(digests) * hashing.BLOB_PIECE
+                for p in range(first, b - offset, hashing.BLOB_PIECE):
+                    if offset + p + hashing.BLOB_PIECE <= b or b == offset + size:
+                        piece = mv[offset + p:min(offset + p + hashing.BLOB_PIECE, offset + size)]
+                        digests.append(self.pool.submit(hashing.piece_digest, piece))
         driver.stream_sync(self.stream)
-        for (lo, _), job in jobs:             # every piece that did get page-locked
-            if job.result():
-                call(cu.cuMemHostUnregister, base + lo)
-        if mv is not None:
-            mv.release()
+        for j, job in enumerate(jobs):    # the last pieces, and any locked ahead of a failure
+            if job.result() and j not in unlocked:
+                call(cu.cuMemHostUnregister, base + pieces[j][0])
+        digests = [d.result() for d in digests]
+        del mv
         if not ok:
             return None
-        return hasher is None or hasher.digest() == checksum
+        return checksum is None or hashing.combine(digests) == checksum
 
     def download(self, dst, src: int, size: int) -> None:
         """Copy ``size`` bytes from device address ``src`` into the writable host buffer ``dst``:
@@ -187,7 +199,6 @@ class Stager:
         if self.stream is not None:
             driver.stream_destroy(self.stream)
         self.pool.shutdown(wait=True)
-        self.hasher.shutdown(wait=True)
         self.buffers, self.events, self.stream = [], [], None
 
     def __enter__(self) -> "Stager":

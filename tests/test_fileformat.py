@@ -13,6 +13,8 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+
+from cgsnap.hashing import blob_checksum
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cgsnap import fileformat
@@ -77,7 +79,7 @@ def assemble(manifest_bytes: bytes, blobs=()) -> bytes:
     section, entries = bytearray(), b""
     for blob in blobs:
         section += bytes(align(len(section)) - len(section))
-        entries += ENTRY.pack(len(section), len(blob), len(blob), 0, xxhash.xxh3_128(blob).digest())
+        entries += ENTRY.pack(len(section), len(blob), len(blob), 0, blob_checksum(blob))
         section += blob
     data = bytearray(HEADER.pack(b"\x89CGSNAP\n", 1, 0, 0, 64, len(manifest_bytes), table_offset,
                                  len(blobs), 0, blobs_offset, bytes(16)))
