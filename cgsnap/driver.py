@@ -10,6 +10,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from cuda.bindings import driver as cu
 
 from .errors import CompatibilityError, DriverError
@@ -155,7 +156,6 @@ def buffer_address(buf) -> int:
         raise ValueError("buffer must be contiguous")
     if mv.readonly:
         # ctypes refuses read-only buffers; numpy reads the address of any buffer.
-        import numpy as np
         return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if mv.nbytes else 0
     return ctypes.addressof(ctypes.c_char.from_buffer(mv)) if mv.nbytes else 0
 
@@ -331,9 +331,7 @@ def library_global(lib, name: str) -> Optional[tuple]:
 # of kernel nodes goes straight to libcuda through ctypes instead, with every node's
 # CUDA_KERNEL_NODE_PARAMS prebuilt in one numpy array (layout from cuda.h, CUDA 12+ "_v2").
 
-import numpy as _np
-
-KERNEL_NODE_PARAMS = _np.dtype([
+KERNEL_NODE_PARAMS = np.dtype([
     ("func", "<u8"), ("grid", "<u4", (3,)), ("block", "<u4", (3,)), ("shared_mem", "<u4"),
     ("_pad", "<u4"), ("kernel_params", "<u8"), ("extra", "<u8"), ("kern", "<u8"), ("ctx", "<u8"),
 ])
