@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 from .buffers import Bound, Saved, Scratch
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError,
                      CgsnapError, CompatibilityError, DriverError, FormatError, KernelNotFoundError,
-                     RecorderError, RestoreError, UnsupportedNodeError)
+                     RecorderError, RestoreError, SignatureError, UnsupportedNodeError)
 from .kernels import register_image, start_recorder, start_recorder_from_env
 from .model import Snapshot
 
@@ -29,7 +29,8 @@ __all__ = [
     "capture", "snapshot", "save", "load", "read", "register_image", "start_recorder",
     "Bound", "Saved", "Scratch", "Snapshot", "CgsnapError", "FormatError", "BinaryFormatError",
     "KernelNotFoundError", "AmbiguousKernelError", "UnsupportedNodeError", "CompatibilityError",
-    "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "__version__",
+    "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "SignatureError",
+    "sign", "__version__",
 ]
 
 
@@ -63,12 +64,23 @@ def save(path, snaps, *, compress: bool = False) -> None:
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
-         allow_jit=False):
+         allow_jit=False, require_signature=None):
     """Restore a snapshot file in this process; see :class:`cgsnap.restore.Restored`.
-    The whole file is validated before any GPU work."""
+    The whole file is validated before any GPU work. ``require_signature``: a key (HMAC secret
+    bytes, or a PEM Ed25519 public key) whose signature ``path.sig`` must match the file."""
     from .restore import Restored
+    if require_signature is not None:
+        from .signing import verify
+        verify(path, require_signature)
     return Restored(path, device=device, bind=bind, instantiate=instantiate,
                     verify_bound=verify_bound, allow_jit=allow_jit)
+
+
+def sign(path, key: bytes) -> str:
+    """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret, or Ed25519 with a
+    PEM private key); returns its path."""
+    from .signing import sign as _sign
+    return _sign(path, key)
 
 
 def read(path):

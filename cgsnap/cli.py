@@ -53,7 +53,22 @@ def cmd_dot(args) -> int:
     return EXIT_OK
 
 
+def _read_key(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read().strip() if not path.endswith(".pem") else f.read()
+
+
+def cmd_sign(args) -> int:
+    from .signing import sign
+    print(f"wrote {sign(args.file, _read_key(args.key))}")
+    return EXIT_OK
+
+
 def cmd_verify(args) -> int:
+    if args.key:
+        from .signing import verify
+        verify(args.file, _read_key(args.key))
+        print(f"{args.file}: signature OK ({args.file}.sig)")
     snap, f = _open(args.file)
     with f:
         f.verify()
@@ -86,7 +101,7 @@ def cmd_kernels(args) -> int:
 def cmd_replay(args) -> int:
     from .replay import replay
     return replay(args.file, check=args.check, device=args.device, allow_jit=args.allow_jit,
-                  graph=args.graph)
+                  graph=args.graph, key=_read_key(args.key) if args.key else None)
 
 
 def cmd_demo(args) -> int:
@@ -111,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_dot)
     s = sub.add_parser("verify", help="checksums and structure (no GPU needed)")
     s.add_argument("file")
+    s.add_argument("--key", help="also check FILE.sig with this key file (HMAC secret or PEM "
+                                 "Ed25519 public key)")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("sign", help="write FILE.sig (HMAC-SHA256 secret or PEM Ed25519 key)")
+    s.add_argument("file")
+    s.add_argument("--key", required=True, help="key file: a secret of >= 16 bytes, or a PEM "
+                                                "Ed25519 private key")
+    s.set_defaults(fn=cmd_sign)
     s = sub.add_parser("kernels", help="kernels and globals in a library, executable, fatbin or cubin")
     s.add_argument("path")
     s.add_argument("--arch", help="only this arch, e.g. sm_90")
@@ -124,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graph", help="only this graph")
     s.add_argument("--device", type=int, default=0)
     s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
+    s.add_argument("--key", help="refuse the file unless FILE.sig matches this key")
     s.set_defaults(fn=cmd_replay)
     s = sub.add_parser("demo", help="capture, save, restore in a fresh process, compare")
     s.add_argument("--keep", metavar="DIR", help="keep the snapshot file in DIR")

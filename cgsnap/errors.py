@@ -61,3 +61,7 @@ class RestoreError(CgsnapError):
 
 class RecorderError(CgsnapError):
     """The CUPTI module recorder could not start (no libcupti, another subscriber, ...)."""
+
+
+class SignatureError(CgsnapError):
+    """A signature is missing, malformed, made with another key, or does not match the file."""

@@ -309,10 +309,36 @@ def _write_parallel(f, view: memoryview) -> tuple:
     return n, digest
 
 
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Temporary files of earlier saves of ``name`` whose writer died (SIGKILL, power loss):
+    ``.{name}.tmp-{pid}-{random}`` with no live process ``pid``."""
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                    # its writer may still be running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue                    # alive, owned by someone else
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, entry))
+
+
 @contextlib.contextmanager
 def _atomic_output(path: str):
     """A new file that replaces ``path`` only once it is complete and durable."""
     directory, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temporaries(directory, name)
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     f = open(tmp, "xb")  # outside the try: if creation fails, there is no file of ours to remove
     try:

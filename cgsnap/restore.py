@@ -17,6 +17,7 @@ Nothing here imports torch or CuPy.
 """
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -31,6 +32,9 @@ from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, Fo
 from .hashing import content_hash
 from .model import Policy, RegionKind, Snapshot
 from .sources import arch_runs_on
+
+
+log = logging.getLogger("cgsnap.restore")
 
 
 # ---- buffers ----------------------------------------------------------------------------------
@@ -326,9 +330,14 @@ class Restored:
             self._stager = transfer.Stager()
         checksum = info.checksum if self._verify_blobs else None
         base, mapped = self._file.mapping_address()
+        t = time.perf_counter()
         ok = self._stager.upload_mapped(dst, base, info.offset, size, mapped, checksum)
+        how = "DMA from the page-locked page cache"
         if ok is None:      # the driver would not page-lock file pages here
             ok = self._stager.upload_file(dst, self._file.fileno(), info.offset, size, checksum)
+            how = "pread into pinned staging"
+        log.info("blob %d: %d bytes by %s%s: %.2f GB/s", blob, size, how,
+                 ", verified" if checksum else "", size / (time.perf_counter() - t) / 1e9)
         if not ok:
             raise FormatError(f"blob {blob}: checksum mismatch (the file is corrupt)",
                               path=self.path)

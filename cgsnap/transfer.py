@@ -10,8 +10,10 @@ verified restore reads the file once.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -19,6 +21,8 @@ import numpy as np
 
 from . import driver, hashing
 from .driver import call, cu
+
+log = logging.getLogger("cgsnap.transfer")
 
 CHUNK = 64 << 20           # one blob checksum piece (hashing.BLOB_PIECE)
 RING = 3
@@ -121,6 +125,9 @@ class Stager:
             lo, hi = piece
             call(cu.cuCtxSetCurrent, ctx)        # pool threads have no current context
             res = cu.cuMemHostRegister(base + lo, hi - lo, cu.CU_MEMHOSTREGISTER_READ_ONLY)
+            if res[0] != driver.SUCCESS:
+                log.info("page-locking file pages refused (%s): reading with pread instead",
+                         driver.error_name(res[0]))
             return res[0] == driver.SUCCESS
         mv = memoryview((ctypes.c_char * mapped_size).from_address(base)).cast("B") \
             if checksum is not None else None
@@ -163,12 +170,19 @@ class Stager:
         """Copy ``size`` bytes from device address ``src`` into the writable host buffer ``dst``:
         by DMA straight into it once page-locked, else through the staging ring."""
         dst_addr = driver.buffer_address(dst)
-        if cu.cuMemHostRegister(dst_addr, size, 0)[0] == driver.SUCCESS:
+        res = cu.cuMemHostRegister(dst_addr, size, 0)
+        if res[0] != driver.SUCCESS:
+            log.info("page-locking the destination refused (%s): staging instead",
+                     driver.error_name(res[0]))
+        else:
+            t = time.perf_counter()
             try:
                 call(cu.cuMemcpyDtoHAsync, dst_addr, src, size, self.stream)
                 driver.stream_sync(self.stream)
             finally:
                 call(cu.cuMemHostUnregister, dst_addr)
+            log.info("download of %d bytes by DMA into page-locked memory: %.2f GB/s", size,
+                     size / max(time.perf_counter() - t, 1e-9) / 1e9)
             return
         chunks = list(range(0, size, self.chunk))
         ring = len(self.buffers)

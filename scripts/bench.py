@@ -437,6 +437,9 @@ def bench_lookup(layers: int):
 
 
 def main():
+    import logging
+    logging.basicConfig(level=logging.INFO if os.environ.get("CGSNAP_DEBUG") else logging.WARNING,
+                        format="    [%(name)s] %(message)s")
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--only", default="cold,nodes,memory,parity,lookup,io")

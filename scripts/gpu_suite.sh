@@ -13,7 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache CGSNAP_TEST_ARTIFACTS="$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pytest -q --junitxml="$OUT/junit.xml" -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log"
 suite=${PIPESTATUS[0]}

@@ -95,6 +95,16 @@ def test_seven_graphs_in_one_file_are_far_smaller(saved, tmp_path):
         cgsnap.torch.save(p, {name: g}, model=model, bound={"kv_cache": kv}, tensors=tensors)
         singles += p.stat().st_size
     ratio = singles / combined.stat().st_size
+    snap = cgsnap.read(combined)
+    by_kind: dict = {}
+    for r in snap.regions:
+        if r.policy.value == "saved":
+            by_kind[r.kind.value] = by_kind.get(r.kind.value, 0) + r.size
+    images = sum(len(im.data) for im in snap.images)
     print(f"7 single-graph files: {singles / 1e6:.2f} MB; one file: "
-          f"{combined.stat().st_size / 1e6:.2f} MB; ratio {ratio:.2f}")
+          f"{combined.stat().st_size / 1e6:.2f} MB; ratio {ratio:.2f}; saved bytes by kind "
+          f"{by_kind}; kernel images {images / 1e6:.1f} MB raw")
+    if os.environ.get("CGSNAP_TEST_ARTIFACTS"):
+        import shutil
+        shutil.copy(combined, os.path.join(os.environ["CGSNAP_TEST_ARTIFACTS"], "seven.cgsnap"))
     assert ratio > 3

@@ -1,0 +1,79 @@
+"""A restore that fails at any step frees everything it made (GPU)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import cgsnap
+from cgsnap import driver, fileformat
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    cgsnap.start_recorder()
+    from workloads import BindingsGraph
+    wl = BindingsGraph()
+    path = tmp_path_factory.mktemp("rollback") / "good.cgsnap"
+    cgsnap.snapshot(wl.capture, buffers=wl.buffers, name="g").save(path)
+    return path
+
+
+def rewrite(src, dst, edit):
+    with fileformat.open_file(src) as f:
+        manifest = copy.deepcopy(f.manifest)
+        blobs = [bytes(f.blob(i)) for i in range(len(f.blobs))]
+    edit(manifest, blobs)
+    fileformat.write_file(dst, manifest, blobs)
+    return dst
+
+
+def bad_image(m, blobs):
+    im = m["images"][0]
+    blobs[im["blob"]] = b"\x7fELF" + b"\x00" * 4000        # not a loadable cubin
+
+
+def missing_kernel(m, blobs):
+    m["kernels"][0]["name"] = "no_such_kernel"
+
+
+def wrong_arch(m, blobs):
+    for im in m["images"]:
+        im["arch"] = 120 if m["device"]["arch"] != 120 else 100
+
+
+def out_of_memory(m, blobs):
+    r = next(r for r in m["regions"] if r["kind"] == "allocation")
+    r.pop("blob", None)
+    r["policy"] = "scratch"
+    r["size"] = 1 << 46                                      # 64 TiB
+
+
+CASES = [(bad_image, cgsnap.RestoreError), (missing_kernel, cgsnap.KernelNotFoundError),
+         (wrong_arch, cgsnap.CompatibilityError), (out_of_memory, cgsnap.RestoreError)]
+
+
+def test_hundred_failing_restores_leave_device_memory_unchanged(good, tmp_path):
+    files = [(rewrite(good, tmp_path / f"{fn.__name__}.cgsnap", fn), err) for fn, err in CASES]
+    with cgsnap.load(good) as r:           # warm-up: driver-internal one-time reservations
+        r.graph("g").launch()
+        r.synchronize()
+    driver.ctx_sync()
+    free_before, _ = driver.mem_get_info()
+    failures = 0
+    for i in range(100):
+        if i % 5 == 4:                      # a bind that does not match
+            with pytest.raises(cgsnap.BindError):
+                cgsnap.load(good, bind={"nonexistent": (0, 4)})
+        else:
+            path, err = files[i % 5 if i % 5 < 4 else 0]
+            with pytest.raises(err):
+                cgsnap.load(path)
+        failures += 1
+    driver.ctx_sync()
+    free_after, _ = driver.mem_get_info()
+    print(f"{failures} failing restores; free device memory before {free_before >> 20} MiB, "
+          f"after {free_after >> 20} MiB")
+    assert abs(free_after - free_before) <= 1 << 20
