@@ -14,7 +14,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 def _open(path):
     from . import fileformat
     from .model import Snapshot
-    f = fileformat.open_file(path)
+    f = fileformat.open_file(path, check_types=False)
     try:
         snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
                                       blob_getter=lambda i: bytes(f.blob(i)))

@@ -393,3 +393,14 @@ def _compat_arch_specific(elf: ElfFile) -> bool | None:
         return None
     value = nv_compat_attributes(elf.section_data(compat)).get(NV_COMPAT_ARCH_SPECIFIC)
     return None if value is None else value == 1
+
+
+def check_cubin(data, kernels) -> list:
+    """Cheap structural check of a cubin before it is handed to the driver: an EM_CUDA ELF
+    whose section table parses. Returns the names in ``kernels`` that have no ``.text.<name>``
+    section (only section headers are read, not the symbol table)."""
+    elf = ElfFile(data)
+    if elf.machine != EM_CUDA:
+        raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
+    names = {sec.name for sec in elf.sections}
+    return [k for k in kernels if f".text.{k}" not in names]

@@ -7,6 +7,8 @@ the job of signatures, not of these checksums.
 """
 from __future__ import annotations
 
+import re
+
 import xxhash
 
 HASH_HEX_LEN = 32
@@ -32,9 +34,11 @@ class Hasher:
         return self._h.hexdigest()
 
 
+_HEX = re.compile(r"[0-9a-f]{32}")
+
+
 def is_hash(value) -> bool:
-    return (isinstance(value, str) and len(value) == HASH_HEX_LEN
-            and all(c in "0123456789abcdef" for c in value))
+    return isinstance(value, str) and _HEX.fullmatch(value) is not None
 
 
 # ---- blob checksums ---------------------------------------------------------------------------
@@ -88,3 +92,9 @@ class BlobHasher:
     def digest(self) -> bytes:
         tail = [self._piece.digest()] if self._filled else []
         return combine(self._digests + tail)
+
+
+def region_hash(data, pool=None) -> str:
+    """A region's ``content_hash``: the blob checksum of its contents, hex (parallel pieces:
+    regions can be many GB)."""
+    return blob_checksum(data, pool).hex()

@@ -377,6 +377,7 @@ def _toposort(g: Graph, where: str) -> list:
 # ---- validation ---------------------------------------------------------------------------
 
 _IDENT_MAX = 4096          # longest name / string field accepted
+_KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
 _DIM_MAX = (1 << 31) - 1
 
 
@@ -394,22 +395,27 @@ class _Validator:
         raise FormatError(f"manifest {where}: {msg}", path=self.path or None)
 
     def map(self, v, where, required=(), optional=()) -> dict:
-        if not isinstance(v, dict):
+        if type(v) is not dict:
             self.fail(where, f"expected a map, found {type(v).__name__}")
+        key = (required, optional)
+        sets = _KEYSETS.get(key)
+        if sets is None:
+            sets = _KEYSETS[key] = (frozenset(required), frozenset(required) | frozenset(optional))
+        keys = v.keys()
+        if sets[0] <= keys and keys <= sets[1]:
+            return v            # the common case, checked with two set operations
         missing = [k for k in required if k not in v]
         if missing:
             self.fail(where, f"missing field(s) {', '.join(missing)}")
-        extra = [k for k in v if k not in required and k not in optional]
-        if extra:
-            self.fail(where, f"unknown field(s) {', '.join(map(str, extra))}")
-        return v
+        extra = [k for k in v if k not in sets[1]]
+        self.fail(where, f"unknown field(s) {', '.join(map(str, extra))}")
 
     def int(self, v, where, lo=0, hi=U64) -> int:
+        if type(v) is int and lo <= v <= hi:
+            return v
         if not isinstance(v, int) or isinstance(v, bool):
             self.fail(where, f"expected an integer, found {type(v).__name__}")
-        if not lo <= v <= hi:
-            self.fail(where, f"{v} is out of range [{lo}, {hi}]")
-        return v
+        self.fail(where, f"{v} is out of range [{lo}, {hi}]")
 
     def str(self, v, where, choices=None) -> str:
         if not isinstance(v, str) or len(v) > _IDENT_MAX:
@@ -619,6 +625,15 @@ class _Validator:
         return Kernel(id=index, name=self.str(k["name"], f"{where}.name"), image=image,
                       params=tuple(params), attrs=dict(attrs), ptx_image=ptx)
 
+    def ref_problem(self, where, off, rid, roff, last, size, ctx):
+        """Raise the precise error for a pointer entry the fast check refused."""
+        self.int(off, f"{where}[0]", 0, max(size - 8, 0))
+        if off % 8 or off < last + 8 or size < 8:
+            self.fail(where, "pointer offsets must be 8-aligned, increasing and inside the "
+                             "argument")
+        self.ref([rid, roff], where, ctx)
+        self.fail(where, "invalid pointer entry")
+
     def ref(self, v, where, ctx) -> Ref:
         v = self.list(v, where, 2)
         if len(v) != 2:
@@ -718,25 +733,32 @@ class _Validator:
             self.fail(f"{where}.args", f"{len(raw_args)} arguments, kernel {kernel.name} takes "
                                        f"{len(kernel.params)}")
         args = []
+        nregions = len(ctx.regions)
         for i, (a, (_, size)) in enumerate(zip(raw_args, kernel.params)):
-            aw = f"{where}.args[{i}]"
-            a = self.map(a, aw, ("d", "r"))
-            data = self.bytes(a["d"], f"{aw}.d")
-            if len(data) != size:
-                self.fail(f"{aw}.d", f"{len(data)} bytes, the parameter has {size}")
+            if type(a) is dict and len(a) == 2 and type(a.get("d")) is bytes and \
+                    len(a["d"]) == size and type(a.get("r")) is list and \
+                    all(type(r) is list and len(r) == 3 for r in a["r"]):
+                data, raw_refs = a["d"], a["r"]
+            else:                       # the slow path names the exact problem
+                aw = f"{where}.args[{i}]"
+                a = self.map(a, aw, ("d", "r"))
+                data = self.bytes(a["d"], f"{aw}.d")
+                if len(data) != size:
+                    self.fail(f"{aw}.d", f"{len(data)} bytes, the parameter has {size}")
+                raw_refs = self.list(a["r"], f"{aw}.r", size // 8 + 1)
+                for j, r in enumerate(raw_refs):
+                    if len(self.list(r, f"{aw}.r[{j}]", 3)) != 3:
+                        self.fail(f"{aw}.r[{j}]", "expected [offset, region, offset]")
             refs = []
             last = -8
-            for j, r in enumerate(self.list(a["r"], f"{aw}.r", size // 8 + 1)):
-                r = self.list(r, f"{aw}.r[{j}]", 3)
-                if len(r) != 3:
-                    self.fail(f"{aw}.r[{j}]", "expected [offset, region, offset]")
-                off = self.int(r[0], f"{aw}.r[{j}][0]", 0, max(size - 8, 0))
-                if off % 8 or off < last + 8 or size < 8:
-                    self.fail(f"{aw}.r[{j}]", "pointer offsets must be 8-aligned, increasing "
-                                              "and inside the argument")
+            for j, (off, rid, roff) in enumerate(raw_refs):
+                if not (type(off) is int and type(rid) is int and type(roff) is int and
+                        last + 8 <= off <= size - 8 and off % 8 == 0 and
+                        0 <= rid < nregions and 0 <= roff <= ctx.regions[rid].size):
+                    self.ref_problem(f"{where}.args[{i}].r[{j}]", off, rid, roff, last, size, ctx)
                 last = off
-                refs.append((off, self.ref(r[1:], f"{aw}.r[{j}]", ctx)))
-            args.append(Arg(data, tuple(refs)))
+                refs.append((off, Ref(rid, roff)))
+            args.append(Arg(bytes(data), tuple(refs)))
         attrs = {}
         raw_attrs = n.get("attrs", {})
         self.map(raw_attrs, f"{where}.attrs", optional=("cluster_dim", "priority", "cooperative"))

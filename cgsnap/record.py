@@ -20,7 +20,7 @@ from .buffers import BufferSpec, expand_buffers
 from .classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
 from .driver import NodeType, call, cu
 from .errors import CaptureError, UnsupportedNodeError
-from .hashing import content_hash
+from .hashing import region_hash
 from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
                     HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
                     MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot)
@@ -435,10 +435,11 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         for r in rec.regions:     # contents as they are now, before any check launch
             if r.policy is Policy.SAVED:
                 r.data = _read_region(r, stager)
-                r.content_hash = content_hash(r.data)
+                r.content_hash = region_hash(r.data, stager.pool if stager else None)
             elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
                 # for load(verify_bound=True)
-                r.content_hash = content_hash(_read_region(r, stager))
+                r.content_hash = region_hash(_read_region(r, stager),
+                                             stager.pool if stager else None)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

@@ -24,12 +24,12 @@ from typing import Optional
 
 import numpy as np
 
-from . import driver, fileformat, transfer
+from . import driver, elf, fileformat, transfer
 from .buffers import check_bind, flatten, numpy_dtype
 from .driver import call, cu
-from .errors import (BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
+from .errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
                      KernelNotFoundError, RestoreError)
-from .hashing import content_hash
+from .hashing import region_hash
 from .model import Policy, RegionKind, Snapshot
 from .sources import arch_runs_on
 
@@ -177,7 +177,7 @@ class Restored:
         self._file = None
         self._stager = None
         t0 = time.perf_counter()
-        self._file = fileformat.open_file(self.path)
+        self._file = fileformat.open_file(self.path, check_types=False)
         try:
             self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
             self.timings["read"] = time.perf_counter() - t0
@@ -252,6 +252,7 @@ class Restored:
                 choice[k.id] = images[k.ptx_image]
             else:
                 problems.append(k.name)
+        self._check_images(choice)
         if problems:
             has_ptx = any(k.ptx_image for k in snap.kernels)
             hint = (" (the file carries PTX: pass allow_jit=True / --allow-jit to JIT it)"
@@ -261,6 +262,27 @@ class Restored:
                 f"({snap.device.get('name', '?')}); this machine has sm_{dev.arch} ({dev.name}). "
                 f"{len(problems)} kernel(s) cannot run here, e.g. {problems[0]}{hint}")
         return choice
+
+    def _check_images(self, choice: dict) -> None:
+        """Every image the restore will load is a well-formed cubin (or PTX) holding the kernels
+        asked of it -- checked before any GPU memory is touched."""
+        wanted: dict = {}
+        for k in self.snapshot.kernels:
+            if k.id in choice:
+                wanted.setdefault(choice[k.id].hash, (choice[k.id], []))[1].append(k.name)
+        for h, (im, names) in wanted.items():
+            if im.kind == "ptx":
+                missing = [n for n in names if f".entry {n}".encode() not in im.data]
+            else:
+                try:
+                    missing = elf.check_cubin(im.data, names)
+                except BinaryFormatError as exc:
+                    raise FormatError(f"kernel image {h} is not a loadable cubin: {exc}",
+                                      path=self.path) from None
+            if missing:
+                raise KernelNotFoundError(f"{self.path}: kernel {missing[0]} is not in its image "
+                                          f"{h}" + (f" (nor {len(missing) - 1} more)"
+                                                    if len(missing) > 1 else ""))
 
     # ---- step 3: memory, kernels, events --------------------------------------------------
     def _setup_gpu(self, ordinal: int):
@@ -352,20 +374,35 @@ class Restored:
             if r.id in self._bound and r.content_hash:
                 host = np.empty(r.size, dtype=np.uint8)
                 driver.dtoh(int(host.ctypes.data), int(self._bases[r.id]), r.size)
-                if content_hash(host) != r.content_hash:
+                if region_hash(host) != r.content_hash:
                     raise BindError(f"{self.path}: bound buffer {r.name!r} does not hold the "
                                     "contents recorded at save time (verify_bound=True)")
 
     def _load_kernels(self, choice: dict):
         snap = self.snapshot
-        libs = {}
-        for im in {id(v): v for v in choice.values()}.values():
+        images = list({v.hash: v for v in choice.values()}.values())
+        ctx = self.device.context
+
+        def load(im):
+            call(cu.cuCtxSetCurrent, ctx)      # pool threads have no current context
             data = bytes(im.data)
             if im.kind == "ptx" and not data.endswith(b"\0"):
                 data += b"\0"
-            lib = driver.library_load(data)
-            self._libraries.append(lib)
-            libs[im.hash] = lib
+            return driver.library_load(data)
+        # Images load in parallel: the driver parses tens of MB of cuBLAS cubins otherwise one
+        # after another. Every library that did load is recorded before any error is raised,
+        # so that a failed restore unloads it.
+        with ThreadPoolExecutor(min(8, max(1, len(images)))) as pool:
+            futures = [pool.submit(load, im) for im in images]
+        libs, first_error = {}, None
+        for im, fut in zip(images, futures):
+            try:
+                libs[im.hash] = fut.result()
+                self._libraries.append(libs[im.hash])
+            except CgsnapError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
         self._funcs = []
         for k in snap.kernels:
             lib = libs[choice[k.id].hash]

@@ -106,7 +106,7 @@ def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = F
 def read(path, *, load_images: bool = True) -> tuple:
     """``(snapshot, file)``: the validated model and the open :class:`fileformat.SnapshotFile`
     (regions' ``data`` are blob indices into it). Close the file when done."""
-    f = fileformat.open_file(str(path))
+    f = fileformat.open_file(str(path), check_types=False)
     try:
         snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], str(path),
                                       blob_getter=(lambda i: bytes(f.blob(i))) if load_images else None)

@@ -51,8 +51,16 @@ def out_of_memory(m, blobs):
     r["size"] = 1 << 46                                      # 64 TiB
 
 
-CASES = [(bad_image, cgsnap.RestoreError), (missing_kernel, cgsnap.KernelNotFoundError),
-         (wrong_arch, cgsnap.CompatibilityError), (out_of_memory, cgsnap.RestoreError)]
+def wrong_global_size(m, blobs):
+    """Fails late: after memory is allocated and images are loaded."""
+    r = next(r for r in m["regions"] if r.get("symbol") == "coeff")
+    r["size"] *= 2
+    blobs[r["blob"]] = bytes(r["size"])
+
+
+CASES = [(bad_image, cgsnap.FormatError), (missing_kernel, cgsnap.KernelNotFoundError),
+         (wrong_arch, cgsnap.CompatibilityError), (out_of_memory, cgsnap.RestoreError),
+         (wrong_global_size, cgsnap.RestoreError)]
 
 
 def test_hundred_failing_restores_leave_device_memory_unchanged(good, tmp_path):
@@ -64,11 +72,11 @@ def test_hundred_failing_restores_leave_device_memory_unchanged(good, tmp_path):
     free_before, _ = driver.mem_get_info()
     failures = 0
     for i in range(100):
-        if i % 5 == 4:                      # a bind that does not match
+        if i % 6 == 5:                      # a bind that does not match
             with pytest.raises(cgsnap.BindError):
                 cgsnap.load(good, bind={"nonexistent": (0, 4)})
         else:
-            path, err = files[i % 5 if i % 5 < 4 else 0]
+            path, err = files[i % 6]
             with pytest.raises(err):
                 cgsnap.load(path)
         failures += 1
