@@ -25,7 +25,7 @@ from .driver import call, cu
 log = logging.getLogger("cgsnap.transfer")
 
 CHUNK = 64 << 20           # one blob checksum piece (hashing.BLOB_PIECE)
-RING = 3
+RING = 4
 THRESHOLD = 8 << 20          # smaller copies go straight through the driver
 _PIECE = 8 << 20
 REGISTER_PIECE = 256 << 20
@@ -43,6 +43,8 @@ class Stager:
         self.buffers = []
         self.events = []
         self.pool = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-copy")
+        # Hashing has its own threads: queued behind page-locking jobs it would stall the DMA.
+        self.hashers = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-hash")
         self.stream = driver.stream_create()
         try:
             for _ in range(ring):
@@ -101,8 +103,8 @@ class Stager:
             call(cu.cuMemcpyHtoDAsync, dst + off, self.buffers[slot], n, self.stream)
             call(cu.cuEventRecord, self.events[slot], self.stream)
             if checksum is not None:
-                hashes[slot] = self.pool.submit(hashing.piece_digest,
-                                                driver.host_view(self.buffers[slot], n))
+                hashes[slot] = self.hashers.submit(hashing.piece_digest,
+                                                   driver.host_view(self.buffers[slot], n))
                 digests.append(hashes[slot])
         driver.stream_sync(self.stream)
         return checksum is None or hashing.combine([d.result() for d in digests]) == checksum
@@ -155,7 +157,7 @@ class Stager:
                 for p in range(first, b - offset, hashing.BLOB_PIECE):
                     if offset + p + hashing.BLOB_PIECE <= b or b == offset + size:
                         piece = mv[offset + p:min(offset + p + hashing.BLOB_PIECE, offset + size)]
-                        digests.append(self.pool.submit(hashing.piece_digest, piece))
+                        digests.append(self.hashers.submit(hashing.piece_digest, piece))
         driver.stream_sync(self.stream)
         for j, job in enumerate(jobs):    # the last pieces, and any locked ahead of a failure
             if job.result() and j not in unlocked:
@@ -213,6 +215,7 @@ class Stager:
         if self.stream is not None:
             driver.stream_destroy(self.stream)
         self.pool.shutdown(wait=True)
+        self.hashers.shutdown(wait=True)
         self.buffers, self.events, self.stream = [], [], None
 
     def __enter__(self) -> "Stager":

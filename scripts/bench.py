@@ -249,12 +249,13 @@ def bench_memory(sizes_gb):
         row("memory", f"{gb} GiB: snapshot (device -> host)", size / t_snap / 1e9, "GB/s",
             "goal >= 80% of pinned")
         row("memory", f"{gb} GiB: save (host -> file, page cache)", size / t_save / 1e9, "GB/s")
-        for label in ("warm", "cold"):
+        for label in ("warm", "warm, unverified", "cold"):
             if label == "cold":
                 if not _drop_caches(path):
                     continue
             t = time.perf_counter()
-            with cgsnap.load(path) as r:
+            from cgsnap.restore import Restored
+            with Restored(path, verify_blobs=label != "warm, unverified") as r:
                 copy = r.timings["copy"]
             total = time.perf_counter() - t
             row("memory", f"{gb} GiB: restore copy, {label} page cache", size / copy / 1e9, "GB/s",
