@@ -200,7 +200,7 @@ class Restored:
         # Kernel images are zstd-compressed (several-fold smaller); decompress them in parallel
         # (zstd releases the GIL): tens of MB of cuBLAS cubins are common.
         with ThreadPoolExecutor(min(8, max(1, len(snap.images)))) as pool:
-            datas = list(pool.map(lambda im: bytes(f.blob(im.data, verify=verify_blobs)),
+            datas = list(pool.map(lambda im: bytes(f.blob(im.data, verify=True)),
                                   snap.images))
         for im, data in zip(snap.images, datas):
             im.data = data
