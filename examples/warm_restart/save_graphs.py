@@ -44,6 +44,8 @@ with torch.no_grad():
 torch.cuda.synchronize()
 t_capture = time.perf_counter() - t0
 
+kv.copy_(kv_init)     # the cache as a new process starts it (load(verify_bound=True) checks it)
+torch.cuda.synchronize()
 t0 = time.perf_counter()
 path = os.path.join(out_dir, "decoder.cgsnap")
 cgsnap.torch.save(path, graphs, model=model, bound={"kv_cache": kv},

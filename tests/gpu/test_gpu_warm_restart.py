@@ -108,3 +108,18 @@ def test_seven_graphs_in_one_file_are_far_smaller(saved, tmp_path):
         import shutil
         shutil.copy(combined, os.path.join(os.environ["CGSNAP_TEST_ARTIFACTS"], "seven.cgsnap"))
     assert ratio > 3
+
+
+def test_verify_bound_compares_contents(saved):
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, EXAMPLE)
+    os.environ["WARM_LAYERS"] = "4"
+    from model import build
+    model, kv, _ = build()
+    path = saved / "decoder.cgsnap"
+    with cgsnap.load(path, bind={"model": model, "kv_cache": kv}, verify_bound=True) as r:
+        assert "bs1" in r.graph_names           # same weights and cache: accepted
+    with torch.no_grad():
+        model.head.weight[0, 0] += 1
+    with pytest.raises(cgsnap.BindError, match="model.head.weight.*contents"):
+        cgsnap.load(path, bind={"model": model, "kv_cache": kv}, verify_bound=True)
