@@ -7,7 +7,7 @@ a ``(ptr, nbytes)`` pair, or a ``Bound``/``Scratch`` wrapper that sets the conte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 

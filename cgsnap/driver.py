@@ -176,10 +176,6 @@ def dtoh(dst, src: int, size: int, stream=None) -> None:
         call(cu.cuMemcpyDtoHAsync, dst_ptr, src, size, stream)
 
 
-def dtod(dst: int, src: int, size: int) -> None:
-    call(cu.cuMemcpyDtoD, dst, src, size)
-
-
 def memset_d8(dst: int, value: int, size: int) -> None:
     call(cu.cuMemsetD8, dst, value, size)
 
@@ -261,15 +257,6 @@ FUNC_ATTRS = {   # recorded name -> attribute; those a launch may need set on a 
     "cluster_scheduling_policy_preference":
         cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE,
 }
-# Fixed by the compiler; recorded to tell same-named kernels apart, never set.
-IDENTITY_ATTRS = {
-    "num_regs": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS,
-    "shared_size_bytes": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-    "local_size_bytes": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
-    "max_threads_per_block": cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
-}
-
-
 def func_attrs(func, names=FUNC_ATTRS) -> dict:
     out = {}
     for key, attr in names.items():

@@ -11,27 +11,10 @@ import re
 
 import xxhash
 
-HASH_HEX_LEN = 32
-
 
 def content_hash(data) -> str:
     """Hash of a bytes-like object (bytes, memoryview, contiguous numpy array)."""
     return xxhash.xxh3_128_hexdigest(data)
-
-
-class Hasher:
-    """Incremental form of :func:`content_hash` for data produced in chunks."""
-
-    __slots__ = ("_h",)
-
-    def __init__(self):
-        self._h = xxhash.xxh3_128()
-
-    def update(self, chunk) -> None:
-        self._h.update(chunk)
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
 
 
 _HEX = re.compile(r"[0-9a-f]{32}")

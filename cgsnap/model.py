@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .errors import FormatError
 from .hashing import is_hash
@@ -825,19 +825,3 @@ def _span(width: int, height: int, depth: int, pitch: int, slice_height: int) ->
     pitch = pitch or width
     slice_height = slice_height or height
     return (depth - 1) * pitch * slice_height + (height - 1) * pitch + width
-
-
-def iter_refs(node) -> Iterable[Ref]:
-    """Every Ref a node holds (used by tools that map graphs to regions)."""
-    t = node.TYPE
-    if t == "kernel":
-        for a in node.args:
-            for _, r in a.refs:
-                yield r
-    elif t == "memcpy":
-        yield node.src
-        yield node.dst
-    elif t == "memset":
-        yield node.dst
-    elif t == "mem_free":
-        yield node.ptr

@@ -10,9 +10,7 @@ from typing import Iterable, Union
 
 from . import fileformat
 from .errors import CaptureError
-from .model import (Arg, ChildGraphNode, EventRecordNode, EventWaitNode, Graph, Kernel,
-                    MemAllocNode, MemcpyNode, MemFreeNode, MemsetNode, KernelNode, Ref, Region,
-                    RegionKind, Snapshot)
+from .model import Arg, Graph, Ref, Region, RegionKind, Snapshot
 
 
 def _region_key(r: Region):

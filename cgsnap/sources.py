@@ -23,7 +23,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import msgpack
 

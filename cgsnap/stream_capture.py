@@ -1,8 +1,6 @@
 """Stream capture into a CUDA graph, for work launched by any library on ``cap.stream``."""
 from __future__ import annotations
 
-from typing import Optional
-
 from . import driver
 from .driver import call, cu
 from .errors import CaptureError

@@ -59,16 +59,6 @@ class Stager:
         pieces = [(off, min(_PIECE, n - off)) for off in range(0, n, _PIECE)]
         list(self.pool.map(lambda p: ctypes.memmove(dst + p[0], src + p[0], p[1]), pieces))
 
-    def upload(self, dst: int, src, size: int, checksum: Optional[bytes] = None) -> bool:
-        """Copy ``size`` bytes of the host buffer ``src`` to device address ``dst``. With
-        ``checksum`` (XXH3-128 digest) the bytes are hashed on the way; returns whether it
-        matched (True when no checksum was given)."""
-        src_addr = driver.buffer_address(src)
-
-        def fill(slot: int, off: int, n: int) -> None:
-            self._parallel_memmove(self.buffers[slot], src_addr + off, n)
-        return self._upload(dst, size, fill, checksum)
-
     def upload_file(self, dst: int, fd: int, file_offset: int, size: int,
                     checksum: Optional[bytes] = None) -> bool:
         """Like :meth:`upload`, reading the bytes from a file with ``pread`` by several threads

@@ -209,12 +209,10 @@ def _native_us_per_node(cubin: bytes, n: int, tmp: str):
 # ---- 3. memory ----------------------------------------------------------------------------
 
 def bench_memory(sizes_gb):
-    import numpy as np
-
     import cgsnap
     from cgsnap import driver
     from cgsnap.driver import call, cu
-    dev = driver.init(0)
+    driver.init(0)
     # Pinned copy bandwidth: the ceiling.
     probe = 1 << 30
     host = driver.host_alloc(probe)

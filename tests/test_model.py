@@ -27,7 +27,6 @@ def test_model_file_model_roundtrip_is_exact(tmp_path):
     back = cgsnap.read(path)
     # The manifest of the re-read model equals the original one (blob indices included) ...
     m1, b1 = snap.to_manifest()
-    back_blob_src = {}
     with fileformat.open_file(path) as f:
         for r in back.regions:
             if r.data is not None:

@@ -89,19 +89,8 @@ def test_original_untouched_by_snapshot():
 
 def test_torch_mlp_roundtrip_without_torch(tmp_path):
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(),
-                                torch.nn.Linear(1024, 256), torch.nn.LayerNorm(256)).cuda()
-    x = torch.randn(8, 256, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph(keep_graph=True)
-    with torch.cuda.graph(g), torch.no_grad():
-        y = model(x)
+    from cgsnap.demo import torch_mlp
+    g, _, (_model, x, y) = torch_mlp()     # weights unnamed: carried as plain allocations
     snap = cgsnap.snapshot(g, buffers={"x": x, "y": y}, name="mlp")
     names = " ".join(k.name for k in snap.kernels)
     assert "cutlass" in names or "gemm" in names.lower()
