@@ -64,18 +64,20 @@ def save(path, snaps, *, compress: bool = False) -> None:
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
-         allow_jit=False, require_signature=None, verify: bool = True):
+         allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None):
     """Restore a snapshot file in this process; see :class:`cgsnap.restore.Restored`.
     The whole file is validated before any GPU work. ``require_signature``: a key (HMAC secret
     bytes, or a PEM Ed25519 public key) whose signature ``path.sig`` must match the file.
     ``verify=False`` skips the checksums of region contents (kernel images and the manifest
-    are always checked) for trusted local files, where hashing would bound the copy speed."""
+    are always checked) for trusted local files, where hashing would bound the copy speed.
+    ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name."""
     from .restore import Restored
     if require_signature is not None:
         from .signing import verify
         verify(path, require_signature)
     return Restored(path, device=device, bind=bind, instantiate=instantiate,
-                    verify_bound=verify_bound, allow_jit=allow_jit, verify_blobs=verify)
+                    verify_bound=verify_bound, allow_jit=allow_jit, verify_blobs=verify,
+                    host_callbacks=host_callbacks)
 
 
 def sign(path, key: bytes) -> str:

@@ -228,6 +228,33 @@ def as_graph(graph) -> object:
     raise TypeError(f"cannot use {type(graph).__name__} as a CUgraph")
 
 
+# ---- host callbacks -------------------------------------------------------------------------
+
+HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def address_of_function(fn) -> int:
+    """The address of a host function: an int, a ctypes function pointer, or a CUhostFn."""
+    if isinstance(fn, int):
+        return fn
+    if isinstance(fn, ctypes._CFuncPtr):
+        return ctypes.cast(fn, ctypes.c_void_p).value or 0
+    try:
+        return int(fn)
+    except TypeError:
+        return ctypes.c_void_p.from_address(fn.getPtr()).value or 0
+
+
+def host_node_params(callback):
+    """CUDA_HOST_NODE_PARAMS calling the Python ``callback()``; returns ``(params, keepalive)``
+    -- the ctypes trampoline must outlive the graph."""
+    trampoline = HOST_FN(lambda _user_data: callback())
+    p = cu.CUDA_HOST_NODE_PARAMS()
+    p.fn = cu.CUhostFn(ctypes.cast(trampoline, ctypes.c_void_p).value)
+    p.userData = 0
+    return p, trampoline
+
+
 # ---- functions and modules ----------------------------------------------------------------
 
 def func_name(func) -> str:

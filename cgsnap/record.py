@@ -44,7 +44,8 @@ class _Recording:
                  allocation_policy=None):
         self.device = device
         self.resolver = resolver
-        self.host_callbacks = {int(k): v for k, v in (host_callbacks or {}).items()}
+        self.host_callbacks = {driver.address_of_function(k): v
+                               for k, v in (host_callbacks or {}).items()}
         # (base, size) -> (Policy, pool name) or None: lets an integration mark allocations it
         # knows (torch's graph memory pool becomes shared scratch).
         self.allocation_policy = allocation_policy
@@ -223,11 +224,12 @@ class _Recording:
                                                   where))
         if t == NodeType.CU_GRAPH_NODE_TYPE_HOST:
             p = call(cu.cuGraphHostNodeGetParams, n)
-            name = self.host_callbacks.get(int(p.fn))
+            name = self.host_callbacks.get(driver.address_of_function(p.fn))
             if name is None:
                 raise UnsupportedNodeError(
                     f"{where}: a host callback cannot be carried to another process; register it "
-                    "by name (snapshot(..., host_callbacks={fn_address: 'name'}))")
+                    "by name: snapshot(..., host_callbacks={function: 'name'}), then "
+                    "load(..., host_callbacks={'name': python_callable})")
             return HostNode(i, name)
         raise UnsupportedNodeError(f"{where}: nodes of type {_node_type_name(t)} cannot be carried")
 

@@ -164,7 +164,7 @@ class Restored:
 
     def __init__(self, path: str, device: int = 0, bind: Optional[dict] = None,
                  instantiate: str = "lazy", verify_bound: bool = False, allow_jit: bool = False,
-                 verify_blobs: bool = True):
+                 verify_blobs: bool = True, host_callbacks: Optional[dict] = None):
         self.path = str(path)
         self.timings: dict = {}
         self._allocs: list = []
@@ -176,6 +176,8 @@ class Restored:
         self._closed = False
         self._file = None
         self._stager = None
+        self._host_callbacks = dict(host_callbacks or {})
+        self._trampolines: list = []        # ctypes thunks the graphs' host nodes call
         t0 = time.perf_counter()
         self._file = fileformat.open_file(self.path, check_types=False)
         try:
@@ -209,6 +211,12 @@ class Restored:
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
         self._plans = {g.name: _GraphPlan(snap, g, self._late) for g in snap.graphs}
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
+        missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
+                         - set(self._host_callbacks))
+        if missing:
+            raise RestoreError(f"{self.path}: the graphs call host callback(s) "
+                               f"{', '.join(missing)}: pass load(..., host_callbacks="
+                               "{name: python_callable})")
         self._allow_jit = allow_jit
         self._verify_bound = verify_bound
 
@@ -573,8 +581,11 @@ class Restored:
             return h
         if t == "mem_free":
             return call(cu.cuGraphAddMemFreeNode, graph, deps, len(deps), self._ref_addr(node.ptr))
-        raise RestoreError(f"{self.path}: graph node type {t!r} cannot be rebuilt "
-                           "(host callbacks are not supported on restore yet)")
+        if t == "host":
+            p, trampoline = driver.host_node_params(self._host_callbacks[node.callback])
+            self._trampolines.append(trampoline)
+            return call(cu.cuGraphAddHostNode, graph, deps, len(deps), p)
+        raise RestoreError(f"{self.path}: graph node type {t!r} cannot be rebuilt")
 
     # ---- public -----------------------------------------------------------------------------
     def buffer(self, name: str) -> Buffer:
