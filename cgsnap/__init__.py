@@ -50,7 +50,8 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` / :class:`Scratch`
     to keep contents out of the file). ``record_outputs`` (default: when buffers are named)
     launches the graph once to record the named buffers' outputs for ``cgsnap replay --check``,
-    then puts every region back as it was."""
+    then puts every region back as it was. ``host_callbacks``: ``{name: function}`` (the
+    ctypes function or address a host node calls) lets host-callback nodes travel by name."""
     from .stream_capture import graph_handle
     from .record import snapshot_graph
     return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,

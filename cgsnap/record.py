@@ -44,8 +44,9 @@ class _Recording:
                  allocation_policy=None):
         self.device = device
         self.resolver = resolver
-        self.host_callbacks = {driver.address_of_function(k): v
-                               for k, v in (host_callbacks or {}).items()}
+        # {name: function} (ctypes function objects are unhashable) -> {address: name}
+        self.host_callbacks = {driver.address_of_function(fn): name
+                               for name, fn in (host_callbacks or {}).items()}
         # (base, size) -> (Policy, pool name) or None: lets an integration mark allocations it
         # knows (torch's graph memory pool becomes shared scratch).
         self.allocation_policy = allocation_policy
@@ -228,7 +229,7 @@ class _Recording:
             if name is None:
                 raise UnsupportedNodeError(
                     f"{where}: a host callback cannot be carried to another process; register it "
-                    "by name: snapshot(..., host_callbacks={function: 'name'}), then "
+                    "by name: snapshot(..., host_callbacks={'name': function}), then "
                     "load(..., host_callbacks={'name': python_callable})")
             return HostNode(i, name)
         raise UnsupportedNodeError(f"{where}: nodes of type {_node_type_name(t)} cannot be carried")

@@ -56,7 +56,7 @@ def test_host_callback_restored_by_name(tmp_path):
     with pytest.raises(cgsnap.UnsupportedNodeError, match="host callback"):
         cgsnap.snapshot(cap, buffers={"x": (x, 4 * n), "y": (y, 4 * n)}, name="cb")
     snap = cgsnap.snapshot(cap, buffers={"x": (x, 4 * n), "y": (y, 4 * n)}, name="cb",
-                           host_callbacks={tick: "tick"}, record_outputs=False)
+                           host_callbacks={"tick": tick}, record_outputs=False)
     assert snap.graphs[0].counts() == {"kernel": 2, "host": 1}
     path = tmp_path / "cb.cgsnap"
     snap.save(path)
@@ -72,5 +72,10 @@ def test_host_callback_restored_by_name(tmp_path):
     driver.ctx_sync()
     want = np.empty(n, dtype=np.float32)
     driver.dtoh(want, y, 4 * n)
+    call(cu.cuGraphExecDestroy, exe)
+    cap.close()
+    for ptr in (x, y):
+        driver.mem_free(ptr)
+    driver.library_unload(lib)
     assert len(seen) == 3
     assert np.array_equal(np.load(tmp_path / "y.npy").view(np.float32), want)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 
@@ -68,6 +69,7 @@ def test_hundred_failing_restores_leave_device_memory_unchanged(good, tmp_path):
     with cgsnap.load(good) as r:           # warm-up: driver-internal one-time reservations
         r.graph("g").launch()
         r.synchronize()
+    gc.collect()                            # other tests' garbage must not move the baseline
     driver.ctx_sync()
     free_before, _ = driver.mem_get_info()
     failures = 0
