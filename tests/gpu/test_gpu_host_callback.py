@@ -47,11 +47,14 @@ def test_host_callback_restored_by_name(tmp_path):
     driver.htod(y, np.zeros(n, dtype=np.float32), 4 * n)
     seen = []
     tick = driver.HOST_FN(lambda _ud: seen.append(1))
-    fn = cu.CUhostFn(ctypes.cast(tick, ctypes.c_void_p).value)
+    # libcuda's own cuLaunchHostFunc, as C/C++ code calls it: cuda-bindings' wrapper would put
+    # its own trampoline into the node instead of this function.
+    launch_host_func = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+    launch_host_func.argtypes = [ctypes.c_void_p, driver.HOST_FN, ctypes.c_void_p]
     args = [ctypes.c_uint64(y), ctypes.c_uint64(x), ctypes.c_int(n)]
     with cgsnap.capture() as cap:
         launch(add, 4, 256, args, cap.stream)
-        call(cu.cuLaunchHostFunc, cap.stream, fn, 0)
+        assert launch_host_func(int(cap.stream), tick, None) == 0
         launch(add, 4, 256, args, cap.stream)
     with pytest.raises(cgsnap.UnsupportedNodeError, match="host callback"):
         cgsnap.snapshot(cap, buffers={"x": (x, 4 * n), "y": (y, 4 * n)}, name="cb")
