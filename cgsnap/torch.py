@@ -58,9 +58,8 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
         pool = pools.get(base)
         return (Policy.SCRATCH, pool) if pool is not None else None
 
-    bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy, bound_hashes=bound_hashes)
+                           allocation_policy=allocation_policy)
             for name, g in graphs.items()]
 
 
