@@ -422,7 +422,7 @@ def _versions() -> dict:
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
-                   allocation_policy=None) -> Snapshot:
+                   allocation_policy=None, bound_hashes: Optional[dict] = None) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
     device = driver.current_device()
     if resolver is None:
@@ -440,9 +440,14 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                 r.data = _read_region(r, stager)
                 r.content_hash = region_hash(r.data, stager.pool if stager else None)
             elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
-                # for load(verify_bound=True)
-                r.content_hash = region_hash(_read_region(r, stager),
+                # For load(verify_bound=True). ``bound_hashes`` lets the snapshots of several
+                # graphs over the same weights read and hash them once.
+                cache = bound_hashes if bound_hashes is not None else {}
+                key = (r.origin, r.size)
+                if key not in cache:
+                    cache[key] = region_hash(_read_region(r, stager),
                                              stager.pool if stager else None)
+                r.content_hash = cache[key]
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

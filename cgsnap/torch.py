@@ -58,8 +58,9 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
         pool = pools.get(base)
         return (Policy.SCRATCH, pool) if pool is not None else None
 
+    bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy)
+                           allocation_policy=allocation_policy, bound_hashes=bound_hashes)
             for name, g in graphs.items()]
 
 

@@ -74,3 +74,24 @@ def step_inputs(batch: int, seed: int = 2):
     tokens = torch.randint(0, CONFIG["vocab"], (CONFIG["max_batch"],), generator=g)
     pos = torch.randint(0, CONFIG["max_seq"], (CONFIG["max_batch"],), generator=g)
     return tokens, pos
+
+
+def capture_graphs(model, kv_cache, tokens, pos):
+    """Warm up, then capture one decode-step graph per batch size into one shared graph pool,
+    largest first as servers do: ``({"bs64": graph, ...}, {64: logits, ...})``."""
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for b in BATCH_SIZES:
+                model(tokens[:b], pos[:b], kv_cache)
+        torch.cuda.current_stream().wait_stream(s)
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outputs = {}, {}
+        for b in sorted(BATCH_SIZES, reverse=True):
+            g = torch.cuda.CUDAGraph(keep_graph=True)
+            with torch.cuda.graph(g, pool=pool):
+                outputs[b] = model(tokens[:b], pos[:b], kv_cache)
+            graphs[f"bs{b}"] = g
+    torch.cuda.synchronize()
+    return graphs, outputs

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import cgsnap.torch
-from model import BATCH_SIZES, CONFIG, build, step_inputs
+from model import BATCH_SIZES, CONFIG, build, capture_graphs, step_inputs
 
 t_import = time.perf_counter() - t_start
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
@@ -27,21 +27,7 @@ torch.cuda.synchronize()
 t_build = time.perf_counter() - t0
 
 t0 = time.perf_counter()
-with torch.no_grad():
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for b in BATCH_SIZES:
-            model(tokens[:b], pos[:b], kv)
-    torch.cuda.current_stream().wait_stream(s)
-    pool = torch.cuda.graph_pool_handle()
-    graphs, outputs = {}, {}
-    for b in sorted(BATCH_SIZES, reverse=True):    # largest first, as servers do
-        g = torch.cuda.CUDAGraph(keep_graph=True)
-        with torch.cuda.graph(g, pool=pool):
-            outputs[b] = model(tokens[:b], pos[:b], kv)
-        graphs[f"bs{b}"] = g
-torch.cuda.synchronize()
+graphs, outputs = capture_graphs(model, kv, tokens, pos)
 t_capture = time.perf_counter() - t0
 
 kv.copy_(kv_init)     # the cache as a new process starts it (load(verify_bound=True) checks it)

@@ -25,6 +25,16 @@ def run_example(script, out_dir):
 
 
 @pytest.fixture(scope="module")
+def example():
+    """The example's model module, at the tests' size."""
+    pytest.importorskip("torch")
+    os.environ["WARM_LAYERS"] = "4"
+    sys.path.insert(0, EXAMPLE)
+    import model
+    return model
+
+
+@pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("warm")
     run_example("save_graphs.py", out)
@@ -46,12 +56,9 @@ def test_file_shares_regions_and_kernels(saved):
     assert pools, "torch's graph pool must become shared scratch"
 
 
-def test_bind_errors_list_every_problem(saved):
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, EXAMPLE)
-    os.environ["WARM_LAYERS"] = "4"
-    from model import build
-    model, kv, _ = build()
+def test_bind_errors_list_every_problem(saved, example):
+    import torch
+    model, kv, _ = example.build()
     path = saved / "decoder.cgsnap"
     with pytest.raises(cgsnap.BindError, match=r"missing: kv_cache"):
         cgsnap.load(path, bind={"model": model})
@@ -66,27 +73,16 @@ def test_bind_errors_list_every_problem(saved):
     assert "missing: kv_cache" in msg and "bogus" in msg and "model.head.weight" in msg
 
 
-def test_seven_graphs_in_one_file_are_far_smaller(saved, tmp_path):
+def test_seven_graphs_in_one_file_are_far_smaller(example, tmp_path):
     """Shared images and regions are stored once: compare with one file per graph."""
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, EXAMPLE)
-    os.environ["WARM_LAYERS"] = "4"
+    import torch
+
     import cgsnap.torch
-    from model import BATCH_SIZES, CONFIG, build
-    model, kv, _ = build()
-    tokens = torch.zeros(CONFIG["max_batch"], dtype=torch.long, device="cuda")
+    model, kv, _ = example.build()
+    tokens = torch.zeros(example.CONFIG["max_batch"], dtype=torch.long, device="cuda")
     pos = torch.zeros_like(tokens)
-    graphs, outs = {}, {}
-    pool = torch.cuda.graph_pool_handle()
-    with torch.no_grad():
-        for b in BATCH_SIZES:
-            model(tokens[:b], pos[:b], kv)
-        for b in sorted(BATCH_SIZES, reverse=True):
-            g = torch.cuda.CUDAGraph(keep_graph=True)
-            with torch.cuda.graph(g, pool=pool):
-                outs[b] = model(tokens[:b], pos[:b], kv)
-            graphs[f"bs{b}"] = g
-    tensors = {"tokens": tokens, "pos": pos, **{f"logits_bs{b}": outs[b] for b in BATCH_SIZES}}
+    graphs, outs = example.capture_graphs(model, kv, tokens, pos)
+    tensors = {"tokens": tokens, "pos": pos, **{f"logits_bs{b}": o for b, o in outs.items()}}
     combined = tmp_path / "all.cgsnap"
     cgsnap.torch.save(combined, graphs, model=model, bound={"kv_cache": kv}, tensors=tensors)
     singles = 0
@@ -110,12 +106,9 @@ def test_seven_graphs_in_one_file_are_far_smaller(saved, tmp_path):
     assert ratio > 3
 
 
-def test_verify_bound_compares_contents(saved):
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, EXAMPLE)
-    os.environ["WARM_LAYERS"] = "4"
-    from model import build
-    model, kv, _ = build()
+def test_verify_bound_compares_contents(saved, example):
+    import torch
+    model, kv, _ = example.build()
     path = saved / "decoder.cgsnap"
     with cgsnap.load(path, bind={"model": model, "kv_cache": kv}, verify_bound=True) as r:
         assert "bs1" in r.graph_names           # same weights and cache: accepted
