@@ -13,6 +13,8 @@ from collections import namedtuple
 from functools import cached_property
 from typing import NamedTuple
 
+import numpy as np
+
 from cgsnap.errors import BinaryFormatError
 
 EM_CUDA = 190
@@ -387,6 +389,25 @@ def cubin_info(data) -> CubinInfo:
                      kernels, variables)
 
 
+def global_initial_values(data) -> dict:
+    """``{name: bytes}``: the contents a freshly loaded module gives each ``__device__`` /
+    ``__constant__`` variable -- its bytes in the defining section, zeros for a ``.nv.global``
+    (NOBITS) one. Variables whose bytes lie outside their section are left out (unknown)."""
+    elf = ElfFile(data)
+    sections = elf.sections
+    values = {}
+    for sym in elf.symbols():
+        if sym.section_name is None or sym.type not in (STT_OBJECT, STT_CUDA_OBJECT) or \
+                sym.name.startswith("$") or not _variable_space(sym.section_name):
+            continue
+        sec = sections[sym.shndx]
+        if sec.type == SHT_NOBITS:
+            values[sym.name] = bytes(sym.size)
+        elif sym.value + sym.size <= sec.size:
+            values[sym.name] = bytes(elf.section_data(sec)[sym.value:sym.value + sym.size])
+    return values
+
+
 def _compat_arch_specific(elf: ElfFile) -> bool | None:
     compat = elf.section(".nv.compat")
     if compat is None:
@@ -395,12 +416,52 @@ def _compat_arch_specific(elf: ElfFile) -> bool | None:
     return None if value is None else value == 1
 
 
+_SHDR_NUMPY = np.dtype([(name, "<u4" if fmt == "I" else "<u8") for fmt, name in
+                        (("I", "sh_name"), ("I", "sh_type"), ("Q", "sh_flags"), ("Q", "sh_addr"),
+                         ("Q", "sh_offset"), ("Q", "sh_size"), ("I", "sh_link"), ("I", "sh_info"),
+                         ("Q", "sh_addralign"), ("Q", "sh_entsize"))])
+assert _SHDR_NUMPY.itemsize == ELF64_SHDR.size
+
+
 def check_cubin(data, kernels) -> list:
     """Cheap structural check of a cubin before it is handed to the driver: an EM_CUDA ELF
-    whose section table parses. Returns the names in ``kernels`` that have no ``.text.<name>``
-    section (only section headers are read, not the symbol table)."""
+    whose section table and section names lie inside the image. Returns the names in
+    ``kernels`` that have no ``.text.<name>`` section.
+
+    Runs on every restore over tens of MB of library cubins with thousands of sections, so the
+    table is read as one numpy array and names are found in the string table with bytes.find
+    (at an offset some section's name field points to: string tables may share suffixes)."""
     elf = ElfFile(data)
     if elf.machine != EM_CUDA:
         raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
-    names = {sec.name for sec in elf.sections}
-    return [k for k in kernels if f".text.{k}" not in names]
+    h = elf.header
+    if h.e_shoff == 0:
+        return list(kernels)
+    if h.e_shentsize != ELF64_SHDR.size:
+        raise BinaryFormatError(f"section header size {h.e_shentsize}, expected {ELF64_SHDR.size}")
+    view = elf._view
+    count = h.e_shnum or ELF64_SHDR.read(view, h.e_shoff, "section header 0").sh_size
+    check_range(view, h.e_shoff, ELF64_SHDR.size * count, "section header table")
+    table = np.frombuffer(view, dtype=_SHDR_NUMPY, count=count, offset=h.e_shoff)
+    index = h.e_shstrndx
+    if index == SHN_XINDEX:
+        index = int(table[0]["sh_link"])
+    if index == SHN_UNDEF:
+        return list(kernels)
+    if index >= count:
+        raise BinaryFormatError(f"section name table index {index} out of range ({count} sections)")
+    strtab = elf._strtab_bytes(index, int(table[index]["sh_type"]), int(table[index]["sh_offset"]),
+                               int(table[index]["sh_size"]))
+    name_offsets = table["sh_name"]
+    if len(name_offsets) and int(name_offsets.max()) >= len(strtab):
+        raise BinaryFormatError("a section name is outside the section name table")
+    starts = set(name_offsets.tolist())
+    missing = []
+    for k in kernels:
+        needle = b".text." + k.encode() + b"\0"
+        pos = strtab.find(needle)
+        while pos >= 0 and pos not in starts:
+            pos = strtab.find(needle, pos + 1)
+        if pos < 0:
+            missing.append(k)
+    return missing

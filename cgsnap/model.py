@@ -15,10 +15,17 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
+
 from .errors import FormatError
 from .hashing import is_hash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 stored each kernel argument as its own map ({"d": bytes, "r": [[off, region, off]]});
+# schema 2 stores a node's whole parameter buffer and one packed table of its pointers, which
+# validates and restores without a Python object per argument. Both are read.
+READ_SCHEMAS = (1, 2)
+_REF = np.dtype([("pos", "<u8"), ("region", "<u8"), ("offset", "<u8")])
 U64 = (1 << 64) - 1
 
 
@@ -99,9 +106,42 @@ class KernelNode:
     grid: tuple
     block: tuple
     shared_mem: int
-    args: tuple                    # of Arg
+    args: Optional[tuple]          # of Arg; None when only ``packed`` is kept (see below)
     attrs: dict = field(default_factory=dict)   # cluster_dim (x,y,z), priority, cooperative
+    # ``(params, refs)`` as stored in a file: the kernel's whole parameter buffer, and the
+    # pointer table (little-endian u64 triples: byte position in params, region, offset).
+    # Set on nodes read from a file; the restore uses it directly, tools get ``args`` too.
+    packed: Optional[tuple] = None
     TYPE = "kernel"
+
+
+def param_buffer_size(layout) -> int:
+    """Bytes of a kernel's parameter buffer: ``layout`` is ``Kernel.params``."""
+    return max((off + size for off, size in layout), default=0)
+
+
+def pack_args(args, layout) -> tuple:
+    """``(params, refs)``: the schema-2 form of a node's arguments (see ``KernelNode.packed``)."""
+    buf = bytearray(param_buffer_size(layout))
+    refs = []
+    for (off, _), a in zip(layout, args):
+        buf[off:off + len(a.data)] = a.data
+        refs.extend((off + o, r.region, r.offset) for o, r in a.refs)
+    return bytes(buf), np.array(refs, dtype="<u8").reshape(-1, 3).tobytes()
+
+
+def unpack_args(params: bytes, refs: bytes, layout) -> tuple:
+    """The per-argument form of a packed node (refs must lie inside arguments: validated)."""
+    table = np.frombuffer(refs, dtype="<u8").reshape(-1, 3).tolist()
+    out, j = [], 0
+    for off, size in layout:
+        mine = []
+        while j < len(table) and table[j][0] < off + size:
+            pos, region, offset = table[j]
+            mine.append((pos - off, Ref(region, offset)))
+            j += 1
+        out.append(Arg(bytes(params[off:off + size]), tuple(mine)))
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -265,19 +305,23 @@ class Snapshot:
             "regions": regions,
             "images": images,
             "kernels": [_kernel_out(k) for k in self.kernels],
-            "graphs": [_graph_out(g, add_blob) for g in self.graphs],
+            "graphs": [_graph_out(g, add_blob, [k.params for k in self.kernels])
+                       for g in self.graphs],
         }
         return manifest, blobs
 
     @classmethod
     def from_manifest(cls, manifest: Any, blob_sizes: list, path: str = "",
-                      blob_getter: Optional[Callable[[int], Any]] = None) -> "Snapshot":
+                      blob_getter: Optional[Callable[[int], Any]] = None,
+                      unpack: bool = True) -> "Snapshot":
         """Validate ``manifest`` completely and build the model.
 
         ``blob_sizes[i]`` is the raw length of blob ``i`` (checked against region and image
         sizes); ``blob_getter(i)`` returns its contents (called lazily only for images, which
-        are small; region contents stay in the file until restore reads them)."""
-        return _Validator(path, blob_sizes, blob_getter).snapshot(manifest)
+        are small; region contents stay in the file until restore reads them). With
+        ``unpack=False`` kernel nodes of a schema-2 manifest keep only ``packed`` (``args`` is
+        None): what the restore needs, without an object per argument."""
+        return _Validator(path, blob_sizes, blob_getter, unpack).snapshot(manifest)
 
 
 # ---- serialisation helpers ----------------------------------------------------------------
@@ -315,13 +359,13 @@ def _kernel_out(k: Kernel) -> dict:
     return out
 
 
-def _node_out(n) -> dict:
+def _node_out(n, layouts) -> dict:
     t = n.TYPE
     out: dict = {"id": n.id, "t": t}
     if t == "kernel":
+        params, refs = n.packed if n.args is None else pack_args(n.args, layouts[n.kernel])
         out.update(kernel=n.kernel, grid=list(n.grid), block=list(n.block), smem=n.shared_mem,
-                   args=[{"d": a.data, "r": [[o, r.region, r.offset] for o, r in a.refs]}
-                         for a in n.args])
+                   params=params, refs=refs)
         if n.attrs:
             out["attrs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in n.attrs.items()}
     elif t == "memcpy":
@@ -344,8 +388,9 @@ def _node_out(n) -> dict:
     return out
 
 
-def _graph_out(g: Graph, add_blob) -> dict:
-    return {"name": g.name, "top_level": g.top_level, "nodes": [_node_out(n) for n in g.nodes],
+def _graph_out(g: Graph, add_blob, layouts) -> dict:
+    return {"name": g.name, "top_level": g.top_level,
+            "nodes": [_node_out(n, layouts) for n in g.nodes],
             "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
             "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
 
@@ -384,8 +429,9 @@ _DIM_MAX = (1 << 31) - 1
 class _Validator:
     """Checks a manifest dict field by field, naming the exact place of any problem."""
 
-    def __init__(self, path: str, blob_sizes: list, blob_getter):
+    def __init__(self, path: str, blob_sizes: list, blob_getter, unpack: bool = True):
         self.path = path
+        self.unpack = unpack
         self.blob_sizes = blob_sizes
         self.blob_getter = blob_getter
         self.used_blobs: set = set()
@@ -450,6 +496,11 @@ class _Validator:
         return v
 
     def dims(self, v, where, lo=1) -> tuple:
+        if type(v) is list and len(v) == 3:           # the common case, checked inline
+            x, y, z = v
+            if type(x) is int and type(y) is int and type(z) is int and \
+                    lo <= x <= _DIM_MAX and lo <= y <= _DIM_MAX and lo <= z <= _DIM_MAX:
+                return (x, y, z)
         v = self.list(v, where, 3)
         if len(v) != 3:
             self.fail(where, "expected 3 dimensions")
@@ -490,9 +541,10 @@ class _Validator:
         m = self.map(m, "", ("schema", "device", "versions", "meta", "events", "regions",
                              "images", "kernels", "graphs"))
         schema = self.int(m["schema"], "schema", 0, 1 << 16)
-        if schema != SCHEMA_VERSION:
+        if schema not in READ_SCHEMAS:
             self.fail("schema", f"manifest schema {schema} is not supported (this cgsnap reads "
-                                f"{SCHEMA_VERSION})")
+                                f"{', '.join(map(str, READ_SCHEMAS))})")
+        self.schema = schema
         device = self.free_map(m["device"], "device")
         if "arch" in device:
             self.int(device["arch"], "device.arch", 0, 10_000)
@@ -644,13 +696,26 @@ class _Validator:
         return Ref(region, offset)
 
     def graph(self, g, where, ctx) -> Graph:
+        ctx.packed = []
         nodes = [self.node(n, f"{where}.nodes[{i}]", ctx)
                  for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes"))]
+        if ctx.packed:
+            self.packed_refs(ctx)
+            if self.unpack:
+                for node, _ in ctx.packed:
+                    node.args = unpack_args(*node.packed, ctx.kernels[node.kernel].params)
         ids = {n.id for n in nodes}
         if len(ids) != len(nodes):
             self.fail(f"{where}.nodes", "duplicate node id")
         edges = []
         for i, e in enumerate(self.list(g["edges"], f"{where}.edges")):
+            if type(e) is list and len(e) == 5:       # the common case, checked inline
+                src, dst, a, b, c = e
+                if type(src) is int and type(dst) is int and src in ids and dst in ids and \
+                        src != dst and type(a) is int and type(b) is int and type(c) is int and \
+                        0 <= a <= 255 and 0 <= b <= 255 and 0 <= c <= 255:
+                    edges.append(Edge(src, dst, a, b, c))
+                    continue
             e = self.list(e, f"{where}.edges[{i}]", 5)
             if len(e) != 5:
                 self.fail(f"{where}.edges[{i}]", "expected [src, dst, from_port, to_port, type]")
@@ -677,7 +742,7 @@ class _Validator:
         if not isinstance(n, dict):
             self.fail(where, "expected a map")
         t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
-        spec = _NODE_FIELDS[t]
+        spec = _KERNEL_FIELDS_V1 if t == "kernel" and self.schema == 1 else _NODE_FIELDS[t]
         self.map(n, where, ("id", "t") + spec[0], spec[1])
         nid = self.int(n["id"], f"{where}.id", 0, 1 << 32)
         if t == "kernel":
@@ -728,37 +793,19 @@ class _Validator:
     def kernel_node(self, n, where, nid, ctx) -> KernelNode:
         kid = self.int(n["kernel"], f"{where}.kernel", 0, len(ctx.kernels) - 1)
         kernel = ctx.kernels[kid]
-        raw_args = self.list(n["args"], f"{where}.args", 4096)
-        if len(raw_args) != len(kernel.params):
-            self.fail(f"{where}.args", f"{len(raw_args)} arguments, kernel {kernel.name} takes "
-                                       f"{len(kernel.params)}")
-        args = []
-        nregions = len(ctx.regions)
-        for i, (a, (_, size)) in enumerate(zip(raw_args, kernel.params)):
-            if type(a) is dict and len(a) == 2 and type(a.get("d")) is bytes and \
-                    len(a["d"]) == size and type(a.get("r")) is list and \
-                    all(type(r) is list and len(r) == 3 for r in a["r"]):
-                data, raw_refs = a["d"], a["r"]
-            else:                       # the slow path names the exact problem
-                aw = f"{where}.args[{i}]"
-                a = self.map(a, aw, ("d", "r"))
-                data = self.bytes(a["d"], f"{aw}.d")
-                if len(data) != size:
-                    self.fail(f"{aw}.d", f"{len(data)} bytes, the parameter has {size}")
-                raw_refs = self.list(a["r"], f"{aw}.r", size // 8 + 1)
-                for j, r in enumerate(raw_refs):
-                    if len(self.list(r, f"{aw}.r[{j}]", 3)) != 3:
-                        self.fail(f"{aw}.r[{j}]", "expected [offset, region, offset]")
-            refs = []
-            last = -8
-            for j, (off, rid, roff) in enumerate(raw_refs):
-                if not (type(off) is int and type(rid) is int and type(roff) is int and
-                        last + 8 <= off <= size - 8 and off % 8 == 0 and
-                        0 <= rid < nregions and 0 <= roff <= ctx.regions[rid].size):
-                    self.ref_problem(f"{where}.args[{i}].r[{j}]", off, rid, roff, last, size, ctx)
-                last = off
-                refs.append((off, Ref(rid, roff)))
-            args.append(Arg(bytes(data), tuple(refs)))
+        if self.schema == 1:
+            args, packed = self.kernel_args_v1(n, where, kernel, ctx), None
+        else:
+            params, refs = n["params"], n["refs"]
+            if type(params) is not bytes or len(params) != ctx.buffer_sizes[kid]:
+                params = self.bytes(params, f"{where}.params")
+                self.fail(f"{where}.params", f"{len(params)} bytes, kernel {kernel.name} takes "
+                                             f"{ctx.buffer_sizes[kid]}")
+            if type(refs) is not bytes or len(refs) % 24 or len(refs) // 24 > len(params) // 8:
+                refs = self.bytes(refs, f"{where}.refs")
+                self.fail(f"{where}.refs", f"{len(refs)} bytes: expected up to one 24-byte entry "
+                                           "per 8 bytes of parameters")
+            args, packed = None, (params, refs)
         attrs = {}
         raw_attrs = n.get("attrs", {})
         self.map(raw_attrs, f"{where}.attrs", optional=("cluster_dim", "priority", "cooperative"))
@@ -768,9 +815,98 @@ class _Validator:
             if key in raw_attrs:
                 attrs[key] = self.int(raw_attrs[key], f"{where}.attrs.{key}", -(1 << 31),
                                       (1 << 31) - 1)
-        return KernelNode(nid, kid, self.dims(n["grid"], f"{where}.grid"),
+        node = KernelNode(nid, kid, self.dims(n["grid"], f"{where}.grid"),
                           self.dims(n["block"], f"{where}.block"),
-                          self.int(n["smem"], f"{where}.smem", 0, 1 << 24), tuple(args), attrs)
+                          self.int(n["smem"], f"{where}.smem", 0, 1 << 24), args, attrs, packed)
+        if packed is not None:
+            ctx.packed.append((node, where))
+        return node
+
+    def packed_refs(self, ctx) -> None:
+        """Check the pointer tables of one graph's packed kernel nodes in one vectorised pass:
+        each entry 8-aligned, inside one argument of its kernel, increasing within its node,
+        naming an existing region and an offset inside it (one past the end allowed)."""
+        items = ctx.packed
+        table = np.frombuffer(b"".join(node.packed[1] for node, _ in items), dtype=_REF)
+        if not len(table):
+            return
+        counts = [len(node.packed[1]) // 24 for node, _ in items]
+        owner = np.repeat(np.arange(len(items)), counts)
+        kid = np.array([node.kernel for node, _ in items], dtype=np.uint64)[owner]
+        pos, region, offset = table["pos"], table["region"], table["offset"]
+        ok = (pos & np.uint64(7)) == 0
+        ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
+        ok &= region < np.uint64(len(ctx.region_sizes))
+        sizes = np.array(ctx.region_sizes, dtype=np.uint64)
+        ok &= offset <= sizes[np.minimum(region, np.uint64(max(len(sizes) - 1, 0)))] \
+            if len(sizes) else False
+        # Inside an argument: the last argument starting at or before pos must reach pos + 8.
+        starts, ends, arg_kid = ctx.arg_table
+        key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
+        at = np.searchsorted(starts, key, side="right") - 1
+        safe = np.maximum(at, 0)
+        ok &= (at >= 0) & (arg_kid[safe] == kid) & (pos <= np.uint64(0xFFFFFFF0))
+        ok &= (pos & np.uint64(0xFFFFFFFF)) + np.uint64(8) <= ends[safe]
+        if ok.all():
+            return
+        bad = int(np.argmin(ok))
+        node, where = items[owner[bad]]
+        j = bad - int(np.searchsorted(owner, owner[bad]))
+        p, r, o = (int(x) for x in table[bad].tolist())
+        w = f"{where}.refs[{j}]"
+        if p % 8 or (j and p <= int(pos[bad - 1])):
+            self.fail(w, "pointer positions must be 8-aligned and increasing")
+        if r >= len(ctx.region_sizes):
+            self.fail(w, f"region {r} does not exist ({len(ctx.region_sizes)} regions)")
+        if o > ctx.region_sizes[r]:
+            self.fail(w, f"offset {o} is beyond the end of region {r} "
+                         f"({ctx.region_sizes[r]} bytes)")
+        self.fail(w, f"position {p} is not an 8-byte word inside one argument of "
+                     f"kernel {ctx.kernels[node.kernel].name}")
+
+    def kernel_args_v1(self, n, where, kernel, ctx) -> tuple:
+        raw_args = self.list(n["args"], f"{where}.args", 4096)
+        if len(raw_args) != len(kernel.params):
+            self.fail(f"{where}.args", f"{len(raw_args)} arguments, kernel {kernel.name} takes "
+                                       f"{len(kernel.params)}")
+        args = []
+        sizes = ctx.region_sizes
+        nregions = len(sizes)
+        for i, (a, (_, size)) in enumerate(zip(raw_args, kernel.params)):
+            # The fast path: every check inline, no per-entry calls (a captured graph has
+            # thousands of arguments); anything it refuses goes to the slow path, which names
+            # the exact problem.
+            if type(a) is dict and len(a) == 2 and type(a.get("d")) is bytes and \
+                    len(a["d"]) == size and type(a.get("r")) is list:
+                data, raw_refs = a["d"], a["r"]
+            else:
+                aw = f"{where}.args[{i}]"
+                a = self.map(a, aw, ("d", "r"))
+                data = self.bytes(a["d"], f"{aw}.d")
+                if len(data) != size:
+                    self.fail(f"{aw}.d", f"{len(data)} bytes, the parameter has {size}")
+                raw_refs = self.list(a["r"], f"{aw}.r", size // 8 + 1)
+            if not raw_refs:
+                args.append(Arg(data, ()))
+                continue
+            refs = []
+            last = -8
+            for r in raw_refs:
+                if type(r) is list and len(r) == 3:
+                    off, rid, roff = r
+                    if type(off) is int and type(rid) is int and type(roff) is int and \
+                            last + 8 <= off <= size - 8 and not off & 7 and \
+                            0 <= rid < nregions and 0 <= roff <= sizes[rid]:
+                        last = off
+                        refs.append((off, Ref(rid, roff)))
+                        continue
+                j = len(refs)
+                rw = f"{where}.args[{i}].r[{j}]"
+                if len(self.list(r, rw, 3)) != 3:
+                    self.fail(rw, "expected [offset, region, offset]")
+                self.ref_problem(rw, r[0], r[1], r[2], last, size, ctx)
+            args.append(Arg(data, tuple(refs)))
+        return tuple(args)
 
     def span_fits(self, ctx, ref: Ref, span: int, where):
         if ref.offset + span > ctx.regions[ref.region].size:
@@ -802,9 +938,19 @@ class _GraphContext:
     events: int
     graph_names: set
 
+    def __post_init__(self):
+        self.region_sizes = [r.size for r in self.regions]
+        self.buffer_sizes = [param_buffer_size(k.params) for k in self.kernels]
+        # Every kernel argument as a sorted key (kernel << 32 | start) with its end: where a
+        # pointer table entry may lie (see _Validator.packed_refs).
+        rows = sorted((k.id << 32 | off, off + size, k.id)
+                      for k in self.kernels for off, size in k.params)
+        self.arg_table = tuple(np.array([r[i] for r in rows], dtype=np.uint64) for i in range(3))
+        self.packed: list = []
+
 
 _NODE_FIELDS = {   # type -> (required fields, optional fields), besides id and t
-    "kernel": (("kernel", "grid", "block", "smem", "args"), ("attrs",)),
+    "kernel": (("kernel", "grid", "block", "smem", "params", "refs"), ("attrs",)),
     "memcpy": (("src", "dst", "width", "height", "depth", "src_pitch", "src_height", "dst_pitch",
                 "dst_height"), ()),
     "memset": (("dst", "value", "element_size", "width", "height", "pitch"), ()),
@@ -816,6 +962,9 @@ _NODE_FIELDS = {   # type -> (required fields, optional fields), besides id and 
     "mem_free": (("ptr",), ()),
     "host": (("callback",), ()),
 }
+
+
+_KERNEL_FIELDS_V1 = (("kernel", "grid", "block", "smem", "args"), ("attrs",))
 
 
 def _span(width: int, height: int, depth: int, pitch: int, slice_height: int) -> int:

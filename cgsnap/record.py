@@ -7,6 +7,7 @@ references (see :mod:`cgsnap.classify` for how words are classified).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import datetime
 import platform
@@ -15,15 +16,16 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__, driver, transfer
+from . import __version__, driver, elf, transfer
 from .buffers import BufferSpec, expand_buffers
 from .classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
 from .driver import NodeType, call, cu
-from .errors import CaptureError, UnsupportedNodeError
+from .errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from .hashing import region_hash
 from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
                     HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
                     MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot)
+from .snapfile import remap_node
 
 _LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
 _MAX_ALIGNMENT = 4096
@@ -361,6 +363,57 @@ def _kernel_node_attrs(node) -> dict:
 
 # ---- contents ---------------------------------------------------------------------------------
 
+def _drop_unchanged_globals(rec: _Recording) -> None:
+    """Module globals that no node points at and that still hold what loading their image
+    gives them need not travel: the restore's library load recreates them. Library modules
+    (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
+    the restore's per-region driver calls several times larger than the graphs themselves."""
+    initial: dict = {}
+    used = {r.parent for r in rec.regions if r.parent is not None}
+    for g in rec.graphs:
+        used.update(g.checks)
+        for n in g.nodes:
+            used.update(_node_regions(n))
+    keep = []
+    for r in rec.regions:
+        if r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED and r.id not in used:
+            if r.image not in initial:
+                try:
+                    initial[r.image] = elf.global_initial_values(rec.images[r.image].data)
+                except BinaryFormatError:
+                    initial[r.image] = {}
+            value = initial[r.image].get(r.symbol)
+            if value is not None and len(value) == r.size and \
+                    np.asarray(r.data, dtype=np.uint8).tobytes() == value:
+                continue
+        keep.append(r)
+    if len(keep) == len(rec.regions):
+        return
+    rmap = {r.id: i for i, r in enumerate(keep)}
+    rec.regions = [dataclasses.replace(r, id=rmap[r.id],
+                                       parent=None if r.parent is None else rmap[r.parent])
+                   for r in keep]
+    kmap = {k.id: k.id for k in rec.kernels}
+    for g in rec.graphs:
+        g.nodes = [remap_node(n, rmap, kmap, 0) for n in g.nodes]
+        g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
+
+
+def _node_regions(n):
+    t = n.TYPE
+    if t == "kernel":
+        return [ref.region for a in n.args for _, ref in a.refs]
+    if t == "memcpy":
+        return [n.src.region, n.dst.region]
+    if t == "memset":
+        return [n.dst.region]
+    if t == "mem_alloc":
+        return [n.region]
+    if t == "mem_free":
+        return [n.ptr.region]
+    return []
+
+
 def _read_region(region: Region, stager=None) -> np.ndarray:
     out = transfer.host_array(region.size, stager)
     if region.size:
@@ -460,6 +513,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
             raise CaptureError(note)
     snap_meta = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc)
                  .isoformat(timespec="seconds"), "host": platform.node()}
+    _drop_unchanged_globals(rec)
     if note:
         snap_meta["checks_skipped"] = note
     snap_meta.update(meta or {})

@@ -17,6 +17,7 @@ Nothing here imports torch or CuPy.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from .driver import call, cu
 from .errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
                      KernelNotFoundError, RestoreError)
 from .hashing import region_hash
-from .model import Policy, RegionKind, Snapshot
+from .model import Policy, RegionKind, Snapshot, pack_args
 from .sources import arch_runs_on
 
 
@@ -95,45 +96,67 @@ class _GraphPlan:
             d.sort()
             consecutive = bool(d) and d[-1] - d[0] == len(d) - 1
             self.dep_first.append(d[0] if consecutive else -1)
+        self.dep_first = np.array(self.dep_first, dtype=np.int64)
+        self.ndeps = [len(d) for d in self.deps]
         self.special_edges = [(pos[e.src], pos[e.dst], e) for e in graph.edges
                               if (e.from_port, e.to_port, e.type) != (0, 0, 0)]
         kernel_nodes = [(i, n) for i, n in enumerate(order) if n.TYPE == "kernel"]
         self.kernel_row = {i: k for k, (i, _) in enumerate(kernel_nodes)}
-        self.params = np.zeros(len(kernel_nodes), dtype=driver.KERNEL_NODE_PARAMS)
+        count = len(kernel_nodes)
+        self.params = np.zeros(count, dtype=driver.KERNEL_NODE_PARAMS)
         self.kernel_index = np.array([n.kernel for _, n in kernel_nodes], dtype=np.int64)
-        self.param_first = np.zeros(len(kernel_nodes), dtype=np.int64)
-        self.param_count = np.zeros(len(kernel_nodes), dtype=np.int64)
         self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
         self.late_refs: dict = {}
-        chunks, rel, patch_pos, patch_region, patch_off = [], [], [], [], []
-        cursor = 0
-        for k, (i, n) in enumerate(kernel_nodes):
-            self.params[k]["grid"] = n.grid
-            self.params[k]["block"] = n.block
-            self.params[k]["shared_mem"] = n.shared_mem
-            params = snap.kernels[n.kernel].params
-            self.param_first[k], self.param_count[k] = len(rel), len(params)
-            size = max((o + sz for o, sz in params), default=0)
-            buf = bytearray(size + (-size % 8))
-            for (off, _), arg in zip(params, n.args):
-                rel.append(cursor + off)
-                buf[off:off + len(arg.data)] = arg.data
-                for at_arg, ref in arg.refs:
-                    at = cursor + off + at_arg
-                    if ref.region in late_regions:
-                        self.late_refs.setdefault(i, []).append((at // 8, ref.region, ref.offset))
-                    else:
-                        patch_pos.append(at // 8)
-                        patch_region.append(ref.region)
-                        patch_off.append(ref.offset)
-            chunks.append(bytes(buf))
-            cursor += len(buf)
-        self.arg_bytes = b"".join(chunks)
-        self.param_rel = np.array(rel, dtype=np.uint64)
-        self.patch_pos = np.array(patch_pos, dtype=np.int64)
-        self.patch_region = np.array(patch_region, dtype=np.int64)
-        self.patch_off = np.array(patch_off, dtype=np.uint64)
+        if count:
+            self.params["grid"] = [n.grid for _, n in kernel_nodes]
+            self.params["block"] = [n.block for _, n in kernel_nodes]
+            self.params["shared_mem"] = [n.shared_mem for _, n in kernel_nodes]
+        # Arguments: every node's parameter buffer (as stored: schema 2), 8-byte aligned, one
+        # after another in one buffer; the pointer words to patch as arrays over the graph.
+        layouts = [k.params for k in snap.kernels]
+        packs = [n.packed if n.args is None else pack_args(n.args, layouts[n.kernel])
+                 for _, n in kernel_nodes]
+        padded = [(len(p[0]) + 7) & ~7 for p in packs]
+        cursors = np.zeros(count, dtype=np.uint64)
+        if count > 1:
+            cursors[1:] = np.cumsum(padded[:-1], dtype=np.uint64)
+        self.arg_bytes = b"".join(p[0].ljust(size, b"\0") for p, size in zip(packs, padded))
+        counts = np.array([len(layouts[n.kernel]) for _, n in kernel_nodes], dtype=np.int64)
+        self.param_count = counts
+        self.param_first = np.zeros(count, dtype=np.int64)
+        if count > 1:
+            self.param_first[1:] = np.cumsum(counts[:-1])
+        offsets = _param_offsets(layouts)
+        self.param_rel = (np.concatenate([offsets[n.kernel] for _, n in kernel_nodes])
+                          + np.repeat(cursors, counts)) if count else np.zeros(0, np.uint64)
+        table = np.frombuffer(b"".join(p[1] for p in packs), dtype="<u8").reshape(-1, 3)
+        ref_counts = [len(p[1]) // 24 for p in packs]
+        word = ((np.repeat(cursors, ref_counts) + table[:, 0]) // np.uint64(8)).astype(np.int64)
+        region = table[:, 1].astype(np.int64)
+        late = np.isin(region, sorted(late_regions)) if late_regions else \
+            np.zeros(len(region), dtype=bool)
+        self.patch_pos = word[~late]
+        self.patch_region = region[~late]
+        self.patch_off = table[~late, 2].copy()
+        if late.any():
+            owner = np.repeat(np.arange(count), ref_counts)
+            for idx in np.flatnonzero(late).tolist():
+                i = kernel_nodes[int(owner[idx])][0]
+                self.late_refs.setdefault(i, []).append(
+                    (int(word[idx]), int(region[idx]), int(table[idx, 2])))
         self.children = [n.graph for n in order if n.TYPE == "graph"]
+        # Per node: its row in ``params`` (0 for other nodes), and whether it is a plain kernel
+        # node that _build adds with a single call.
+        self.node_row = np.zeros(len(order), dtype=np.int64)
+        for i, k in self.kernel_row.items():
+            self.node_row[i] = k
+        self.simple = [i in self.kernel_row and i not in self.late_refs and i not in self.attrs
+                       and (not self.deps[i] or self.dep_first[i] >= 0)
+                       for i in range(len(order))]
+
+
+def _param_offsets(layouts) -> list:
+    return [np.array([off for off, _ in layout], dtype=np.uint64) for layout in layouts]
 
 
 # ---- the restored snapshot ----------------------------------------------------------------
@@ -178,9 +201,16 @@ class Restored:
         self._stager = None
         self._host_callbacks = dict(host_callbacks or {})
         self._trampolines: list = []        # ctypes thunks the graphs' host nodes call
-        t0 = time.perf_counter()
-        self._file = fileformat.open_file(self.path, check_types=False)
+        # The manifest becomes tens of thousands of small objects: in a process with a large
+        # heap (torch imported) each full collection they trigger walks all of it -- measured
+        # 160 ms instead of 40 for validating the decoder's manifest. What is made here is freed
+        # by reference counting; the collector is back on (if it was) when load returns.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
+            t0 = time.perf_counter()
+            self._file = fileformat.open_file(self.path, check_types=False)
+            self.timings["read.open"] = time.perf_counter() - t0
             self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
             self.timings["read"] = time.perf_counter() - t0
             self._setup_gpu(device)
@@ -193,23 +223,46 @@ class Restored:
                 raise RestoreError(f"{self.path}: restore failed, everything it allocated was "
                                    f"released: {exc}") from exc
             raise
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     # ---- step 1-2: validate, plan, check (no GPU work) ----------------------------------
     def _prepare(self, bind, verify_bound, allow_jit, verify_blobs):
         f = self._file
         blob_sizes = [b.raw_length for b in f.blobs]
-        self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path)
-        # Kernel images are zstd-compressed (several-fold smaller); decompress them in parallel
-        # (zstd releases the GIL): tens of MB of cuBLAS cubins are common.
-        with ThreadPoolExecutor(min(8, max(1, len(snap.images)))) as pool:
-            datas = list(pool.map(lambda im: bytes(f.blob(im.data, verify=True)),
-                                  snap.images))
-        for im, data in zip(snap.images, datas):
-            im.data = data
+        # Kernel images are zstd-compressed (several-fold smaller: tens of MB of cuBLAS cubins
+        # are common). Their blobs are decompressed (and checksummed) by threads while the
+        # manifest is validated -- zstd releases the GIL -- so speculatively, from the
+        # unvalidated manifest: only blobs that the validated images name are used afterwards.
+        pool = ThreadPoolExecutor(8, thread_name_prefix="cgsnap-images")
+        try:
+            early = {}
+            raw = f.manifest.get("images") if isinstance(f.manifest, dict) else None
+            for im in raw if isinstance(raw, list) else ():
+                b = im.get("blob") if isinstance(im, dict) else None
+                if type(b) is int and 0 <= b < len(blob_sizes) and b not in early:
+                    early[b] = pool.submit(lambda i: bytes(f.blob(i, verify=True)), b)
+            t = time.perf_counter()
+            self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path,
+                                                          unpack=False)
+            self.timings["read.validate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for im in snap.images:
+                job = early.get(im.data) or pool.submit(lambda i: bytes(f.blob(i, verify=True)),
+                                                        im.data)
+                im.data = job.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.timings["read.images"] = time.perf_counter() - t
+        t = time.perf_counter()
         self._verify_blobs = verify_blobs
         self._bound = self._check_bind(bind)
+        self.timings["read.bind"] = time.perf_counter() - t
+        t = time.perf_counter()
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
         self._plans = {g.name: _GraphPlan(snap, g, self._late) for g in snap.graphs}
+        self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
         missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
                          - set(self._host_callbacks))
@@ -389,41 +442,54 @@ class Restored:
     def _load_kernels(self, choice: dict):
         snap = self.snapshot
         images = list({v.hash: v for v in choice.values()}.values())
+        by_image: dict = {}
+        for k in snap.kernels:
+            by_image.setdefault(choice[k.id].hash, []).append(k)
         ctx = self.device.context
 
         def load(im):
             call(cu.cuCtxSetCurrent, ctx)      # pool threads have no current context
-            data = bytes(im.data)
-            if im.kind == "ptx" and not data.endswith(b"\0"):
-                data += b"\0"
-            return driver.library_load(data)
+            data = im.data
+            if im.kind == "ptx" and not bytes(data[-1:]) == b"\0":
+                data = bytes(data) + b"\0"
+            lib = driver.library_load(data)
+            # Getting the function is what loads it into the context (lazy loading): done here,
+            # in parallel too, rather than one kernel after another afterwards.
+            funcs = {}
+            try:
+                for k in by_image.get(im.hash, ()):
+                    func = driver.library_function(lib, k.name)
+                    funcs[k.id] = (func, driver.func_params(func))
+            except DriverError:
+                funcs[None] = k.name
+            return lib, funcs
         # Images load in parallel: the driver parses tens of MB of cuBLAS cubins otherwise one
         # after another. Every library that did load is recorded before any error is raised,
         # so that a failed restore unloads it.
         with ThreadPoolExecutor(min(8, max(1, len(images)))) as pool:
             futures = [pool.submit(load, im) for im in images]
-        libs, first_error = {}, None
+        libs, funcs, first_error = {}, {}, None
         for im, fut in zip(images, futures):
             try:
-                libs[im.hash] = fut.result()
+                libs[im.hash], found = fut.result()
                 self._libraries.append(libs[im.hash])
             except CgsnapError as exc:
                 first_error = first_error or exc
+                continue
+            if None in found and first_error is None:
+                first_error = KernelNotFoundError(f"{self.path}: kernel {found[None]} is not in "
+                                                  f"its image {im.hash}")
+            funcs.update(found)
         if first_error is not None:
             raise first_error
         self._funcs = []
         for k in snap.kernels:
-            lib = libs[choice[k.id].hash]
-            try:
-                func = driver.library_function(lib, k.name)
-            except DriverError:
-                raise KernelNotFoundError(f"{self.path}: kernel {k.name} is not in its image "
-                                          f"{choice[k.id].hash}") from None
-            params = driver.func_params(func)
+            func, params = funcs[k.id]
             if params != tuple(k.params):
                 raise RestoreError(f"{self.path}: kernel {k.name}: the reloaded kernel takes "
                                    f"parameters {params}, the snapshot recorded {k.params}")
-            driver.func_set_attrs(func, k.attrs)
+            if k.attrs:
+                driver.func_set_attrs(func, k.attrs)
             self._funcs.append(func)
         self._func_handles = np.array([int(f) for f in self._funcs], dtype=np.uint64)
         self._builder = driver.GraphBuilder()
@@ -455,7 +521,13 @@ class Restored:
 
     def _instantiate(self, name: str) -> None:
         t = time.perf_counter()
-        graph = self._build(name)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            graph = self._build(name)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         t1 = time.perf_counter()
         exe = call(cu.cuGraphInstantiate, graph, 0)
         self._graphs[name].exec = exe
@@ -497,11 +569,27 @@ class Restored:
         dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
         dep_addr = dep_buf.ctypes.data
         add_kernel, kernel_row, attrs = fast.add_kernel, plan.kernel_row, plan.attrs
-        for i, (deps, first) in enumerate(zip(plan.deps, plan.dep_first)):
+        # Every address the driver calls take, worked out for all nodes at once: the loop
+        # below is one foreign call per plain kernel node and nothing else.
+        n = len(plan.nodes)
+        handle_ptrs = (handles_addr + 8 * np.arange(n, dtype=np.uint64)).tolist()
+        dep_ptrs = np.where(plan.dep_first >= 0,
+                            np.uint64(handles_addr) + 8 * plan.dep_first.astype(np.uint64),
+                            np.uint64(0)).tolist()
+        param_ptrs = (np.uint64(params_addr) + param_size * plan.node_row.astype(np.uint64)).tolist()
+        for i, simple, h, d, nd, p in zip(range(n), plan.simple, handle_ptrs, dep_ptrs,
+                                          plan.ndeps, param_ptrs):
+            if simple:      # a kernel node, dependencies consecutive (or none), no extras
+                code = add_kernel(h, graph_int, d or None, nd, p)
+                if code:
+                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
+                                         f"{plan.nodes[i].id})")
+                continue
+            deps = plan.deps[i]
             if not deps:
                 dep_ptr = None
-            elif first >= 0:
-                dep_ptr = handles_addr + 8 * first
+            elif d:
+                dep_ptr = d
             else:
                 dep_buf[:len(deps)] = handles[deps]
                 dep_ptr = dep_addr
@@ -513,8 +601,7 @@ class Restored:
             if i in plan.late_refs:
                 for pos_, region, off in plan.late_refs[i]:
                     words[pos_] = int(self._bases[region]) + off
-            code = add_kernel(handles_addr + 8 * i, graph_int, dep_ptr, len(deps),
-                              params_addr + k * param_size)
+            code = add_kernel(h, graph_int, dep_ptr, len(deps), p)
             if code:
                 fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
                                      f"{plan.nodes[i].id})")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Union
 
+import numpy as np
+
 from . import fileformat
 from .errors import CaptureError
 from .model import Arg, Graph, Ref, Region, RegionKind, Snapshot
@@ -62,7 +64,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                                    "snapshot(..., name=...) a different name")
             names.add(g.name)
             graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
-                                nodes=[_remap(n, rmap, kmap, events) for n in g.nodes],
+                                nodes=[remap_node(n, rmap, kmap, events) for n in g.nodes],
                                 checks={rmap[rid]: data for rid, data in g.checks.items()}))
         events += snap.events
     first = snaps[0]
@@ -71,11 +73,17 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                     meta={**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)})
 
 
-def _remap(n, rmap: dict, kmap: dict, event_offset: int):
+def remap_node(n, rmap: dict, kmap: dict, event_offset: int):
+    """``n`` with its regions, kernel and events renumbered (``rmap`` / ``kmap``: old -> new id)."""
     def ref(r: Ref) -> Ref:
         return Ref(rmap[r.region], r.offset)
     t = n.TYPE
     if t == "kernel":
+        if n.args is None:        # packed (read for a restore): renumber the table's regions
+            params, refs = n.packed
+            table = np.frombuffer(refs, dtype="<u8").reshape(-1, 3).copy()
+            table[:, 1] = [rmap[r] for r in table[:, 1].tolist()]
+            return dataclasses.replace(n, kernel=kmap[n.kernel], packed=(params, table.tobytes()))
         args = tuple(Arg(a.data, tuple((o, ref(r)) for o, r in a.refs)) for a in n.args)
         return dataclasses.replace(n, kernel=kmap[n.kernel], args=args)
     if t == "memcpy":

@@ -92,6 +92,12 @@ def mutate_manifest(manifest: dict, rng: random.Random, paths: list) -> dict:
                 target = target[k]
             if isinstance(target, list) and rng.random() < 0.2:
                 target.pop(path[-1])
+            elif isinstance(target[path[-1]], bytes) and target[path[-1]] and rng.random() < 0.5:
+                # Packed fields (a kernel node's params / pointer table): damage them in place,
+                # same length, so that their validation rather than the type check meets them.
+                b = bytearray(target[path[-1]])
+                b[rng.randrange(len(b))] = rng.randrange(256)
+                target[path[-1]] = bytes(b)
             else:
                 target[path[-1]] = rng.choice(_VALUES)
         except (KeyError, IndexError, TypeError):

@@ -228,6 +228,39 @@ def test_cubin_info(load, name):
 
 
 @pytest.mark.parametrize("name", CUBINS)
+def test_global_initial_values(load, name):
+    # What a fresh module load gives each variable (kernels.cu: g_counter = 7, c_scale = 3, the
+    # arrays uninitialised): the recorder leaves out globals that still hold exactly this.
+    values = elf.global_initial_values(load(name)[1])
+    assert values == {"g_table": bytes(1024), "g_counter": struct.pack("<i", 7),
+                      "c_coeffs": bytes(64), "c_scale": struct.pack("<i", 3)}
+
+
+@pytest.mark.parametrize("name", CUBINS)
+def test_check_cubin_finds_kernels_by_section(load, name):
+    data = load(name)[1]
+    kernels = elf.cubin_info(data).kernels
+    sections = {s.name for s in elf.ElfFile(data).sections}
+    assert all(f".text.{k}" in sections for k in kernels)
+    assert elf.check_cubin(data, kernels) == []
+    # ".rel.text.<k>"-style suffixes in the string table are not sections of that name.
+    assert elf.check_cubin(data, ["_Z7missingv", "ext." + kernels[0]]) == ["_Z7missingv", "ext." + kernels[0]]
+
+
+def test_check_cubin_rejects_broken_tables(load):
+    data = bytearray(load("kernels.sm_90.cubin")[1])
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    with pytest.raises(BinaryFormatError, match="section header table"):
+        elf.check_cubin(bytes(data[:shoff + 10]), ["x"])
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, shoff + 64, 0xFFFFFF)       # section 1's name offset
+    with pytest.raises(BinaryFormatError, match="section name"):
+        elf.check_cubin(bytes(bad), ["x"])
+    with pytest.raises(BinaryFormatError, match="not a CUDA cubin"):
+        elf.check_cubin(load("libkernels.so")[1], ["x"])
+
+
+@pytest.mark.parametrize("name", CUBINS)
 def test_cubin_arch_matches_cuobjdump(load, name):
     path, data = load(name)
     assert _cuobjdump_archs(path)["cubin"] == [elf.cubin_info(data).arch_name]

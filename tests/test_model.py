@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -73,6 +75,70 @@ def test_topological_order_respects_edges():
     assert all(pos[e.src] < pos[e.dst] for e in g.edges)
 
 
+def _set_ref(m, node, j, field, value):
+    """Change field ``field`` (0 position, 1 region, 2 offset) of pointer ``j`` of a packed
+    kernel node of graph 0."""
+    n = m["graphs"][0]["nodes"][node]
+    table = np.frombuffer(n["refs"], dtype="<u8").reshape(-1, 3).copy()
+    table[j, field] = value
+    n["refs"] = table.tobytes()
+
+
+def _as_schema_1(m):
+    """The same manifest as cgsnap 0.1 wrote it: one map per kernel argument."""
+    m = copy.deepcopy(m)
+    m["schema"] = 1
+    layouts = [k["params"] for k in m["kernels"]]
+    for g in m["graphs"]:
+        for n in g["nodes"]:
+            if n["t"] == "kernel":
+                params = n.pop("params")
+                table = np.frombuffer(n.pop("refs"), dtype="<u8").reshape(-1, 3).tolist()
+                n["args"] = [{"d": params[off:off + size],
+                              "r": [[p - off, r, o] for p, r, o in table if off <= p < off + size]}
+                             for off, size in layouts[n["kernel"]]]
+    return m
+
+
+def test_schema_1_files_still_read():
+    manifest, sizes, _ = manifest_and_sizes()
+    assert manifest["schema"] == 2
+    new = Snapshot.from_manifest(manifest, sizes, "new.cgsnap")
+    old = Snapshot.from_manifest(_as_schema_1(manifest), sizes, "old.cgsnap")
+    # The same model, but for the packed form a schema-2 file also keeps on kernel nodes.
+    unpacked = [dataclasses.replace(n, packed=None) if n.TYPE == "kernel" else n
+                for g in new.graphs for n in g.nodes]
+    assert [n for g in old.graphs for n in g.nodes] == unpacked
+    # Written again, a schema-1 model becomes the same schema-2 manifest.
+    assert old.to_manifest()[0] == manifest
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: m["graphs"][0]["nodes"][0]["args"][0]["r"][0].__setitem__(1, 99), "out of range"),
+    (lambda m: m["graphs"][0]["nodes"][1]["args"][0]["r"][1].__setitem__(0, 12), "8-aligned"),
+    (lambda m: m["graphs"][0]["nodes"][0]["args"][2].__setitem__("d", b"\0"), "has 4"),
+    (lambda m: m["graphs"][0]["nodes"][0]["args"].pop(), "takes 3"),
+    (lambda m: m["graphs"][0]["nodes"][0].__setitem__("params", b""), "unknown field"),
+])
+def test_schema_1_validation(change, match):
+    manifest, sizes, _ = manifest_and_sizes()
+    old = _as_schema_1(manifest)
+    change(old)
+    _expect_invalid(old, sizes, match)
+
+
+def test_restore_view_keeps_arguments_packed():
+    manifest, sizes, _ = manifest_and_sizes()
+    snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap", unpack=False)
+    n1 = snap.graphs[0].nodes[1]
+    assert n1.args is None
+    params, refs = n1.packed
+    assert len(params) == 40
+    assert np.frombuffer(refs, dtype="<u8").reshape(-1, 3).tolist() == [[0, 2, 0], [16, 4, 64],
+                                                                         [32, 2, 512]]
+    assert snap.to_manifest()[0] == manifest
+
+
 def _expect_invalid(manifest, sizes, match):
     with pytest.raises(FormatError, match=match):
         Snapshot.from_manifest(manifest, sizes, "test.cgsnap")
@@ -90,15 +156,20 @@ CORRUPTIONS = [
     ("missing field", lambda m: m["regions"][0].pop("kind"), "missing field"),
     ("unknown region kind", lambda m: m["regions"][0].__setitem__("kind", "mystery"),
      "is not one of"),
-    ("dangling region ref", lambda m: m["graphs"][0]["nodes"][0]["args"][0]["r"][0]
-     .__setitem__(1, 99), "out of range"),
-    ("ref offset beyond region", lambda m: m["graphs"][0]["nodes"][0]["args"][0]["r"][0]
-     .__setitem__(2, 10 ** 6), "out of range"),
-    ("misaligned pointer offset", lambda m: m["graphs"][0]["nodes"][1]["args"][0]["r"][1]
-     .__setitem__(0, 12), "8-aligned"),
-    ("argument size mismatch", lambda m: m["graphs"][0]["nodes"][0]["args"][2]
-     .__setitem__("d", b"\0"), "the parameter has 4"),
-    ("wrong argument count", lambda m: m["graphs"][0]["nodes"][0]["args"].pop(), "takes 3"),
+    ("dangling region ref", lambda m: _set_ref(m, 0, 0, 1, 99), r"refs\[0\]: region 99 does not"),
+    ("ref offset beyond region", lambda m: _set_ref(m, 0, 0, 2, 10 ** 6), "beyond the end"),
+    ("misaligned pointer offset", lambda m: _set_ref(m, 1, 1, 0, 12), "8-aligned"),
+    ("pointers out of order", lambda m: _set_ref(m, 1, 1, 0, 0), "increasing"),
+    ("pointer across two arguments", lambda m: _set_ref(m, 0, 1, 0, 16),
+     r"nodes\[0\].refs\[1\]: position 16 is not an 8-byte word inside one argument"),
+    ("parameter buffer size mismatch", lambda m: m["graphs"][0]["nodes"][0]
+     .__setitem__("params", b"\0"), "1 bytes, kernel _Z6affinePKfPfi takes 20"),
+    ("parameters not bytes", lambda m: m["graphs"][0]["nodes"][0].__setitem__("params", [1]),
+     "expected bytes"),
+    ("truncated pointer table", lambda m: m["graphs"][0]["nodes"][1]
+     .__setitem__("refs", m["graphs"][0]["nodes"][1]["refs"][:-1]), "24-byte entry"),
+    ("pointer table longer than the parameters", lambda m: m["graphs"][0]["nodes"][0]
+     .__setitem__("refs", bytes(24 * 3)), "24-byte entry"),
     ("dangling kernel", lambda m: m["graphs"][0]["nodes"][0].__setitem__("kernel", 7),
      "out of range"),
     ("unknown node type", lambda m: m["graphs"][0]["nodes"][5].__setitem__("t", "teleport"),
@@ -122,7 +193,7 @@ CORRUPTIONS = [
     ("bad hash", lambda m: m["images"][0].__setitem__("hash", "zz"), "hex content hash"),
     ("kernel of unknown image", lambda m: m["kernels"][0].__setitem__("image", "0" * 32),
      "unknown image"),
-    ("schema from the future", lambda m: m.__setitem__("schema", 2), "schema 2 is not supported"),
+    ("schema from the future", lambda m: m.__setitem__("schema", 3), "schema 3 is not supported"),
     ("non-scalar metadata", lambda m: m["meta"].__setitem__("x", {"y": {"z": {"a": {"b": {"c": {
         "d": {"e": {"f": {"g": 1}}}}}}}}}), "nested too deeply"),
     ("bound region with a blob", lambda m: m["regions"][5].__setitem__("blob", 0), "carries no"),
@@ -188,3 +259,30 @@ def test_fuzzed_manifest_only_raises_format_error(edits):
         Snapshot.from_manifest(manifest, list(_BASE[1]), "fuzz.cgsnap")
     except FormatError:
         pass
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(node=st.sampled_from([0, 1]), entries=st.lists(
+    st.tuples(st.integers(0, 48), st.integers(0, 7), st.integers(0, 1 << 20)), max_size=5))
+def test_packed_pointer_tables_are_validated_exactly(node, entries):
+    """Any pointer table is either refused with a FormatError or describes pointers that all
+    lie in one argument, in order, inside existing regions -- and then survives unpacking."""
+    manifest, sizes, _ = manifest_and_sizes()
+    n = manifest["graphs"][0]["nodes"][node]
+    n["refs"] = np.array(entries, dtype="<u8").reshape(-1, 3).tobytes()
+    try:
+        snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap")
+    except FormatError:
+        layout = [(0, 8), (8, 8), (16, 4)] if node == 0 else [(0, 32), (32, 8)]
+        region_sizes = [r["size"] for r in manifest["regions"]]
+        valid = all(p % 8 == 0 and any(o <= p and p + 8 <= o + s for o, s in layout) and
+                    r < len(region_sizes) and off <= region_sizes[r]
+                    for p, r, off in entries) and \
+            all(a[0] < b[0] for a, b in zip(entries, entries[1:]))
+        assert not valid or len(entries) * 8 > (20 if node == 0 else 40)
+        return
+    kernel_node = snap.graphs[0].nodes[node]
+    layout = snap.kernels[kernel_node.kernel].params
+    assert kernel_node.args is not None
+    from cgsnap.model import pack_args
+    assert pack_args(kernel_node.args, layout)[1] == n["refs"]

@@ -42,7 +42,7 @@ t_first = time.perf_counter() - t0
 timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in graphs.restored.timings.items())
 print(f"load + bind {t_load * 1e3:.1f} ms; first replay of all graphs {t_first * 1e3:.1f} ms "
       f"({timings})")
-print("TIMINGS " + json.dumps({"import": t_import, "build": t_build, "load": t_load,
+print("TIMINGS " + json.dumps({"import": t_import, "model": t_build, "load": t_load,
                                "first_replays": t_first, **graphs.restored.timings}))
 graphs.close()
 sys.exit(1 if failures else 0)

@@ -51,7 +51,7 @@ for b in BATCH_SIZES:
     ref[f"bs{b}"] = outputs[b].view(torch.int16).cpu().numpy()
 np.savez(os.path.join(out_dir, "reference.npz"), **ref)
 import json
-print("TIMINGS " + json.dumps({"import": t_import, "build": t_build, "capture": t_capture, "save": t_save,
+print("TIMINGS " + json.dumps({"import": t_import, "model": t_build, "capture": t_capture, "save": t_save,
                                "file_bytes": os.path.getsize(path)}))
 print(f"saved {len(graphs)} graphs to {path} ({os.path.getsize(path) / 1e6:.1f} MB): "
       f"build {t_build:.2f} s, warm-up + capture {t_capture:.2f} s, snapshot + save {t_save:.2f} s")
