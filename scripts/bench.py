@@ -34,6 +34,19 @@ def env_with(extra=None):
                 **(extra or {}))
 
 
+def _keep_failure(directory: str, label: str, log: str) -> None:
+    """A restore that failed: keep the capture that made it (file, reference outputs, log) for
+    offline analysis -- in $CGSNAP_TEST_ARTIFACTS (scripts/gpu_suite.sh sets it to $OUT)."""
+    keep = os.environ.get("CGSNAP_TEST_ARTIFACTS")
+    if not keep:
+        return
+    dest = os.path.join(keep, f"failed-{label}-{int(time.time())}")
+    shutil.copytree(directory, dest, dirs_exist_ok=True)
+    with open(os.path.join(dest, "restore.log"), "w") as fh:
+        fh.write(log)
+    print(f"  kept the failing capture in {dest}")
+
+
 def timings_of(stdout: str) -> dict:
     m = re.search(r"^TIMINGS (.*)$", stdout, re.M)
     if not m:
@@ -56,6 +69,7 @@ def bench_cold(layers: int):
         p = subprocess.run([sys.executable, os.path.join(EXAMPLE, "restore_graphs.py"), out],
                            capture_output=True, text=True, env=env, timeout=600)
         if p.returncode:
+            _keep_failure(out, f"cold{layers}L", p.stdout + p.stderr)
             raise RuntimeError(p.stdout + p.stderr)
         rests.append(timings_of(p.stdout))
     med = lambda xs, k: statistics.median(x.get(k, 0.0) for x in xs)  # noqa: E731
