@@ -217,29 +217,42 @@ class ElfFile:
                         if s.type == SHT_SYMTAB_SHNDX and s.link == table.index), None)
         return self.section_data(indices) if indices else None
 
-    def _section_headers(self) -> list:
+    def _section_count(self) -> int:
+        """Entries of the section header table (0 when there is none)."""
         h = self.header
         if h.e_shoff == 0:
-            return []
+            return 0
         if h.e_shentsize != ELF64_SHDR.size:
             raise BinaryFormatError(f"section header size {h.e_shentsize}, expected {ELF64_SHDR.size}")
-        count = h.e_shnum
-        if count == 0:  # More than SHN_LORESERVE sections: the real count is in section 0.
-            count = ELF64_SHDR.read(self._view, h.e_shoff, "section header 0").sh_size
-        return ELF64_SHDR.read_array(self._view, h.e_shoff, count, "section header table")
+        if h.e_shnum:
+            return h.e_shnum
+        # More than SHN_LORESERVE sections: the real count is in section 0.
+        return ELF64_SHDR.read(self._view, h.e_shoff, "section header 0").sh_size
+
+    def _section_headers(self) -> list:
+        count = self._section_count()
+        if not count:
+            return []
+        return ELF64_SHDR.read_array(self._view, self.header.e_shoff, count, "section header table")
+
+    def _name_table_index(self, count: int, section0_link: int) -> int | None:
+        """Index of the section-name string table among ``count`` sections, or None."""
+        index = self.header.e_shstrndx
+        if index == SHN_XINDEX:  # Index too large for the header field: it is in section 0.
+            index = section0_link
+        if index == SHN_UNDEF:
+            return None
+        if index >= count:
+            raise BinaryFormatError(f"section name table index {index} out of range ({count} sections)")
+        return index
 
     def _section_names(self, headers: list) -> bytes | None:
         """The section-name string table, or None when the image has none."""
         if not headers:
             return None
-        index = self.header.e_shstrndx
-        if index == SHN_XINDEX:  # Index too large for the header field: it is in section 0.
-            index = headers[0].sh_link
-        if index == SHN_UNDEF:
+        index = self._name_table_index(len(headers), headers[0].sh_link)
+        if index is None:
             return None
-        if index >= len(headers):
-            raise BinaryFormatError(
-                f"section name table index {index} out of range ({len(headers)} sections)")
         h = headers[index]
         return self._strtab_bytes(index, h.sh_type, h.sh_offset, h.sh_size)
 
@@ -434,22 +447,14 @@ def check_cubin(data, kernels) -> list:
     elf = ElfFile(data)
     if elf.machine != EM_CUDA:
         raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
-    h = elf.header
-    if h.e_shoff == 0:
+    count = elf._section_count()
+    if not count:
         return list(kernels)
-    if h.e_shentsize != ELF64_SHDR.size:
-        raise BinaryFormatError(f"section header size {h.e_shentsize}, expected {ELF64_SHDR.size}")
-    view = elf._view
-    count = h.e_shnum or ELF64_SHDR.read(view, h.e_shoff, "section header 0").sh_size
-    check_range(view, h.e_shoff, ELF64_SHDR.size * count, "section header table")
-    table = np.frombuffer(view, dtype=_SHDR_NUMPY, count=count, offset=h.e_shoff)
-    index = h.e_shstrndx
-    if index == SHN_XINDEX:
-        index = int(table[0]["sh_link"])
-    if index == SHN_UNDEF:
+    check_range(elf._view, elf.header.e_shoff, ELF64_SHDR.size * count, "section header table")
+    table = np.frombuffer(elf._view, dtype=_SHDR_NUMPY, count=count, offset=elf.header.e_shoff)
+    index = elf._name_table_index(count, int(table[0]["sh_link"]))
+    if index is None:
         return list(kernels)
-    if index >= count:
-        raise BinaryFormatError(f"section name table index {index} out of range ({count} sections)")
     strtab = elf._strtab_bytes(index, int(table[index]["sh_type"]), int(table[index]["sh_offset"]),
                                int(table[index]["sh_size"]))
     name_offsets = table["sh_name"]

@@ -258,6 +258,11 @@ def test_check_cubin_rejects_broken_tables(load):
         elf.check_cubin(bytes(bad), ["x"])
     with pytest.raises(BinaryFormatError, match="not a CUDA cubin"):
         elf.check_cubin(load("libkernels.so")[1], ["x"])
+    # No section table at all (count 0, name index "in section 0"): every kernel is missing.
+    empty = bytearray(data)
+    struct.pack_into("<HH", empty, 0x3C, 0, elf.SHN_XINDEX)     # e_shnum, e_shstrndx
+    struct.pack_into("<Q", empty, shoff + 32, 0)                # section 0's sh_size
+    assert elf.check_cubin(bytes(empty), ["a", "b"]) == ["a", "b"]
 
 
 @pytest.mark.parametrize("name", CUBINS)
