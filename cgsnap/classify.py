@@ -12,11 +12,22 @@ Rules (in this order):
    pointers).
 Ranges are half-open ``[start, start + size)``: a word exactly at the end of a buffer is not
 taken as pointing into it, since it is as often the start of the next one.
+
+Ambiguous words. A 32-bit field followed by 4 uninitialised bytes (struct padding, the unused
+tail of a ``TensorInfo`` sizes array) reads as ``stale_high_half << 32 | small_int``. The stale
+half is often the high half of a host pointer, and host and device addresses share the same
+0x7fxx range, so when a device allocation covers that 4 GiB boundary the word lands inside it:
+rewriting it at restore turns the int into garbage (seen as an illegal address in 3 of 8
+captures of a 32-layer model). Such words -- inside a by-value struct, low 32 bits below
+:data:`WINDOW` -- are *ambiguous* and are decided afterwards from evidence over the whole graph
+(:func:`keep_as_pointer`). A whole 8-byte parameter is never ambiguous: no padding fits in it.
 """
 from __future__ import annotations
 
 import bisect
+import re
 import struct
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .model import Ref
@@ -102,3 +113,56 @@ def make_lookup(table: RangeTable, fallback: Optional[Callable[[int], Optional[R
             table.note_not_device(addr)
         return ref
     return lookup
+
+
+# A word whose low 32 bits are below this, inside a struct, may be an int plus 4 stale bytes.
+# Real pointers land there only when they sit in the first 64 KiB past a 4 GiB boundary.
+WINDOW = 1 << 16
+
+
+def ambiguous(word: int, whole_parameter: bool) -> bool:
+    """Could this device-range word be a small 32-bit field next to 4 uninitialised bytes?"""
+    return not whole_parameter and (word & 0xFFFF_FFFF) < WINDOW
+
+
+@dataclass
+class SlotEvidence:
+    """What the same parameter-buffer position holds in the *other* nodes of the same kernel."""
+    pointer: bool = False     # an unambiguous pointer: the position is a pointer field
+    literal: bool = False     # a non-zero word in no device range: the position is no pointer
+
+
+def keep_as_pointer(offset: int, alignment: Optional[int], slot: SlotEvidence,
+                    value_is_pointer: bool) -> bool:
+    """The decision for an ambiguous word pointing ``offset`` bytes into its region.
+
+    In order: the position holds non-pointers elsewhere -> literal; an offset the region's element
+    type cannot start at -> literal; the position holds pointers elsewhere, or the same value is an
+    unambiguous pointer elsewhere in the graph -> pointer; the very start of a region (where a
+    tensor starts far more often than an int happens to point) -> pointer; else literal."""
+    if slot.literal:
+        return False
+    if alignment and offset % alignment:
+        return False
+    if slot.pointer or value_is_pointer:
+        return True
+    return offset == 0
+
+
+_BITS = re.compile(r"[a-z]+?(\d+)")
+
+
+def dtype_alignment(dtype: Optional[str]) -> Optional[int]:
+    """Bytes a pointer to an element of ``dtype`` (torch / numpy names) is aligned to, or None
+    when unknown: ``bfloat16`` -> 2, ``float8_e4m3fn`` -> 1, ``complex64`` -> 4 (its parts)."""
+    if not dtype:
+        return None
+    if dtype == "bool":
+        return 1
+    m = _BITS.match(dtype)
+    if m is None:
+        return None
+    nbytes = int(m.group(1)) // 8
+    if dtype.startswith("complex"):
+        nbytes //= 2
+    return nbytes if nbytes in (1, 2, 4, 8, 16) else None

@@ -18,7 +18,8 @@ import numpy as np
 
 from . import __version__, driver, elf, transfer
 from .buffers import BufferSpec, expand_buffers
-from .classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
+from .classify import (ALLOCATION, NAMED, SPECIAL, RangeTable, SlotEvidence, ambiguous,
+                       classify_words, dtype_alignment, keep_as_pointer, make_lookup)
 from .driver import NodeType, call, cu
 from .errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from .hashing import region_hash
@@ -29,6 +30,7 @@ from .snapfile import remap_node
 
 _LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
 _MAX_ALIGNMENT = 4096
+_MAX_DECISIONS_KEPT = 64     # the meta list of ambiguous words stays readable; the count is exact
 
 
 def _alignment(addr: int) -> int:
@@ -62,6 +64,10 @@ class _Recording:
         self.events: dict = {}
         self.graphs: list = []
         self.graph_names: set = set()
+        # Ambiguous argument words (see cgsnap.classify), decided once the whole graph is known:
+        # (node, argument index, offset in argument, Ref, word, where)
+        self.pending: list = []
+        self.decisions: list = []     # one line per decided word, for Snapshot.meta
 
     # ---- regions --------------------------------------------------------------------------
     def add_region(self, kind: RegionKind, base: int, size: int, priority: Optional[int],
@@ -244,11 +250,77 @@ class _Recording:
         kid = self.kernel_for(func)
         kernel = self.kernels[kid]
         raw = _read_params(p, kernel.params, where)
-        args = tuple(Arg(data, classify_words(data, off, self.lookup))
-                     for data, (off, _size) in zip(raw, kernel.params))
-        return KernelNode(i, kid, (int(p.gridDimX), int(p.gridDimY), int(p.gridDimZ)),
-                          (int(p.blockDimX), int(p.blockDimY), int(p.blockDimZ)),
-                          int(p.sharedMemBytes), args, _kernel_node_attrs(n))
+        return self.classified_node(
+            KernelNode(i, kid, (int(p.gridDimX), int(p.gridDimY), int(p.gridDimZ)),
+                       (int(p.blockDimX), int(p.blockDimY), int(p.blockDimZ)),
+                       int(p.sharedMemBytes), None, _kernel_node_attrs(n)), raw, where)
+
+    def classified_node(self, node: KernelNode, raw: list, where: str) -> KernelNode:
+        """``node`` with its arguments (``raw``: the bytes of each) classified: sure pointers
+        become Refs now, ambiguous words wait for :meth:`decide_ambiguous`."""
+        args = []
+        for j, (data, (off, size)) in enumerate(zip(raw, self.kernels[node.kernel].params)):
+            refs = classify_words(data, off, self.lookup)
+            if refs:
+                sure = []
+                for o, ref in refs:
+                    word = int.from_bytes(data[o:o + 8], "little")
+                    if ambiguous(word, size == 8):
+                        self.pending.append((node, j, o, ref, word, where))
+                    else:
+                        sure.append((o, ref))
+                refs = tuple(sure)
+            args.append(Arg(data, refs))
+        node.args = tuple(args)
+        return node
+
+    def decide_ambiguous(self) -> None:
+        """Settle every ambiguous word (see :mod:`cgsnap.classify`) from what the rest of the
+        graph shows: the same position in the kernel's other nodes, the same value elsewhere, the
+        element type of the region it falls in. Words kept literal leave their Ref out."""
+        if not self.pending:
+            return
+        layouts = {k.id: k.params for k in self.kernels}
+        pos_of = lambda node, j, o: layouts[node.kernel][j][0] + o   # noqa: E731
+        doubtful = {(id(node), pos_of(node, j, o)) for node, j, o, *_ in self.pending}
+        slots = {(node.kernel, pos_of(node, j, o)): SlotEvidence()
+                 for node, j, o, *_ in self.pending}
+        by_kernel: dict = {}
+        for kid, pos in slots:
+            by_kernel.setdefault(kid, []).append(pos)
+        sure_values = set()
+        for g in self.graphs:
+            for n in g.nodes:
+                if n.TYPE != "kernel":
+                    continue
+                layout = layouts[n.kernel]
+                for a, (off, _size) in zip(n.args, layout):
+                    for o, _ref in a.refs:
+                        sure_values.add(int.from_bytes(a.data[o:o + 8], "little"))
+                for pos in by_kernel.get(n.kernel, ()):
+                    if (id(n), pos) in doubtful:
+                        continue
+                    j = next(j for j, (off, size) in enumerate(layout) if off <= pos < off + size)
+                    a, o = n.args[j], pos - layout[j][0]
+                    word = int.from_bytes(a.data[o:o + 8], "little")
+                    ev = slots[(n.kernel, pos)]
+                    if any(ro == o for ro, _ in a.refs):
+                        ev.pointer = True
+                    elif word:
+                        ev.literal = True
+        for node, j, o, ref, word, where in self.pending:
+            pos = pos_of(node, j, o)
+            keep = keep_as_pointer(ref.offset, dtype_alignment(self.regions[ref.region].dtype),
+                                   slots[(node.kernel, pos)], word in sure_values)
+            if keep:
+                args = list(node.args)
+                a = args[j]
+                args[j] = Arg(a.data, tuple(sorted(a.refs + ((o, ref),), key=lambda r: r[0])))
+                node.args = tuple(args)
+            self.decisions.append(f"{where}: word {word:#x} at parameter byte {pos} of "
+                                  f"{self.kernels[node.kernel].name}: "
+                                  f"{'pointer' if keep else 'literal'}")
+        self.pending = []
 
     def memcpy_node(self, i, p, where) -> MemcpyNode:
         width, height, depth = int(p.WidthInBytes), int(p.Height) or 1, int(p.Depth) or 1
@@ -363,17 +435,44 @@ def _kernel_node_attrs(node) -> dict:
 
 # ---- contents ---------------------------------------------------------------------------------
 
+def _used_regions(rec: _Recording) -> set:
+    used = {r.parent for r in rec.regions if r.parent is not None}
+    for g in rec.graphs:
+        used.update(g.checks)
+        for n in g.nodes:
+            used.update(_node_regions(n))
+    return used
+
+
+def _keep_regions(rec: _Recording, keep: list) -> None:
+    """Keep only ``keep`` (a sub-list of ``rec.regions``), renumbering every reference."""
+    if len(keep) == len(rec.regions):
+        return
+    rmap = {r.id: i for i, r in enumerate(keep)}
+    rec.regions = [dataclasses.replace(r, id=rmap[r.id],
+                                       parent=None if r.parent is None else rmap[r.parent])
+                   for r in keep]
+    kmap = {k.id: k.id for k in rec.kernels}
+    for g in rec.graphs:
+        g.nodes = [remap_node(n, rmap, kmap, 0) for n in g.nodes]
+        g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
+
+
+def _drop_unused_allocations(rec: _Recording) -> None:
+    """An allocation found only through a word later kept literal is not the graph's memory:
+    neither its contents nor its size belong in the file."""
+    used = _used_regions(rec)
+    _keep_regions(rec, [r for r in rec.regions
+                        if r.kind is not RegionKind.ALLOCATION or r.id in used])
+
+
 def _drop_unchanged_globals(rec: _Recording) -> None:
     """Module globals that no node points at and that still hold what loading their image
     gives them need not travel: the restore's library load recreates them. Library modules
     (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
     the restore's per-region driver calls several times larger than the graphs themselves."""
     initial: dict = {}
-    used = {r.parent for r in rec.regions if r.parent is not None}
-    for g in rec.graphs:
-        used.update(g.checks)
-        for n in g.nodes:
-            used.update(_node_regions(n))
+    used = _used_regions(rec)
     keep = []
     for r in rec.regions:
         if r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED and r.id not in used:
@@ -387,16 +486,7 @@ def _drop_unchanged_globals(rec: _Recording) -> None:
                     np.asarray(r.data, dtype=np.uint8).tobytes() == value:
                 continue
         keep.append(r)
-    if len(keep) == len(rec.regions):
-        return
-    rmap = {r.id: i for i, r in enumerate(keep)}
-    rec.regions = [dataclasses.replace(r, id=rmap[r.id],
-                                       parent=None if r.parent is None else rmap[r.parent])
-                   for r in keep]
-    kmap = {k.id: k.id for k in rec.kernels}
-    for g in rec.graphs:
-        g.nodes = [remap_node(n, rmap, kmap, 0) for n in g.nodes]
-        g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
+    _keep_regions(rec, keep)
 
 
 def _node_regions(n):
@@ -486,6 +576,9 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)
+    rec.decide_ambiguous()
+    _drop_unused_allocations(rec)
+    g = rec.graphs[0]
     big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
     with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
         for r in rec.regions:     # contents as they are now, before any check launch
@@ -514,6 +607,9 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     snap_meta = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc)
                  .isoformat(timespec="seconds"), "host": platform.node()}
     _drop_unchanged_globals(rec)
+    if rec.decisions:
+        snap_meta["ambiguous_words"] = rec.decisions[:_MAX_DECISIONS_KEPT]
+        snap_meta["ambiguous_word_count"] = len(rec.decisions)
     if note:
         snap_meta["checks_skipped"] = note
     snap_meta.update(meta or {})

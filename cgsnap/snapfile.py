@@ -68,9 +68,14 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                                 checks={rmap[rid]: data for rid, data in g.checks.items()}))
         events += snap.events
     first = snaps[0]
+    meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}
+    ambiguous = [line for s in snaps for line in s.meta.get("ambiguous_words", ())]
+    if ambiguous:      # each graph's decisions (cgsnap.classify), not only the first one's
+        meta["ambiguous_words"] = ambiguous[:64]
+        meta["ambiguous_word_count"] = sum(s.meta.get("ambiguous_word_count", 0) for s in snaps)
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),
-                    meta={**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)})
+                    meta=meta)
 
 
 def remap_node(n, rmap: dict, kmap: dict, event_offset: int):

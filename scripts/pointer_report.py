@@ -11,7 +11,12 @@ Two lists:
                     for pointers.
 Compare the report of a failing capture with a good one of the same program.
 
-usage: python scripts/pointer_report.py FILE [--most N]
+With --reclassify, today's classifier (cgsnap.classify, including the ambiguous-word rules) runs
+again over the captured bytes, with each region placed where the file's own pointers say it was,
+and the words it would decide differently are listed: a file written before a classifier fix
+shows what the fix changes.
+
+usage: python scripts/pointer_report.py FILE [--most N] [--reclassify]
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cgsnap import fileformat  # noqa: E402
-from cgsnap.model import Snapshot  # noqa: E402
+from cgsnap.classify import ALLOCATION, NAMED, SPECIAL, make_lookup  # noqa: E402
+from cgsnap.model import Graph, KernelNode, RegionKind, Snapshot, unpack_args  # noqa: E402
 
 NEAR = 1 << 30
 
@@ -74,12 +80,76 @@ def report(path: str, most: int = 15) -> str:
     return "\n".join(lines)
 
 
+def reclassify(snap: Snapshot) -> tuple:
+    """``(changes, decisions)``: the words today's classifier decides differently from the file,
+    as ``(graph, node, kernel name, byte, value, was, now)``, and its ambiguous-word lines."""
+    import dataclasses
+    from cgsnap.record import _Recording
+    nodes = []                       # (graph name, node, unpacked args)
+    origin: dict = {}
+    for g in snap.graphs:
+        for n in g.nodes:
+            if n.TYPE == "kernel":
+                args = unpack_args(*n.packed, snap.kernels[n.kernel].params)
+                nodes.append((g.name, n, args))
+                for a in args:
+                    for o, ref in a.refs:
+                        origin.setdefault(ref.region,
+                                          int.from_bytes(a.data[o:o + 8], "little") - ref.offset)
+    rec = _Recording(None, None, None)
+    rec.lookup = make_lookup(rec.table)        # no driver: only the file's regions
+    rec.kernels = list(snap.kernels)
+    prio = {RegionKind.NAMED: NAMED, RegionKind.ALLOCATION: ALLOCATION}
+    rec.regions = [dataclasses.replace(r, origin=origin.get(r.id)) for r in snap.regions]
+    for r in rec.regions:
+        if r.origin is not None:
+            rec.table.add(r.origin, r.size, r.id, prio.get(r.kind, SPECIAL))
+    redone, by_graph = [], {}
+    for gname, n, args in nodes:
+        fresh = KernelNode(n.id, n.kernel, n.grid, n.block, n.shared_mem, None)
+        rec.classified_node(fresh, [a.data for a in args], f"graph {gname!r} node {n.id}")
+        redone.append((gname, args, fresh))
+        by_graph.setdefault(gname, []).append(fresh)
+    rec.graphs = [Graph(name, ns, []) for name, ns in by_graph.items()]
+    rec.decide_ambiguous()
+    changes = []
+    for gname, old, fresh in redone:
+        layout = snap.kernels[fresh.kernel].params
+        for (off, _), a, b in zip(layout, old, fresh.args):
+            was, now = dict(a.refs), dict(b.refs)
+            for o in sorted(set(was) | set(now)):
+                if was.get(o) != now.get(o):
+                    changes.append((gname, fresh.id, snap.kernels[fresh.kernel].name, off + o,
+                                    int.from_bytes(a.data[o:o + 8], "little"),
+                                    was.get(o), now.get(o)))
+    return changes, rec.decisions
+
+
+def reclassify_report(path: str, most: int = 15) -> str:
+    with fileformat.open_file(path, check_types=False) as f:
+        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
+                                      unpack=False)
+    changes, decisions = reclassify(snap)
+    lines = [f"{path}: reclassified; {len(decisions)} ambiguous words, "
+             f"{len(changes)} decided differently from the file"]
+    grouped = collections.Counter((c[2], c[3], c[4], c[5], c[6]) for c in changes)
+    for (name, pos, value, was, now), count in grouped.most_common(most):
+        lines.append(f"  x{count:<5} {name[:60]} @{pos}: {value:#x} "
+                     f"{'literal' if was is None else f'region {was.region} + {was.offset}'} -> "
+                     f"{'literal' if now is None else f'region {now.region} + {now.offset}'}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file")
     ap.add_argument("--most", type=int, default=15)
+    ap.add_argument("--reclassify", action="store_true",
+                    help="also run today's classifier over the captured bytes and list changes")
     args = ap.parse_args()
     print(report(args.file, args.most))
+    if args.reclassify:
+        print(reclassify_report(args.file, args.most))
     return 0
 
 

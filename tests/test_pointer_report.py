@@ -40,3 +40,24 @@ def test_report_lists_suspects_and_near_literals(tmp_path):
     assert "k @8: 0x7f0000000003 -> region 0 + 3" in text
     assert "near literals (within 1 GiB of the pointers, kept literal): 1" in text
     assert "k @16: 0x7f0000200000" in text and "0x3039" not in text
+
+
+def test_reclassify_lists_what_todays_classifier_changes(tmp_path):
+    """A file written before the ambiguous-word rules, holding an int + stale half taken for a
+    pointer into a bf16 tensor: --reclassify reports it turning literal, the real one staying."""
+    image = b"\x7fELF" + bytes(64)
+    h = content_hash(image)
+    base = 0x7FF7_0000_0000
+    word = lambda v: v.to_bytes(8, "little")  # noqa: E731
+    node = KernelNode(0, 0, (1, 1, 1), (32, 1, 1), 0, (
+        Arg(word(base + 0x10040) + word(base + 1), ((0, Ref(0, 0x10040)), (8, Ref(0, 1)))),))
+    snap = Snapshot(graphs=[Graph("g", [node], [])],
+                    regions=[Region(0, RegionKind.NAMED, 1 << 20, Policy.BOUND, name="w",
+                                    dtype="bfloat16")],
+                    images=[KernelImage(h, "cubin", 90, ("k",), image, "test")],
+                    kernels=[Kernel(0, "k", h, ((0, 16),))], device={"arch": 90})
+    path = tmp_path / "s.cgsnap"
+    snap.save(path)
+    text = _load_script().reclassify_report(str(path))
+    assert "1 ambiguous words, 1 decided differently from the file" in text
+    assert "k @8: 0x7ff700000001 region 0 + 1 -> literal" in text
