@@ -87,6 +87,13 @@ def info_text(d: dict) -> str:
     if d["meta"].get("created"):
         out.append(f"created   {d['meta']['created']}" + (f" on {d['meta']['host']}"
                                                          if d["meta"].get("host") else ""))
+    amb = d["meta"].get("ambiguous_words")
+    if amb:
+        # Words that could be an int beside 4 stale bytes (cgsnap.classify): what was decided.
+        count = d["meta"].get("ambiguous_word_count", len(amb))
+        kept = sum(1 for line in amb if str(line).endswith(": pointer"))
+        out.append(f"ambiguous {count} argument words decided by evidence "
+                   f"({kept} of the {len(amb)} listed kept as pointers; info --json lists them)")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "

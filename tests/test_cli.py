@@ -95,3 +95,23 @@ def test_kernels_command_on_a_shared_library():
     js = json.loads(cgsnap("kernels", lib, "--json").stdout)
     assert js["schema"] == 1 and js["entries"]
     assert cgsnap("kernels", lib, "--arch", "bogus").returncode == 2
+
+
+def test_info_reports_ambiguous_words(tmp_path):
+    """A snapshot whose recorder decided ambiguous argument words says so in `info`."""
+    from cgsnap.hashing import content_hash
+    from cgsnap.model import Graph, Kernel, KernelImage, Snapshot
+    image = b"\x7fELF" + bytes(64)
+    h = content_hash(image)
+    snap = Snapshot(graphs=[Graph("g", [], [])], regions=[],
+                    images=[KernelImage(h, "cubin", 90, ("k",), image, "test")],
+                    kernels=[Kernel(0, "k", h, ((0, 16),))], device={"arch": 90},
+                    meta={"ambiguous_word_count": 5, "ambiguous_words": [
+                        "graph 'g' node 1: word 0x7ff700000001 at parameter byte 8 of k: literal",
+                        "graph 'g' node 2: word 0x7ff700000000 at parameter byte 0 of k: pointer"]})
+    path = tmp_path / "amb.cgsnap"
+    snap.save(path)
+    out = cgsnap("info", str(path)).stdout
+    assert "ambiguous 5 argument words decided by evidence (1 of the 2 listed kept as " \
+           "pointers" in out
+    assert "ambiguous" not in cgsnap("info", SAMPLE).stdout
