@@ -7,6 +7,7 @@ does not initialise CUDA; :func:`init` does, once per process.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -352,6 +353,23 @@ KERNEL_NODE_PARAMS = np.dtype([
 assert KERNEL_NODE_PARAMS.itemsize == 72
 
 
+# CUlaunchAttributeID values (cuda.h) of the kernel-node attributes a snapshot records; each
+# value is a 64-byte CUlaunchAttributeValue union.
+_LAUNCH_ATTRIBUTE_IDS = {"cooperative": 2, "cluster_dim": 4, "priority": 8}
+_ATTR_VALUE_BYTES = 64
+
+
+def launch_attribute_block(attrs: dict) -> bytes:
+    """A kernel node's attributes as nodeloop.c reads them: a u64 count, then per attribute a u64
+    CUlaunchAttributeID and its 64-byte value (clusterDim: 3 x u32; priority, cooperative: i32)."""
+    out = [struct.pack("<Q", len(attrs))]
+    for name, value in attrs.items():
+        raw = struct.pack("<3I", *value) if name == "cluster_dim" else struct.pack("<i", value)
+        out.append(struct.pack("<Q", _LAUNCH_ATTRIBUTE_IDS[name]) + raw.ljust(_ATTR_VALUE_BYTES,
+                                                                          b"\0"))
+    return b"".join(out)
+
+
 class GraphBuilder:
     """``cuGraphAddKernelNode_v2`` through ctypes."""
 
@@ -365,7 +383,12 @@ class GraphBuilder:
                             ctypes.c_void_p]
             add.restype = ctypes.c_int
             GraphBuilder._lib = add
+            GraphBuilder._set_attribute = lib.cuGraphKernelNodeSetAttribute
         self.add_kernel = GraphBuilder._lib
+        # The entry points' addresses, for the native node loop (cgsnap/nodeloop.c).
+        self.add_kernel_address = ctypes.cast(self.add_kernel, ctypes.c_void_p).value
+        self.set_attribute_address = ctypes.cast(GraphBuilder._set_attribute,
+                                                 ctypes.c_void_p).value
 
     @staticmethod
     def raise_for(code: int, what: str) -> None:

@@ -290,6 +290,11 @@ PARALLEL_WRITE = 64 << 20   # large uncompressed blobs are written by several th
 _PIECE = 16 << 20
 
 
+def io_threads() -> int:
+    """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.transfer`)."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def _write_parallel(f, view: memoryview) -> tuple:
     """``os.pwrite`` of the pieces of a large blob from several threads: one thread copying into
     the page cache is bound by page allocation at a few GB/s."""
@@ -301,7 +306,7 @@ def _write_parallel(f, view: memoryview) -> tuple:
         done = 0
         while done < len(chunk):
             done += os.pwrite(fd, chunk[done:], start + off + done)
-    with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+    with ThreadPoolExecutor(io_threads()) as pool:
         writes = [pool.submit(put, off) for off in range(0, n, _PIECE)]
         digest = blob_checksum(view, pool)      # pieces hashed alongside; xxhash drops the GIL
         for w in writes:

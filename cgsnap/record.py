@@ -452,9 +452,8 @@ def _keep_regions(rec: _Recording, keep: list) -> None:
     rec.regions = [dataclasses.replace(r, id=rmap[r.id],
                                        parent=None if r.parent is None else rmap[r.parent])
                    for r in keep]
-    kmap = {k.id: k.id for k in rec.kernels}
     for g in rec.graphs:
-        g.nodes = [remap_node(n, rmap, kmap, 0) for n in g.nodes]
+        g.nodes = [remap_node(n, rmap) for n in g.nodes]
         g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
 
 

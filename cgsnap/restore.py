@@ -17,6 +17,8 @@ Nothing here imports torch or CuPy.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import time
@@ -25,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import driver, elf, fileformat, transfer
+from . import driver, elf, fileformat, native, transfer
 from .buffers import check_bind, flatten, numpy_dtype
 from .driver import call, cu
 from .errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
@@ -78,7 +80,7 @@ class _GraphPlan:
     dependencies, every kernel node's launch parameters in one array, the argument bytes of
     all kernel nodes in one buffer, and where the pointers go in it."""
 
-    def __init__(self, snap: Snapshot, graph, late_regions: set):
+    def __init__(self, snap: Snapshot, graph, late_regions: set, offsets: list):
         self.name = graph.name
         order = graph.topological_order()
         pos = {n.id: i for i, n in enumerate(order)}
@@ -126,7 +128,6 @@ class _GraphPlan:
         self.param_first = np.zeros(count, dtype=np.int64)
         if count > 1:
             self.param_first[1:] = np.cumsum(counts[:-1])
-        offsets = _param_offsets(layouts)
         self.param_rel = (np.concatenate([offsets[n.kernel] for _, n in kernel_nodes])
                           + np.repeat(cursors, counts)) if count else np.zeros(0, np.uint64)
         table = np.frombuffer(b"".join(p[1] for p in packs), dtype="<u8").reshape(-1, 3)
@@ -150,13 +151,30 @@ class _GraphPlan:
         self.node_row = np.zeros(len(order), dtype=np.int64)
         for i, k in self.kernel_row.items():
             self.node_row[i] = k
-        self.simple = [i in self.kernel_row and i not in self.late_refs and i not in self.attrs
-                       and (not self.deps[i] or self.dep_first[i] >= 0)
-                       for i in range(len(order))]
+        simple = np.array([i in self.kernel_row and i not in self.late_refs
+                           and (not self.deps[i] or self.dep_first[i] >= 0)
+                           for i in range(len(order))], dtype=bool)
+        # Launch attributes (cluster dimensions of cuBLAS's Hopper kernels, ...) as blocks the
+        # native loop sets right after adding the node: offset of node i's block, or -1.
+        blocks = []
+        self.attr_rel = np.full(len(order), -1, dtype=np.int64)
+        cursor = 0
+        for i in sorted(self.attrs):
+            block = driver.launch_attribute_block(self.attrs[i])
+            self.attr_rel[i] = cursor
+            blocks.append(block)
+            cursor += len(block)
+        self.attr_blob = np.frombuffer(b"".join(blocks) or bytes(8), dtype=np.uint8)
+        # Maximal runs of nodes that are all simple or all not: (start, stop, simple).
+        cuts = (np.flatnonzero(np.diff(simple.astype(np.int8))) + 1).tolist()
+        bounds = [0] + cuts + [len(order)]
+        self.runs = [(a, b, bool(simple[a])) for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.ndeps_array = np.array(self.ndeps, dtype=np.uint64)
 
 
-def _param_offsets(layouts) -> list:
-    return [np.array([off for off, _ in layout], dtype=np.uint64) for layout in layouts]
+def _param_offsets(kernels) -> list:
+    """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets)."""
+    return [np.array([off for off, _ in k.params], dtype=np.uint64) for k in kernels]
 
 
 # ---- the restored snapshot ----------------------------------------------------------------
@@ -201,31 +219,24 @@ class Restored:
         self._stager = None
         self._host_callbacks = dict(host_callbacks or {})
         self._trampolines: list = []        # ctypes thunks the graphs' host nodes call
-        # The manifest becomes tens of thousands of small objects: in a process with a large
-        # heap (torch imported) each full collection they trigger walks all of it -- measured
-        # 160 ms instead of 40 for validating the decoder's manifest. What is made here is freed
-        # by reference counting; the collector is back on (if it was) when load returns.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
+        native.prefetch()
         try:
-            t0 = time.perf_counter()
-            self._file = fileformat.open_file(self.path, check_types=False)
-            self.timings["read.open"] = time.perf_counter() - t0
-            self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
-            self.timings["read"] = time.perf_counter() - t0
-            self._setup_gpu(device)
-            if instantiate == "all":
-                for name in self.graph_names:
-                    self.graph(name).instantiate()
+            with _gc_paused():
+                t0 = time.perf_counter()
+                self._file = fileformat.open_file(self.path, check_types=False)
+                self.timings["read.open"] = time.perf_counter() - t0
+                self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
+                self.timings["read"] = time.perf_counter() - t0
+                self._setup_gpu(device)
+                if instantiate == "all":
+                    for name in self.graph_names:
+                        self.graph(name).instantiate()
         except BaseException as exc:
             self.close()
             if isinstance(exc, DriverError):
                 raise RestoreError(f"{self.path}: restore failed, everything it allocated was "
                                    f"released: {exc}") from exc
             raise
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     # ---- step 1-2: validate, plan, check (no GPU work) ----------------------------------
     def _prepare(self, bind, verify_bound, allow_jit, verify_blobs):
@@ -237,20 +248,21 @@ class Restored:
         # unvalidated manifest: only blobs that the validated images name are used afterwards.
         pool = ThreadPoolExecutor(8, thread_name_prefix="cgsnap-images")
         try:
+            def decompress(i):
+                return bytes(f.blob(i, verify=True))
             early = {}
             raw = f.manifest.get("images") if isinstance(f.manifest, dict) else None
             for im in raw if isinstance(raw, list) else ():
                 b = im.get("blob") if isinstance(im, dict) else None
                 if type(b) is int and 0 <= b < len(blob_sizes) and b not in early:
-                    early[b] = pool.submit(lambda i: bytes(f.blob(i, verify=True)), b)
+                    early[b] = pool.submit(decompress, b)
             t = time.perf_counter()
             self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path,
                                                           unpack=False)
             self.timings["read.validate"] = time.perf_counter() - t
             t = time.perf_counter()
             for im in snap.images:
-                job = early.get(im.data) or pool.submit(lambda i: bytes(f.blob(i, verify=True)),
-                                                        im.data)
+                job = early.get(im.data) or pool.submit(decompress, im.data)
                 im.data = job.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -261,7 +273,8 @@ class Restored:
         self.timings["read.bind"] = time.perf_counter() - t
         t = time.perf_counter()
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
-        self._plans = {g.name: _GraphPlan(snap, g, self._late) for g in snap.graphs}
+        offsets = _param_offsets(snap.kernels)     # once per load, shared by every graph's plan
+        self._plans = {g.name: _GraphPlan(snap, g, self._late, offsets) for g in snap.graphs}
         self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
         missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
@@ -493,6 +506,7 @@ class Restored:
             self._funcs.append(func)
         self._func_handles = np.array([int(f) for f in self._funcs], dtype=np.uint64)
         self._builder = driver.GraphBuilder()
+        self._node_loop = native.node_loop()
         # Module globals live in the reloaded library; their saved contents are written there.
         for r in snap.regions:
             if r.kind is RegionKind.MODULE_GLOBAL:
@@ -521,13 +535,8 @@ class Restored:
 
     def _instantiate(self, name: str) -> None:
         t = time.perf_counter()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with _gc_paused():
             graph = self._build(name)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         t1 = time.perf_counter()
         exe = call(cu.cuGraphInstantiate, graph, 0)
         self._graphs[name].exec = exe
@@ -569,44 +578,73 @@ class Restored:
         dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
         dep_addr = dep_buf.ctypes.data
         add_kernel, kernel_row, attrs = fast.add_kernel, plan.kernel_row, plan.attrs
-        # Every address the driver calls take, worked out for all nodes at once: the loop
-        # below is one foreign call per plain kernel node and nothing else.
+        # Every address the driver calls take, worked out for all nodes at once: a run of plain
+        # kernel nodes is then one call of the native loop (cgsnap/nodeloop.c), or without it
+        # one foreign call per node.
         n = len(plan.nodes)
-        handle_ptrs = (handles_addr + 8 * np.arange(n, dtype=np.uint64)).tolist()
+        handle_ptrs = handles_addr + 8 * np.arange(n, dtype=np.uint64)
         dep_ptrs = np.where(plan.dep_first >= 0,
                             np.uint64(handles_addr) + 8 * plan.dep_first.astype(np.uint64),
-                            np.uint64(0)).tolist()
-        param_ptrs = (np.uint64(params_addr) + param_size * plan.node_row.astype(np.uint64)).tolist()
-        for i, simple, h, d, nd, p in zip(range(n), plan.simple, handle_ptrs, dep_ptrs,
-                                          plan.ndeps, param_ptrs):
-            if simple:      # a kernel node, dependencies consecutive (or none), no extras
-                code = add_kernel(h, graph_int, d or None, nd, p)
+                            np.uint64(0))
+        param_ptrs = np.uint64(params_addr) + param_size * plan.node_row.astype(np.uint64)
+        loop = self._node_loop
+        if loop is not None:
+            ndeps = plan.ndeps_array
+            attr_ptrs = np.where(plan.attr_rel >= 0, np.uint64(plan.attr_blob.ctypes.data)
+                                 + plan.attr_rel.astype(np.uint64), np.uint64(0))
+            failed = ctypes.c_size_t(0)
+            failed_addr = ctypes.addressof(failed)
+            at = (handle_ptrs.ctypes.data, dep_ptrs.ctypes.data, ndeps.ctypes.data,
+                  param_ptrs.ctypes.data, attr_ptrs.ctypes.data)
+            add_addr, set_attr_addr = fast.add_kernel_address, fast.set_attribute_address
+        else:
+            handle_list, dep_list, param_list = (handle_ptrs.tolist(), dep_ptrs.tolist(),
+                                                 param_ptrs.tolist())
+        for start, stop, simple in plan.runs:
+            if simple:      # kernel nodes, dependencies consecutive (or none), no extras
+                if loop is not None:
+                    code = loop(add_addr, set_attr_addr, graph_int, stop - start,
+                                at[0] + 8 * start, at[1] + 8 * start, at[2] + 8 * start,
+                                at[3] + 8 * start, at[4] + 8 * start, failed_addr)
+                    if code:
+                        fast.raise_for(code, f"cuGraphAddKernelNode / SetAttribute (graph "
+                                             f"{name!r} node {plan.nodes[start + failed.value].id})")
+                    continue
+                for i in range(start, stop):
+                    d = dep_list[i]
+                    code = add_kernel(handle_list[i], graph_int, d or None, plan.ndeps[i],
+                                      param_list[i])
+                    if code:
+                        fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
+                                             f"{plan.nodes[i].id})")
+                    if i in attrs:
+                        _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
+                continue
+            for i in range(start, stop):
+                deps = plan.deps[i]
+                d = int(dep_ptrs[i])
+                if not deps:
+                    dep_ptr = None
+                elif d:
+                    dep_ptr = d
+                else:
+                    dep_buf[:len(deps)] = handles[deps]
+                    dep_ptr = dep_addr
+                k = kernel_row.get(i)
+                if k is None:
+                    dep_nodes = [cu.CUgraphNode(int(handles[j])) for j in deps]
+                    handles[i] = int(self._add_node(graph, plan.nodes[i], dep_nodes))
+                    continue
+                if i in plan.late_refs:
+                    for pos_, region, off in plan.late_refs[i]:
+                        words[pos_] = int(self._bases[region]) + off
+                code = add_kernel(int(handle_ptrs[i]), graph_int, dep_ptr, len(deps),
+                                  int(param_ptrs[i]))
                 if code:
                     fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
                                          f"{plan.nodes[i].id})")
-                continue
-            deps = plan.deps[i]
-            if not deps:
-                dep_ptr = None
-            elif d:
-                dep_ptr = d
-            else:
-                dep_buf[:len(deps)] = handles[deps]
-                dep_ptr = dep_addr
-            k = kernel_row.get(i)
-            if k is None:
-                dep_nodes = [cu.CUgraphNode(int(handles[j])) for j in deps]
-                handles[i] = int(self._add_node(graph, plan.nodes[i], dep_nodes))
-                continue
-            if i in plan.late_refs:
-                for pos_, region, off in plan.late_refs[i]:
-                    words[pos_] = int(self._bases[region]) + off
-            code = add_kernel(h, graph_int, dep_ptr, len(deps), p)
-            if code:
-                fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                     f"{plan.nodes[i].id})")
-            if i in attrs:
-                _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
+                if i in attrs:
+                    _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
         if plan.special_edges:
             data = []
             for _, _, e in plan.special_edges:
@@ -756,6 +794,21 @@ class Restored:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic collector off for the duration, back on afterwards if it was on. A manifest
+    becomes tens of thousands of small objects: in a process with a large heap (torch imported)
+    each full collection they trigger walks all of it -- measured 160 ms instead of 40 for
+    validating the decoder's manifest. What is made meanwhile is freed by reference counting."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _set_kernel_attrs(node, attrs: dict) -> None:

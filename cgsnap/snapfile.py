@@ -6,7 +6,7 @@ The container itself is :mod:`cgsnap.fileformat`; the dict it carries is the mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
@@ -78,8 +78,20 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                     meta=meta)
 
 
-def remap_node(n, rmap: dict, kmap: dict, event_offset: int):
-    """``n`` with its regions, kernel and events renumbered (``rmap`` / ``kmap``: old -> new id)."""
+class _Identity(dict):
+    def __missing__(self, key):
+        return key
+
+
+_IDENTITY = _Identity()
+
+
+def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0):
+    """``n`` with its regions, kernel and events renumbered (``rmap`` / ``kmap``: old -> new id;
+    no ``kmap``: kernels keep their ids)."""
+    if kmap is None:
+        kmap = _IDENTITY
+
     def ref(r: Ref) -> Ref:
         return Ref(rmap[r.region], r.offset)
     t = n.TYPE

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import driver, hashing
 from .driver import call, cu
+from .fileformat import io_threads
 
 log = logging.getLogger("cgsnap.transfer")
 
@@ -31,8 +32,7 @@ _PIECE = 8 << 20
 REGISTER_PIECE = 256 << 20
 
 
-def _threads() -> int:
-    return max(2, min(8, (os.cpu_count() or 2)))
+_threads = io_threads
 
 
 class Stager:

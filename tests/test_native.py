@@ -1,0 +1,132 @@
+"""The native node loop (cgsnap/nodeloop.c), built with this machine's C compiler and driven
+with a fake cuGraphAddKernelNode (CPU)."""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import numpy as np
+import pytest
+
+from cgsnap import native
+
+ADD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_size_t, ctypes.c_void_p)
+SET_ATTR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+@pytest.fixture
+def loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGSNAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    if native._compiler() is None:
+        pytest.fail("no C compiler on this machine: CI images have one (nvcc needs it)")
+    fn = native.node_loop()
+    assert fn is not None
+    return fn
+
+
+def drive(loop, n, fail_at=None, attrs=None, attr_fail_at=None):
+    """Run the loop over ``n`` chained nodes with fake driver calls; ``attrs``: {node: dict}."""
+    from cgsnap.driver import launch_attribute_block
+    calls, attr_calls = [], []
+
+    def fake(node_out, graph, deps, ndeps, params):
+        i = len(calls)
+        calls.append((node_out, graph, deps or 0, ndeps, params))
+        if i == fail_at:
+            return 700                      # CUDA_ERROR_ILLEGAL_ADDRESS, say
+        ctypes.c_uint64.from_address(node_out).value = 0x1000 + i
+        return 0
+
+    def fake_attr(node, attr, value):
+        attr_calls.append((node, attr, ctypes.string_at(value, 64)))
+        return 1 if node == attr_fail_at else 0
+    cb, cb_attr = ADD(fake), SET_ATTR(fake_attr)
+    handles = np.zeros(n, dtype=np.uint64)
+    hp = handles.ctypes.data + 8 * np.arange(n, dtype=np.uint64)
+    dp = np.where(np.arange(n) > 0, hp - 8, 0).astype(np.uint64)
+    nd = (np.arange(n) > 0).astype(np.uint64)
+    pp = 0x5000 + 64 * np.arange(n, dtype=np.uint64)
+    blocks = {i: np.frombuffer(launch_attribute_block(a), np.uint8)
+              for i, a in (attrs or {}).items()}
+    ap = np.array([blocks[i].ctypes.data if i in blocks else 0 for i in range(n)], np.uint64)
+    failed = ctypes.c_size_t(99)
+    code = loop(ctypes.cast(cb, ctypes.c_void_p).value, ctypes.cast(cb_attr, ctypes.c_void_p).value,
+                0xABC, n, hp.ctypes.data, dp.ctypes.data, nd.ctypes.data, pp.ctypes.data,
+                ap.ctypes.data, ctypes.addressof(failed))
+    return code, failed.value, calls, handles, hp, dp, nd, pp, attr_calls
+
+
+def test_every_node_is_added_in_order_with_its_arguments(loop):
+    code, _, calls, handles, hp, dp, nd, pp, attr_calls = drive(loop, 50)
+    assert code == 0 and len(calls) == 50
+    assert [c[0] for c in calls] == hp.tolist()
+    assert {c[1] for c in calls} == {0xABC}
+    assert [c[2] for c in calls] == dp.tolist() and [c[3] for c in calls] == nd.tolist()
+    assert [c[4] for c in calls] == pp.tolist()
+    assert handles.tolist() == [0x1000 + i for i in range(50)]
+    assert attr_calls == []
+
+
+def test_launch_attributes_are_set_on_the_new_node(loop):
+    attrs = {3: {"cluster_dim": (4, 1, 1)}, 7: {"priority": -2, "cooperative": 1}}
+    code, _, calls, handles, *_, attr_calls = drive(loop, 10, attrs=attrs)
+    assert code == 0 and len(calls) == 10
+    assert [(node, attr) for node, attr, _ in attr_calls] == [(0x1003, 4), (0x1007, 8),
+                                                              (0x1007, 2)]
+    assert attr_calls[0][2] == struct.pack("<3I", 4, 1, 1).ljust(64, b"\0")
+    assert attr_calls[1][2] == struct.pack("<i", -2).ljust(64, b"\0")
+    code, failed, calls, *_ = drive(loop, 10, attrs=attrs, attr_fail_at=0x1007)
+    assert code == 1 and failed == 7 and len(calls) == 8
+
+
+def test_the_first_failure_stops_the_loop_and_names_its_index(loop):
+    code, failed, calls, handles, *_ = drive(loop, 20, fail_at=7)
+    assert code == 700 and failed == 7 and len(calls) == 8
+    assert handles[7] == 0 and handles[8] == 0
+
+
+def test_the_build_is_cached_and_can_be_switched_off(loop, tmp_path, monkeypatch):
+    path = native.library_path(build=False)
+    assert path is not None and path.startswith(str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CGSNAP_NATIVE", "0")
+    assert native.node_loop() is None
+
+
+def test_no_compiler_means_no_loop_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGSNAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.node_loop() is None
+
+
+def test_a_broken_compiler_means_no_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGSNAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    assert native.node_loop() is None
+    assert not list((tmp_path / "native").glob("*.so*"))     # no half-written library left
+
+
+def test_plan_splits_a_graph_into_runs_of_plain_kernel_nodes():
+    """_GraphPlan.runs: maximal stretches the native loop adds in one call (attributes
+    included), and the nodes in between (a memset, one whose dependencies are not consecutive)."""
+    from cgsnap.model import (Arg, Edge, Graph, Kernel, KernelNode, MemsetNode, Policy, Ref,
+                              Region, RegionKind, Snapshot)
+    from cgsnap.restore import _GraphPlan, _param_offsets
+
+    def k(i, attrs=None):
+        return KernelNode(i, 0, (1, 1, 1), (32, 1, 1), 0, (Arg(bytes(8), ((0, Ref(0, 0)),)),),
+                          attrs or {})
+    nodes = [k(0), k(1), k(2), MemsetNode(3, Ref(0, 0), 0, 1, 16), k(4), k(5, {"priority": 1}),
+             k(6), k(7), k(8)]
+    chain = [Edge(i, i + 1) for i in range(8)] + [Edge(0, 8)]   # node 8 waits on 0 and 7
+    snap = Snapshot(graphs=[Graph("g", nodes, chain)],
+                    regions=[Region(0, RegionKind.ALLOCATION, 64, Policy.SCRATCH)], images=[],
+                    kernels=[Kernel(0, "k", "0" * 32, ((0, 8),))], device={"arch": 90})
+    plan = _GraphPlan(snap, snap.graphs[0], set(), _param_offsets(snap.kernels))
+    assert plan.runs == [(0, 3, True), (3, 4, False), (4, 8, True), (8, 9, False)]
+    assert plan.attr_rel.tolist() == [-1, -1, -1, -1, -1, 0, -1, -1, -1]
+    assert plan.ndeps_array.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 2]
