@@ -292,6 +292,9 @@ _PIECE = 16 << 20
 
 def io_threads() -> int:
     """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.transfer`)."""
+    forced = os.environ.get("CGSNAP_IO_THREADS", "")
+    if forced.isdigit() and int(forced) > 0:
+        return int(forced)
     return max(2, min(8, os.cpu_count() or 2))
 
 

@@ -427,7 +427,9 @@ class Restored:
         checksum = info.checksum if self._verify_blobs else None
         base, mapped = self._file.mapping_address()
         t = time.perf_counter()
-        ok = self._stager.upload_mapped(dst, base, info.offset, size, mapped, checksum)
+        ok = None
+        if transfer.upload_path() == "mapped":
+            ok = self._stager.upload_mapped(dst, base, info.offset, size, mapped, checksum)
         how = "DMA from the page-locked page cache"
         if ok is None:      # the driver would not page-lock file pages here
             ok = self._stager.upload_file(dst, self._file.fileno(), info.offset, size, checksum)
