@@ -1,0 +1,74 @@
+"""An int beside 4 stale bytes whose word lands inside a device allocation (GPU): the restored
+graph must see the int, not a relocated address (docs/RELIABILITY.md, "Pointer classification")."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import cgsnap
+from cgsnap import driver
+from cgsnap.driver import cu
+
+from test_gpu_roundtrip import assert_bit_equal, restore_in_fresh_process
+from workloads import launch, nvrtc_compile, read
+
+pytestmark = pytest.mark.gpu
+
+KERNEL = r"""
+struct Stale { int n; int stale; const float* x; };   // `stale`: 4 bytes the kernel never reads
+extern "C" __global__ void scale_n(Stale s, float* y, int count) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) y[i] = s.x[i] * (float)s.n;
+}
+template <typename T> __global__ void add_into(T*, const T*, int) {}
+template __global__ void add_into<float>(float*, const float*, int);
+"""
+
+
+class Stale(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int), ("stale", ctypes.c_uint32), ("x", ctypes.c_uint64)]
+
+
+def test_int_with_stale_high_half_inside_an_allocation_survives(tmp_path):
+    dev = driver.init(0)
+    cubin, _ = nvrtc_compile(KERNEL, dev.arch)
+    cgsnap.register_image(cubin, "nvrtc")
+    lib = driver.library_load(cubin)
+    func = driver.library_function(lib, "scale_n")
+    # A 5 GiB allocation holds a 4 GiB boundary B; the struct's first word is B + 7: the int 7
+    # with B's high half as its "uninitialised" neighbour -- an address inside the allocation.
+    big_size = 5 << 30
+    big = driver.mem_alloc(big_size)
+    count = 1024
+    x, y = driver.mem_alloc(count * 4), driver.mem_alloc(count * 4)
+    try:
+        boundary = ((big >> 32) + 1) << 32
+        assert big <= boundary and boundary + 4096 <= big + big_size
+        xs = np.random.default_rng(3).standard_normal(count, dtype=np.float32)
+        driver.htod(x, xs, count * 4)
+        stream = driver.stream_create()
+        with cgsnap.capture(stream=stream) as cap:
+            launch(func, count // 256, 256, [Stale(7, boundary >> 32, x), ctypes.c_uint64(y),
+                                             ctypes.c_int(count)], stream)
+        snap = cgsnap.snapshot(cap, buffers={"x": (x, count * 4), "y": (y, count * 4)},
+                               name="stale")
+        assert snap.meta.get("ambiguous_word_count") == 1
+        assert snap.meta["ambiguous_words"][0].endswith(": literal")
+        assert f"word {boundary + 7:#x}" in snap.meta["ambiguous_words"][0]
+        # The allocation was found only through that word: it is not the graph's memory.
+        assert all(r.size < big_size for r in snap.regions)
+        path = tmp_path / "stale.cgsnap"
+        snap.save(path)
+        exe = driver.call(cu.cuGraphInstantiate, cap.graph, 0)
+        driver.call(cu.cuGraphLaunch, exe, cu.CUstream(0))
+        driver.ctx_sync()
+        driver.call(cu.cuGraphExecDestroy, exe)
+        original = {"y": read((y, count * 4))}
+        assert np.array_equal(original["y"].view(np.float32), xs * 7)
+        restored = restore_in_fresh_process(path, {"x": xs}, ["y"], "stale", tmp_path)
+        assert_bit_equal(restored, original)
+    finally:
+        for p in (big, x, y):
+            driver.mem_free(p)
