@@ -18,9 +18,11 @@ tail of a ``TensorInfo`` sizes array) reads as ``stale_high_half << 32 | small_i
 half is often the high half of a host pointer, and host and device addresses share the same
 0x7fxx range, so when a device allocation covers that 4 GiB boundary the word lands inside it:
 rewriting it at restore turns the int into garbage (seen as an illegal address in 3 of 8
-captures of a 32-layer model). Such words -- inside a by-value struct, low 32 bits below
-:data:`WINDOW` -- are *ambiguous* and are decided afterwards from evidence over the whole graph
-(:func:`keep_as_pointer`). A whole 8-byte parameter is never ambiguous: no padding fits in it.
+captures of a 32-layer model). Such words -- inside a by-value struct, low 32 bits within
+:data:`WINDOW` of 0 or of 2**32 (a small negative int) -- are *ambiguous* and are decided
+afterwards from evidence over the whole graph (:func:`decide`). A whole 8-byte parameter is
+never ambiguous: no padding fits in it (an ``int2`` with an unused second half would defeat
+that, and is accepted as a risk).
 """
 from __future__ import annotations
 
@@ -115,21 +117,81 @@ def make_lookup(table: RangeTable, fallback: Optional[Callable[[int], Optional[R
     return lookup
 
 
-# A word whose low 32 bits are below this, inside a struct, may be an int plus 4 stale bytes.
-# Real pointers land there only when they sit in the first 64 KiB past a 4 GiB boundary.
+# A word inside a struct whose low 32 bits are within this of 0 (a small int) or of 2**32 (a
+# small negative int) may be an int beside 4 stale bytes. A real pointer lands there only when it
+# lies within 64 KiB of a 4 GiB boundary.
 WINDOW = 1 << 16
+# Pointers used as *evidence* for other words must look even less like ints: an int up to 16 Mi
+# (a vocabulary size, a stride) beside a stale half can still be taken for a sure pointer, and
+# must not vouch for its neighbours.
+EVIDENCE_WINDOW = 1 << 24
+MAX_DECISIONS_KEPT = 64       # decision lines kept in Snapshot.meta; the count stays exact
+
+
+def _near_int(word: int, window: int) -> bool:
+    low = word & 0xFFFF_FFFF
+    return low < window or low >= (1 << 32) - window
 
 
 def ambiguous(word: int, whole_parameter: bool) -> bool:
-    """Could this device-range word be a small 32-bit field next to 4 uninitialised bytes?"""
-    return not whole_parameter and (word & 0xFFFF_FFFF) < WINDOW
+    """Could this device-range word be a small 32-bit field next to 4 uninitialised bytes?
+    A whole 8-byte parameter is taken as it is (a pointer, an int64, a double: no padding)."""
+    return not whole_parameter and _near_int(word, WINDOW)
+
+
+def strong(word: int, whole_parameter: bool) -> bool:
+    """May this sure pointer serve as evidence for an ambiguous word?"""
+    return whole_parameter or not _near_int(word, EVIDENCE_WINDOW)
 
 
 @dataclass
 class SlotEvidence:
     """What the same parameter-buffer position holds in the *other* nodes of the same kernel."""
-    pointer: bool = False     # an unambiguous pointer: the position is a pointer field
+    pointer: bool = False     # a strong pointer: the position is a pointer field
     literal: bool = False     # a non-zero word in no device range: the position is no pointer
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An ambiguous word: in node ``node`` (any key the caller picks), at byte ``pos`` of kernel
+    ``kernel``'s parameter buffer, pointing ``offset`` bytes into a region whose elements are
+    ``alignment`` bytes (None: unknown)."""
+    node: object
+    kernel: int
+    pos: int
+    word: int
+    offset: int
+    alignment: Optional[int]
+
+
+def decide(candidates: list, nodes, layouts) -> list:
+    """Whether each candidate is a pointer, from the evidence in ``nodes``: every kernel node of
+    the graph as ``(key, kernel, parameter buffer, positions of its sure pointers)``;
+    ``layouts[kernel]`` is the kernel's ``((offset, size), ...)``."""
+    doubtful = {(c.node, c.pos) for c in candidates}
+    slots = {(c.kernel, c.pos): SlotEvidence() for c in candidates}
+    by_kernel: dict = {}
+    for kid, pos in slots:
+        by_kernel.setdefault(kid, []).append(pos)
+    whole = {kid: {off for off, size in layout if size == 8} for kid, layout in layouts.items()}
+    strong_values = set()
+    for key, kid, params, sure in nodes:
+        sure = set(sure)
+        for pos in sure:
+            word = int.from_bytes(params[pos:pos + 8], "little")
+            if strong(word, pos in whole[kid]):
+                strong_values.add(word)
+        for pos in by_kernel.get(kid, ()):
+            if (key, pos) in doubtful or pos + 8 > len(params):
+                continue
+            word = int.from_bytes(params[pos:pos + 8], "little")
+            ev = slots[(kid, pos)]
+            if pos in sure:
+                ev.pointer = ev.pointer or strong(word, pos in whole[kid])
+            elif word:
+                ev.literal = True
+    return [keep_as_pointer(c.offset, c.alignment, slots[(c.kernel, c.pos)],
+                            c.word in strong_values) for c in candidates]
 
 
 def keep_as_pointer(offset: int, alignment: Optional[int], slot: SlotEvidence,
@@ -137,9 +199,9 @@ def keep_as_pointer(offset: int, alignment: Optional[int], slot: SlotEvidence,
     """The decision for an ambiguous word pointing ``offset`` bytes into its region.
 
     In order: the position holds non-pointers elsewhere -> literal; an offset the region's element
-    type cannot start at -> literal; the position holds pointers elsewhere, or the same value is an
-    unambiguous pointer elsewhere in the graph -> pointer; the very start of a region (where a
-    tensor starts far more often than an int happens to point) -> pointer; else literal."""
+    type cannot start at -> literal; the position holds strong pointers elsewhere, or the same
+    value is a strong pointer elsewhere in the graph -> pointer; the very start of a region (where
+    a tensor starts far more often than an int happens to point) -> pointer; else literal."""
     if slot.literal:
         return False
     if alignment and offset % alignment:

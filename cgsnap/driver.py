@@ -374,6 +374,7 @@ class GraphBuilder:
     """``cuGraphAddKernelNode_v2`` through ctypes."""
 
     _lib = None
+    _set_attribute = None
 
     def __init__(self):
         if GraphBuilder._lib is None:
@@ -383,12 +384,28 @@ class GraphBuilder:
                             ctypes.c_void_p]
             add.restype = ctypes.c_int
             GraphBuilder._lib = add
-            GraphBuilder._set_attribute = lib.cuGraphKernelNodeSetAttribute
+            setter = lib.cuGraphKernelNodeSetAttribute
+            setter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            setter.restype = ctypes.c_int
+            GraphBuilder._set_attribute = setter
         self.add_kernel = GraphBuilder._lib
         # The entry points' addresses, for the native node loop (cgsnap/nodeloop.c).
         self.add_kernel_address = ctypes.cast(self.add_kernel, ctypes.c_void_p).value
         self.set_attribute_address = ctypes.cast(GraphBuilder._set_attribute,
                                                  ctypes.c_void_p).value
+
+    def set_attributes(self, node: int, blob, offset: int, where: str) -> None:
+        """Set the launch attributes of the block at ``blob[offset:]`` (see
+        :func:`launch_attribute_block`) on kernel node ``node``: what nodeloop.c does, in Python."""
+        base = blob.ctypes.data + offset
+        count = int.from_bytes(bytes(blob[offset:offset + 8]), "little")
+        setter = GraphBuilder._set_attribute
+        for a in range(count):
+            item = base + 8 + a * (8 + _ATTR_VALUE_BYTES)
+            attr = ctypes.c_uint64.from_address(item).value
+            code = setter(ctypes.c_void_p(node), ctypes.c_int(attr), ctypes.c_void_p(item + 8))
+            if code:
+                self.raise_for(code, f"cuGraphKernelNodeSetAttribute ({where})")
 
     @staticmethod
     def raise_for(code: int, what: str) -> None:

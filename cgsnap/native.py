@@ -12,11 +12,13 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Optional
 
 log = logging.getLogger("cgsnap")
@@ -41,6 +43,32 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _private(path: str) -> bool:
+    """Only a library (and folder) of this user that nobody else can write is loaded: a shared
+    or world-writable cache must not hand this process someone else's code."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    ok = st.st_uid == os.getuid() and not st.st_mode & 0o022
+    if not ok:
+        log.warning("cgsnap: not using %s (owned by another user or writable by others)", path)
+    return ok
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Half-written builds of a process that died mid-compile (older than ten minutes)."""
+    now = time.time()
+    for entry in os.listdir(directory):
+        if entry.startswith(".nodeloop-"):
+            full = os.path.join(directory, entry)
+            try:
+                if now - os.stat(full).st_mtime > 600:
+                    os.unlink(full)
+            except OSError:
+                pass
+
+
 def library_path(build: bool = True) -> Optional[str]:
     """The cached shared library, built now if missing and ``build``; None when it cannot be."""
     try:
@@ -51,13 +79,19 @@ def library_path(build: bool = True) -> Optional[str]:
     cc = _compiler()
     if cc is None:
         return None
-    key = hashlib.blake2b(source + cc.encode() + sys.platform.encode(), digest_size=10).hexdigest()
-    path = os.path.join(cache_dir(), f"nodeloop-{key}.so")
+    # The machine is part of the key: a home directory shared by x86-64 and aarch64 hosts.
+    key = hashlib.blake2b(b"|".join([source, cc.encode(), sys.platform.encode(),
+                                     platform.machine().encode()]), digest_size=10).hexdigest()
+    directory = cache_dir()
+    path = os.path.join(directory, f"nodeloop-{key}.so")
     if os.path.exists(path) or not build:
-        return path if os.path.exists(path) else None
+        return path if os.path.exists(path) and _private(path) else None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nodeloop-", suffix=".so", dir=os.path.dirname(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _private(directory):
+            return None
+        _remove_stale_temporaries(directory)
+        fd, tmp = tempfile.mkstemp(prefix=".nodeloop-", suffix=".so", dir=directory)
         os.close(fd)
         try:
             proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, _SOURCE],

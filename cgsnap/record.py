@@ -18,19 +18,19 @@ import numpy as np
 
 from . import __version__, driver, elf, transfer
 from .buffers import BufferSpec, expand_buffers
-from .classify import (ALLOCATION, NAMED, SPECIAL, RangeTable, SlotEvidence, ambiguous,
-                       classify_words, dtype_alignment, keep_as_pointer, make_lookup)
+from .classify import (ALLOCATION, MAX_DECISIONS_KEPT, NAMED, SPECIAL, Candidate, RangeTable,
+                       ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 from .driver import NodeType, call, cu
 from .errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from .hashing import region_hash
 from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
                     HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
-                    MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot)
+                    MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot,
+                    pack_args)
 from .snapfile import remap_node
 
 _LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
 _MAX_ALIGNMENT = 4096
-_MAX_DECISIONS_KEPT = 64     # the meta list of ambiguous words stays readable; the count is exact
 
 
 def _alignment(addr: int) -> int:
@@ -275,51 +275,32 @@ class _Recording:
         return node
 
     def decide_ambiguous(self) -> None:
-        """Settle every ambiguous word (see :mod:`cgsnap.classify`) from what the rest of the
-        graph shows: the same position in the kernel's other nodes, the same value elsewhere, the
-        element type of the region it falls in. Words kept literal leave their Ref out."""
+        """Settle every ambiguous word (:func:`cgsnap.classify.decide`) from what the rest of the
+        graph shows. Words kept literal leave their Ref out; every decision is logged."""
         if not self.pending:
             return
         layouts = {k.id: k.params for k in self.kernels}
-        pos_of = lambda node, j, o: layouts[node.kernel][j][0] + o   # noqa: E731
-        doubtful = {(id(node), pos_of(node, j, o)) for node, j, o, *_ in self.pending}
-        slots = {(node.kernel, pos_of(node, j, o)): SlotEvidence()
-                 for node, j, o, *_ in self.pending}
-        by_kernel: dict = {}
-        for kid, pos in slots:
-            by_kernel.setdefault(kid, []).append(pos)
-        sure_values = set()
-        for g in self.graphs:
-            for n in g.nodes:
-                if n.TYPE != "kernel":
-                    continue
-                layout = layouts[n.kernel]
-                for a, (off, _size) in zip(n.args, layout):
-                    for o, _ref in a.refs:
-                        sure_values.add(int.from_bytes(a.data[o:o + 8], "little"))
-                for pos in by_kernel.get(n.kernel, ()):
-                    if (id(n), pos) in doubtful:
-                        continue
-                    j = next(j for j, (off, size) in enumerate(layout) if off <= pos < off + size)
-                    a, o = n.args[j], pos - layout[j][0]
-                    word = int.from_bytes(a.data[o:o + 8], "little")
-                    ev = slots[(n.kernel, pos)]
-                    if any(ro == o for ro, _ in a.refs):
-                        ev.pointer = True
-                    elif word:
-                        ev.literal = True
-        for node, j, o, ref, word, where in self.pending:
-            pos = pos_of(node, j, o)
-            keep = keep_as_pointer(ref.offset, dtype_alignment(self.regions[ref.region].dtype),
-                                   slots[(node.kernel, pos)], word in sure_values)
-            if keep:
+        candidates = [Candidate(id(node), node.kernel, layouts[node.kernel][j][0] + o, word,
+                                ref.offset, dtype_alignment(self.regions[ref.region].dtype))
+                      for node, j, o, ref, word, _ in self.pending]
+
+        def kernel_nodes():
+            for g in self.graphs:
+                for n in g.nodes:
+                    if n.TYPE == "kernel":
+                        layout = layouts[n.kernel]
+                        yield (id(n), n.kernel, pack_args(n.args, layout)[0],
+                               [off + o for (off, _), a in zip(layout, n.args) for o, _ in a.refs])
+        keep = decide(candidates, kernel_nodes(), layouts)
+        for (node, j, o, ref, word, where), c, kept in zip(self.pending, candidates, keep):
+            if kept:
                 args = list(node.args)
                 a = args[j]
                 args[j] = Arg(a.data, tuple(sorted(a.refs + ((o, ref),), key=lambda r: r[0])))
                 node.args = tuple(args)
-            self.decisions.append(f"{where}: word {word:#x} at parameter byte {pos} of "
+            self.decisions.append(f"{where}: word {word:#x} at parameter byte {c.pos} of "
                                   f"{self.kernels[node.kernel].name}: "
-                                  f"{'pointer' if keep else 'literal'}")
+                                  f"{'pointer' if kept else 'literal'}")
         self.pending = []
 
     def memcpy_node(self, i, p, where) -> MemcpyNode:
@@ -607,7 +588,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                  .isoformat(timespec="seconds"), "host": platform.node()}
     _drop_unchanged_globals(rec)
     if rec.decisions:
-        snap_meta["ambiguous_words"] = rec.decisions[:_MAX_DECISIONS_KEPT]
+        snap_meta["ambiguous_words"] = rec.decisions[:MAX_DECISIONS_KEPT]
         snap_meta["ambiguous_word_count"] = len(rec.decisions)
     if note:
         snap_meta["checks_skipped"] = note

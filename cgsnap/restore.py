@@ -558,7 +558,15 @@ class Restored:
         for child in plan.children:
             self._build(child)
         graph = call(cu.cuGraphCreate, 0)
+        try:
+            self._add_nodes(name, plan, graph)
+        except BaseException:
+            call(cu.cuGraphDestroy, graph)      # never keep a half-built graph for a retry
+            raise
         self._cu_graphs[name] = graph
+        return graph
+
+    def _add_nodes(self, name: str, plan, graph) -> None:
         graph_int = int(graph)
         fast = self._builder
         # Arguments: one buffer for the graph, every pointer patched in one vectorised step.
@@ -609,8 +617,10 @@ class Restored:
                                 at[0] + 8 * start, at[1] + 8 * start, at[2] + 8 * start,
                                 at[3] + 8 * start, at[4] + 8 * start, failed_addr)
                     if code:
-                        fast.raise_for(code, f"cuGraphAddKernelNode / SetAttribute (graph "
-                                             f"{name!r} node {plan.nodes[start + failed.value].id})")
+                        i = start + failed.value     # a handle was made: the attribute failed
+                        what = "cuGraphKernelNodeSetAttribute" if handles[i] else \
+                            "cuGraphAddKernelNode"
+                        fast.raise_for(code, f"{what} (graph {name!r} node {plan.nodes[i].id})")
                     continue
                 for i in range(start, stop):
                     d = dep_list[i]
@@ -619,8 +629,9 @@ class Restored:
                     if code:
                         fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
                                              f"{plan.nodes[i].id})")
-                    if i in attrs:
-                        _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
+                    if plan.attr_rel[i] >= 0:
+                        fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
+                                            f"graph {name!r} node {plan.nodes[i].id}")
                 continue
             for i in range(start, stop):
                 deps = plan.deps[i]
@@ -645,8 +656,9 @@ class Restored:
                 if code:
                     fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
                                          f"{plan.nodes[i].id})")
-                if i in attrs:
-                    _set_kernel_attrs(cu.CUgraphNode(int(handles[i])), attrs[i])
+                if plan.attr_rel[i] >= 0:
+                    fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
+                                        f"graph {name!r} node {plan.nodes[i].id}")
         if plan.special_edges:
             data = []
             for _, _, e in plan.special_edges:
@@ -657,7 +669,6 @@ class Restored:
                  [cu.CUgraphNode(int(handles[a])) for a, _, _ in plan.special_edges],
                  [cu.CUgraphNode(int(handles[b])) for _, b, _ in plan.special_edges],
                  data, len(data))
-        return graph
 
     def _ref_addr(self, ref) -> int:
         return int(self._bases[ref.region]) + ref.offset
@@ -811,22 +822,6 @@ def _gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _set_kernel_attrs(node, attrs: dict) -> None:
-    ids = cu.CUkernelNodeAttrID if hasattr(cu, "CUkernelNodeAttrID") else cu.CUlaunchAttributeID
-    if "cluster_dim" in attrs:
-        v = cu.CUkernelNodeAttrValue()
-        v.clusterDim.x, v.clusterDim.y, v.clusterDim.z = attrs["cluster_dim"]
-        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, v)
-    if "priority" in attrs:
-        v = cu.CUkernelNodeAttrValue()
-        v.priority = attrs["priority"]
-        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_PRIORITY, v)
-    if "cooperative" in attrs:
-        v = cu.CUkernelNodeAttrValue()
-        v.cooperative = attrs["cooperative"]
-        call(cu.cuGraphKernelNodeSetAttribute, node, ids.CU_LAUNCH_ATTRIBUTE_COOPERATIVE, v)
 
 
 def _arch_name(im) -> str:

@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from . import fileformat
+from .classify import MAX_DECISIONS_KEPT
 from .errors import CaptureError
 from .model import Arg, Graph, Ref, Region, RegionKind, Snapshot
 
@@ -71,7 +72,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}
     ambiguous = [line for s in snaps for line in s.meta.get("ambiguous_words", ())]
     if ambiguous:      # each graph's decisions (cgsnap.classify), not only the first one's
-        meta["ambiguous_words"] = ambiguous[:64]
+        meta["ambiguous_words"] = ambiguous[:MAX_DECISIONS_KEPT]
         meta["ambiguous_word_count"] = sum(s.meta.get("ambiguous_word_count", 0) for s in snaps)
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),

@@ -60,6 +60,9 @@ def test_window_and_whole_parameters():
     assert ambiguous(B + 1, whole_parameter=False)
     assert ambiguous(B + 0xFFFF, whole_parameter=False)
     assert not ambiguous(B + 0x10000, whole_parameter=False)
+    assert ambiguous(B - 1, whole_parameter=False)              # int -1 beside a stale half
+    assert ambiguous(B - 0x10000, whole_parameter=False)
+    assert not ambiguous(B - 0x10001, whole_parameter=False)
     assert not ambiguous(B + 1, whole_parameter=True)      # no padding fits in an 8-byte param
 
 
@@ -114,6 +117,27 @@ def test_real_pointers_in_the_window_are_kept():
     assert refs[2] == {0: Ref(0, 0x80)}
     # word 0 of k also holds sure pointers elsewhere (node 1): evidence and value agree
     assert refs[3] == {0: Ref(0, 0x80)}
+
+
+def test_negative_ints_beside_a_stale_half_stay_literal():
+    # -1 and -100 beside stale half H read as (H+1) << 32 minus a little: inside a bf16 tensor
+    # that covers the boundary (H+1) << 32.
+    rec = recording([(RegionKind.NAMED, B - (1 << 20), 2 << 20, "bfloat16"),
+                     (RegionKind.ALLOCATION, 0x7FF6_1000_0000, 1 << 24, None)])
+    k = add_kernel(rec, [(0, 16)])
+    act = 0x7FF6_1000_0000
+    refs = run(rec, [(k, [q(act + 0x200) + q(B - 1)]),         # odd byte of a bf16 tensor
+                     (k, [q(act + 0x400) + q(B - 100)])])      # aligned, no evidence
+    assert refs == [{0: Ref(1, 0x200)}, {0: Ref(1, 0x400)}]
+
+
+def test_a_large_int_beside_a_stale_half_vouches_for_nobody():
+    # {u32 151936; stale} is beyond the window, so it is taken for a pointer (a known limit,
+    # docs/RELIABILITY.md) -- but it must not make the same slot's {4096; stale} a pointer too.
+    rec = recording([(RegionKind.NAMED, B, 1 << 20, "bfloat16")])
+    k = add_kernel(rec, [(0, 16)])
+    refs = run(rec, [(k, [q(0) + q(B + 151936)]), (k, [q(0) + q(B + 4096)])])
+    assert refs == [{8: Ref(0, 151936)}, {}]
 
 
 def test_a_slot_that_holds_ints_elsewhere_is_no_pointer():

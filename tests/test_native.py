@@ -3,6 +3,7 @@ with a fake cuGraphAddKernelNode (CPU)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
 import numpy as np
@@ -130,3 +131,47 @@ def test_plan_splits_a_graph_into_runs_of_plain_kernel_nodes():
     assert plan.runs == [(0, 3, True), (3, 4, False), (4, 8, True), (8, 9, False)]
     assert plan.attr_rel.tolist() == [-1, -1, -1, -1, -1, 0, -1, -1, -1]
     assert plan.ndeps_array.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 2]
+
+
+def test_python_fallback_sets_the_same_attribute_blocks(monkeypatch):
+    """GraphBuilder.set_attributes (the loop's Python twin) reads the blocks the C loop reads."""
+    from cgsnap import driver
+    from cgsnap.driver import GraphBuilder, launch_attribute_block
+    seen = []
+
+    def fake(node, attr, value):
+        seen.append((node, attr, ctypes.string_at(value, 64)))
+        return 0
+    cb = SET_ATTR(fake)
+    monkeypatch.setattr(GraphBuilder, "_set_attribute", cb)
+    builder = object.__new__(GraphBuilder)
+    blob = np.frombuffer(b"\0" * 8 + launch_attribute_block({"cluster_dim": (2, 1, 1),
+                                                             "priority": 3}), np.uint8)
+    builder.set_attributes(0x1234, blob, 8, "node 0")
+    assert [(n, a) for n, a, _ in seen] == [(0x1234, 4), (0x1234, 8)]
+    assert seen[0][2] == struct.pack("<3I", 2, 1, 1).ljust(64, b"\0")
+    monkeypatch.setattr(GraphBuilder, "_set_attribute", SET_ATTR(lambda n, a, v: 1))
+    monkeypatch.setattr(driver, "error_name", lambda err: "CUDA_ERROR_INVALID_VALUE")  # no driver
+    with pytest.raises(driver.DriverError, match="cuGraphKernelNodeSetAttribute \\(node 0\\)"):
+        builder.set_attributes(0x1234, blob, 8, "node 0")
+
+
+def test_a_library_others_can_write_is_not_loaded(loop, tmp_path, monkeypatch):
+    path = native.library_path(build=False)
+    os.chmod(path, 0o666)
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.library_path(build=False) is None
+    assert native.node_loop() is None           # and no rebuild over someone else's file
+
+
+def test_stale_half_written_builds_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGSNAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    d = tmp_path / "native"
+    d.mkdir(mode=0o700)
+    old, fresh = d / ".nodeloop-old.so", d / ".nodeloop-fresh.so"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(old, (1, 1))
+    assert native.node_loop() is not None
+    assert not old.exists() and fresh.exists()

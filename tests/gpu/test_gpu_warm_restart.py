@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "examples", "warm_restart")
 
 
-def run_example(script, out_dir):
-    env = dict(os.environ, WARM_LAYERS="4",
+def run_example(script, out_dir, **extra_env):
+    env = dict(os.environ, WARM_LAYERS="4", **extra_env,
                PYTHONPATH=os.pathsep.join([ROOT, EXAMPLE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLE, script), str(out_dir)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -41,8 +41,11 @@ def saved(tmp_path_factory):
     return out
 
 
-def test_restore_in_new_process_is_bit_exact(saved):
-    out = run_example("restore_graphs.py", saved)
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_restore_in_new_process_is_bit_exact(saved, native):
+    """With the native node loop and with the Python one (CGSNAP_NATIVE=0): the decoder's cuBLAS
+    kernels carry cluster dimensions, so both paths set launch attributes."""
+    out = run_example("restore_graphs.py", saved, CGSNAP_NATIVE=native)
     assert out.count("bit-identical") == 7
 
 
