@@ -245,9 +245,15 @@ class Graph:
     top_level: bool = True         # False for graphs only reachable as a child graph
     # region id -> its contents after one launch from the saved state (for `replay --check`)
     checks: dict = field(default_factory=dict)
+    # The order the validator found, with the node and edge lists it was found for: a graph
+    # read from a file is sorted once, not again by the restore's plan.
+    _order: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def topological_order(self) -> list:
         """Nodes ordered so that every edge points forward (ties keep recorded order)."""
+        cached = self._order
+        if cached is not None and cached[0] is self.nodes and cached[1] is self.edges:
+            return [self.nodes[i] for i in cached[2]]
         return [self.nodes[i] for i in _toposort(self, where=f"graph {self.name!r}")]
 
     def counts(self) -> dict:
@@ -697,8 +703,11 @@ class _Validator:
 
     def graph(self, g, where, ctx) -> Graph:
         ctx.packed = []
-        nodes = [self.node(n, f"{where}.nodes[{i}]", ctx)
-                 for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes"))]
+        nodes = []
+        fast = self._kernel_node_fast if self.schema >= 2 else None
+        for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
+            node = fast(n, ctx, where, i) if fast is not None else None
+            nodes.append(node if node is not None else self.node(n, f"{where}.nodes[{i}]", ctx))
         if ctx.packed:
             self.packed_refs(ctx)
             if self.unpack:
@@ -735,7 +744,7 @@ class _Validator:
             checks[rid] = self.blob(c[1], f"{where}.checks[{i}][1]", ctx.regions[rid].size)
         graph = Graph(name=g["name"], nodes=nodes, edges=edges,
                       top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
-        _toposort(graph, f"manifest {where}")
+        graph._order = (graph.nodes, graph.edges, _toposort(graph, f"manifest {where}"))
         return graph
 
     def node(self, n, where, ctx):
@@ -789,6 +798,40 @@ class _Validator:
         if t == "mem_free":
             return MemFreeNode(nid, self.ref(n["ptr"], f"{where}.ptr", ctx))
         return HostNode(nid, self.str(n["callback"], f"{where}.callback"))
+
+    def _kernel_node_fast(self, n, ctx, graph_where: str, index: int) -> Optional[KernelNode]:
+        """The common kernel node (schema 2) with every check inline and no message built; None
+        sends the node to :meth:`node`, whose checks name any problem exactly. Accepts exactly
+        what :meth:`kernel_node` accepts, minus attributes other than ``cluster_dim``."""
+        if type(n) is not dict or n.get("t") != "kernel":
+            return None
+        keys = n.keys()
+        if not (_KERNEL_REQUIRED <= keys and keys <= _KERNEL_ALLOWED):
+            return None
+        nid, kid, smem, params, refs = n["id"], n["kernel"], n["smem"], n["params"], n["refs"]
+        if type(nid) is not int or not 0 <= nid <= 1 << 32 or type(kid) is not int or \
+                not 0 <= kid < len(ctx.kernels) or type(smem) is not int or \
+                not 0 <= smem <= 1 << 24:
+            return None
+        if type(params) is not bytes or len(params) != ctx.buffer_sizes[kid] or \
+                type(refs) is not bytes or len(refs) % 24 or len(refs) // 24 > len(params) // 8:
+            return None
+        grid, block = _dims3(n["grid"]), _dims3(n["block"])
+        if grid is None or block is None:
+            return None
+        raw = n.get("attrs", _ABSENT)
+        if raw is _ABSENT or (type(raw) is dict and not raw):
+            attrs = {}
+        elif type(raw) is dict and len(raw) == 1 and "cluster_dim" in raw:
+            cluster = _dims3(raw["cluster_dim"])
+            if cluster is None:
+                return None
+            attrs = {"cluster_dim": cluster}
+        else:
+            return None
+        node = KernelNode(nid, kid, grid, block, smem, None, attrs, (params, refs))
+        ctx.packed.append((node, (graph_where, index)))
+        return node
 
     def kernel_node(self, n, where, nid, ctx) -> KernelNode:
         kid = self.int(n["kernel"], f"{where}.kernel", 0, len(ctx.kernels) - 1)
@@ -851,6 +894,8 @@ class _Validator:
             return
         bad = int(np.argmin(ok))
         node, where = items[owner[bad]]
+        if type(where) is tuple:          # (graph's where, node index): built only for errors
+            where = f"{where[0]}.nodes[{where[1]}]"
         j = bad - int(np.searchsorted(owner, owner[bad]))
         p, r, o = (int(x) for x in table[bad].tolist())
         w = f"{where}.refs[{j}]"
@@ -949,6 +994,18 @@ class _GraphContext:
         self.packed: list = []
 
 
+def _dims3(v) -> Optional[tuple]:
+    """``(x, y, z)`` of a well-formed dims list, else None (the caller takes the strict path)."""
+    if type(v) is list and len(v) == 3:
+        x, y, z = v
+        if type(x) is int and type(y) is int and type(z) is int and \
+                1 <= x <= _DIM_MAX and 1 <= y <= _DIM_MAX and 1 <= z <= _DIM_MAX:
+            return (x, y, z)
+    return None
+
+
+_ABSENT = object()
+
 _NODE_FIELDS = {   # type -> (required fields, optional fields), besides id and t
     "kernel": (("kernel", "grid", "block", "smem", "params", "refs"), ("attrs",)),
     "memcpy": (("src", "dst", "width", "height", "depth", "src_pitch", "src_height", "dst_pitch",
@@ -962,6 +1019,8 @@ _NODE_FIELDS = {   # type -> (required fields, optional fields), besides id and 
     "mem_free": (("ptr",), ()),
     "host": (("callback",), ()),
 }
+_KERNEL_REQUIRED = frozenset(("id", "t") + _NODE_FIELDS["kernel"][0])
+_KERNEL_ALLOWED = _KERNEL_REQUIRED | frozenset(_NODE_FIELDS["kernel"][1])
 
 
 _KERNEL_FIELDS_V1 = (("kernel", "grid", "block", "smem", "args"), ("attrs",))

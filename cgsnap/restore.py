@@ -159,8 +159,12 @@ class _GraphPlan:
         blocks = []
         self.attr_rel = np.full(len(order), -1, dtype=np.int64)
         cursor = 0
+        made: dict = {}                # few distinct attribute sets (cluster shapes) per graph
         for i in sorted(self.attrs):
-            block = driver.launch_attribute_block(self.attrs[i])
+            key = tuple(sorted(self.attrs[i].items()))
+            block = made.get(key)
+            if block is None:
+                block = made[key] = driver.launch_attribute_block(self.attrs[i])
             self.attr_rel[i] = cursor
             blocks.append(block)
             cursor += len(block)

@@ -286,3 +286,53 @@ def test_packed_pointer_tables_are_validated_exactly(node, entries):
     assert kernel_node.args is not None
     from cgsnap.model import pack_args
     assert pack_args(kernel_node.args, layout)[1] == n["refs"]
+
+
+_KERNEL_NODE_PATHS = [p for p in _PATHS if len(p) >= 4 and p[:2] == ("graphs", 0) and
+                      p[2] == "nodes" and p[3] in (0, 1)]
+_EDGES = st.sampled_from([-1, 0, 1, 2, 3, (1 << 24), (1 << 24) + 1, (1 << 31) - 1, 1 << 31,
+                          (1 << 32) - 1, 1 << 32, (1 << 32) + 1, True])   # limits of the checks
+_NODE_VALUES = st.one_of(_VALUES, _EDGES, st.lists(st.one_of(st.integers(-1, 9), _EDGES),
+                                                   min_size=3, max_size=3),
+                         st.dictionaries(st.sampled_from(["cluster_dim", "priority", "x"]),
+                                         st.one_of(st.integers(-2, 9),
+                                                   st.lists(st.integers(0, 4), min_size=3,
+                                                            max_size=3)), max_size=2))
+
+
+def _outcome(manifest, sizes):
+    try:
+        snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap", unpack=False)
+    except FormatError as exc:
+        return "error", str(exc)
+    return "ok", [[(n.TYPE, n.id, getattr(n, "kernel", None), getattr(n, "grid", None),
+                    getattr(n, "block", None), getattr(n, "shared_mem", None),
+                    getattr(n, "attrs", None), getattr(n, "packed", None)) for n in g.nodes]
+                  for g in snap.graphs]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_KERNEL_NODE_PATHS + [("graphs", 0, "nodes", 0, "attrs"),
+                                                                ("graphs", 0, "nodes", 1, "attrs")]),
+                          _NODE_VALUES), min_size=1, max_size=3))
+def test_fast_kernel_node_path_accepts_exactly_what_the_strict_path_does(edits):
+    """The validator's inline path for kernel nodes gives the same nodes, or the same error
+    (the strict path names it), as the strict path alone."""
+    from cgsnap import model
+    manifest = copy.deepcopy(_BASE[0])
+    for path, value in edits:
+        target = manifest
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    fast = _outcome(copy.deepcopy(manifest), list(_BASE[1]))
+    original = model._Validator._kernel_node_fast
+    model._Validator._kernel_node_fast = lambda self, *a: None
+    try:
+        strict = _outcome(manifest, list(_BASE[1]))
+    finally:
+        model._Validator._kernel_node_fast = original
+    assert fast == strict
