@@ -9,7 +9,7 @@ import struct
 
 from .classify import plausible_address
 from .demangle import demangle, short
-from .model import Policy, Snapshot
+from .model import Policy, RegionKind, Snapshot
 
 INFO_SCHEMA = 1
 
@@ -42,6 +42,51 @@ def arg_word_stats(snap: Snapshot, graph) -> dict:
     return {"refs": refs, "literal_words": literals, "address_like_literals": suspicious}
 
 
+WEAK_REGION_MIN = 1 << 20     # smaller regions cost the file little: not worth a warning
+
+
+def weakly_reached_regions(snap: Snapshot, min_size: int = WEAK_REGION_MIN) -> list:
+    """Saved allocations of at least ``min_size`` bytes that only words *inside* by-value struct
+    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
+    A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
+    "Known problems"); real pointers usually reach an allocation some other way too.
+    Returns ``[(region id, size, number of words), ...]``."""
+    candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
+                  and r.policy is Policy.SAVED and r.size >= min_size}
+    candidates -= {r.parent for r in snap.regions if r.parent is not None}
+    weak: dict = {}
+    strong: set = set()
+    for g in snap.graphs:
+        strong.update(g.checks)
+        for n in g.nodes:
+            if n.TYPE != "kernel":
+                for rid in _other_node_regions(n):
+                    strong.add(rid)
+                continue
+            layout = snap.kernels[n.kernel].params
+            for (_, size), a in zip(layout, n.args):
+                for _, ref in a.refs:
+                    if size == 8:
+                        strong.add(ref.region)
+                    elif ref.region in candidates:
+                        weak[ref.region] = weak.get(ref.region, 0) + 1
+    return [(rid, snap.regions[rid].size, count) for rid, count in sorted(weak.items())
+            if rid not in strong]
+
+
+def _other_node_regions(n) -> list:
+    t = n.TYPE
+    if t == "memcpy":
+        return [n.src.region, n.dst.region]
+    if t == "memset":
+        return [n.dst.region]
+    if t == "mem_free":
+        return [n.ptr.region]
+    if t == "mem_alloc":
+        return [n.region]
+    return []
+
+
 def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
     """The ``info --json`` document (schema ``INFO_SCHEMA``)."""
     raw = sum(b.raw_length for b in blobs) if blobs else None
@@ -69,6 +114,8 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
                      "symbol": r.symbol} for r in snap.regions],
+        "weakly_reached_regions": [{"id": rid, "size": size, "words": count}
+                                   for rid, size, count in weakly_reached_regions(snap)],
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
                   "saved_regions": sum(r.size for r in snap.regions if r.policy is Policy.SAVED),
@@ -134,6 +181,10 @@ def info_text(d: dict) -> str:
         out.append(f"  {'':>4}  {'module_global':<13} {'saved':<8} "
                    f"{_size(sum(r['size'] for r in globals_)):>12}  {len(globals_)} __device__ / "
                    "__constant__ variables of the kernels' modules (info --json lists them)")
+    for w in d.get("weakly_reached_regions", ()):
+        out.append(f"  suspect: region {w['id']} ({_size(w['size'])} saved) is reached only by "
+                   f"{w['words']} word(s) inside struct arguments -- a stale pointer may have "
+                   "dragged it in (docs/RELIABILITY.md, Known problems)")
     if d["events"]:
         out.append(f"\nevents    {d['events']}")
     return "\n".join(out) + "\n"
