@@ -243,9 +243,9 @@ _BASE = manifest_and_sizes()
 _PATHS = [p for p in _leaf_paths(_BASE[0]) if p]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
-def test_fuzzed_manifest_only_raises_format_error(edits):
+def _edited_base(edits) -> dict:
+    """A copy of the base manifest with each ``(path, value)`` set; paths that no longer lead
+    anywhere (an earlier edit replaced a container) are skipped."""
     manifest = copy.deepcopy(_BASE[0])
     for path, value in edits:
         target = manifest
@@ -255,6 +255,13 @@ def test_fuzzed_manifest_only_raises_format_error(edits):
             target[path[-1]] = value
         except (KeyError, IndexError, TypeError):
             continue
+    return manifest
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
+def test_fuzzed_manifest_only_raises_format_error(edits):
+    manifest = _edited_base(edits)
     try:
         Snapshot.from_manifest(manifest, list(_BASE[1]), "fuzz.cgsnap")
     except FormatError:
@@ -319,15 +326,7 @@ def test_fast_kernel_node_path_accepts_exactly_what_the_strict_path_does(edits):
     """The validator's inline path for kernel nodes gives the same nodes, or the same error
     (the strict path names it), as the strict path alone."""
     from cgsnap import model
-    manifest = copy.deepcopy(_BASE[0])
-    for path, value in edits:
-        target = manifest
-        try:
-            for key in path[:-1]:
-                target = target[key]
-            target[path[-1]] = value
-        except (KeyError, IndexError, TypeError):
-            continue
+    manifest = _edited_base(edits)
     fast = _outcome(copy.deepcopy(manifest), list(_BASE[1]))
     original = model._Validator._kernel_node_fast
     model._Validator._kernel_node_fast = lambda self, *a: None
