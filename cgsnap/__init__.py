@@ -58,10 +58,12 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta)
 
 
-def save(path, snaps, *, compress: bool = False) -> None:
-    """Write one snapshot or a list of them (stored once where they share memory) atomically."""
+def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:
+    """Write one snapshot or a list of them (stored once where they share memory) atomically.
+    ``prune``: cut library cubins down to the kernels the graphs launch (checked on the GPU
+    first; faster restores, smaller files); ``False`` keeps them whole."""
     from .snapfile import save as _save
-    _save(path, snaps, compress=compress)
+    _save(path, snaps, compress=compress, prune=prune)
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
@@ -96,8 +98,8 @@ def read(path):
     return snap
 
 
-def _save_method(self, path, *, compress: bool = False) -> None:
-    save(path, self, compress=compress)
+def _save_method(self, path, *, compress: bool = False, prune: bool = True) -> None:
+    save(path, self, compress=compress, prune=prune)
 
 
 Snapshot.save = _save_method

@@ -294,6 +294,16 @@ def func_attrs(func, names=FUNC_ATTRS) -> dict:
     return out
 
 
+# Attributes fixed by the image (what a pruned image must reproduce exactly).
+IMAGE_FUNC_ATTRS = {name.lower(): getattr(cu.CUfunction_attribute, "CU_FUNC_ATTRIBUTE_" + name)
+                    for name in ("MAX_THREADS_PER_BLOCK", "SHARED_SIZE_BYTES", "CONST_SIZE_BYTES",
+                                 "LOCAL_SIZE_BYTES", "NUM_REGS", "PTX_VERSION", "BINARY_VERSION",
+                                 "CACHE_MODE_CA", "MAX_DYNAMIC_SHARED_SIZE_BYTES",
+                                 "REQUIRED_CLUSTER_WIDTH", "REQUIRED_CLUSTER_HEIGHT",
+                                 "REQUIRED_CLUSTER_DEPTH", "CLUSTER_SIZE_MUST_BE_SET")
+                    if hasattr(cu.CUfunction_attribute, "CU_FUNC_ATTRIBUTE_" + name)}
+
+
 def func_set_attrs(func, attrs: dict) -> None:
     for key, value in attrs.items():
         attr = FUNC_ATTRS.get(key)
@@ -339,6 +349,46 @@ def library_global(lib, name: str) -> Optional[tuple]:
     if res[0] != SUCCESS:
         return None
     return int(res[1]), int(res[2])
+
+
+def context_current() -> bool:
+    """Is a CUDA context current on this thread (without creating one)?"""
+    try:
+        res = cu.cuCtxGetCurrent()
+    except Exception:       # no libcuda on this machine
+        return False
+    return res[0] == SUCCESS and res[1] is not None and int(res[1]) != 0
+
+
+def images_agree(original: bytes, pruned: bytes, kernels, variables) -> Optional[str]:
+    """None when, loaded side by side, ``pruned`` gives every kernel in ``kernels`` the same
+    parameters and image-fixed attributes as ``original``, and every variable the same size;
+    otherwise what differs."""
+    libs = []
+    try:
+        libs.append(library_load(original))
+        libs.append(library_load(pruned))
+        a, b = libs
+        for name in kernels:
+            fa, fb = library_function(a, name), library_function(b, name)
+            if func_params(fa) != func_params(fb):
+                return f"kernel {name}: parameters differ"
+            ours, theirs = func_attrs(fa, IMAGE_FUNC_ATTRS), func_attrs(fb, IMAGE_FUNC_ATTRS)
+            if ours != theirs:
+                diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+                return f"kernel {name}: attributes differ: {diff}"
+        for name in variables:
+            want = library_global(a, name)
+            if want is not None:
+                got = library_global(b, name)
+                if got is None or got[1] != want[1]:
+                    return f"variable {name}: missing or of another size"
+    except DriverError as exc:
+        return str(exc)
+    finally:
+        for lib in libs:
+            attempt(cu.cuLibraryUnload, lib)
+    return None
 
 
 # ---- the hot path of graph rebuilding -------------------------------------------------------

@@ -141,6 +141,12 @@ def info_text(d: dict) -> str:
         kept = sum(1 for line in amb if str(line).endswith(": pointer"))
         out.append(f"ambiguous {count} argument words decided by evidence "
                    f"({kept} of the {len(amb)} listed kept as pointers; info --json lists them)")
+    pruned = d["meta"].get("pruned_images")
+    if pruned:
+        before = sum(int(p["bytes"][0]) for p in pruned)
+        after = sum(int(p["bytes"][1]) for p in pruned)
+        out.append(f"images    {len(pruned)} cut down to the kernels used: {_size(before)} -> "
+                   f"{_size(after)} (cgsnap.cubin_prune)")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "

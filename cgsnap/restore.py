@@ -591,7 +591,18 @@ class Restored:
         handles_addr = handles.ctypes.data
         dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
         dep_addr = dep_buf.ctypes.data
-        add_kernel, kernel_row, attrs = fast.add_kernel, plan.kernel_row, plan.attrs
+        add_kernel, kernel_row = fast.add_kernel, plan.kernel_row
+
+        def add_kernel_node(i: int, dep_ptr, ndeps: int, handle_ptr: int, param_ptr: int) -> None:
+            """One kernel node and its launch attributes, by a foreign call (no native loop,
+            or a node the loop does not take)."""
+            code = add_kernel(handle_ptr, graph_int, dep_ptr, ndeps, param_ptr)
+            if code:
+                fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
+                                     f"{plan.nodes[i].id})")
+            if plan.attr_rel[i] >= 0:
+                fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
+                                    f"graph {name!r} node {plan.nodes[i].id}")
         # Every address the driver calls take, worked out for all nodes at once: a run of plain
         # kernel nodes is then one call of the native loop (cgsnap/nodeloop.c), or without it
         # one foreign call per node.
@@ -627,15 +638,8 @@ class Restored:
                         fast.raise_for(code, f"{what} (graph {name!r} node {plan.nodes[i].id})")
                     continue
                 for i in range(start, stop):
-                    d = dep_list[i]
-                    code = add_kernel(handle_list[i], graph_int, d or None, plan.ndeps[i],
-                                      param_list[i])
-                    if code:
-                        fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                             f"{plan.nodes[i].id})")
-                    if plan.attr_rel[i] >= 0:
-                        fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
-                                            f"graph {name!r} node {plan.nodes[i].id}")
+                    add_kernel_node(i, dep_list[i] or None, plan.ndeps[i], handle_list[i],
+                                    param_list[i])
                 continue
             for i in range(start, stop):
                 deps = plan.deps[i]
@@ -655,14 +659,7 @@ class Restored:
                 if i in plan.late_refs:
                     for pos_, region, off in plan.late_refs[i]:
                         words[pos_] = int(self._bases[region]) + off
-                code = add_kernel(int(handle_ptrs[i]), graph_int, dep_ptr, len(deps),
-                                  int(param_ptrs[i]))
-                if code:
-                    fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                         f"{plan.nodes[i].id})")
-                if plan.attr_rel[i] >= 0:
-                    fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
-                                        f"graph {name!r} node {plan.nodes[i].id}")
+                add_kernel_node(i, dep_ptr, len(deps), int(handle_ptrs[i]), int(param_ptrs[i]))
         if plan.special_edges:
             data = []
             for _, _, e in plan.special_edges:

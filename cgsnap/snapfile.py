@@ -6,6 +6,7 @@ The container itself is :mod:`cgsnap.fileformat`; the dict it carries is the mod
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -117,10 +118,78 @@ def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0
     return n
 
 
-def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = False) -> None:
+# A pruned image is kept only when it is at most this fraction of the whole one: a small gain
+# is not worth an image that differs from the library's.
+PRUNE_WORTH = 0.9
+
+
+def prune_images(snap: Snapshot, check=None) -> Snapshot:
+    """``snap`` with each cubin cut down to the kernels its kernels name
+    (:mod:`cgsnap.cubin_prune`). ``check(original, pruned, kernels, variables)`` returns None
+    when the pruned image is good, else why not; by default the driver loads both images on
+    the current context and compares every kept kernel (:func:`cgsnap.driver.images_agree`).
+    Without a current CUDA context (nothing to check on), images stay whole."""
+    if check is None:
+        from . import driver
+        if not driver.context_current():
+            return snap
+        check = driver.images_agree
+    from . import cubin_prune, elf
+    from .hashing import content_hash
+    used: dict = {}
+    for k in snap.kernels:
+        used.setdefault(k.image, set()).add(k.name)
+    renamed, images, pruned, refused = {}, [], [], []
+    for im in snap.images:
+        if im.kind != "cubin" or im.hash not in used or im.data is None:
+            images.append(im)
+            continue
+        data = bytes(im.data)
+        result = cubin_prune.prune_cubin(data, used[im.hash])
+        problem = result.reason
+        if result.data is not None and len(result.data) > PRUNE_WORTH * len(data):
+            problem = cubin_prune.TOO_LITTLE
+        if not problem:
+            info = elf.cubin_info(result.data)
+            problem = check(data, result.data, sorted(used[im.hash]),
+                            [g.name for g in info.globals])
+        if problem:
+            if problem not in cubin_prune.NOTHING_TO_CUT:
+                refused.append({"image": im.hash, "why": problem})
+            images.append(im)
+            continue
+        new_hash = content_hash(result.data)
+        renamed[im.hash] = new_hash
+        pruned.append({"image": new_hash, "from": im.hash, "bytes": [len(data), len(result.data)],
+                       "kernels": [result.kernels_before, result.kernels_after]})
+        images.append(dataclasses.replace(
+            im, hash=new_hash, data=result.data, names=tuple(sorted(info.kernels)),
+            source=f"{im.source} (pruned: {result.kernels_after} of {result.kernels_before} kernels)"))
+    if not renamed and not refused:
+        return snap
+    kernels = [dataclasses.replace(k, image=renamed[k.image]) if k.image in renamed else k
+               for k in snap.kernels]
+    regions = [dataclasses.replace(r, image=renamed[r.image])
+               if r.kind is RegionKind.MODULE_GLOBAL and r.image in renamed else r
+               for r in snap.regions]
+    meta = dict(snap.meta)
+    if pruned:
+        meta["pruned_images"] = pruned
+    if refused:
+        meta["unpruned_images"] = refused
+    return dataclasses.replace(snap, images=images, kernels=kernels, regions=regions, meta=meta)
+
+
+def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = False,
+         prune: bool = True) -> None:
     """Write one or several snapshots to ``path`` atomically. ``compress`` zstd-compresses region
-    contents too (kernel images are always compressed: they shrink several-fold)."""
+    contents too (kernel images are always compressed: they shrink several-fold). ``prune``
+    cuts each cubin down to the kernels the graphs launch, checked on the GPU first
+    (:func:`prune_images`); ``prune=False`` (or ``CGSNAP_PRUNE=0`` in the environment, for
+    comparisons) keeps library images whole."""
     snap = merge([snaps] if isinstance(snaps, Snapshot) else list(snaps))
+    if prune and os.environ.get("CGSNAP_PRUNE", "1") != "0":
+        snap = prune_images(snap)
     manifest, blobs = snap.to_manifest()
     image_blobs = {id(im.data) for im in snap.images}
     sources = [fileformat.BlobSource(b, compress=compress or id(b) in image_blobs) for b in blobs]

@@ -65,12 +65,12 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False):
+         bound: Optional[dict] = None, compress: bool = False, prune: bool = True):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
     from .snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound)
     merged = merge(snaps)
-    _save_file(path, merged, compress=compress)
+    _save_file(path, merged, compress=compress, prune=prune)
     return merged
 
 

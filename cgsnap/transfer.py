@@ -33,8 +33,6 @@ _PIECE = 8 << 20
 REGISTER_PIECE = 256 << 20
 
 
-_threads = io_threads
-
 
 def upload_path() -> str:
     """How large blobs reach the GPU: ``mapped`` (page-lock the file's page cache, DMA from it)
@@ -49,9 +47,9 @@ class Stager:
         self.chunk = chunk
         self.buffers = []
         self.events = []
-        self.pool = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-copy")
+        self.pool = ThreadPoolExecutor(io_threads(), thread_name_prefix="cgsnap-copy")
         # Hashing has its own threads: queued behind page-locking jobs it would stall the DMA.
-        self.hashers = ThreadPoolExecutor(_threads(), thread_name_prefix="cgsnap-hash")
+        self.hashers = ThreadPoolExecutor(io_threads(), thread_name_prefix="cgsnap-hash")
         self.ring = ring
         self.stream = driver.stream_create()
         try:

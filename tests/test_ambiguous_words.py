@@ -12,7 +12,7 @@ import zstandard
 
 from cgsnap.classify import (ALLOCATION, NAMED, SlotEvidence, ambiguous, dtype_alignment,
                              keep_as_pointer, make_lookup)
-from cgsnap.model import (Graph, Kernel, KernelNode, Policy, Ref, Region, RegionKind, Snapshot)
+from cgsnap.model import (Graph, Kernel, KernelNode, Policy, Ref, RegionKind, Snapshot)
 from cgsnap.record import _drop_unused_allocations, _Recording
 from cgsnap.snapfile import merge
 

@@ -57,6 +57,10 @@ def test_file_shares_regions_and_kernels(saved):
     assert snap.region_by_name("kv_cache").policy.value == "bound"
     pools = {r.pool for r in snap.regions if r.pool}
     assert pools, "torch's graph pool must become shared scratch"
+    # Library cubins were cut down to the kernels the graphs launch (and checked on the GPU).
+    pruned = snap.meta.get("pruned_images")
+    assert pruned and all(p["bytes"][1] < p["bytes"][0] for p in pruned)
+    assert not snap.meta.get("unpruned_images"), snap.meta.get("unpruned_images")
 
 
 def test_bind_errors_list_every_problem(saved, example):

@@ -1,0 +1,345 @@
+"""Cutting cubins down to the kernels a snapshot launches (cgsnap.cubin_prune), without a GPU.
+
+Every pruned image is checked against its original section by section: what is kept is
+byte-identical and at the same index, what is dropped is gone from every table that named it,
+and the program headers span exactly the kept sections. Whether the driver agrees is the GPU
+suite's part (tests/gpu/test_gpu_prune.py); here the images come from the committed fixtures
+and from nvcc (skipped without it: see tests/test_binaries.py for the fixture policy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cgsnap import cubin_prune, elf, snapfile
+from cgsnap.cubin_prune import _PHDR, _SYM, prune_cubin
+from cgsnap.errors import BinaryFormatError
+from cgsnap.hashing import content_hash
+from cgsnap.model import KernelImage, RegionKind
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SM90 = FIXTURES / "kernels.sm_90.cubin"
+
+# Beyond the fixtures: device functions called through a pointer table (their own .text
+# sections, reached only through relocations), printf (an extern), shared memory, a call
+# chain that ptxas clones into each kernel, and many kernels of one template.
+PRUNE_SOURCE = r"""
+#include <cstdio>
+__device__ float g_scale[32];
+__constant__ int c_bias[8];
+__device__ __noinline__ float inc(float x) { return x + 1.0f; }
+__device__ __noinline__ float dbl(float x) { return 2.0f * x; }
+__device__ float (*g_ops[2])(float) = {inc, dbl};
+__device__ __noinline__ float chain(float x) { return x * g_scale[threadIdx.x & 31] + c_bias[threadIdx.x & 7]; }
+extern "C" __global__ void via_table(float* a, int op) { a[threadIdx.x] = g_ops[op & 1](a[threadIdx.x]); }
+extern "C" __global__ void chained(float* a) { a[threadIdx.x] = chain(a[threadIdx.x]); }
+extern "C" __global__ void shared_sum(float* a, int n) {
+  __shared__ float s[256]; s[threadIdx.x & 255] = a[threadIdx.x]; __syncthreads();
+  a[threadIdx.x] = s[(threadIdx.x + 1) & 255] + chain(1.0f) + n; }
+extern "C" __global__ void talker(int n) { if (threadIdx.x == 0) printf("n=%d\n", n); }
+extern "C" __global__ void target(float* a) { a[0] = 1.0f; }
+extern "C" __global__ void taker(void** out) { *out = (void*)target; }
+template <int N> __global__ void many(float* a) { a[threadIdx.x] = a[threadIdx.x] * N + chain(N); }
+template __global__ void many<1>(float*); template __global__ void many<2>(float*);
+template __global__ void many<3>(float*); template __global__ void many<4>(float*);
+template __global__ void many<5>(float*); template __global__ void many<6>(float*);
+"""
+
+
+# ---- reading a cubin back, independently of the code under test -----------------------------
+class Image:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.elf = elf.ElfFile(data)
+        self.sections = self.elf.sections
+        self.symbols = self.elf.symbols()
+        h = self.elf.header
+        self.sh = np.frombuffer(data, elf._SHDR_NUMPY, len(self.sections), h.e_shoff)
+        self.ph = np.frombuffer(data, _PHDR, h.e_phnum, h.e_phoff)
+        tab = next(s for s in self.sections if s.type == 2)
+        self.sym = np.frombuffer(data, _SYM, tab.size // 24, tab.offset)
+
+    def bytes_of(self, s) -> bytes:
+        return bytes(self.elf.section_data(s)) if s.type != 8 else b""
+
+    def kernels(self) -> set:
+        return set(elf.cubin_info(self.data).kernels)
+
+    def section(self, name):
+        return self.elf.section(name)
+
+    def info_entries(self, name=".nv.info") -> list:
+        data, out, i = self.bytes_of(self.section(name)), [], 0
+        while i < len(data):
+            fmt, attr = data[i], data[i + 1]
+            size = int.from_bytes(data[i + 2:i + 4], "little") if fmt == 4 else 0
+            out.append((attr, data[i + 4:i + 4 + size]))
+            i += 4 + size
+        return out
+
+
+def _nvcc() -> str | None:
+    return shutil.which(os.environ.get("NVCC", "nvcc"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{flavour: cubin bytes} compiled from PRUNE_SOURCE."""
+    if not _nvcc():
+        pytest.skip("nvcc is not available to build the pruning sources")
+    d = tmp_path_factory.mktemp("prune")
+    (d / "p.cu").write_text(PRUNE_SOURCE)
+    out = {}
+    for flavour, flags in {"sm_90": [], "sm_80": ["-arch=sm_80"], "debug": ["-G"],
+                           "lineinfo": ["-lineinfo"]}.items():
+        arch = [] if any(f.startswith("-arch") for f in flags) else ["-arch=sm_90"]
+        target = d / f"{flavour}.cubin"
+        subprocess.run([_nvcc(), "-cubin", *arch, *flags, "-o", str(target), str(d / "p.cu")],
+                       check=True, capture_output=True)
+        out[flavour] = target.read_bytes()
+    return out
+
+
+def check_pruned(original: bytes, pruned: bytes, keep: set) -> None:
+    """Everything the pruning promises, checked from the outside."""
+    a, b = Image(original), Image(pruned)
+    assert len(a.sections) == len(b.sections) and len(a.sym) == len(b.sym)
+    assert keep <= b.kernels() < a.kernels()
+    assert elf.check_cubin(pruned, sorted(keep)) == []
+    # Kept sections: same index, same bytes (string, symbol and summary tables are rebuilt).
+    rebuilt = {".shstrtab", ".strtab", ".symtab", ".nv.info", ".nv.callgraph"}
+    for sa, sb in zip(a.sections, b.sections):
+        if sb.type == 0:
+            assert not sb.name and not sb.size and sb.offset == 0
+            continue
+        assert (sb.name, sb.type, sb.flags, sb.link, sb.info, sb.size if sb.name not in rebuilt else 0) \
+            == (sa.name, sa.type, sa.flags, sa.link, sa.info, sa.size if sa.name not in rebuilt else 0)
+        if sb.name not in rebuilt:
+            assert a.bytes_of(sa) == b.bytes_of(sb), sb.name
+        assert not sb.name.startswith((".debug", ".nv_debug", ".rela.debug", ".rel.debug"))
+    dropped_sections = {i for i, s in enumerate(b.sections) if s.type == 0 and a.sections[i].type}
+    # Symbols: kept ones unchanged; those of dropped sections are null symbols.
+    dropped_symbols = set()
+    for i, (x, y) in enumerate(zip(a.symbols, b.symbols)):
+        if x.section_name is not None and x.shndx in dropped_sections:
+            dropped_symbols.add(i)
+            assert b.sym[i].tobytes() == bytes(24)
+        else:
+            assert (y.name, y.value, y.size, y.type, y.bind, y.shndx, y.other) == \
+                (x.name, x.value, x.size, x.type, x.bind, x.shndx, x.other)
+    for name in a.kernels() - b.kernels():
+        assert b.section(f".text.{name}") is None and b.section(f".nv.info.{name}") is None
+    # Nothing kept refers to anything dropped.
+    for s in b.sections:
+        if s.type in (4, 9):
+            width = 3 if s.type == 4 else 2
+            syms = np.frombuffer(b.bytes_of(s), "<u8").reshape(-1, width)[:, 1] >> np.uint64(32)
+            assert not dropped_symbols & set(syms.tolist()), s.name
+    if b.section(".nv.callgraph") is not None:
+        words = np.frombuffer(b.bytes_of(b.section(".nv.callgraph")), "<u4").tolist()
+        assert not dropped_symbols & set(words)
+        before = np.frombuffer(a.bytes_of(a.section(".nv.callgraph")), "<u4").reshape(-1, 2)
+        kept_pairs = [p for p in before.tolist() if not dropped_symbols & set(p)]
+        assert words == [w for p in kept_pairs for w in p]
+    kept_info = [e for e in a.info_entries()
+                 if not (e[0] in cubin_prune.FUNCTION_ATTRIBUTES
+                         and int.from_bytes(e[1][:4], "little") in dropped_symbols)]
+    assert b.info_entries() == kept_info
+    # Module variables survive with their initial values.
+    assert elf.global_initial_values(pruned) == elf.global_initial_values(original)
+    # Program headers: each file-backed segment spans exactly its kept sections.
+    for pa, pb in zip(a.ph, b.ph):
+        assert (pa["p_type"], pa["p_flags"], pa["p_align"]) == (pb["p_type"], pb["p_flags"], pb["p_align"])
+        if pa["p_offset"] == a.elf.header.e_phoff:     # PHDR, and the LOAD of the table
+            assert (pb["p_offset"], pb["p_filesz"]) == (b.elf.header.e_phoff, pa["p_filesz"])
+            continue
+        if pa["p_type"] != 1 or not pa["p_filesz"]:
+            continue
+        inside = [i for i, s in enumerate(a.sections) if s.type not in (0, 8) and s.size
+                  and pa["p_offset"] <= s.offset < pa["p_offset"] + pa["p_filesz"]]
+        live = [b.sections[i] for i in inside if b.sections[i].type]
+        if live:
+            assert pb["p_offset"] == min(s.offset for s in live)
+            # The file part may end at the NOBITS tail's alignment, as the original's does.
+            slack_a = int(pa["p_offset"] + pa["p_filesz"]) - max(a.sections[i].offset + a.sections[i].size
+                                                                 for i in inside)
+            slack_b = int(pb["p_offset"] + pb["p_filesz"]) - max(s.offset + s.size for s in live)
+            assert 0 <= slack_b < 8 and (slack_b == slack_a or slack_a)
+        else:
+            assert pb["p_filesz"] == 0
+    assert len(pruned) < len(original)
+
+
+@pytest.mark.parametrize("keep", [{"axpy"}, {"bump", "_Z5scaleIfLi128EEvPT_S0_"}, {"_Z6hiddenPi"}])
+def test_fixture_cubin_keeps_exactly_what_was_asked(keep):
+    original = SM90.read_bytes()
+    result = prune_cubin(original, keep)
+    assert result.reason == "" and result.kernels_before == 6
+    assert result.kernels_after == len(Image(result.data).kernels())
+    check_pruned(original, result.data, keep)
+
+
+@pytest.mark.parametrize("flavour", ["sm_90", "sm_80", "debug", "lineinfo"])
+def test_compiled_cubins(built, flavour):
+    original = built[flavour]
+    for keep in ({"chained"}, {"via_table"}, {"talker", "_Z4manyILi3EEvPf"}, {"shared_sum"}):
+        result = prune_cubin(original, keep)
+        assert result.reason == "", (flavour, keep, result.reason)
+        check_pruned(original, result.data, keep)
+        img = Image(result.data)
+        if "via_table" in keep:        # the pointer table's functions stay with the table
+            assert any(s.name.startswith(".text.") and "inc" in s.name for s in img.sections) or \
+                any(sym.name.endswith("3incf") for sym in img.symbols)
+
+
+def test_a_kernel_another_one_refers_to_stays(built):
+    """taker stores target's address: a relocation in a global constant bank names target, so
+    target is kept with it (and nothing else)."""
+    for flavour in ("sm_90", "sm_80"):
+        result = prune_cubin(built[flavour], {"taker"})
+        assert Image(result.data).kernels() == {"taker", "target"}
+        check_pruned(built[flavour], result.data, {"taker"})
+        assert Image(prune_cubin(built[flavour], {"target"}).data).kernels() == {"target"}
+
+
+def test_debug_sections_are_dropped(built):
+    a = Image(built["debug"])
+    assert any(s.name.startswith(".debug") for s in a.sections)   # the flavour has them
+    b = Image(prune_cubin(built["debug"], {"chained"}).data)
+    assert not any(s.name.startswith((".debug", ".nv_debug")) for s in b.sections)
+
+
+def test_pruning_again_is_stable():
+    original = SM90.read_bytes()
+    once = prune_cubin(original, {"axpy", "bump"}).data
+    assert prune_cubin(once, {"axpy", "bump"}).reason == cubin_prune.ALL_NEEDED
+    twice = prune_cubin(once, {"axpy"})
+    assert twice.reason == "" and Image(twice.data).kernels() == {"axpy"}
+    direct = Image(prune_cubin(original, {"axpy"}).data)
+    for x, y in zip(Image(twice.data).sections, direct.sections):
+        assert (x.name, x.type, x.size) == (y.name, y.type, y.size)
+        assert Image(twice.data).bytes_of(x) == direct.bytes_of(y)
+
+
+def test_images_it_will_not_cut_come_back_with_a_reason():
+    original = SM90.read_bytes()
+    everything = elf.cubin_info(original).kernels
+    assert prune_cubin(original, everything).reason == cubin_prune.ALL_NEEDED
+    missing = prune_cubin(original, {"axpy", "no_such_kernel"})
+    assert missing.data is None and "no_such_kernel" in missing.reason
+    rdc = prune_cubin((FIXTURES / "kernels.rdc.sm_90.cubin").read_bytes(), {"axpy"})
+    assert rdc.data is None and "executable" in rdc.reason
+    # sm_100 images carry "mercury" sections that share file ranges: not cut, left whole.
+    merc = prune_cubin((FIXTURES / "kernels.sm_100.cubin").read_bytes(), {"axpy"})
+    assert merc.data is None and merc.reason
+
+
+@pytest.mark.parametrize("cut", [0, 3, 64, 1000, -100])
+def test_malformed_images_raise_a_format_error(cut):
+    data = bytearray(SM90.read_bytes())
+    if cut > 0:
+        data = data[:cut]
+    else:       # section header table pointed past the end
+        data[0x28:0x30] = (len(data) + cut + 4096).to_bytes(8, "little")
+    with pytest.raises(BinaryFormatError):
+        prune_cubin(bytes(data), {"axpy"})
+
+
+def test_a_broken_relocation_table_raises():
+    img = Image(SM90.read_bytes())
+    rela = next(s for s in img.sections if s.type == 4 and s.size)
+    data = bytearray(img.data)
+    hdr = img.elf.header.e_shoff + rela.index * 64
+    data[hdr + 32:hdr + 40] = (rela.size - 3).to_bytes(8, "little")     # sh_size, ragged
+    with pytest.raises(BinaryFormatError):
+        prune_cubin(bytes(data), {"axpy"})
+
+
+# ---- the snapshot side ----------------------------------------------------------------------
+def _snapshot_with_fixture_image():
+    from synthetic import make_snapshot
+    snap = make_snapshot()
+    data = SM90.read_bytes()
+    h = content_hash(data)
+    old = snap.images[0].hash
+    image = KernelImage(h, "cubin", 90, tuple(sorted(elf.cubin_info(data).kernels)), data, "test")
+    kernels = [dataclasses.replace(snap.kernels[0], name="axpy", image=h),
+               dataclasses.replace(snap.kernels[1], name="bump", image=h)]
+    regions = [dataclasses.replace(r, image=h, symbol="c_coeffs", size=64, data=bytes(64),
+                                   content_hash=content_hash(bytes(64)))
+               if r.kind is RegionKind.MODULE_GLOBAL else r for r in snap.regions]
+    assert old != h
+    return dataclasses.replace(snap, images=[image], kernels=kernels, regions=regions)
+
+
+def test_prune_images_renames_the_image_everywhere(tmp_path):
+    snap = _snapshot_with_fixture_image()
+    seen = []
+
+    def check(original, pruned, kernels, variables):
+        seen.append((kernels, sorted(variables)))
+        return None
+    out = snapfile.prune_images(snap, check=check)
+    assert seen == [(["axpy", "bump"], ["c_coeffs", "c_scale", "g_counter", "g_table"])]
+    (im,) = out.images
+    assert im.hash == content_hash(im.data) != snap.images[0].hash
+    assert set(im.names) == {"axpy", "bump"} and "pruned: 2 of 6 kernels" in im.source
+    assert all(k.image == im.hash for k in out.kernels)
+    assert [r.image for r in out.regions if r.kind is RegionKind.MODULE_GLOBAL] == [im.hash]
+    (entry,) = out.meta["pruned_images"]
+    assert entry["from"] == snap.images[0].hash and entry["kernels"] == [6, 2]
+    # The caller's snapshot is left as it was.
+    assert snap.images[0].data == SM90.read_bytes() and snap.kernels[0].image == snap.images[0].hash
+    # The file round-trips and validates; info reports the cut.
+    path = tmp_path / "p.cgsnap"
+    snapfile.save(path, out, prune=False)
+    back, f = snapfile.read(path)
+    try:
+        assert back.images[0].data == im.data and back.kernels[0].image == im.hash
+        from cgsnap import render
+        text = render.info_text(render.info_dict(back, f.blobs, f.version, str(path)))
+    finally:
+        f.close()
+    assert "images    1 cut down to the kernels used" in text
+
+
+def test_a_failed_check_keeps_the_image_whole():
+    snap = _snapshot_with_fixture_image()
+    out = snapfile.prune_images(snap, check=lambda *a: "kernel axpy: attributes differ")
+    assert out.images[0].data == snap.images[0].data
+    assert out.kernels[0].image == snap.images[0].hash
+    assert out.meta["unpruned_images"] == [{"image": snap.images[0].hash,
+                                            "why": "kernel axpy: attributes differ"}]
+    assert "pruned_images" not in out.meta
+
+
+def test_without_a_gpu_images_stay_whole(monkeypatch):
+    from cgsnap import driver
+    monkeypatch.setattr(driver, "context_current", lambda: False)
+    snap = _snapshot_with_fixture_image()
+    assert snapfile.prune_images(snap) is snap
+
+
+def test_save_prunes_by_default_and_prune_false_keeps_images_whole(tmp_path, monkeypatch):
+    from cgsnap import driver
+    monkeypatch.setattr(driver, "context_current", lambda: True)
+    calls = []
+    monkeypatch.setattr(driver, "images_agree", lambda *a: calls.append(a[2]))
+    snap = _snapshot_with_fixture_image()
+    snapfile.save(tmp_path / "pruned.cgsnap", snap)
+    snapfile.save(tmp_path / "whole.cgsnap", snap, prune=False)
+    assert calls == [["axpy", "bump"]]
+    assert set(elf.cubin_info(_image_of(tmp_path / "pruned.cgsnap")).kernels) == {"axpy", "bump"}
+    assert _image_of(tmp_path / "whole.cgsnap") == SM90.read_bytes()
+
+
+def _image_of(path) -> bytes:
+    back, f = snapfile.read(path)
+    f.close()
+    return bytes(back.images[0].data)
