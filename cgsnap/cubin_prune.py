@@ -72,6 +72,9 @@ PER_FUNCTION_PREFIXES = (".text.", ".nv.info.", ".nv.constant0.", ".nv.shared.",
                          ".rel.text.", ".rela.text.", ".rel.nv.constant0.", ".rela.nv.constant0.")
 DEBUG_PREFIXES = (".debug", ".nv_debug")
 
+# Largest section alignment accepted (cubins use up to 128).
+MAX_ALIGNMENT = 1 << 16
+
 # Reasons for keeping an image whole that are not a problem.
 ALL_NEEDED = "every kernel of the image is needed"
 TOO_LITTLE = "too little to cut"
@@ -132,6 +135,10 @@ class _Cutter:
         for s in self.sections:
             if s.type not in (SHT_NULL, SHT_NOBITS):
                 elf.check_range(self.view, s.offset, s.size, f"section {s.name!r}")
+        align = self.sh["sh_addralign"]
+        if ((align & (align - np.uint64(1))) != 0).any() or (align > MAX_ALIGNMENT).any():
+            raise BinaryFormatError("a section alignment is not a power of two up to "
+                                    f"{MAX_ALIGNMENT}")
         tables = [s for s in self.sections if s.type == SHT_SYMTAB]
         if len(tables) != 1:
             raise _Refused(f"{len(tables)} symbol tables")
@@ -150,7 +157,9 @@ class _Cutter:
         self.kernel_text = {}
         for i, s in enumerate(self.symbols):
             sec = int(self.sym_section[i])
-            if s.type == STT_FUNC and s.other & elf.STO_CUDA_ENTRY and sec >= 0 and self.is_text[sec]:
+            # The same definition of a kernel as elf.cubin_info's.
+            if s.type == STT_FUNC and s.other & elf.STO_CUDA_ENTRY and sec >= 0 and \
+                    self.is_text[sec] and s.section_name == f".text.{s.name}":
                 self.kernel_text[s.name] = sec
         self.owner = self._owners()
 
@@ -254,6 +263,9 @@ class _Cutter:
         self._check_links(keep_section, dropped_symbol, debug)
         out = self._write(keep_section, dropped_symbol)
         kept = sum(1 for sec in self.kernel_text.values() if keep_section[sec])
+        # What comes out must read back as a cubin holding what was asked.
+        if not keep <= set(elf.cubin_info(out).kernels) or elf.check_cubin(out, sorted(keep)):
+            raise _Refused("the cut image does not read back with the kernels asked for")
         return out, kept
 
     def _check_links(self, keep_section, dropped_symbol, debug) -> None:
@@ -429,6 +441,8 @@ class _Cutter:
                 sh[i]["sh_offset"] = offset
                 total = max(total, offset)
 
+        if total > len(self.view) + MAX_ALIGNMENT:
+            raise _Refused("the cut image would be larger than the whole one")
         out = bytearray(total)
         header = bytearray(self.view[:elf.ELF64_EHDR.size])
         header[0x20:0x28] = int(new_offset["phdr"][0] if h.e_phnum else 0).to_bytes(8, "little")
@@ -462,6 +476,10 @@ class _Cutter:
         for p in ph:
             ptype, off, filesz, memsz = (int(p["p_type"]), int(p["p_offset"]), int(p["p_filesz"]),
                                          int(p["p_memsz"]))
+            elf.check_range(self.view, off, filesz, "program segment")
+            if memsz < filesz:
+                raise BinaryFormatError(f"program segment at {off}: memory size {memsz} below "
+                                        f"its file size {filesz}")
             if ptype == PT_PHDR:
                 p["p_offset"] = new_offset["phdr"][0]
                 continue

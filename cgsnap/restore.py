@@ -223,6 +223,7 @@ class Restored:
         self._stager = None
         self._host_callbacks = dict(host_callbacks or {})
         self._trampolines: list = []        # ctypes thunks the graphs' host nodes call
+        t_init = time.perf_counter()
         native.prefetch()
         try:
             with _gc_paused():
@@ -235,6 +236,7 @@ class Restored:
                 if instantiate == "all":
                     for name in self.graph_names:
                         self.graph(name).instantiate()
+            self.timings["init"] = time.perf_counter() - t_init
         except BaseException as exc:
             self.close()
             if isinstance(exc, DriverError):

@@ -82,6 +82,8 @@ def bench_cold(layers: int):
     for k in ("read", "read.open", "read.validate", "read.images", "read.bind", "read.plans",
               "alloc", "kernels", "copy", "build", "instantiate"):
         row(sec, f"(b) {k}", med(rests, k) * 1e3, "ms")
+    row(sec, "(b) cgsnap.load() total (Restored.__init__)", med(rests, "init") * 1e3, "ms")
+    row(sec, "(b) cgsnap.torch.load() total", med(rests, "load") * 1e3, "ms")
     graph_b = med(rests, "load") + med(rests, "build") + med(rests, "instantiate")
     row(sec, "(b) graph part: load + bind + node add + instantiate", graph_b * 1e3, "ms")
     row(sec, "(b) first replay of all 7 (incl. lazy build)", med(rests, "first_replays") * 1e3, "ms")

@@ -343,3 +343,32 @@ def _image_of(path) -> bytes:
     back, f = snapfile.read(path)
     f.close()
     return bytes(back.images[0].data)
+
+
+def test_mutated_images_raise_a_format_error_or_come_back_whole_or_cut():
+    """Random byte and header damage: prune_cubin raises BinaryFormatError or returns a
+    Pruned, never another exception; a cut image still parses and holds what was asked."""
+    import random
+    original = SM90.read_bytes()
+    h = elf.ElfFile(original).header
+    hot = [(0, 64), (h.e_shoff, h.e_shoff + 64 * h.e_shnum), (h.e_phoff, h.e_phoff + 56 * h.e_phnum)]
+    rng = random.Random(1234)
+    outcomes = {"error": 0, "whole": 0, "cut": 0}
+    for case in range(400):
+        data = bytearray(original)
+        for _ in range(rng.choice((1, 2, 4, 8))):
+            lo, hi = rng.choice(hot) if rng.random() < 0.7 else (0, len(data))
+            pos = rng.randrange(lo, min(hi, len(data)))
+            data[pos] = rng.randrange(256)
+        try:
+            result = prune_cubin(bytes(data), {"axpy"})
+        except BinaryFormatError:
+            outcomes["error"] += 1
+            continue
+        if result.data is None:
+            assert result.reason
+            outcomes["whole"] += 1
+        else:
+            assert "axpy" in elf.cubin_info(result.data).kernels
+            outcomes["cut"] += 1
+    assert all(outcomes.values()), outcomes
