@@ -49,8 +49,19 @@ SHT_RELA = 4
 SHT_NOBITS = 8
 SHT_REL = 9
 SHT_SYMTAB_SHNDX = 18
+SHT_NOTE = 7
 SHT_CUDA_INFO = 0x70000000
 SHT_CUDA_CALLGRAPH = 0x70000001
+SHT_CUDA_PROTOTYPE = 0x70000002
+SHT_CUDA_RELOCINFO = 0x7000000B      # .nv.rel.action
+SHT_CUDA_COMPAT = 0x70000086
+# Section types an executable cubin of sm_75-sm_90 holds, each handled above or plain data.
+# Anything else (sm_100's "mercury" sections keep a second symbol table over .strtab) is
+# left whole rather than cut by rules that do not know it.
+CUT_TYPES = {SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOTE, SHT_NOBITS,
+             SHT_REL, SHT_SYMTAB_SHNDX, SHT_CUDA_INFO, SHT_CUDA_CALLGRAPH, SHT_CUDA_PROTOTYPE,
+             SHT_CUDA_RELOCINFO, SHT_CUDA_COMPAT}
+SHF_CUDA_MERCURY = 0x10000000
 
 SHF_ALLOC = 0x2
 SHF_EXECINSTR = 0x4
@@ -65,8 +76,14 @@ EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL, EIFMT_SVAL = 1, 2, 3, 4
 # Attributes of the global .nv.info whose value starts with a function's symbol index.
 FUNCTION_ATTRIBUTES = {0x11: "EIATTR_FRAME_SIZE", 0x12: "EIATTR_MIN_STACK_SIZE",
                        0x23: "EIATTR_MAX_STACK_SIZE", 0x2F: "EIATTR_REGCOUNT"}
-# Call-graph words at or above this are markers (-1..-4), not symbol indices.
+EIATTR_EXTERNS = 0x0F      # per-function: the symbols a function uses from elsewhere
+# The call graph is a list of u32 pairs in blocks, each opened by a marker pair (0, -k):
+# -1 calls (caller, callee), -2 functions whose address is taken (symbol, prototype string),
+# -3 indirect call sites (symbol, prototype string), -4 possible targets of those calls
+# (caller, callee). The prototype strings are offsets into .strtab.
 CALLGRAPH_MARKER = 0xFFFFFFFC
+CALLGRAPH_EDGES = (-1, -4)
+CALLGRAPH_STRINGS = (-2, -3)
 # Sections named <prefix><function> belong to that function.
 PER_FUNCTION_PREFIXES = (".text.", ".nv.info.", ".nv.constant0.", ".nv.shared.", ".nv.local.",
                          ".rel.text.", ".rela.text.", ".rel.nv.constant0.", ".rela.nv.constant0.")
@@ -143,8 +160,15 @@ class _Cutter:
         if len(tables) != 1:
             raise _Refused(f"{len(tables)} symbol tables")
         self.symtab = tables[0]
-        if self.symtab.entsize != _SYM.itemsize or self.symtab.size % _SYM.itemsize:
-            raise BinaryFormatError(f"symbol table entry size {self.symtab.entsize}")
+        for sec in self.sections:
+            if sec.type not in CUT_TYPES or sec.flags & SHF_CUDA_MERCURY:
+                raise _Refused(f"section {sec.name!r} of type {sec.type:#x} is not one this "
+                               "module knows how to cut")
+            if sec.link == self.symtab.link and sec.index != self.symtab.index:
+                raise _Refused(f"section {sec.name!r} also names strings of the symbol table's")
+        if self.symtab.entsize not in (0, _SYM.itemsize) or self.symtab.size % _SYM.itemsize:
+            raise BinaryFormatError(f"symbol table entry size {self.symtab.entsize}, "
+                                    f"size {self.symtab.size}")
         self.sym = np.frombuffer(self.view, _SYM, self.symtab.size // _SYM.itemsize,
                                  self.symtab.offset).copy()
         self.symbols = f.symbols()           # names and resolved section indices
@@ -208,13 +232,54 @@ class _Cutter:
         words = np.frombuffer(self.view, "<u8", s.size // 8, s.offset)
         return (words[1::width] >> np.uint64(32)).astype(np.int64)
 
-    def _callgraph_pairs(self) -> Optional[np.ndarray]:
+    def _callgraph(self):
+        """(section, pairs, block of each pair) of the call graph, or None. Marker pairs get
+        block 0."""
         graph = next((s for s in self.sections if s.type == SHT_CUDA_CALLGRAPH), None)
         if graph is None:
             return None
         if graph.size % 8:
             raise _Refused(f"call graph of {graph.size} bytes")
-        return np.frombuffer(self.view, "<u4", graph.size // 4, graph.offset).reshape(-1, 2)
+        pairs = np.frombuffer(self.view, "<u4", graph.size // 4, graph.offset).reshape(-1, 2)
+        blocks = np.zeros(len(pairs), dtype=np.int64)
+        block = None
+        for i, (a, b) in enumerate(pairs.tolist()):
+            if a == 0 and b >= CALLGRAPH_MARKER:
+                block = b - (1 << 32)
+                continue
+            if block is None:
+                raise _Refused("call graph entries before any block marker")
+            blocks[i] = block
+        return graph, pairs, blocks
+
+    def _prototypes(self):
+        """(section, pairs (symbol, .strtab offset)) of .nv.prototype, or None."""
+        proto = next((s for s in self.sections if s.type == SHT_CUDA_PROTOTYPE), None)
+        if proto is None:
+            return None
+        if proto.size % 8:
+            raise _Refused(f"prototype table of {proto.size} bytes")
+        return proto, np.frombuffer(self.view, "<u4", proto.size // 4, proto.offset).reshape(-1, 2)
+
+    def _attributes(self, s):
+        """``(format, attribute, value bytes)`` of each entry of an .nv.info section."""
+        data = bytes(self.view[s.offset:s.offset + s.size])
+        i = 0
+        while i < len(data):
+            if i + 4 > len(data):
+                raise _Refused(f"{s.name}: truncated attribute at {i}")
+            fmt, attr = data[i], data[i + 1]
+            if fmt == EIFMT_SVAL:
+                end = i + 4 + int.from_bytes(data[i + 2:i + 4], "little")
+                value = data[i + 4:end]
+            elif fmt in (EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL):
+                end, value = i + 4, data[i + 2:i + 4]
+            else:
+                raise _Refused(f"{s.name}: attribute format {fmt} at {i}")
+            if end > len(data):
+                raise _Refused(f"{s.name}: attribute at {i} runs past the section")
+            yield fmt, attr, data[i:end], value
+            i = end
 
     def _symbol_owner(self, symbols: np.ndarray) -> np.ndarray:
         """The owning .text of each symbol index (-1: no function's, or not a symbol)."""
@@ -238,14 +303,23 @@ class _Cutter:
             if s.type in (SHT_REL, SHT_RELA) and not debug[s.index]:
                 targets = self._symbol_owner(self._relocation_symbols(s))
                 edges.setdefault(int(self.owner[s.index]), set()).update(targets[targets >= 0].tolist())
-        pairs = self._callgraph_pairs()
-        if pairs is not None and len(pairs):
-            words = pairs.astype(np.int64)
-            words[pairs >= CALLGRAPH_MARKER] = -1
-            callers, callees = self._symbol_owner(words[:, 0]), self._symbol_owner(words[:, 1])
+        graph = self._callgraph()
+        if graph is not None:
+            _, pairs, blocks = graph
+            calls = pairs[np.isin(blocks, CALLGRAPH_EDGES)].astype(np.int64)
+            callers, callees = self._symbol_owner(calls[:, 0]), self._symbol_owner(calls[:, 1])
             for a, b in zip(callers.tolist(), callees.tolist()):
                 if b >= 0:
                     edges.setdefault(a, set()).add(b)
+        # A function's EIATTR_EXTERNS lists the symbols it uses from elsewhere.
+        for s in self.sections:
+            owner = int(self.owner[s.index])
+            if s.type == SHT_CUDA_INFO and owner >= 0:
+                for fmt, attr, _, value in self._attributes(s):
+                    if fmt == EIFMT_SVAL and attr == EIATTR_EXTERNS:
+                        used = np.frombuffer(value[:len(value) // 4 * 4], "<u4").astype(np.int64)
+                        targets = self._symbol_owner(used)
+                        edges.setdefault(owner, set()).update(targets[targets >= 0].tolist())
         live = {-1} | kept_text | {int(i) for i in np.flatnonzero(self.is_text)
                                    if int(i) not in droppable}
         todo = list(live)
@@ -287,39 +361,22 @@ class _Cutter:
     # ---- rewriting --------------------------------------------------------------------------
     def _filtered_info(self, s, dropped_symbol) -> bytes:
         """The global .nv.info without the entries about dropped functions."""
-        data = bytes(self.view[s.offset:s.offset + s.size])
-        out, i = bytearray(), 0
-        while i < len(data):
-            if i + 2 > len(data):
-                raise _Refused(f"{s.name}: truncated attribute at {i}")
-            fmt, attr = data[i], data[i + 1]
-            if fmt == EIFMT_SVAL:
-                if i + 4 > len(data):
-                    raise _Refused(f"{s.name}: truncated attribute at {i}")
-                size = int.from_bytes(data[i + 2:i + 4], "little")
-                end = i + 4 + size
-            elif fmt in (EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL):
-                size, end = 0, i + 4
-            else:
-                raise _Refused(f"{s.name}: attribute format {fmt} at {i}")
-            if end > len(data):
-                raise _Refused(f"{s.name}: attribute at {i} runs past the section")
-            if fmt == EIFMT_SVAL and attr in FUNCTION_ATTRIBUTES and size >= 4:
-                symbol = int.from_bytes(data[i + 4:i + 8], "little")
+        out = bytearray()
+        for fmt, attr, entry, value in self._attributes(s):
+            if fmt == EIFMT_SVAL and attr in FUNCTION_ATTRIBUTES and len(value) >= 4:
+                symbol = int.from_bytes(value[:4], "little")
                 if symbol < len(dropped_symbol) and dropped_symbol[symbol]:
-                    i = end
                     continue
-            out += data[i:end]
-            i = end
+            out += entry
         return bytes(out)
 
-    def _filtered_callgraph(self, s, dropped_symbol) -> bytes:
-        pairs = np.frombuffer(self.view, "<u4", s.size // 4, s.offset).reshape(-1, 2)
-        words = pairs.astype(np.int64)
-        is_symbol = (words < CALLGRAPH_MARKER) & (words < len(dropped_symbol))
+    @staticmethod
+    def _gone(words: np.ndarray, dropped_symbol: np.ndarray) -> np.ndarray:
+        words = words.astype(np.int64)
+        is_symbol = (words < len(dropped_symbol))
         gone = np.zeros(words.shape, dtype=bool)
         gone[is_symbol] = dropped_symbol[words[is_symbol]]
-        return pairs[~gone.any(axis=1)].tobytes()
+        return gone
 
     def _string_table(self, offsets) -> tuple:
         """A new string table holding the names at ``offsets`` of the old symbol string table;
@@ -346,14 +403,31 @@ class _Cutter:
         sym[dropped_symbol] = np.zeros(1, dtype=_SYM)
         shstrndx = h.e_shstrndx if h.e_shstrndx != elf.SHN_XINDEX else int(sh[0]["sh_link"])
         strndx = self.symtab.link
+        # Call graph and prototypes: entries about dropped functions go; the prototype strings
+        # of the rest are .strtab offsets, kept and renumbered with the names.
+        string_cols = []       # (array, row mask) whose column 1 holds .strtab offsets
+        graph, proto = self._callgraph(), self._prototypes()
+        if graph is not None:
+            gs, pairs, blocks = graph
+            gone = self._gone(pairs, dropped_symbol)
+            drop = np.where(np.isin(blocks, CALLGRAPH_EDGES), gone.any(axis=1),
+                            np.isin(blocks, CALLGRAPH_STRINGS) & gone[:, 0])
+            graph = (gs, pairs[~drop].copy(), blocks[~drop])
+            string_cols.append((graph[1], np.isin(graph[2], CALLGRAPH_STRINGS)))
+        if proto is not None:
+            ps, pairs = proto
+            proto = (ps, pairs[~self._gone(pairs[:, 0], dropped_symbol)].copy())
+            string_cols.append((proto[1], np.ones(len(proto[1]), dtype=bool)))
+        extra = [int(v) for arr, rows in string_cols for v in arr[rows, 1].tolist()]
         # Names: one new table per string table (shared when the two are one section).
         kept_idx = np.flatnonzero(keep_section)
         if shstrndx == strndx:
-            table, remap = self._string_table(sym["st_name"].tolist() + sh["sh_name"][kept_idx].tolist())
+            table, remap = self._string_table(sym["st_name"].tolist() + extra +
+                                              sh["sh_name"][kept_idx].tolist())
             sym_remap = sec_remap = remap
             replaced = {strndx: table}
         else:
-            table, sym_remap = self._string_table(sym["st_name"].tolist())
+            table, sym_remap = self._string_table(sym["st_name"].tolist() + extra)
             replaced = {strndx: table}
             saved_link = self.symtab.link
             try:     # the section-name table, read through the same helper
@@ -363,6 +437,12 @@ class _Cutter:
                 self.symtab = self.symtab._replace(link=saved_link)
             replaced[shstrndx] = names
         sym["st_name"] = [sym_remap[v] for v in sym["st_name"].tolist()]
+        for arr, rows in string_cols:
+            arr[rows, 1] = [sym_remap[int(v)] for v in arr[rows, 1].tolist()]
+        if graph is not None:
+            replaced[graph[0].index] = graph[1].tobytes()
+        if proto is not None:
+            replaced[proto[0].index] = proto[1].tobytes()
         sh["sh_name"][kept_idx] = [sec_remap[v] for v in sh["sh_name"][kept_idx].tolist()]
         replaced[self.symtab.index] = sym.tobytes()
         if self.xindex is not None:
@@ -376,8 +456,6 @@ class _Cutter:
                 continue
             if s.type == SHT_CUDA_INFO and s.name == ".nv.info" and not s.flags & SHF_INFO_LINK:
                 replaced[s.index] = self._filtered_info(s, dropped_symbol)
-            elif s.type == SHT_CUDA_CALLGRAPH:
-                replaced[s.index] = self._filtered_callgraph(s, dropped_symbol)
 
         # File items in their original order: sections with bytes and the two header tables.
         items = []      # (original offset, original size, kind, index, kept)

@@ -147,6 +147,11 @@ def info_text(d: dict) -> str:
         after = sum(int(p["bytes"][1]) for p in pruned)
         out.append(f"images    {len(pruned)} cut down to the kernels used: {_size(before)} -> "
                    f"{_size(after)} (cgsnap.cubin_prune)")
+    whole = d["meta"].get("unpruned_images")
+    if whole:
+        out.append(f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}")
+    if d["meta"].get("images_not_pruned"):
+        out.append(f"images    kept whole: {d['meta']['images_not_pruned']}")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "

@@ -129,13 +129,17 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
     when the pruned image is good, else why not; by default the driver loads both images on
     the current context and compares every kept kernel (:func:`cgsnap.driver.images_agree`).
     Without a current CUDA context (nothing to check on), images stay whole."""
+    from . import cubin_prune, elf
+    from .errors import CgsnapError
+    from .hashing import content_hash
     if check is None:
         from . import driver
         if not driver.context_current():
-            return snap
+            if not any(im.kind == "cubin" for im in snap.images):
+                return snap
+            return dataclasses.replace(snap, meta={
+                **snap.meta, "images_not_pruned": "no current CUDA context to check cut images on"})
         check = driver.images_agree
-    from . import cubin_prune, elf
-    from .hashing import content_hash
     used: dict = {}
     for k in snap.kernels:
         used.setdefault(k.image, set()).add(k.name)
@@ -145,14 +149,19 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
             images.append(im)
             continue
         data = bytes(im.data)
-        result = cubin_prune.prune_cubin(data, used[im.hash])
+        try:
+            result = cubin_prune.prune_cubin(data, used[im.hash])
+        except CgsnapError as exc:      # the driver loaded it, so keep it as it is
+            refused.append({"image": im.hash, "why": str(exc)})
+            images.append(im)
+            continue
         problem = result.reason
         if result.data is not None and len(result.data) > PRUNE_WORTH * len(data):
             problem = cubin_prune.TOO_LITTLE
-        if not problem:
+        if not problem:      # variables: the whole image's, so that a lost one is noticed
             info = elf.cubin_info(result.data)
             problem = check(data, result.data, sorted(used[im.hash]),
-                            [g.name for g in info.globals])
+                            [g.name for g in elf.cubin_info(data).globals])
         if problem:
             if problem not in cubin_prune.NOTHING_TO_CUT:
                 refused.append({"image": im.hash, "why": problem})
@@ -162,6 +171,8 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
         renamed[im.hash] = new_hash
         pruned.append({"image": new_hash, "from": im.hash, "bytes": [len(data), len(result.data)],
                        "kernels": [result.kernels_before, result.kernels_after]})
+        if any(other.hash == new_hash for other in images):
+            continue    # two images that differ only in kernels nobody launches: one copy
         images.append(dataclasses.replace(
             im, hash=new_hash, data=result.data, names=tuple(sorted(info.kernels)),
             source=f"{im.source} (pruned: {result.kernels_after} of {result.kernels_before} kernels)"))

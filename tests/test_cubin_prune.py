@@ -74,6 +74,26 @@ class Image:
     def section(self, name):
         return self.elf.section(name)
 
+    def string(self, offset: int) -> bytes:
+        table = self.bytes_of(self.section(".strtab"))
+        return table[offset:table.index(b"\0", offset)]
+
+    def callgraph(self) -> list:
+        """(block, symbol, symbol or prototype string) per entry, markers left out."""
+        out, block = [], None
+        pairs = np.frombuffer(self.bytes_of(self.section(".nv.callgraph")), "<u4").reshape(-1, 2)
+        for x, y in pairs.tolist():
+            if x == 0 and y >= 0xFFFFFFFC:
+                block = y - (1 << 32)
+                out.append((0, 0, block))
+            else:
+                out.append((block, x, y if block in (-1, -4) else self.string(y)))
+        return out
+
+    def prototypes(self) -> list:
+        pairs = np.frombuffer(self.bytes_of(self.section(".nv.prototype")), "<u4").reshape(-1, 2)
+        return [(x, self.string(y)) for x, y in pairs.tolist()]
+
     def info_entries(self, name=".nv.info") -> list:
         data, out, i = self.bytes_of(self.section(name)), [], 0
         while i < len(data):
@@ -103,6 +123,24 @@ def built(tmp_path_factory):
         subprocess.run([_nvcc(), "-cubin", *arch, *flags, "-o", str(target), str(d / "p.cu")],
                        check=True, capture_output=True)
         out[flavour] = target.read_bytes()
+    # Separately compiled (-rdc) and linked by nvlink: prototype strings in .strtab, call-graph
+    # blocks of address-taken functions and indirect calls.
+    nvlink = Path(_nvcc()).with_name("nvlink")
+    if nvlink.exists():
+        obj = d / "p.o.cubin"
+        subprocess.run([_nvcc(), "-cubin", "-arch=sm_90", "-rdc=true", "-o", str(obj),
+                        str(d / "p.cu")], check=True, capture_output=True)
+        libdir = Path(_nvcc()).parent.parent / "lib64"
+        subprocess.run([str(nvlink), "-arch=sm_90", "-o", str(d / "linked.cubin"), str(obj),
+                        f"-L{libdir}", "-lcudadevrt"], check=True, capture_output=True)
+        out["linked"] = (d / "linked.cubin").read_bytes()
+    # Blackwell images carry "mercury" sections this module does not cut.
+    (d / "tiny.cu").write_text('extern "C" __global__ void a1(float* a) { a[0] = 1; }\n'
+                               'extern "C" __global__ void a2(float* a) { a[0] = 2; }\n')
+    made = subprocess.run([_nvcc(), "-cubin", "-arch=sm_100", "-o", str(d / "tiny.cubin"),
+                           str(d / "tiny.cu")], capture_output=True)
+    if made.returncode == 0:
+        out["sm_100"] = (d / "tiny.cubin").read_bytes()
     return out
 
 
@@ -113,7 +151,7 @@ def check_pruned(original: bytes, pruned: bytes, keep: set) -> None:
     assert keep <= b.kernels() < a.kernels()
     assert elf.check_cubin(pruned, sorted(keep)) == []
     # Kept sections: same index, same bytes (string, symbol and summary tables are rebuilt).
-    rebuilt = {".shstrtab", ".strtab", ".symtab", ".nv.info", ".nv.callgraph"}
+    rebuilt = {".shstrtab", ".strtab", ".symtab", ".nv.info", ".nv.callgraph", ".nv.prototype"}
     for sa, sb in zip(a.sections, b.sections):
         if sb.type == 0:
             assert not sb.name and not sb.size and sb.offset == 0
@@ -141,12 +179,20 @@ def check_pruned(original: bytes, pruned: bytes, keep: set) -> None:
             width = 3 if s.type == 4 else 2
             syms = np.frombuffer(b.bytes_of(s), "<u8").reshape(-1, width)[:, 1] >> np.uint64(32)
             assert not dropped_symbols & set(syms.tolist()), s.name
-    if b.section(".nv.callgraph") is not None:
-        words = np.frombuffer(b.bytes_of(b.section(".nv.callgraph")), "<u4").tolist()
-        assert not dropped_symbols & set(words)
-        before = np.frombuffer(a.bytes_of(a.section(".nv.callgraph")), "<u4").reshape(-1, 2)
-        kept_pairs = [p for p in before.tolist() if not dropped_symbols & set(p)]
-        assert words == [w for p in kept_pairs for w in p]
+    if a.section(".nv.callgraph") is not None:
+        # Blocks -1 / -4 hold symbol pairs, -2 / -3 (symbol, prototype string in .strtab).
+        want = [(blk, x, y) for blk, x, y in a.callgraph()
+                if not (x in dropped_symbols or (blk in (-1, -4) and y in dropped_symbols))]
+        assert b.callgraph() == want
+    if a.section(".nv.prototype") is not None:
+        assert b.prototypes() == [(x, y) for x, y in a.prototypes() if x not in dropped_symbols]
+    # No kept function's EIATTR_EXTERNS names a dropped symbol.
+    for sec in b.sections:
+        if sec.name.startswith(".nv.info."):
+            for attr, value in b.info_entries(sec.name):
+                if attr == cubin_prune.EIATTR_EXTERNS:
+                    used = set(np.frombuffer(value[:len(value) // 4 * 4], "<u4").tolist())
+                    assert not used & dropped_symbols, sec.name
     kept_info = [e for e in a.info_entries()
                  if not (e[0] in cubin_prune.FUNCTION_ATTRIBUTES
                          and int.from_bytes(e[1][:4], "little") in dropped_symbols)]
@@ -206,6 +252,32 @@ def test_a_kernel_another_one_refers_to_stays(built):
         assert Image(result.data).kernels() == {"taker", "target"}
         check_pruned(built[flavour], result.data, {"taker"})
         assert Image(prune_cubin(built[flavour], {"target"}).data).kernels() == {"target"}
+
+
+def test_linked_images_keep_their_prototype_strings(built):
+    """nvlink output: .nv.prototype and the call graph's -2 / -3 blocks point into .strtab; the
+    rebuilt table must still give every kept entry its string (check_pruned compares them), and
+    a string offset must not be taken for a symbol (which kept unrelated kernels)."""
+    if "linked" not in built:
+        pytest.skip("nvlink is not next to nvcc")
+    original = built["linked"]
+    a = Image(original)
+    assert a.section(".nv.prototype") is not None
+    assert any(blk in (-2, -3) for blk, _, _ in a.callgraph())
+    for keep in ({"talker"}, {"chained"}, {"via_table"}, {"taker"}):
+        result = prune_cubin(original, keep)
+        assert result.reason == "", (keep, result.reason)
+        check_pruned(original, result.data, keep)
+    # target's address sits in a module-wide constant bank, so it stays with any cut.
+    assert Image(prune_cubin(original, {"talker"}).data).kernels() == {"talker", "target"}
+    assert Image(prune_cubin(original, {"chained"}).data).kernels() == {"chained", "target"}
+
+
+def test_blackwell_images_are_left_whole(built):
+    if "sm_100" not in built:
+        pytest.skip("this nvcc cannot build sm_100")
+    result = prune_cubin(built["sm_100"], {"a1"})
+    assert result.data is None and "not one this module knows how to cut" in result.reason
 
 
 def test_debug_sections_are_dropped(built):
@@ -317,13 +389,61 @@ def test_a_failed_check_keeps_the_image_whole():
     assert out.meta["unpruned_images"] == [{"image": snap.images[0].hash,
                                             "why": "kernel axpy: attributes differ"}]
     assert "pruned_images" not in out.meta
+    from cgsnap import render
+    text = render.info_text(render.info_dict(out))
+    assert "images    1 kept whole, e.g. kernel axpy: attributes differ" in text
 
 
 def test_without_a_gpu_images_stay_whole(monkeypatch):
     from cgsnap import driver
     monkeypatch.setattr(driver, "context_current", lambda: False)
     snap = _snapshot_with_fixture_image()
-    assert snapfile.prune_images(snap) is snap
+    out = snapfile.prune_images(snap)
+    assert out.images == snap.images and out.kernels == snap.kernels
+    assert "no current CUDA context" in out.meta["images_not_pruned"]
+
+
+def test_an_image_the_cutter_rejects_is_stored_whole(monkeypatch):
+    """A library image the driver loaded but the cutter finds malformed must not fail save()."""
+    def broken(data, keep):
+        raise BinaryFormatError("symbol table entry size 7")
+    monkeypatch.setattr(cubin_prune, "prune_cubin", broken)
+    snap = _snapshot_with_fixture_image()
+    out = snapfile.prune_images(snap, check=lambda *a: None)
+    assert out.images[0].data == snap.images[0].data
+    assert out.meta["unpruned_images"] == [{"image": snap.images[0].hash,
+                                            "why": "symbol table entry size 7"}]
+
+
+def test_two_images_that_cut_to_the_same_bytes_are_stored_once(tmp_path):
+    """Copies of one library that differ only in a kernel nobody launches."""
+    snap = _snapshot_with_fixture_image()
+    im = snap.images[0]
+    img = Image(im.data)
+    data = bytearray(im.data)
+    data[img.section(".text._Z6hiddenPi").offset + 100] ^= 0xFF
+    copy = dataclasses.replace(im, hash=content_hash(bytes(data)), data=bytes(data), source="copy")
+    more = [dataclasses.replace(k, id=len(snap.kernels) + i, image=copy.hash)
+            for i, k in enumerate(snap.kernels)]
+    snap = dataclasses.replace(snap, images=[im, copy], kernels=list(snap.kernels) + more)
+    out = snapfile.prune_images(snap, check=lambda *a: None)
+    assert len(out.images) == 1 and {k.image for k in out.kernels} == {out.images[0].hash}
+    path = tmp_path / "dup.cgsnap"
+    snapfile.save(path, out, prune=False)
+    assert len(_read_images(path)) == 1
+
+
+def _read_images(path):
+    back, f = snapfile.read(path)
+    f.close()
+    return back.images
+
+
+def test_the_check_gets_the_whole_images_variables():
+    snap = _snapshot_with_fixture_image()
+    seen = []
+    snapfile.prune_images(snap, check=lambda o, p, k, v: seen.append(sorted(v)))
+    assert seen == [sorted(g.name for g in elf.cubin_info(SM90.read_bytes()).globals)]
 
 
 def test_save_prunes_by_default_and_prune_false_keeps_images_whole(tmp_path, monkeypatch):
