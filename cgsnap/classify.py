@@ -228,3 +228,55 @@ def dtype_alignment(dtype: Optional[str]) -> Optional[int]:
     if dtype.startswith("complex"):
         nbytes //= 2
     return nbytes if nbytes in (1, 2, 4, 8, 16) else None
+
+
+# ---- regions that only struct-interior words reach ----------------------------------------------
+
+WEAK_REGION_MIN = 1 << 20     # smaller regions cost the file little: not worth a warning
+
+
+def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
+    """``{region id: [(graph, node id, argument index, byte offset), ...]}`` for saved
+    allocations of at least ``min_size`` bytes that only words *inside* by-value struct
+    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
+    A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
+    "Known problems"); real pointers usually reach an allocation some other way too."""
+    from .model import Policy, RegionKind
+    candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
+                  and r.policy is Policy.SAVED and r.size >= min_size}
+    candidates -= {r.parent for r in snap.regions if r.parent is not None}
+    weak: dict = {}
+    strong: set = set()
+    for g in snap.graphs:
+        strong.update(g.checks)
+        for n in g.nodes:
+            if n.TYPE != "kernel":
+                strong.update(_other_node_regions(n))
+                continue
+            layout = snap.kernels[n.kernel].params
+            for index, ((_, size), a) in enumerate(zip(layout, n.args)):
+                for offset, ref in a.refs:
+                    if size == 8:
+                        strong.add(ref.region)
+                    elif ref.region in candidates:
+                        weak.setdefault(ref.region, []).append((g.name, n.id, index, offset))
+    return {rid: words for rid, words in sorted(weak.items()) if rid not in strong}
+
+
+def weakly_reached_regions(snap, min_size: int = WEAK_REGION_MIN) -> list:
+    """``[(region id, size, number of words), ...]`` of :func:`weak_region_words`."""
+    return [(rid, snap.regions[rid].size, len(words))
+            for rid, words in weak_region_words(snap, min_size).items()]
+
+
+def _other_node_regions(n) -> list:
+    t = n.TYPE
+    if t == "memcpy":
+        return [n.src.region, n.dst.region]
+    if t == "memset":
+        return [n.dst.region]
+    if t == "mem_free":
+        return [n.ptr.region]
+    if t == "mem_alloc":
+        return [n.region]
+    return []

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import struct
 
-from .classify import plausible_address
+from .classify import plausible_address, weakly_reached_regions
 from .demangle import demangle, short
-from .model import Policy, RegionKind, Snapshot
+from .model import Policy, Snapshot
 
 INFO_SCHEMA = 1
 
@@ -40,51 +40,6 @@ def arg_word_stats(snap: Snapshot, graph) -> dict:
                 if plausible_address(struct.unpack_from("<Q", a.data, o)[0]):
                     suspicious += 1
     return {"refs": refs, "literal_words": literals, "address_like_literals": suspicious}
-
-
-WEAK_REGION_MIN = 1 << 20     # smaller regions cost the file little: not worth a warning
-
-
-def weakly_reached_regions(snap: Snapshot, min_size: int = WEAK_REGION_MIN) -> list:
-    """Saved allocations of at least ``min_size`` bytes that only words *inside* by-value struct
-    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
-    A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
-    "Known problems"); real pointers usually reach an allocation some other way too.
-    Returns ``[(region id, size, number of words), ...]``."""
-    candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
-                  and r.policy is Policy.SAVED and r.size >= min_size}
-    candidates -= {r.parent for r in snap.regions if r.parent is not None}
-    weak: dict = {}
-    strong: set = set()
-    for g in snap.graphs:
-        strong.update(g.checks)
-        for n in g.nodes:
-            if n.TYPE != "kernel":
-                for rid in _other_node_regions(n):
-                    strong.add(rid)
-                continue
-            layout = snap.kernels[n.kernel].params
-            for (_, size), a in zip(layout, n.args):
-                for _, ref in a.refs:
-                    if size == 8:
-                        strong.add(ref.region)
-                    elif ref.region in candidates:
-                        weak[ref.region] = weak.get(ref.region, 0) + 1
-    return [(rid, snap.regions[rid].size, count) for rid, count in sorted(weak.items())
-            if rid not in strong]
-
-
-def _other_node_regions(n) -> list:
-    t = n.TYPE
-    if t == "memcpy":
-        return [n.src.region, n.dst.region]
-    if t == "memset":
-        return [n.dst.region]
-    if t == "mem_free":
-        return [n.ptr.region]
-    if t == "mem_alloc":
-        return [n.region]
-    return []
 
 
 def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:

@@ -42,7 +42,8 @@ def _graph_pool_segments() -> dict:
 
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
-             bound: Optional[dict] = None, model_name: str = "model") -> list:
+             bound: Optional[dict] = None, model_name: str = "model",
+             suspect_regions: str = "keep") -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address."""
     named: dict = {}
     if model is not None:
@@ -60,15 +61,18 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy, bound_hashes=bound_hashes)
+                           allocation_policy=allocation_policy, bound_hashes=bound_hashes,
+                           suspect_regions=suspect_regions)
             for name, g in graphs.items()]
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False, prune: bool = True):
+         bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
+         suspect_regions: str = "keep"):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
     from .snapfile import merge
-    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound)
+    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
+                     suspect_regions=suspect_regions)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged

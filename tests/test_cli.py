@@ -144,3 +144,7 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     d = json.loads(cgsnap("info", str(path), "--json").stdout)
     assert d["weakly_reached_regions"] == [{"id": 0, "size": 2 << 20, "words": 1}]
     assert json.loads(cgsnap("info", SAMPLE, "--json").stdout)["weakly_reached_regions"] == []
+    # Where the words are: what snapshot(..., suspect_regions="error") names.
+    from cgsnap.classify import weak_region_words
+    assert weak_region_words(snap) == {0: [("g", 0, 0, 0)]}
+    assert weak_region_words(snap, min_size=4 << 20) == {}

@@ -22,6 +22,11 @@ extern "C" __global__ void scale_n(Stale s, float* y, int count) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) y[i] = s.x[i] * (float)s.n;
 }
+struct Padded { const float* x; int n; int pad; const void* unused; };   // `unused`: never read
+extern "C" __global__ void scale_p(Padded p, float* y, int count) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) y[i] = p.x[i] * (float)p.n;
+}
 template <typename T> __global__ void add_into(T*, const T*, int) {}
 template __global__ void add_into<float>(float*, const float*, int);
 """
@@ -71,4 +76,45 @@ def test_int_with_stale_high_half_inside_an_allocation_survives(tmp_path):
         assert_bit_equal(restored, original)
     finally:
         for p in (big, x, y):
+            driver.mem_free(p)
+
+
+class Padded(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_uint64), ("n", ctypes.c_int), ("pad", ctypes.c_int),
+                ("unused", ctypes.c_uint64)]
+
+
+def test_stale_address_in_padding_is_suspect_and_can_be_refused():
+    """A whole stale device address in a field the kernel never reads drags its allocation
+    into the file; info flags it, and suspect_regions="error" refuses to save it, naming the
+    node and the argument."""
+    from cgsnap import render
+    dev = driver.init(0)
+    cubin, _ = nvrtc_compile(KERNEL, dev.arch)
+    cgsnap.register_image(cubin, "nvrtc")
+    lib = driver.library_load(cubin)
+    func = driver.library_function(lib, "scale_p")
+    count = 1024
+    stale = driver.mem_alloc(4 << 20)
+    x, y = driver.mem_alloc(count * 4), driver.mem_alloc(count * 4)
+    try:
+        stream = driver.stream_create()
+        with cgsnap.capture(stream=stream) as cap:
+            # 1 MiB + 4 KiB in: never within 64 KiB of a 4 GiB boundary for a 2 MiB-aligned
+            # allocation, so the word is a plain pointer, not an ambiguous one.
+            launch(func, count // 256, 256, [Padded(x, 3, 0, stale + (1 << 20) + 4096),
+                                             ctypes.c_uint64(y), ctypes.c_int(count)], stream)
+        buffers = {"x": (x, count * 4), "y": (y, count * 4)}
+        snap = cgsnap.snapshot(cap, buffers=buffers, name="padded")
+        (rid, size, words), = render.weakly_reached_regions(snap)
+        assert size == 4 << 20 and words == 1 and snap.regions[rid].origin == stale
+        with pytest.raises(cgsnap.CaptureError) as err:
+            cgsnap.snapshot(cap, buffers=buffers, name="padded", suspect_regions="error")
+        assert "node 0 argument 0 byte 16" in str(err.value)
+        assert f"{stale:#x}" in str(err.value)
+        # Naming the memory says the graph means it: nothing suspect, nothing refused.
+        named = dict(buffers, workspace=(stale, 4 << 20))
+        cgsnap.snapshot(cap, buffers=named, name="padded", suspect_regions="error")
+    finally:
+        for p in (stale, x, y):
             driver.mem_free(p)
