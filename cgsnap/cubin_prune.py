@@ -1,8 +1,8 @@
 """Cut a cubin down to the kernels a snapshot launches.
 
 Why: library modules hold thousands of kernels. torch's largest sm_90 module is 18.8 MB; the
-driver spends ~45 ms parsing it on every restore, to launch two of its kernels. Loading the
-modules is the largest part of a restore (docs/PERFORMANCE.md, section 1).
+driver spent ~45 ms parsing it on every restore, to launch two of its kernels. Loading the
+modules was the largest part of a restore (docs/PERFORMANCE.md, section 1).
 
 How, without renumbering anything: the section header table and the symbol table keep their
 length and order, so every section index and symbol index written anywhere in the image
@@ -14,17 +14,21 @@ without cgsnap having to understand where it is written. Then:
   ``sh_info`` links to one that does (``.nv.info.K``, ``.nv.constant0.K``, ``.nv.shared.K``,
   relocations), or, without such a link, when its name is a per-function prefix + the name;
 - each symbol defined in a dropped section becomes a null symbol;
-- global ``.nv.info`` entries (register count, frame and stack sizes) and call-graph edges
-  about dropped functions are removed;
+- global ``.nv.info`` entries (register count, frame and stack sizes), call-graph entries and
+  ``.nv.prototype`` entries about dropped functions are removed;
 - debug sections (``.debug_*``, ``.nv_debug_*``) and their relocations go: they describe every
   function of the module;
-- the string tables are rebuilt with only the names still used;
+- the string tables are rebuilt with only the strings still used: names, and the prototype
+  strings that ``.nv.prototype`` and the call graph point to in ``.strtab``;
 - the program headers are recomputed by rules that must first reproduce the original headers
   exactly; an image whose layout they do not reproduce is left whole.
 
-What is kept beyond the requested kernels: every function that a kept section refers to
-(relocations, the call graph), every ``.text`` that is not a kernel entry, and every section
-that belongs to no function (module variables, constant banks, ``.nv.rel.action``...).
+What is kept beyond the requested kernels (the closure): every function that a kept section
+refers to (relocations, calls and indirect-call targets in the call graph, a kept function's
+``EIATTR_EXTERNS``), every ``.text`` that is not a kernel entry, and every section that belongs
+to no function (module variables, constant banks, ``.nv.rel.action``...). Images holding any
+section type outside :data:`CUT_TYPES` (sm_100's "mercury" sections), relocatable cubins, and
+anything else these rules do not model are left whole, with the reason.
 
 :func:`prune_cubin` only rewrites bytes; whether the driver gives the kept kernels exactly the
 same attributes is checked on the GPU before a pruned image is stored
@@ -378,10 +382,12 @@ class _Cutter:
         gone[is_symbol] = dropped_symbol[words[is_symbol]]
         return gone
 
-    def _string_table(self, offsets) -> tuple:
-        """A new string table holding the names at ``offsets`` of the old symbol string table;
+    def _string_table(self, index: int, offsets) -> tuple:
+        """A new string table holding the strings at ``offsets`` of string table ``index``;
         returns (bytes, {old offset: new offset})."""
-        link = self.sections[self.symtab.link]
+        link = self.sections[index]
+        if link.type != SHT_STRTAB:
+            raise BinaryFormatError(f"section {index} ({link.name!r}) is not a string table")
         old = bytes(self.view[link.offset:link.offset + link.size])
         table, where, remap = bytearray(b"\0"), {b"": 0}, {0: 0}
         for off in offsets:
@@ -421,21 +427,17 @@ class _Cutter:
         extra = [int(v) for arr, rows in string_cols for v in arr[rows, 1].tolist()]
         # Names: one new table per string table (shared when the two are one section).
         kept_idx = np.flatnonzero(keep_section)
+        if not (0 < shstrndx < len(self.sections)):
+            raise BinaryFormatError(f"section name table index {shstrndx} out of range")
         if shstrndx == strndx:
-            table, remap = self._string_table(sym["st_name"].tolist() + extra +
+            table, remap = self._string_table(strndx, sym["st_name"].tolist() + extra +
                                               sh["sh_name"][kept_idx].tolist())
             sym_remap = sec_remap = remap
             replaced = {strndx: table}
         else:
-            table, sym_remap = self._string_table(sym["st_name"].tolist() + extra)
-            replaced = {strndx: table}
-            saved_link = self.symtab.link
-            try:     # the section-name table, read through the same helper
-                self.symtab = self.symtab._replace(link=shstrndx)
-                names, sec_remap = self._string_table(sh["sh_name"][kept_idx].tolist())
-            finally:
-                self.symtab = self.symtab._replace(link=saved_link)
-            replaced[shstrndx] = names
+            table, sym_remap = self._string_table(strndx, sym["st_name"].tolist() + extra)
+            names, sec_remap = self._string_table(shstrndx, sh["sh_name"][kept_idx].tolist())
+            replaced = {strndx: table, shstrndx: names}
         sym["st_name"] = [sym_remap[v] for v in sym["st_name"].tolist()]
         for arr, rows in string_cols:
             arr[rows, 1] = [sym_remap[int(v)] for v in arr[rows, 1].tolist()]
