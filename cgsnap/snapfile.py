@@ -127,8 +127,11 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
     """``snap`` with each cubin cut down to the kernels its kernels name
     (:mod:`cgsnap.cubin_prune`). ``check(original, pruned, kernels, variables)`` returns None
     when the pruned image is good, else why not; by default the driver loads both images on
-    the current context and compares every kept kernel (:func:`cgsnap.driver.images_agree`).
-    Without a current CUDA context (nothing to check on), images stay whole."""
+    the current context and compares every kernel the cut image holds
+    (:func:`cgsnap.driver.images_agree`). Without a current CUDA context (nothing to check
+    on), images stay whole. A cut image that would have the hash of another image of the file
+    is not used: two different images never become one (their module variables are separate
+    memory)."""
     from . import cubin_prune, elf
     from .errors import CgsnapError
     from .hashing import content_hash
@@ -143,49 +146,60 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
     used: dict = {}
     for k in snap.kernels:
         used.setdefault(k.image, set()).add(k.name)
-    renamed, images, pruned, refused = {}, [], [], []
+    cut, refused = {}, []       # original hash -> (new hash, pruned KernelImage, meta entry)
     for im in snap.images:
         if im.kind != "cubin" or im.hash not in used or im.data is None:
-            images.append(im)
             continue
         data = bytes(im.data)
         try:
             result = cubin_prune.prune_cubin(data, used[im.hash])
         except CgsnapError as exc:      # the driver loaded it, so keep it as it is
             refused.append({"image": im.hash, "why": str(exc)})
-            images.append(im)
             continue
         problem = result.reason
         if result.data is not None and len(result.data) > PRUNE_WORTH * len(data):
             problem = cubin_prune.TOO_LITTLE
-        if not problem:      # variables: the whole image's, so that a lost one is noticed
+        if not problem:
+            # Every kernel the cut image holds (also those kept because another refers to
+            # them); the variables of the whole image, so that a lost one is noticed.
             info = elf.cubin_info(result.data)
-            problem = check(data, result.data, sorted(used[im.hash]),
+            problem = check(data, result.data, sorted(info.kernels),
                             [g.name for g in elf.cubin_info(data).globals])
         if problem:
             if problem not in cubin_prune.NOTHING_TO_CUT:
                 refused.append({"image": im.hash, "why": problem})
-            images.append(im)
             continue
         new_hash = content_hash(result.data)
-        renamed[im.hash] = new_hash
-        pruned.append({"image": new_hash, "from": im.hash, "bytes": [len(data), len(result.data)],
-                       "kernels": [result.kernels_before, result.kernels_after]})
-        if any(other.hash == new_hash for other in images):
-            continue    # two images that differ only in kernels nobody launches: one copy
-        images.append(dataclasses.replace(
+        cut[im.hash] = (new_hash, dataclasses.replace(
             im, hash=new_hash, data=result.data, names=tuple(sorted(info.kernels)),
-            source=f"{im.source} (pruned: {result.kernels_after} of {result.kernels_before} kernels)"))
-    if not renamed and not refused:
+            source=f"{im.source} (pruned: {result.kernels_after} of {result.kernels_before} "
+                   "kernels)"),
+            {"image": new_hash, "from": im.hash, "bytes": [len(data), len(result.data)],
+             "kernels": [result.kernels_before, result.kernels_after]})
+    # Hash collisions (two copies of a library that differ only in kernels nobody launches,
+    # or an image that is already another's cut): those images stay whole, until none is left.
+    while True:
+        final = [cut[im.hash][0] if im.hash in cut else im.hash for im in snap.images]
+        clash = {h for h in final if final.count(h) > 1}
+        undo = [old for old, (new, _, _) in cut.items() if new in clash]
+        if not undo:
+            break
+        for old in undo:
+            refused.append({"image": old, "why": "its cut would be the same bytes as another "
+                                                 "image of the file"})
+            del cut[old]
+    if not cut and not refused:
         return snap
+    images = [cut[im.hash][1] if im.hash in cut else im for im in snap.images]
+    renamed = {old: new for old, (new, _, _) in cut.items()}
     kernels = [dataclasses.replace(k, image=renamed[k.image]) if k.image in renamed else k
                for k in snap.kernels]
     regions = [dataclasses.replace(r, image=renamed[r.image])
                if r.kind is RegionKind.MODULE_GLOBAL and r.image in renamed else r
                for r in snap.regions]
     meta = dict(snap.meta)
-    if pruned:
-        meta["pruned_images"] = pruned
+    if cut:
+        meta["pruned_images"] = [entry for _, _, entry in cut.values()]
     if refused:
         meta["unpruned_images"] = refused
     return dataclasses.replace(snap, images=images, kernels=kernels, regions=regions, meta=meta)
@@ -202,6 +216,9 @@ def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = F
     if prune and os.environ.get("CGSNAP_PRUNE", "1") != "0":
         snap = prune_images(snap)
     manifest, blobs = snap.to_manifest()
+    # What is written must read back: the reader's own validation, before the file exists.
+    Snapshot.from_manifest(manifest, [memoryview(b).nbytes for b in blobs], str(path),
+                           unpack=False)
     image_blobs = {id(im.data) for im in snap.images}
     sources = [fileformat.BlobSource(b, compress=compress or id(b) in image_blobs) for b in blobs]
     fileformat.write_file(str(path), manifest, sources)

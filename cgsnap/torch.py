@@ -44,7 +44,13 @@ def _graph_pool_segments() -> dict:
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
              suspect_regions: str = "keep") -> list:
-    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address."""
+    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
+    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own."""
+    from .record import SUSPECT_REGION_CHOICES
+    if suspect_regions not in SUSPECT_REGION_CHOICES:
+        from .errors import CaptureError
+        raise CaptureError(f"suspect_regions={suspect_regions!r}: expected one of "
+                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)

@@ -19,7 +19,7 @@ import pytest
 
 from cgsnap import cubin_prune, elf, snapfile
 from cgsnap.cubin_prune import _PHDR, _SYM, prune_cubin
-from cgsnap.errors import BinaryFormatError
+from cgsnap.errors import BinaryFormatError, FormatError
 from cgsnap.hashing import content_hash
 from cgsnap.model import KernelImage, RegionKind
 
@@ -334,15 +334,15 @@ def test_a_broken_relocation_table_raises():
 
 
 # ---- the snapshot side ----------------------------------------------------------------------
-def _snapshot_with_fixture_image():
+def _snapshot_with_fixture_image(data=None, names=("axpy", "bump")):
     from synthetic import make_snapshot
     snap = make_snapshot()
-    data = SM90.read_bytes()
+    data = SM90.read_bytes() if data is None else data
     h = content_hash(data)
     old = snap.images[0].hash
     image = KernelImage(h, "cubin", 90, tuple(sorted(elf.cubin_info(data).kernels)), data, "test")
-    kernels = [dataclasses.replace(snap.kernels[0], name="axpy", image=h),
-               dataclasses.replace(snap.kernels[1], name="bump", image=h)]
+    kernels = [dataclasses.replace(snap.kernels[i], name=name, image=h)
+               for i, name in enumerate(names)]
     regions = [dataclasses.replace(r, image=h, symbol="c_coeffs", size=64, data=bytes(64),
                                    content_hash=content_hash(bytes(64)))
                if r.kind is RegionKind.MODULE_GLOBAL else r for r in snap.regions]
@@ -359,6 +359,7 @@ def test_prune_images_renames_the_image_everywhere(tmp_path):
         return None
     out = snapfile.prune_images(snap, check=check)
     assert seen == [(["axpy", "bump"], ["c_coeffs", "c_scale", "g_counter", "g_table"])]
+    # (every kernel the cut image holds is compared: here exactly the two launched ones)
     (im,) = out.images
     assert im.hash == content_hash(im.data) != snap.images[0].hash
     assert set(im.names) == {"axpy", "bump"} and "pruned: 2 of 6 kernels" in im.source
@@ -415,8 +416,9 @@ def test_an_image_the_cutter_rejects_is_stored_whole(monkeypatch):
                                             "why": "symbol table entry size 7"}]
 
 
-def test_two_images_that_cut_to_the_same_bytes_are_stored_once(tmp_path):
-    """Copies of one library that differ only in a kernel nobody launches."""
+def test_two_images_that_would_cut_to_the_same_bytes_stay_whole(tmp_path):
+    """Copies of one library that differ only in a kernel nobody launches: merging them would
+    make their module variables one memory, so neither is cut, and the file reads back."""
     snap = _snapshot_with_fixture_image()
     im = snap.images[0]
     img = Image(im.data)
@@ -427,10 +429,40 @@ def test_two_images_that_cut_to_the_same_bytes_are_stored_once(tmp_path):
             for i, k in enumerate(snap.kernels)]
     snap = dataclasses.replace(snap, images=[im, copy], kernels=list(snap.kernels) + more)
     out = snapfile.prune_images(snap, check=lambda *a: None)
-    assert len(out.images) == 1 and {k.image for k in out.kernels} == {out.images[0].hash}
-    path = tmp_path / "dup.cgsnap"
+    assert [i.data for i in out.images] == [im.data, copy.data]
+    assert "pruned_images" not in out.meta
+    assert [u["image"] for u in out.meta["unpruned_images"]] == [im.hash, copy.hash]
+    path = tmp_path / "copies.cgsnap"
     snapfile.save(path, out, prune=False)
-    assert len(_read_images(path)) == 1
+    assert len(_read_images(path)) == 2
+
+
+@pytest.mark.parametrize("order", ["fresh first", "cut first"])
+def test_an_image_that_is_already_another_ones_cut(tmp_path, order):
+    """A snapshot of a graph restored from a pruned file, saved with a fresh one: the fresh
+    image's cut would be the other image itself. Both orders give a readable file."""
+    fresh = _snapshot_with_fixture_image()
+    cut = snapfile.prune_images(fresh, check=lambda *a: None)
+    assert cut.images[0].hash != fresh.images[0].hash
+    both = dataclasses.replace(
+        fresh, images=[fresh.images[0], cut.images[0]][::1 if order == "fresh first" else -1],
+        kernels=list(fresh.kernels) + [dataclasses.replace(k, id=len(fresh.kernels) + i)
+                                       for i, k in enumerate(cut.kernels)])
+    out = snapfile.prune_images(both, check=lambda *a: None)
+    assert sorted(i.hash for i in out.images) == sorted(i.hash for i in both.images)
+    path = tmp_path / "mixed.cgsnap"
+    snapfile.save(path, out, prune=False)
+    assert len(_read_images(path)) == 2
+
+
+def test_save_refuses_a_file_that_would_not_read_back(tmp_path):
+    """The reader's validation runs before the file is written."""
+    snap = _snapshot_with_fixture_image()
+    bad = dataclasses.replace(snap, images=snap.images * 2)      # one hash twice
+    path = tmp_path / "bad.cgsnap"
+    with pytest.raises(FormatError, match="duplicate image hash"):
+        snapfile.save(path, bad, prune=False)
+    assert not path.exists()
 
 
 def _read_images(path):
@@ -448,6 +480,7 @@ def test_the_check_gets_the_whole_images_variables():
 
 def test_save_prunes_by_default_and_prune_false_keeps_images_whole(tmp_path, monkeypatch):
     from cgsnap import driver
+    monkeypatch.delenv("CGSNAP_PRUNE", raising=False)
     monkeypatch.setattr(driver, "context_current", lambda: True)
     calls = []
     monkeypatch.setattr(driver, "images_agree", lambda *a: calls.append(a[2]))
@@ -492,3 +525,14 @@ def test_mutated_images_raise_a_format_error_or_come_back_whole_or_cut():
             assert "axpy" in elf.cubin_info(result.data).kernels
             outcomes["cut"] += 1
     assert all(outcomes.values()), outcomes
+
+
+def test_the_check_covers_kernels_kept_because_another_refers_to_them(built):
+    """taker is launched; target stays because taker stores its address: the driver check
+    must compare target too."""
+    snap = _snapshot_with_fixture_image(built["sm_90"], names=("taker",))
+    snap = dataclasses.replace(snap, regions=[r for r in snap.regions
+                                              if r.kind is not RegionKind.MODULE_GLOBAL])
+    seen = []
+    snapfile.prune_images(snap, check=lambda o, p, kernels, v: seen.append(kernels))
+    assert seen == [["taker", "target"]]

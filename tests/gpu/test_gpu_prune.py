@@ -111,12 +111,12 @@ def test_save_prunes_and_the_file_restores(tmp_path, image):
     from workloads import launch
     lib = driver.library_load(image)
     xd, yd = driver.mem_alloc(N * 4), driver.mem_alloc(N * 4)
+    stream = driver.stream_create()
     try:
         addr, size = driver.library_global(lib, "coeff")
         driver.htod(addr, np.array([2.0, 1.0, 0, 0], dtype=np.float32), size)
         x = np.arange(N, dtype=np.float32)
         driver.htod(xd, x, N * 4)
-        stream = driver.stream_create()
         with cgsnap.capture(stream=stream) as cap:
             launch(driver.library_function(lib, "affine"), N // 256, 256,
                    [ctypes.c_uint64(xd), ctypes.c_uint64(yd), ctypes.c_int(N)], stream)
@@ -133,8 +133,8 @@ def test_save_prunes_and_the_file_restores(tmp_path, image):
             got = r.buffer("y").to_numpy()
         want = snap.graphs[0].checks[snap.region_by_name("y").id]
         assert got.tobytes() == bytes(want)
-        driver.stream_destroy(stream)
     finally:
+        driver.stream_destroy(stream)
         driver.mem_free(xd)
         driver.mem_free(yd)
         driver.library_unload(lib)

@@ -122,7 +122,6 @@ def test_seven_graphs_in_one_file_are_far_smaller(example, tmp_path):
     print(f"7 single-graph files: {singles / 1e6:.2f} MB; one file: {one / 1e6:.2f} MB (suspect "
           f"regions left out); ratio {ratio:.2f}; saved bytes by kind {by_kind}; kernel images "
           f"{images / 1e6:.1f} MB raw")
-    assert len({im.hash for im in snap.images}) == len(snap.images)
     assert ratio > 3
 
 
