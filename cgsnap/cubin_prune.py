@@ -266,24 +266,13 @@ class _Cutter:
         return proto, np.frombuffer(self.view, "<u4", proto.size // 4, proto.offset).reshape(-1, 2)
 
     def _attributes(self, s):
-        """``(format, attribute, value bytes)`` of each entry of an .nv.info section."""
+        """``(format, attribute, record bytes, value)`` of each entry of an .nv.info section
+        (:func:`cgsnap.elf.nv_info_records`); a format other than the four known is refused."""
         data = bytes(self.view[s.offset:s.offset + s.size])
-        i = 0
-        while i < len(data):
-            if i + 4 > len(data):
-                raise _Refused(f"{s.name}: truncated attribute at {i}")
-            fmt, attr = data[i], data[i + 1]
-            if fmt == EIFMT_SVAL:
-                end = i + 4 + int.from_bytes(data[i + 2:i + 4], "little")
-                value = data[i + 4:end]
-            elif fmt in (EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL):
-                end, value = i + 4, data[i + 2:i + 4]
-            else:
-                raise _Refused(f"{s.name}: attribute format {fmt} at {i}")
-            if end > len(data):
-                raise _Refused(f"{s.name}: attribute at {i} runs past the section")
-            yield fmt, attr, data[i:end], value
-            i = end
+        for fmt, attr, value, start, end in elf.nv_info_records(memoryview(data), s.name):
+            if fmt not in (EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL, EIFMT_SVAL):
+                raise _Refused(f"{s.name}: attribute format {fmt} at {start}")
+            yield fmt, attr, data[start:end], (bytes(value) if fmt == EIFMT_SVAL else value)
 
     def _symbol_owner(self, symbols: np.ndarray) -> np.ndarray:
         """The owning .text of each symbol index (-1: no function's, or not a symbol)."""

@@ -331,26 +331,28 @@ def cuda_arch_name(e_flags: int, abiversion: int | None = None,
     return f"sm_{cuda_arch(e_flags, abiversion)}{'a' if arch_specific else ''}"
 
 
-def nv_compat_attributes(data: memoryview) -> dict[int, int | memoryview]:
-    """Attributes of a .nv.compat section: {attribute: value}.
-
-    Records are .nv.info-style: u8 format, u8 attribute, u16 value -- except format 4
-    (EIFMT_SVAL), where the u16 is the length of the value bytes that follow.
-    """
-    attributes: dict[int, int | memoryview] = {}
+def nv_info_records(data: memoryview, what: str):
+    """``(format, attribute, value, start, end)`` of each record of an ``.nv.info``-style
+    section (``.nv.info``, ``.nv.info.<function>``, ``.nv.compat``): u8 format, u8 attribute,
+    u16 value -- except format 4 (EIFMT_SVAL), where the u16 is the length of the value bytes
+    that follow. ``value`` is the int, or for EIFMT_SVAL a view of the bytes; the record spans
+    ``data[start:end]``."""
     offset = 0
     while offset < len(data):
-        check_range(data, offset, 4, ".nv.compat record")
+        check_range(data, offset, 4, f"{what} record")
         fmt, attribute = data[offset], data[offset + 1]
         value = int.from_bytes(data[offset + 2:offset + 4], "little")
-        offset += 4
+        start, offset = offset, offset + 4
         if fmt == _EIFMT_SVAL:
-            check_range(data, offset, value, ".nv.compat value")
-            attributes[attribute] = data[offset:offset + value]
-            offset += value
-        else:
-            attributes[attribute] = value
-    return attributes
+            check_range(data, offset, value, f"{what} value")
+            value, offset = data[offset:offset + value], offset + value
+        yield fmt, attribute, value, start, offset
+
+
+def nv_compat_attributes(data: memoryview) -> dict[int, int | memoryview]:
+    """Attributes of a .nv.compat section: {attribute: value} (see :func:`nv_info_records`)."""
+    return {attribute: value
+            for _, attribute, value, _, _ in nv_info_records(data, ".nv.compat")}
 
 
 # --- cubin contents ---------------------------------------------------------------------------
