@@ -36,6 +36,7 @@ same attributes is checked on the GPU before a pruned image is stored
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
@@ -190,6 +191,7 @@ class _Cutter:
                     self.is_text[sec] and s.section_name == f".text.{s.name}":
                 self.kernel_text[s.name] = sec
         self.owner = self._owners()
+        self._relocations: dict = {}
 
     # ---- who owns what ----------------------------------------------------------------------
     def _owners(self) -> np.ndarray:
@@ -230,12 +232,21 @@ class _Cutter:
         return debug
 
     def _relocation_symbols(self, s) -> np.ndarray:
+        """The symbol index of each relocation of ``s`` (read once: the closure and the link
+        check both need them)."""
+        cached = self._relocations.get(s.index)
+        if cached is None:
+            cached = self._relocations[s.index] = self._read_relocation_symbols(s)
+        return cached
+
+    def _read_relocation_symbols(self, s) -> np.ndarray:
         width = 3 if s.type == SHT_RELA else 2
         if s.size % (8 * width):
             raise BinaryFormatError(f"relocation section {s.name!r} has a ragged size {s.size}")
         words = np.frombuffer(self.view, "<u8", s.size // 8, s.offset)
         return (words[1::width] >> np.uint64(32)).astype(np.int64)
 
+    @cached_property
     def _callgraph(self):
         """(section, pairs, block of each pair) of the call graph, or None. Marker pairs get
         block 0."""
@@ -256,6 +267,7 @@ class _Cutter:
             blocks[i] = block
         return graph, pairs, blocks
 
+    @cached_property
     def _prototypes(self):
         """(section, pairs (symbol, .strtab offset)) of .nv.prototype, or None."""
         proto = next((s for s in self.sections if s.type == SHT_CUDA_PROTOTYPE), None)
@@ -296,7 +308,7 @@ class _Cutter:
             if s.type in (SHT_REL, SHT_RELA) and not debug[s.index]:
                 targets = self._symbol_owner(self._relocation_symbols(s))
                 edges.setdefault(int(self.owner[s.index]), set()).update(targets[targets >= 0].tolist())
-        graph = self._callgraph()
+        graph = self._callgraph
         if graph is not None:
             _, pairs, blocks = graph
             calls = pairs[np.isin(blocks, CALLGRAPH_EDGES)].astype(np.int64)
@@ -401,7 +413,7 @@ class _Cutter:
         # Call graph and prototypes: entries about dropped functions go; the prototype strings
         # of the rest are .strtab offsets, kept and renumbered with the names.
         string_cols = []       # (array, row mask) whose column 1 holds .strtab offsets
-        graph, proto = self._callgraph(), self._prototypes()
+        graph, proto = self._callgraph, self._prototypes
         if graph is not None:
             gs, pairs, blocks = graph
             gone = self._gone(pairs, dropped_symbol)
@@ -505,7 +517,8 @@ class _Cutter:
             raise _Refused("a string table would be dropped")
         ph = None
         if h.e_phnum:
-            ph, tail_offsets = self._program_headers(items, placed, keep_section, new_offset, moved)
+            ph, tail_offsets = self._program_headers(items, starts, placed, keep_section,
+                                                     new_offset, moved)
             for i, offset in tail_offsets.items():
                 sh[i]["sh_offset"] = offset
                 total = max(total, offset)
@@ -529,7 +542,7 @@ class _Cutter:
             out[start:start + new_size] = blob
         return bytes(out)
 
-    def _program_headers(self, items, placed, keep_section, new_offset, moved) -> tuple:
+    def _program_headers(self, items, starts, placed, keep_section, new_offset, moved) -> tuple:
         """Each segment re-derived from the sections it spans. The rules are first applied to
         the original layout and must give back its headers exactly. A segment with a NOBITS
         tail (``.nv.global``, ``.nv.shared.*``) ends its file part where the tail starts, at the
@@ -539,7 +552,6 @@ class _Cutter:
         ph = np.frombuffer(self.view, _PHDR, h.e_phnum, h.e_phoff).copy()
         nobits = [s for s in self.sections if s.type == SHT_NOBITS and s.flags & SHF_ALLOC]
         tail_offsets = {}
-        starts = np.array([it[0] for it in items], dtype=np.int64)
         sizes = np.array([it[1] for it in items], dtype=np.int64)
         ends = starts + sizes
         for p in ph:
