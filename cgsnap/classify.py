@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .model import Ref
+from .model import Policy, Ref, RegionKind, node_regions
 
 # Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
 # kernels); words outside can never be pointers and are rejected without a lookup.
@@ -241,7 +241,6 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
     arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
     A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
     "Known problems"); real pointers usually reach an allocation some other way too."""
-    from .model import Policy, RegionKind
     candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
                   and r.policy is Policy.SAVED and r.size >= min_size}
     candidates -= {r.parent for r in snap.regions if r.parent is not None}
@@ -251,7 +250,7 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
         strong.update(g.checks)
         for n in g.nodes:
             if n.TYPE != "kernel":
-                strong.update(_other_node_regions(n))
+                strong.update(node_regions(n))
                 continue
             layout = snap.kernels[n.kernel].params
             for index, ((_, size), a) in enumerate(zip(layout, n.args)):
@@ -267,16 +266,3 @@ def weakly_reached_regions(snap, min_size: int = WEAK_REGION_MIN) -> list:
     """``[(region id, size, number of words), ...]`` of :func:`weak_region_words`."""
     return [(rid, snap.regions[rid].size, len(words))
             for rid, words in weak_region_words(snap, min_size).items()]
-
-
-def _other_node_regions(n) -> list:
-    t = n.TYPE
-    if t == "memcpy":
-        return [n.src.region, n.dst.region]
-    if t == "memset":
-        return [n.dst.region]
-    if t == "mem_free":
-        return [n.ptr.region]
-    if t == "mem_alloc":
-        return [n.region]
-    return []

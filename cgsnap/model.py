@@ -228,6 +228,23 @@ NODE_TYPES = {cls.TYPE: cls for cls in (KernelNode, MemcpyNode, MemsetNode, Empt
                                          MemAllocNode, MemFreeNode, HostNode)}
 
 
+def node_regions(n) -> list:
+    """The ids of the regions node ``n`` refers to (a kernel node: through its arguments'
+    pointers, which must be unpacked)."""
+    t = n.TYPE
+    if t == "kernel":
+        return [ref.region for a in n.args for _, ref in a.refs]
+    if t == "memcpy":
+        return [n.src.region, n.dst.region]
+    if t == "memset":
+        return [n.dst.region]
+    if t == "mem_alloc":
+        return [n.region]
+    if t == "mem_free":
+        return [n.ptr.region]
+    return []
+
+
 @dataclass(frozen=True, slots=True)
 class Edge:
     src: int

@@ -26,7 +26,7 @@ from .hashing import region_hash
 from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
                     HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
                     MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot,
-                    pack_args)
+                    node_regions, pack_args)
 from .snapfile import remap_node
 
 _LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
@@ -421,7 +421,7 @@ def _used_regions(rec: _Recording) -> set:
     for g in rec.graphs:
         used.update(g.checks)
         for n in g.nodes:
-            used.update(_node_regions(n))
+            used.update(node_regions(n))
     return used
 
 
@@ -467,21 +467,6 @@ def _drop_unchanged_globals(rec: _Recording) -> None:
                 continue
         keep.append(r)
     _keep_regions(rec, keep)
-
-
-def _node_regions(n):
-    t = n.TYPE
-    if t == "kernel":
-        return [ref.region for a in n.args for _, ref in a.refs]
-    if t == "memcpy":
-        return [n.src.region, n.dst.region]
-    if t == "memset":
-        return [n.dst.region]
-    if t == "mem_alloc":
-        return [n.region]
-    if t == "mem_free":
-        return [n.ptr.region]
-    return []
 
 
 def _read_region(region: Region, stager=None) -> np.ndarray:
