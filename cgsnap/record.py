@@ -530,6 +530,13 @@ def _versions() -> dict:
 SUSPECT_REGION_CHOICES = ("keep", "error")
 
 
+def check_suspect_choice(value: str) -> None:
+    """CaptureError unless ``value`` is a ``suspect_regions`` setting."""
+    if value not in SUSPECT_REGION_CHOICES:
+        raise CaptureError(f"suspect_regions={value!r}: expected one of "
+                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
+
+
 def _refuse_suspect_regions(rec: _Recording, name: str) -> None:
     """CaptureError when a saved allocation of 1 MiB or more is reached only by words inside
     struct arguments (likely stale addresses in padding: docs/RELIABILITY.md, "Known
@@ -557,9 +564,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                    allocation_policy=None, bound_hashes: Optional[dict] = None,
                    suspect_regions: str = "keep") -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
-    if suspect_regions not in SUSPECT_REGION_CHOICES:
-        raise CaptureError(f"suspect_regions={suspect_regions!r}: expected one of "
-                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
+    check_suspect_choice(suspect_regions)
     device = driver.current_device()
     if resolver is None:
         from .kernels import default_resolver
@@ -568,12 +573,11 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     for spec in expand_buffers(buffers or {}):
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them
-    g = rec.walk(graph, name)
+    g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
     _drop_unused_allocations(rec)
     if suspect_regions == "error":
         _refuse_suspect_regions(rec, name)
-    g = rec.graphs[0]
     big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
     with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
         for r in rec.regions:     # contents as they are now, before any check launch

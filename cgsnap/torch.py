@@ -25,7 +25,7 @@ import torch
 
 from . import buffers as _buffers
 from .model import Policy
-from .record import snapshot_graph
+from .record import check_suspect_choice, snapshot_graph
 from .snapfile import save as _save_file
 from .stream_capture import graph_handle
 
@@ -46,11 +46,7 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              suspect_regions: str = "keep") -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
     ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own."""
-    from .record import SUSPECT_REGION_CHOICES
-    if suspect_regions not in SUSPECT_REGION_CHOICES:
-        from .errors import CaptureError
-        raise CaptureError(f"suspect_regions={suspect_regions!r}: expected one of "
-                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
+    check_suspect_choice(suspect_regions)     # before any work, even with no graphs
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)
