@@ -33,7 +33,6 @@ _PIECE = 8 << 20
 REGISTER_PIECE = 256 << 20
 
 
-
 def upload_path() -> str:
     """How large blobs reach the GPU: ``mapped`` (page-lock the file's page cache, DMA from it)
     or ``pread`` (threads read into the pinned ring). ``CGSNAP_UPLOAD`` overrides."""
