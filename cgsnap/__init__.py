@@ -16,14 +16,13 @@ Importing cgsnap does not initialise CUDA.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .buffers import Bound, Saved, Scratch
-from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError,
-                     CgsnapError, CompatibilityError, DriverError, FormatError, KernelNotFoundError,
+from ._version import __version__
+from .capture.buffers import Bound, Saved, Scratch
+from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
+                     CompatibilityError, DriverError, FormatError, KernelNotFoundError,
                      RecorderError, RestoreError, SignatureError, UnsupportedNodeError)
-from .kernels import register_image, start_recorder, start_recorder_from_env
-from .model import Snapshot
+from .format.model import Snapshot
+from .kernels.registry import register_image, start_recorder, start_recorder_from_env
 
 __all__ = [
     "capture", "snapshot", "save", "load", "read", "register_image", "start_recorder",
@@ -37,7 +36,7 @@ __all__ = [
 def capture(stream=None, mode: str = "thread_local"):
     """Stream capture: ``with cgsnap.capture() as cap:`` launches on ``cap.stream`` become
     ``cap.graph``. ``stream`` may be an int handle, a CUstream, a torch or a CuPy stream."""
-    from .stream_capture import capture as _capture
+    from .capture.stream_capture import capture as _capture
     return _capture(stream, mode)
 
 
@@ -56,8 +55,8 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     save an allocation of 1 MiB or more that only words inside struct arguments point at --
     usually stale addresses in padding that would drag unrelated memory into the file; the
     default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect."""
-    from .stream_capture import graph_handle
-    from .record import snapshot_graph
+    from .capture.record import snapshot_graph
+    from .capture.stream_capture import graph_handle
     return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
                           suspect_regions=suspect_regions)
@@ -67,21 +66,21 @@ def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:
     """Write one snapshot or a list of them (stored once where they share memory) atomically.
     ``prune``: cut library cubins down to the kernels the graphs launch (checked on the GPU
     first; faster restores, smaller files); ``False`` keeps them whole."""
-    from .snapfile import save as _save
+    from .format.snapfile import save as _save
     _save(path, snaps, compress=compress, prune=prune)
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
          allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None):
-    """Restore a snapshot file in this process; see :class:`cgsnap.restore.Restored`.
+    """Restore a snapshot file in this process; see :class:`cgsnap.restore.restored.Restored`.
     The whole file is validated before any GPU work. ``require_signature``: a key (HMAC secret
     bytes, or a PEM Ed25519 public key) whose signature ``path.sig`` must match the file.
     ``verify=False`` skips the checksums of region contents (kernel images and the manifest
     are always checked) for trusted local files, where hashing would bound the copy speed.
     ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name."""
-    from .restore import Restored
+    from .restore.restored import Restored
     if require_signature is not None:
-        from .signing import verify
+        from .format.signing import verify
         verify(path, require_signature)
     return Restored(path, device=device, bind=bind, instantiate=instantiate,
                     verify_bound=verify_bound, allow_jit=allow_jit, verify_blobs=verify,
@@ -91,21 +90,15 @@ def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_
 def sign(path, key: bytes) -> str:
     """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret, or Ed25519 with a
     PEM private key); returns its path."""
-    from .signing import sign as _sign
+    from .format.signing import sign as _sign
     return _sign(path, key)
 
 
 def read(path):
     """The validated :class:`Snapshot` model of a file, without a GPU."""
-    from .snapfile import read as _read
+    from .format.snapfile import read as _read
     snap, f = _read(path)
     f.close()
     return snap
 
-
-def _save_method(self, path, *, compress: bool = False, prune: bool = True) -> None:
-    save(path, self, compress=compress, prune=prune)
-
-
-Snapshot.save = _save_method
 start_recorder_from_env()

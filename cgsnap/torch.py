@@ -23,11 +23,11 @@ from typing import Optional
 
 import torch
 
-from . import buffers as _buffers
-from .model import Policy
-from .record import check_suspect_choice, snapshot_graph
-from .snapfile import save as _save_file
-from .stream_capture import graph_handle
+from .capture import buffers as _buffers
+from .capture.record import check_suspect_choice, snapshot_graph
+from .capture.stream_capture import graph_handle
+from .format.model import Policy
+from .format.snapfile import save as _save_file
 
 
 def _graph_pool_segments() -> dict:
@@ -72,7 +72,7 @@ def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
          bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
          suspect_regions: str = "keep"):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
-    from .snapfile import merge
+    from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
                      suspect_regions=suspect_regions)
     merged = merge(snaps)
@@ -81,7 +81,7 @@ def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
 
 def as_tensor(buf) -> torch.Tensor:
-    """A torch tensor viewing a restored :class:`cgsnap.restore.Buffer` (zero-copy)."""
+    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy)."""
     raw = torch.as_tensor(_ByteView(buf), device="cuda")
     dtype = getattr(torch, buf.dtype) if buf.dtype and hasattr(torch, buf.dtype) else torch.uint8
     t = raw.view(dtype)

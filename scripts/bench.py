@@ -155,10 +155,10 @@ def bench_nodes(n: int):
     import numpy as np
 
     import cgsnap
-    from cgsnap import driver
-    from cgsnap.hashing import content_hash
-    from cgsnap.model import (Arg, Edge, Graph, Kernel, KernelImage, KernelNode, Policy, Ref,
-                              Region, RegionKind, Snapshot)
+    from cgsnap.cuda import driver
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import (Arg, Edge, Graph, Kernel, KernelImage, KernelNode, Policy, Ref,
+                                     Region, RegionKind, Snapshot)
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     from workloads import nvrtc_compile
     dev = driver.init(0)
@@ -227,8 +227,8 @@ def _native_us_per_node(cubin: bytes, n: int, tmp: str):
 
 def bench_memory(sizes_gb):
     import cgsnap
-    from cgsnap import driver
-    from cgsnap.driver import call, cu
+    from cgsnap.cuda import driver
+    from cgsnap.cuda.driver import call, cu
     driver.init(0)
     # Pinned copy bandwidth: the ceiling.
     probe = 1 << 30
@@ -269,7 +269,7 @@ def bench_memory(sizes_gb):
                 if not _drop_caches(path):
                     continue
             t = time.perf_counter()
-            from cgsnap.restore import Restored
+            from cgsnap.restore.restored import Restored
             with Restored(path, verify_blobs=label != "warm, unverified") as r:
                 copy = r.timings["copy"]
             total = time.perf_counter() - t
@@ -298,8 +298,8 @@ def bench_io(gb: float = 4):
 
     import numpy as np
 
-    from cgsnap import driver
-    from cgsnap.driver import call, cu
+    from cgsnap.cuda import driver
+    from cgsnap.cuda.driver import call, cu
     driver.init(0)
     size = int(gb * (1 << 30))
     tmp = tempfile.mkdtemp(prefix="cgsnap-bench-io-", dir=os.environ.get("BENCH_DIR"))
@@ -400,8 +400,8 @@ def bench_parity(layers: int):
 LOOKUP = r"""
 import sys, time, torch
 import cgsnap
-from cgsnap import driver
-from cgsnap.sources import LoadedObjectScan
+from cgsnap.cuda import driver
+from cgsnap.kernels.sources import LoadedObjectScan
 from cgsnap.errors import CgsnapError
 sys.path.insert(0, sys.argv[2])
 from model import CONFIG, build
@@ -412,7 +412,7 @@ with torch.no_grad():
     model(tokens, tokens, kv)
     with torch.cuda.graph(g):
         model(tokens, tokens, kv)
-from cgsnap.driver import call, cu
+from cgsnap.cuda.driver import call, cu
 graph = cu.CUgraph(g.raw_cuda_graph())
 n = call(cu.cuGraphGetNodes, graph, 0)[1]
 names = set()

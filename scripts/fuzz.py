@@ -1,7 +1,7 @@
 """Long fuzzing run over the snapshot reader (CI runs a short, fixed budget of the same ideas in
 tests/test_fileformat.py and tests/test_model.py).
 
-Two kinds of mutant of a real snapshot (examples/sample.cgsnap by default):
+Two kinds of mutant of a real snapshot (cgsnap/tools/data/sample.cgsnap by default):
   bytes     flipped bits, overwritten / inserted / deleted bytes, truncations -- mostly caught by
             the checksums, which is the point: nothing may get past them;
   manifest  the manifest decoded, one to three fields replaced by values of other types and
@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cgsnap  # noqa: E402
-from cgsnap import fileformat  # noqa: E402
-from cgsnap.errors import CgsnapError  # noqa: E402
+from cgsnap.errors import CgsnapError
+from cgsnap.format import fileformat
 
 MEMORY_CAP = 4 << 30
 CASE_SECONDS = 5
@@ -117,7 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--file", default=os.path.join(ROOT, "examples", "sample.cgsnap"))
+    ap.add_argument("--file", default=os.path.join(ROOT, "cgsnap", "tools", "data", "sample.cgsnap"))
     ap.add_argument("--json")
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))

@@ -11,7 +11,7 @@ Two lists:
                     for pointers.
 Compare the report of a failing capture with a good one of the same program.
 
-With --reclassify, today's classifier (cgsnap.classify, including the ambiguous-word rules) runs
+With --reclassify, today's classifier (cgsnap.capture.classify, including the ambiguous-word rules) runs
 again over the captured bytes, with each region placed where the file's own pointers say it was,
 and the words it would decide differently are listed: a file written before a classifier fix
 shows what the fix changes.
@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cgsnap import fileformat  # noqa: E402
-from cgsnap.classify import ALLOCATION, NAMED, SPECIAL, make_lookup  # noqa: E402
-from cgsnap.model import Graph, KernelNode, RegionKind, Snapshot, unpack_args  # noqa: E402
+from cgsnap.capture.classify import ALLOCATION, NAMED, SPECIAL, make_lookup
+from cgsnap.format import fileformat
+from cgsnap.format.model import Graph, KernelNode, RegionKind, Snapshot, unpack_args
 
 NEAR = 1 << 30
 
@@ -84,7 +84,8 @@ def reclassify(snap: Snapshot) -> tuple:
     """``(changes, decisions)``: the words today's classifier decides differently from the file,
     as ``(graph, node, kernel name, byte, value, was, now)``, and its ambiguous-word lines."""
     import dataclasses
-    from cgsnap.record import _Recording
+
+    from cgsnap.capture.record import _Recording
     nodes = []                       # (graph name, node, unpacked args)
     origin: dict = {}
     for g in snap.graphs:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from cgsnap.hashing import content_hash
-from cgsnap.model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode,
-                          Graph, HostNode, Kernel, KernelImage, KernelNode, MemAllocNode,
-                          MemcpyNode, MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind,
-                          Snapshot)
+from cgsnap.format.hashing import content_hash
+from cgsnap.format.model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode,
+                                 EventWaitNode, Graph, HostNode, Kernel, KernelImage, KernelNode,
+                                 MemAllocNode, MemcpyNode, MemFreeNode, MemsetNode, Policy, Ref,
+                                 Region, RegionKind, Snapshot)
 
 
 def _ptr(region_base: int, off: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Ambiguous argument words (cgsnap.classify): an int sharing an 8-byte word with 4 stale bytes
+"""Ambiguous argument words (cgsnap.capture.classify): an int sharing an 8-byte word with 4 stale bytes
 must not be rewritten as a pointer, a real pointer must be. CPU only: a real capture's bytes
 (tests/fixtures/ambiguous_words.msgpack.zst) and synthetic graphs."""
 from __future__ import annotations
@@ -10,11 +10,11 @@ import msgpack
 import pytest
 import zstandard
 
-from cgsnap.classify import (ALLOCATION, NAMED, SlotEvidence, ambiguous, dtype_alignment,
-                             keep_as_pointer, make_lookup)
-from cgsnap.model import (Graph, Kernel, KernelNode, Policy, Ref, RegionKind, Snapshot)
-from cgsnap.record import _drop_unused_allocations, _Recording
-from cgsnap.snapfile import merge
+from cgsnap.capture.classify import (ALLOCATION, NAMED, SlotEvidence, ambiguous, dtype_alignment,
+                                     keep_as_pointer, make_lookup)
+from cgsnap.capture.record import _drop_unused_allocations, _Recording
+from cgsnap.format.model import Graph, Kernel, KernelNode, Policy, Ref, RegionKind, Snapshot
+from cgsnap.format.snapfile import merge
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "ambiguous_words.msgpack.zst")
 B = 0x7FF7_0000_0000            # a 4 GiB boundary that a device allocation covers

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 
-from cgsnap import fileformat
+from cgsnap.format import fileformat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRITER = r"""
 import os, sys
 sys.path.insert(0, sys.argv[3])
-from cgsnap import fileformat
+from cgsnap.format import fileformat
 size = int(sys.argv[2])
 blobs = [fileformat.BlobSource(os.urandom(size // 4), compress=(i % 2 == 1)) for i in range(4)]
 print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""CPU tests of the GPU binary parsers (cgsnap.elf, cgsnap.fatbin, cgsnap.binaries).
+"""CPU tests of the GPU binary parsers (cgsnap.binary.elf, cgsnap.binary.fatbin, cgsnap.binary.binaries).
 
 They run on the nvcc-built files committed under tests/fixtures/ (see scripts/make_fixtures.sh);
 without those files they rebuild them when nvcc is available and skip otherwise. pyelftools is
@@ -22,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cgsnap import binaries, elf, fatbin
+from cgsnap.binary import binaries, elf, fatbin
 from cgsnap.errors import BinaryFormatError, CgsnapError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import struct
 
-from cgsnap.classify import ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words, make_lookup
-from cgsnap.model import Ref
+from cgsnap.capture.classify import (ALLOCATION, NAMED, SPECIAL, RangeTable, classify_words,
+                                     make_lookup)
+from cgsnap.format.model import Ref
 
 BASE_A = 0x7F00_0000_0000        # an "allocation" of 1 MiB
 BASE_B = 0x7F00_0020_0000        # a second allocation right after a gap

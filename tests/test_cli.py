@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = "examples/sample.cgsnap"
+SAMPLE = "cgsnap/tools/data/sample.cgsnap"
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 UPDATE = os.environ.get("CGSNAP_UPDATE_GOLDEN") == "1"
 
@@ -79,7 +79,7 @@ def test_verify_catches_a_flipped_blob_byte(tmp_path):
 
 
 def test_demo_without_gpu_shows_the_sample():
-    from cgsnap.demo import _gpu_available
+    from cgsnap.tools.demo import _gpu_available
     if _gpu_available():
         pytest.skip("this machine has a GPU: the demo runs for real (GPU suite)")
     proc = cgsnap("demo")
@@ -99,8 +99,8 @@ def test_kernels_command_on_a_shared_library():
 
 def test_info_reports_ambiguous_words(tmp_path):
     """A snapshot whose recorder decided ambiguous argument words says so in `info`."""
-    from cgsnap.hashing import content_hash
-    from cgsnap.model import Graph, Kernel, KernelImage, Snapshot
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import Graph, Kernel, KernelImage, Snapshot
     image = b"\x7fELF" + bytes(64)
     h = content_hash(image)
     snap = Snapshot(graphs=[Graph("g", [], [])], regions=[],
@@ -121,9 +121,10 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     """A saved allocation that only struct-interior words point at (how a stale address in
     padding drags memory in) is listed; one a whole pointer parameter reaches is not."""
     import numpy as np
-    from cgsnap.hashing import content_hash
-    from cgsnap.model import (Arg, Graph, Kernel, KernelImage, KernelNode, Policy, Ref, Region,
-                              RegionKind, Snapshot)
+
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import (Arg, Graph, Kernel, KernelImage, KernelNode, Policy, Ref,
+                                     Region, RegionKind, Snapshot)
     image = b"\x7fELF" + bytes(64)
     h = content_hash(image)
     big = np.zeros(2 << 20, np.uint8)
@@ -145,6 +146,6 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     assert d["weakly_reached_regions"] == [{"id": 0, "size": 2 << 20, "words": 1}]
     assert json.loads(cgsnap("info", SAMPLE, "--json").stdout)["weakly_reached_regions"] == []
     # Where the words are: what snapshot(..., suspect_regions="error") names.
-    from cgsnap.classify import weak_region_words
+    from cgsnap.capture.classify import weak_region_words
     assert weak_region_words(snap) == {0: [("g", 0, 0, 0)]}
     assert weak_region_words(snap, min_size=4 << 20) == {}

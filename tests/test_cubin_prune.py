@@ -1,4 +1,4 @@
-"""Cutting cubins down to the kernels a snapshot launches (cgsnap.cubin_prune), without a GPU.
+"""Cutting cubins down to the kernels a snapshot launches (cgsnap.binary.cubin_prune), without a GPU.
 
 Every pruned image is checked against its original section by section: what is kept is
 byte-identical and at the same index, what is dropped is gone from every table that named it,
@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cgsnap import cubin_prune, elf, snapfile
-from cgsnap.cubin_prune import _PHDR, _SYM, prune_cubin
+from cgsnap.binary import cubin_prune, elf
+from cgsnap.binary.cubin_prune import _PHDR, _SYM, prune_cubin
 from cgsnap.errors import BinaryFormatError, FormatError
-from cgsnap.hashing import content_hash
-from cgsnap.model import KernelImage, RegionKind
+from cgsnap.format import snapfile
+from cgsnap.format.hashing import content_hash
+from cgsnap.format.model import KernelImage, RegionKind
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SM90 = FIXTURES / "kernels.sm_90.cubin"
@@ -375,7 +376,7 @@ def test_prune_images_renames_the_image_everywhere(tmp_path):
     back, f = snapfile.read(path)
     try:
         assert back.images[0].data == im.data and back.kernels[0].image == im.hash
-        from cgsnap import render
+        from cgsnap.tools import render
         text = render.info_text(render.info_dict(back, f.blobs, f.version, str(path)))
     finally:
         f.close()
@@ -390,18 +391,19 @@ def test_a_failed_check_keeps_the_image_whole():
     assert out.meta["unpruned_images"] == [{"image": snap.images[0].hash,
                                             "why": "kernel axpy: attributes differ"}]
     assert "pruned_images" not in out.meta
-    from cgsnap import render
+    from cgsnap.tools import render
     text = render.info_text(render.info_dict(out))
     assert "images    1 kept whole, e.g. kernel axpy: attributes differ" in text
 
 
 def test_without_a_gpu_images_stay_whole(monkeypatch):
-    from cgsnap import driver
-    monkeypatch.setattr(driver, "context_current", lambda: False)
+    """No GPU (CI): the installed checker says why, whatever context the caller had current."""
+    from cgsnap.cuda import driver
+    monkeypatch.setattr(driver, "context_current", lambda: True)   # the ambient state is ignored
     snap = _snapshot_with_fixture_image()
     out = snapfile.prune_images(snap)
     assert out.images == snap.images and out.kernels == snap.kernels
-    assert "no current CUDA context" in out.meta["images_not_pruned"]
+    assert "no GPU to check cut images on" in out.meta["images_not_pruned"]
 
 
 def test_an_image_the_cutter_rejects_is_stored_whole(monkeypatch):
@@ -479,9 +481,9 @@ def test_the_check_gets_the_whole_images_variables():
 
 
 def test_save_prunes_by_default_and_prune_false_keeps_images_whole(tmp_path, monkeypatch):
-    from cgsnap import driver
+    from cgsnap.cuda import driver
     monkeypatch.delenv("CGSNAP_PRUNE", raising=False)
-    monkeypatch.setattr(driver, "context_current", lambda: True)
+    monkeypatch.setattr(driver, "current_device", lambda: None)     # a GPU is there
     calls = []
     monkeypatch.setattr(driver, "images_agree", lambda *a: calls.append(a[2]))
     snap = _snapshot_with_fixture_image()

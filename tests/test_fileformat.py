@@ -1,4 +1,4 @@
-"""Tests of the snapshot container (cgsnap.fileformat) against docs/FORMAT.md.
+"""Tests of the snapshot container (cgsnap.format.fileformat) against docs/FORMAT.md.
 
 The header and table structures are declared again here from the spec, not imported, so the
 tests also check that the implementation matches the document.
@@ -13,13 +13,13 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cgsnap.hashing import blob_checksum
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from cgsnap import fileformat
 from cgsnap.errors import FormatError
-from cgsnap.fileformat import BlobSource, open_file, pack_manifest, read_manifest, write_file
+from cgsnap.format import fileformat
+from cgsnap.format.fileformat import BlobSource, open_file, pack_manifest, read_manifest, write_file
+from cgsnap.format.hashing import blob_checksum
 
 # From docs/FORMAT.md.
 HEADER = struct.Struct("<8sHHIIIQIIQ16s")

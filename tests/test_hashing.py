@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import xxhash
 
-from cgsnap import hashing
+from cgsnap.format import hashing
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic import make_snapshot
 
 import cgsnap
-from cgsnap import fileformat, snapfile
 from cgsnap.errors import FormatError
-from cgsnap.model import Ref, Snapshot
-from synthetic import make_snapshot
+from cgsnap.format import fileformat, snapfile
+from cgsnap.format.model import Ref, Snapshot
 
 
 def manifest_and_sizes(snap=None):
@@ -291,7 +291,7 @@ def test_packed_pointer_tables_are_validated_exactly(node, entries):
     kernel_node = snap.graphs[0].nodes[node]
     layout = snap.kernels[kernel_node.kernel].params
     assert kernel_node.args is not None
-    from cgsnap.model import pack_args
+    from cgsnap.format.model import pack_args
     assert pack_args(kernel_node.args, layout)[1] == n["refs"]
 
 
@@ -325,7 +325,7 @@ def _outcome(manifest, sizes):
 def test_fast_kernel_node_path_accepts_exactly_what_the_strict_path_does(edits):
     """The validator's inline path for kernel nodes gives the same nodes, or the same error
     (the strict path names it), as the strict path alone."""
-    from cgsnap import model
+    from cgsnap.format import model
     manifest = _edited_base(edits)
     fast = _outcome(copy.deepcopy(manifest), list(_BASE[1]))
     original = model._Validator._kernel_node_fast

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from cgsnap import native
+from cgsnap.cuda import native
 
 ADD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_size_t, ctypes.c_void_p)
@@ -29,7 +29,7 @@ def loop(tmp_path, monkeypatch):
 
 def drive(loop, n, fail_at=None, attrs=None, attr_fail_at=None):
     """Run the loop over ``n`` chained nodes with fake driver calls; ``attrs``: {node: dict}."""
-    from cgsnap.driver import launch_attribute_block
+    from cgsnap.cuda.driver import launch_attribute_block
     calls, attr_calls = [], []
 
     def fake(node_out, graph, deps, ndeps, params):
@@ -114,9 +114,9 @@ def test_a_broken_compiler_means_no_loop(tmp_path, monkeypatch):
 def test_plan_splits_a_graph_into_runs_of_plain_kernel_nodes():
     """_GraphPlan.runs: maximal stretches the native loop adds in one call (attributes
     included), and the nodes in between (a memset, one whose dependencies are not consecutive)."""
-    from cgsnap.model import (Arg, Edge, Graph, Kernel, KernelNode, MemsetNode, Policy, Ref,
-                              Region, RegionKind, Snapshot)
-    from cgsnap.restore import _GraphPlan, _param_offsets
+    from cgsnap.format.model import (Arg, Edge, Graph, Kernel, KernelNode, MemsetNode, Policy, Ref,
+                                     Region, RegionKind, Snapshot)
+    from cgsnap.restore.restored import _GraphPlan, _param_offsets
 
     def k(i, attrs=None):
         return KernelNode(i, 0, (1, 1, 1), (32, 1, 1), 0, (Arg(bytes(8), ((0, Ref(0, 0)),)),),
@@ -135,8 +135,8 @@ def test_plan_splits_a_graph_into_runs_of_plain_kernel_nodes():
 
 def test_python_fallback_sets_the_same_attribute_blocks(monkeypatch):
     """GraphBuilder.set_attributes (the loop's Python twin) reads the blocks the C loop reads."""
-    from cgsnap import driver
-    from cgsnap.driver import GraphBuilder, launch_attribute_block
+    from cgsnap.cuda import driver
+    from cgsnap.cuda.driver import GraphBuilder, launch_attribute_block
     seen = []
 
     def fake(node, attr, value):

@@ -3,9 +3,9 @@ captured value is not aligned, and a literal that lies near the captured pointer
 import importlib.util
 import os
 
-from cgsnap.hashing import content_hash
-from cgsnap.model import (Arg, Graph, Kernel, KernelImage, KernelNode, Policy, Ref, Region,
-                          RegionKind, Snapshot)
+from cgsnap.format.hashing import content_hash
+from cgsnap.format.model import (Arg, Graph, Kernel, KernelImage, KernelNode, Policy, Ref, Region,
+                                 RegionKind, Snapshot)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

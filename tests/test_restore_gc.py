@@ -8,7 +8,7 @@ import pytest
 import cgsnap
 from cgsnap.errors import CgsnapError
 
-SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.cgsnap"
+SAMPLE = Path(__file__).resolve().parent.parent / "cgsnap" / "tools" / "data" / "sample.cgsnap"
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -7,11 +7,11 @@ import sys
 import pytest
 
 import cgsnap
-from cgsnap import signing
 from cgsnap.errors import SignatureError
+from cgsnap.format import signing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "examples", "sample.cgsnap")
+SAMPLE = os.path.join(ROOT, "cgsnap", "tools", "data", "sample.cgsnap")
 SECRET = b"a shared secret of enough length"
 
 

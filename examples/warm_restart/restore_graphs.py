@@ -10,9 +10,9 @@ import time
 t_start = time.perf_counter()
 import numpy as np
 import torch
+from model import BATCH_SIZES, build, step_inputs
 
 import cgsnap.torch
-from model import BATCH_SIZES, build, step_inputs
 
 t_import = time.perf_counter() - t_start
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."

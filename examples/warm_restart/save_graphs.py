@@ -8,13 +8,14 @@ import time
 
 t_start = time.perf_counter()
 import cgsnap
+
 cgsnap.start_recorder()          # before any kernel is loaded: cuBLAS keeps some in no fatbin
 
 import numpy as np
 import torch
+from model import BATCH_SIZES, CONFIG, build, capture_graphs, step_inputs
 
 import cgsnap.torch
-from model import BATCH_SIZES, CONFIG, build, capture_graphs, step_inputs
 
 t_import = time.perf_counter() - t_start
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
@@ -51,6 +52,7 @@ for b in BATCH_SIZES:
     ref[f"bs{b}"] = outputs[b].view(torch.int16).cpu().numpy()
 np.savez(os.path.join(out_dir, "reference.npz"), **ref)
 import json
+
 print("TIMINGS " + json.dumps({"import": t_import, "model": t_build, "capture": t_capture, "save": t_save,
                                "file_bytes": os.path.getsize(path)}))
 print(f"saved {len(graphs)} graphs to {path} ({os.path.getsize(path) / 1e6:.1f} MB): "

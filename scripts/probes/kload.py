@@ -1,10 +1,15 @@
 """Time the pieces of kernel loading for a snapshot file: decompress, cuLibraryLoadData,
 cuModuleLoadData, get function/params/attrs. usage: kload.py FILE"""
-import sys, time, os
+import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
-from cgsnap import fileformat, driver
-from cgsnap.driver import call, cu
-from cgsnap.model import Snapshot
+
+from cgsnap.cuda import driver
+from cgsnap.cuda.driver import call, cu
+from cgsnap.format import fileformat
+from cgsnap.format.model import Snapshot
+
 path = sys.argv[1]
 t = time.perf_counter(); f = fileformat.open_file(path, check_types=False); t_open = time.perf_counter() - t
 t = time.perf_counter(); snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path); t_man = time.perf_counter() - t

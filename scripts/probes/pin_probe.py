@@ -1,9 +1,15 @@
 """Does page-locking file pages scale with threads, and does 'lock all, then one DMA' beat the
 pipeline? 4 GiB of warm page cache."""
-import time, threading, ctypes
+import ctypes
+import threading
+import time
+
 import numpy as np
-from cgsnap import driver, fileformat
-from cgsnap.driver import call, cu
+
+from cgsnap.cuda import driver
+from cgsnap.cuda.driver import call, cu
+from cgsnap.format import fileformat
+
 driver.init(0)
 size = 4 << 30
 block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)

@@ -6,13 +6,12 @@ import ctypes
 
 import numpy as np
 import pytest
-
-import cgsnap
-from cgsnap import driver
-from cgsnap.driver import cu
-
 from test_gpu_roundtrip import assert_bit_equal, restore_in_fresh_process
 from workloads import launch, nvrtc_compile, read
+
+import cgsnap
+from cgsnap.cuda import driver
+from cgsnap.cuda.driver import cu
 
 pytestmark = pytest.mark.gpu
 
@@ -88,7 +87,7 @@ def test_stale_address_in_padding_is_suspect_and_can_be_refused():
     """A whole stale device address in a field the kernel never reads drags its allocation
     into the file; info flags it, and suspect_regions="error" refuses to save it, naming the
     node and the argument."""
-    from cgsnap import render
+    from cgsnap.tools import render
     dev = driver.init(0)
     cubin, _ = nvrtc_compile(KERNEL, dev.arch)
     cgsnap.register_image(cubin, "nvrtc")

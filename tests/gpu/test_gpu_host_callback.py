@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import cgsnap
-from cgsnap import driver
-from cgsnap.driver import call, cu
+from cgsnap.cuda import driver
+from cgsnap.cuda.driver import call, cu
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

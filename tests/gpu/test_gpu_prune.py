@@ -1,5 +1,5 @@
 """Pruned images on the GPU: the driver loads them, gives every kept kernel the same attributes,
-and the kernels compute the same bytes as the whole image's (cgsnap.cubin_prune)."""
+and the kernels compute the same bytes as the whole image's (cgsnap.binary.cubin_prune)."""
 from __future__ import annotations
 
 import ctypes
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import cgsnap
-from cgsnap import cubin_prune, driver, elf
+from cgsnap.binary import cubin_prune, elf
+from cgsnap.cuda import driver
 
 pytestmark = pytest.mark.gpu
 

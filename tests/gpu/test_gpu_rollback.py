@@ -7,7 +7,8 @@ import gc
 import pytest
 
 import cgsnap
-from cgsnap import driver, fileformat
+from cgsnap.cuda import driver
+from cgsnap.format import fileformat
 
 pytestmark = pytest.mark.gpu
 

@@ -91,7 +91,7 @@ def test_original_untouched_by_snapshot():
 
 def test_torch_mlp_roundtrip_without_torch(tmp_path):
     torch = pytest.importorskip("torch")
-    from cgsnap.demo import torch_mlp
+    from cgsnap.tools.demo import torch_mlp
     g, _, (_model, x, y) = torch_mlp()     # weights unnamed: carried as plain allocations
     snap = cgsnap.snapshot(g, buffers={"x": x, "y": y}, name="mlp")
     names = " ".join(k.name for k in snap.kernels)
@@ -163,8 +163,8 @@ def test_kernel_lookup_by_scan_without_recorder(tmp_path):
     pytest.importorskip("torch")
     script = r"""
 import sys, time, torch, cgsnap
-from cgsnap import driver
-from cgsnap.sources import LoadedObjectScan
+from cgsnap.cuda import driver
+from cgsnap.kernels.sources import LoadedObjectScan
 x = torch.randn(1024, device="cuda"); y = torch.nn.functional.gelu(x); torch.cuda.synchronize()
 dev = driver.current_device()
 t0 = time.perf_counter()

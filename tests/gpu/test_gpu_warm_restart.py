@@ -83,7 +83,7 @@ def test_bind_errors_list_every_problem(saved, example):
 def _suspect_bytes(path) -> int:
     """Bytes of saved allocations that only struct-interior words reach (stale addresses in
     padding: docs/RELIABILITY.md, "Known problems"); printed, and left out of the comparison."""
-    from cgsnap.classify import weak_region_words
+    from cgsnap.capture.classify import weak_region_words
     snap = cgsnap.read(path)
     weak = weak_region_words(snap)
     for rid, words in weak.items():

@@ -7,8 +7,8 @@ import ctypes
 import numpy as np
 
 import cgsnap
-from cgsnap import driver
-from cgsnap.driver import call, cu
+from cgsnap.cuda import driver
+from cgsnap.cuda.driver import call, cu
 
 KERNELS_CU = r"""
 __constant__ float coeff[4];

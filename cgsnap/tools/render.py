@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import struct
 
-from .classify import plausible_address, weakly_reached_regions
-from .demangle import demangle, short
-from .model import Policy, Snapshot
+from ..binary.demangle import demangle, short
+from ..capture.classify import plausible_address, weakly_reached_regions
+from ..format.model import Policy, Snapshot
 
 INFO_SCHEMA = 1
 
@@ -91,7 +91,7 @@ def info_text(d: dict) -> str:
                                                          if d["meta"].get("host") else ""))
     amb = d["meta"].get("ambiguous_words")
     if amb:
-        # Words that could be an int beside 4 stale bytes (cgsnap.classify): what was decided.
+        # Words that could be an int beside 4 stale bytes (cgsnap.capture.classify): what was decided.
         count = d["meta"].get("ambiguous_word_count", len(amb))
         kept = sum(1 for line in amb if str(line).endswith(": pointer"))
         out.append(f"ambiguous {count} argument words decided by evidence "
@@ -101,7 +101,7 @@ def info_text(d: dict) -> str:
         before = sum(int(p["bytes"][0]) for p in pruned)
         after = sum(int(p["bytes"][1]) for p in pruned)
         out.append(f"images    {len(pruned)} cut down to the kernels used: {_size(before)} -> "
-                   f"{_size(after)} (cgsnap.cubin_prune)")
+                   f"{_size(after)} (cgsnap.binary.cubin_prune)")
     whole = d["meta"].get("unpruned_images")
     if whole:
         out.append(f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}")

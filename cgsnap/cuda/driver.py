@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from cuda.bindings import driver as cu
 
-from .errors import CompatibilityError, DriverError
+from ..errors import CompatibilityError, DriverError
 
 SUCCESS = cu.CUresult.CUDA_SUCCESS
 NodeType = cu.CUgraphNodeType
@@ -97,7 +97,10 @@ def init(ordinal: int = 0) -> Device:
 
 def current_device() -> Device:
     """The device of the current context (initialising device 0 if there is none)."""
-    res = cu.cuCtxGetDevice()
+    try:
+        res = cu.cuCtxGetDevice()
+    except Exception as exc:  # the driver library itself is missing
+        raise CompatibilityError(f"no CUDA driver found: {exc}") from None
     if res[0] != SUCCESS:
         return init(0)
     return init(int(res[1]))

@@ -11,9 +11,9 @@ import os
 import re
 from typing import Callable, Iterator
 
-from cgsnap import elf as elfmod
-from cgsnap import fatbin
-from cgsnap.errors import BinaryFormatError, CgsnapError
+from ..errors import BinaryFormatError, CgsnapError
+from . import elf as elfmod
+from . import fatbin
 
 _ELF_MAGIC = b"\x7fELF"
 _FATBIN_MAGIC = fatbin.FATBIN_MAGIC.to_bytes(4, "little")

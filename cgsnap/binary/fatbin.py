@@ -38,8 +38,8 @@ from typing import Iterator, NamedTuple
 import lz4.block
 import zstandard
 
-from cgsnap.elf import ElfFile, StructLayout, as_view, check_range
-from cgsnap.errors import BinaryFormatError
+from ..errors import BinaryFormatError
+from .elf import ElfFile, StructLayout, as_view, check_range
 
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_VERSION = 1

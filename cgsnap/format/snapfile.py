@@ -1,7 +1,7 @@
 """Snapshots <-> files: merging several snapshots into one file, and reading one back (no GPU).
 
-The container itself is :mod:`cgsnap.fileformat`; the dict it carries is the model's manifest
-(:meth:`cgsnap.model.Snapshot.to_manifest`).
+The container itself is :mod:`cgsnap.format.fileformat`; the dict it carries is the model's manifest
+(:meth:`cgsnap.format.model.Snapshot.to_manifest`).
 """
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
+from ..errors import CaptureError
 from . import fileformat
-from .classify import MAX_DECISIONS_KEPT
-from .errors import CaptureError
-from .model import Arg, Graph, Ref, Region, RegionKind, Snapshot
+from .model import MAX_DECISIONS_KEPT, Arg, Graph, Ref, Region, RegionKind, Snapshot
 
 
 def _region_key(r: Region):
@@ -72,7 +71,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     first = snaps[0]
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}
     ambiguous = [line for s in snaps for line in s.meta.get("ambiguous_words", ())]
-    if ambiguous:      # each graph's decisions (cgsnap.classify), not only the first one's
+    if ambiguous:      # each graph's decisions (cgsnap.capture.classify), not only the first one's
         meta["ambiguous_words"] = ambiguous[:MAX_DECISIONS_KEPT]
         meta["ambiguous_word_count"] = sum(s.meta.get("ambiguous_word_count", 0) for s in snaps)
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
@@ -122,27 +121,37 @@ def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0
 # is not worth an image that differs from the library's.
 PRUNE_WORTH = 0.9
 
+# Whether a cut image behaves like the whole one is checked by loading both on a GPU, which this
+# layer never touches: the layer that saves from a live process installs the checker
+# (cgsnap.capture.saving). ``checker()`` returns the check -- ``check(original, pruned, kernels,
+# variables)`` gives None when the cut image is good, else why not -- or a string saying why no
+# check can run on this machine (no GPU), and then images stay whole.
+_image_checker = None
+
+
+def install_image_checker(checker) -> None:
+    global _image_checker
+    _image_checker = checker
+
 
 def prune_images(snap: Snapshot, check=None) -> Snapshot:
     """``snap`` with each cubin cut down to the kernels its kernels name
-    (:mod:`cgsnap.cubin_prune`). ``check(original, pruned, kernels, variables)`` returns None
-    when the pruned image is good, else why not; by default the driver loads both images on
-    the current context and compares every kernel the cut image holds
-    (:func:`cgsnap.driver.images_agree`). Without a current CUDA context (nothing to check
-    on), images stay whole. A cut image that would have the hash of another image of the file
-    is not used: two different images never become one (their module variables are separate
-    memory)."""
-    from . import cubin_prune, elf
-    from .errors import CgsnapError
+    (:mod:`cgsnap.binary.cubin_prune`). ``check(original, pruned, kernels, variables)`` returns None
+    when the pruned image is good, else why not; by default the installed checker's (the
+    driver loads both images and compares every kernel the cut image holds). Where no check
+    can run (no checker, no GPU), images stay whole and ``meta["images_not_pruned"]`` says why.
+    A cut image that would have the hash of another image of the file is not used: two
+    different images never become one (their module variables are separate memory)."""
+    from ..binary import cubin_prune, elf
+    from ..errors import CgsnapError
     from .hashing import content_hash
     if check is None:
-        from . import driver
-        if not driver.context_current():
-            if not any(im.kind == "cubin" for im in snap.images):
-                return snap
-            return dataclasses.replace(snap, meta={
-                **snap.meta, "images_not_pruned": "no current CUDA context to check cut images on"})
-        check = driver.images_agree
+        if not any(im.kind == "cubin" for im in snap.images):
+            return snap
+        check = _image_checker() if _image_checker is not None else \
+            "no GPU check of cut images is installed"
+        if isinstance(check, str):
+            return dataclasses.replace(snap, meta={**snap.meta, "images_not_pruned": check})
     used: dict = {}
     for k in snap.kernels:
         used.setdefault(k.image, set()).add(k.name)

@@ -32,7 +32,7 @@ anything else these rules do not model are left whole, with the reason.
 
 :func:`prune_cubin` only rewrites bytes; whether the driver gives the kept kernels exactly the
 same attributes is checked on the GPU before a pruned image is stored
-(:func:`cgsnap.snapfile.prune_images`).
+(:func:`cgsnap.format.snapfile.prune_images`).
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
 
-from cgsnap import elf
-from cgsnap.errors import BinaryFormatError
+from ..errors import BinaryFormatError
+from . import elf
 
 ET_EXEC = 2
 
@@ -279,7 +279,7 @@ class _Cutter:
 
     def _attributes(self, s):
         """``(format, attribute, record bytes, value)`` of each entry of an .nv.info section
-        (:func:`cgsnap.elf.nv_info_records`); a format other than the four known is refused."""
+        (:func:`cgsnap.binary.elf.nv_info_records`); a format other than the four known is refused."""
         data = bytes(self.view[s.offset:s.offset + s.size])
         for fmt, attr, value, start, end in elf.nv_info_records(memoryview(data), s.name):
             if fmt not in (EIFMT_NVAL, EIFMT_BVAL, EIFMT_HVAL, EIFMT_SVAL):

@@ -1,9 +1,9 @@
 """Stream capture into a CUDA graph, for work launched by any library on ``cap.stream``."""
 from __future__ import annotations
 
-from . import driver
-from .driver import call, cu
-from .errors import CaptureError
+from ..cuda import driver
+from ..cuda.driver import call, cu
+from ..errors import CaptureError
 
 _MODES = {
     "global": cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .errors import FormatError
+from ..errors import FormatError
 from .hashing import is_hash
 
 SCHEMA_VERSION = 2
@@ -27,6 +27,7 @@ SCHEMA_VERSION = 2
 READ_SCHEMAS = (1, 2)
 _REF = np.dtype([("pos", "<u8"), ("region", "<u8"), ("offset", "<u8")])
 U64 = (1 << 64) - 1
+MAX_DECISIONS_KEPT = 64       # ambiguous-word decision lines kept in Snapshot.meta; the count stays exact
 
 
 class RegionKind(str, enum.Enum):
@@ -307,6 +308,11 @@ class Snapshot:
     @property
     def arch(self) -> int:
         return int(self.device.get("arch", 0))
+
+    def save(self, path, *, compress: bool = False, prune: bool = True) -> None:
+        """Write this snapshot to ``path`` (see :func:`cgsnap.save`)."""
+        from .snapfile import save
+        save(path, self, compress=compress, prune=prune)
 
     # ---- to and from the manifest ---------------------------------------------------------
     def to_manifest(self) -> tuple:

@@ -6,22 +6,14 @@ import json
 import os
 import sys
 
-from .errors import CgsnapError
+from ..errors import CgsnapError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
 def _open(path):
-    from . import fileformat
-    from .model import Snapshot
-    f = fileformat.open_file(path, check_types=False)
-    try:
-        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
-                                      blob_getter=lambda i: bytes(f.blob(i)))
-    except BaseException:
-        f.close()
-        raise
-    return snap, f
+    from ..format.snapfile import read
+    return read(path)
 
 
 def cmd_info(args) -> int:
@@ -59,14 +51,14 @@ def _read_key(path: str) -> bytes:
 
 
 def cmd_sign(args) -> int:
-    from .signing import sign
+    from ..format.signing import sign
     print(f"wrote {sign(args.file, _read_key(args.key))}")
     return EXIT_OK
 
 
 def cmd_verify(args) -> int:
     if args.key:
-        from .signing import verify
+        from ..format.signing import verify
         verify(args.file, _read_key(args.key))
         print(f"{args.file}: signature OK ({args.file}.sig)")
     snap, f = _open(args.file)
@@ -80,8 +72,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from .binaries import format_listing, list_binary, parse_arch
-    from .demangle import demangle
+    from ..binary.binaries import format_listing, list_binary, parse_arch
+    from ..binary.demangle import demangle
     arch = None
     if args.arch:
         try:

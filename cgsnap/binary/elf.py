@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cgsnap.errors import BinaryFormatError
+from ..errors import BinaryFormatError
 
 EM_CUDA = 190
 
@@ -294,7 +294,7 @@ def _cstr(table: bytes, offset: int, what: str) -> str:
 # cuobjdump reads first; it only falls back to the e_flags bit when that attribute is absent.
 # The 'f' (family) suffix is recorded nowhere in a cubin: sm_100f and sm_100 cubins differ
 # only in the .note.nv.tkinfo command-line string, and cuobjdump names both "sm_100". Only the
-# fatbin entry flags carry 'f' (see cgsnap.fatbin).
+# fatbin entry flags carry 'f' (see cgsnap.binary.fatbin).
 
 ELFABIVERSION_CUDA_V2 = 8
 EF_CUDA_SM = 0xFF
@@ -472,3 +472,11 @@ def check_cubin(data, kernels) -> list:
         if pos < 0:
             missing.append(k)
     return missing
+
+
+def arch_runs_on(image_arch: int, arch_name: str, device_arch: int) -> bool:
+    """Can SASS built for ``image_arch`` run on ``device_arch``? Same major, minor not above the
+    device's; arch-specific builds (sm_90a, sm_100f...) only on their exact arch."""
+    if arch_name.endswith(("a", "f")):
+        return image_arch == device_arch
+    return image_arch // 10 == device_arch // 10 and image_arch % 10 <= device_arch % 10

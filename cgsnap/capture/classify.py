@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .model import Policy, Ref, RegionKind, node_regions
+from ..format.model import MAX_DECISIONS_KEPT, Policy, Ref, RegionKind, node_regions  # noqa: F401
 
 # Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
 # kernels); words outside can never be pointers and are rejected without a lookup.
@@ -125,7 +125,6 @@ WINDOW = 1 << 16
 # (a vocabulary size, a stride) beside a stale half can still be taken for a sure pointer, and
 # must not vouch for its neighbours.
 EVIDENCE_WINDOW = 1 << 24
-MAX_DECISIONS_KEPT = 64       # decision lines kept in Snapshot.meta; the count stays exact
 
 
 def _near_int(word: int, window: int) -> bool:

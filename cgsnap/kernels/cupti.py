@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Optional
 
-from .errors import RecorderError
+from ..errors import RecorderError
 
 CUPTI_CB_DOMAIN_RESOURCE = 3
 CUPTI_CBID_RESOURCE_MODULE_LOADED = 6
@@ -120,7 +120,7 @@ class ModuleRecorder:
 
     def take_new(self) -> list:
         """Cubins recorded since the last call, deduplicated by content hash: ``[(hash, bytes)]``."""
-        from .hashing import content_hash
+        from ..format.hashing import content_hash
         with self._lock:
             pending, self._pending = self._pending, []
             new = []

@@ -17,7 +17,7 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import SignatureError
+from ..errors import SignatureError
 
 SIG_VERSION = 1
 PIECE = 64 << 20
@@ -52,8 +52,8 @@ def _message(digest: bytes) -> bytes:
 
 def _ed25519():
     try:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
         raise SignatureError("ed25519 signatures need the 'cryptography' package "
                              "(pip install cryptography)") from None

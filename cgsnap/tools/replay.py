@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .model import Policy
+from ..format.model import Policy
 
 
 def first_difference(actual: np.ndarray, expected) -> int:
@@ -35,7 +35,7 @@ def check_graph(r, name: str) -> list:
 
 def replay(path: str, check: bool = False, device: int = 0, allow_jit: bool = False,
            graph=None, key=None) -> int:
-    from . import load
+    from .. import load
     t0 = time.perf_counter()
     with load(path, device=device, allow_jit=allow_jit, require_signature=key) as r:
         names = [graph] if graph else r.graph_names

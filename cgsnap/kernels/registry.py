@@ -18,7 +18,7 @@ _scans: dict = {}
 
 
 def start_recorder():
-    """Start recording the cubin of every module loaded from now on (see :mod:`cgsnap.cupti`)."""
+    """Start recording the cubin of every module loaded from now on (see :mod:`cgsnap.kernels.cupti`)."""
     return cupti.start()
 
 

@@ -19,10 +19,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import driver, hashing
+from ..errors import DriverError
+from ..format import hashing
+from ..format.fileformat import io_threads
+from . import driver
 from .driver import call, cu
-from .errors import DriverError
-from .fileformat import io_threads
 
 log = logging.getLogger("cgsnap.transfer")
 

@@ -4,7 +4,7 @@ A kernel node holds a CUfunction, which means nothing in another process; we car
 mangled name plus the image that holds it. Sources are tried in order, each answering "the images
 holding kernel NAME that this device can run":
 
-1. :class:`RecorderSource` -- cubins the CUPTI module recorder saw being loaded (:mod:`cgsnap.cupti`);
+1. :class:`RecorderSource` -- cubins the CUPTI module recorder saw being loaded (:mod:`cgsnap.kernels.cupti`);
 2. :class:`RegisteredSource` -- images the user registered (``cgsnap.register_image``, e.g. NVRTC
    output) plus the on-disk caches of JIT producers (Triton, CuPy);
 3. :class:`LoadedObjectScan` -- the ``.nv_fatbin`` sections of every ELF object mapped into the
@@ -27,9 +27,10 @@ from typing import Callable, Optional
 
 import msgpack
 
-from . import elf, fatbin
-from .errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError
-from .hashing import content_hash
+from ..binary import elf, fatbin
+from ..binary.elf import arch_runs_on  # noqa: F401  (re-exported)
+from ..errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError
+from ..format.hashing import content_hash
 
 INDEX_VERSION = 1
 
@@ -50,14 +51,6 @@ class Candidate:
     @property
     def data(self) -> bytes:
         return self.load()
-
-
-def arch_runs_on(image_arch: int, arch_name: str, device_arch: int) -> bool:
-    """Can SASS built for ``image_arch`` run on ``device_arch``? Same major, minor not above the
-    device's; arch-specific builds (sm_90a, sm_100f...) only on their exact arch."""
-    if arch_name.endswith(("a", "f")):
-        return image_arch == device_arch
-    return image_arch // 10 == device_arch // 10 and image_arch % 10 <= device_arch % 10
 
 
 def cubin_candidate(data: bytes, source: str, h: Optional[str] = None) -> Optional[Candidate]:

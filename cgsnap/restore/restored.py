@@ -27,15 +27,16 @@ from typing import Optional
 
 import numpy as np
 
-from . import driver, elf, fileformat, native, transfer
-from .buffers import check_bind, flatten, numpy_dtype
-from .driver import call, cu
-from .errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError, FormatError,
-                     KernelNotFoundError, RestoreError)
-from .hashing import region_hash
-from .model import Policy, RegionKind, Snapshot, pack_args
-from .sources import arch_runs_on
-
+from ..binary import elf
+from ..binary.elf import arch_runs_on
+from ..capture.buffers import check_bind, flatten, numpy_dtype
+from ..cuda import driver, native, transfer
+from ..cuda.driver import call, cu
+from ..errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError,
+                      FormatError, KernelNotFoundError, RestoreError)
+from ..format import fileformat
+from ..format.hashing import region_hash
+from ..format.model import Policy, RegionKind, Snapshot, pack_args
 
 log = logging.getLogger("cgsnap.restore")
 

@@ -22,7 +22,7 @@ import msgpack
 import xxhash
 import zstandard as zstd
 
-from .errors import FormatError
+from ..errors import FormatError
 from .hashing import BlobHasher, blob_checksum
 
 MAGIC = b"\x89CGSNAP\n"
@@ -291,7 +291,7 @@ _PIECE = 16 << 20
 
 
 def io_threads() -> int:
-    """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.transfer`)."""
+    """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.cuda.transfer`)."""
     forced = os.environ.get("CGSNAP_IO_THREADS", "")
     if forced.isdigit() and int(forced) > 0:
         return int(forced)
@@ -698,7 +698,7 @@ def open_file(path, *, verify_blobs: bool = False, check_types: bool = True) -> 
     """Opens and fully validates a snapshot file's header, manifest and blob table; blob
     bytes are read only if ``verify_blobs``. ``check_types=False`` skips the generic walk over
     the manifest's key types and depth, for callers that validate it against a schema anyway
-    (:meth:`cgsnap.model.Snapshot.from_manifest` does: it is stricter, and the walk costs a
+    (:meth:`cgsnap.format.model.Snapshot.from_manifest` does: it is stricter, and the walk costs a
     third of opening a large file)."""
     snapshot = SnapshotFile(path, check_types)
     if verify_blobs:

@@ -1,14 +1,14 @@
-"""Live CUDA graph -> symbolic :class:`~cgsnap.model.Snapshot`.
+"""Live CUDA graph -> symbolic :class:`~cgsnap.format.model.Snapshot`.
 
 Walks every node (recursively through child graphs), turns each kernel into its name + image,
-every pointer into a :class:`~cgsnap.model.Ref`, and copies the contents of every region the graph
-references (see :mod:`cgsnap.classify` for how words are classified).
+every pointer into a :class:`~cgsnap.format.model.Ref`, and copies the contents of every region the graph
+references (see :mod:`cgsnap.capture.classify` for how words are classified).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import datetime
 import platform
 import sys
@@ -16,18 +16,21 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__, classify, driver, elf, transfer
+from .._version import __version__
+from ..binary import elf
+from ..cuda import driver, transfer
+from ..cuda.driver import NodeType, call, cu
+from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
+from ..format.hashing import region_hash
+from ..format.model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode,
+                            Graph, HostNode, Kernel, KernelImage, KernelNode, MemAllocNode,
+                            MemcpyNode, MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind,
+                            Snapshot, node_regions, pack_args)
+from ..format.snapfile import remap_node
+from . import classify
 from .buffers import BufferSpec, expand_buffers
 from .classify import (ALLOCATION, MAX_DECISIONS_KEPT, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
-from .driver import NodeType, call, cu
-from .errors import BinaryFormatError, CaptureError, UnsupportedNodeError
-from .hashing import region_hash
-from .model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode, Graph,
-                    HostNode, Kernel, KernelImage, KernelNode, MemAllocNode, MemcpyNode,
-                    MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind, Snapshot,
-                    node_regions, pack_args)
-from .snapfile import remap_node
 
 _LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
 _MAX_ALIGNMENT = 4096
@@ -64,7 +67,7 @@ class _Recording:
         self.events: dict = {}
         self.graphs: list = []
         self.graph_names: set = set()
-        # Ambiguous argument words (see cgsnap.classify), decided once the whole graph is known:
+        # Ambiguous argument words (see cgsnap.capture.classify), decided once the whole graph is known:
         # (node, argument index, offset in argument, Ref, word, where)
         self.pending: list = []
         self.decisions: list = []     # one line per decided word, for Snapshot.meta
@@ -275,7 +278,7 @@ class _Recording:
         return node
 
     def decide_ambiguous(self) -> None:
-        """Settle every ambiguous word (:func:`cgsnap.classify.decide`) from what the rest of the
+        """Settle every ambiguous word (:func:`cgsnap.capture.classify.decide`) from what the rest of the
         graph shows. Words kept literal leave their Ref out; every decision is logged."""
         if not self.pending:
             return
@@ -567,7 +570,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     check_suspect_choice(suspect_regions)
     device = driver.current_device()
     if resolver is None:
-        from .kernels import default_resolver
+        from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
     rec = _Recording(device, resolver, host_callbacks, allocation_policy)
     for spec in expand_buffers(buffers or {}):

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                      "sample.cgsnap")
+# Package data, so that `pip install .` (not only an editable install) has a sample to show.
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.cgsnap")
 
 NVRTC_SOURCE = r"""
 extern "C" __global__ void scale_add(const float* x, float* y, float a, int n) {
@@ -26,7 +26,7 @@ extern "C" __global__ void square(float* y, int n) {
 
 def _gpu_available() -> bool:
     try:
-        from . import driver
+        from ..cuda import driver
         driver.init(0)
         return True
     except Exception:
@@ -60,8 +60,8 @@ def nvrtc_workload(n: int = 1 << 20):
     from cuda.bindings import nvrtc
 
     import cgsnap
-    from . import driver
-    from .driver import call, cu
+    from ..cuda import driver
+    from ..cuda.driver import call, cu
     dev = driver.init(0)
 
     def nv(res):
@@ -96,12 +96,13 @@ def run_demo(keep=None) -> int:
     if not _gpu_available():
         print("cgsnap demo: no CUDA GPU here, so nothing can be captured or replayed.")
         print(f"Showing the bundled snapshot instead ({SAMPLE}), captured on a GPU:\n")
-        from .cli import main
-        rc = main(["info", SAMPLE])
-        if rc == 0:
-            print()
-            rc = main(["show", SAMPLE])
-        return rc
+        from ..format.snapfile import read
+        snap, f = read(SAMPLE)
+        with f:
+            sys.stdout.write(render.info_text(render.info_dict(snap, f.blobs, f.version, SAMPLE)))
+        print()
+        sys.stdout.write(render.show_text(snap))
+        return 0
     import cgsnap
     cgsnap.start_recorder()
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import BindError
-from .model import Policy
+from ..errors import BindError
+from ..format.model import Policy
 
 # dtype names we store -> numpy dtype (bfloat16 & friends have none: raw 2-byte words)
 _RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8,

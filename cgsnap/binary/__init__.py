@@ -1,0 +1,1 @@
+"""GPU binaries: ELF cubins, fatbin containers, listing, pruning, demangling. No GPU, no driver."""

@@ -1,0 +1,1 @@
+"""The snapshot file: symbolic model, container, merge/read/save, signatures, hashes. No GPU."""

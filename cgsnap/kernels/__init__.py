@@ -1,0 +1,1 @@
+"""Where kernels come from: the CUPTI module recorder, registered images, library scans."""

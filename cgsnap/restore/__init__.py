@@ -1,0 +1,1 @@
+"""File -> runnable graphs in this process (never imports torch or CuPy)."""

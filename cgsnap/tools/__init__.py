@@ -1,0 +1,1 @@
+"""Front ends: the command line, rendering, replay, the demo."""
