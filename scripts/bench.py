@@ -171,10 +171,10 @@ def bench_nodes(n: int):
         p = bytearray(40)
         p[24:32] = int(i).to_bytes(8, "little")
         p[32:36] = np.float32(1.0).tobytes()
-        nodes.append(KernelNode(i, 0, (1, 1, 1), (32, 1, 1), 0, (
+        nodes.append(KernelNode.from_args(i, 0, (1, 1, 1), (32, 1, 1), 0, (
             Arg(bytes(p), ((0, Ref(0, 64 * (i % 100))), (8, Ref(0, 0)), (16, Ref(0, 0)))),
             Arg(bytes(8), ((0, Ref(0, 8 * i % 4096)),)), Arg(bytes(8), ((0, Ref(0, 0)),)),
-            Arg(int(i).to_bytes(4, "little")))))
+            Arg(int(i).to_bytes(4, "little"))), params))
     edges = [Edge(i, i + 1) for i in range(n - 1)]
     data = np.zeros(1 << 20, dtype=np.uint8)
     snap = Snapshot(graphs=[Graph("chain", nodes, edges)],

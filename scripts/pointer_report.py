@@ -31,22 +31,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cgsnap.capture.classify import ALLOCATION, NAMED, SPECIAL, make_lookup
 from cgsnap.format import fileformat
-from cgsnap.format.model import Graph, KernelNode, RegionKind, Snapshot, unpack_args
+from cgsnap.format.model import Graph, KernelNode, RegionKind, Snapshot
 
 NEAR = 1 << 30
 
 
 def report(path: str, most: int = 15) -> str:
     with fileformat.open_file(path, check_types=False) as f:
-        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
-                                      unpack=False)
+        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path)
     suspects, literals, pointers = collections.Counter(), collections.Counter(), []
     example = {}
     for g in snap.graphs:
         for n in g.nodes:
             if n.TYPE != "kernel":
                 continue
-            params, refs = n.packed
+            params, refs = n.params, n.refs
             words = np.frombuffer(params[:len(params) // 8 * 8], "<u8").tolist()
             table = np.frombuffer(refs, "<u8").reshape(-1, 3).tolist()
             name = snap.kernels[n.kernel].name
@@ -85,19 +84,19 @@ def reclassify(snap: Snapshot) -> tuple:
     as ``(graph, node, kernel name, byte, value, was, now)``, and its ambiguous-word lines."""
     import dataclasses
 
-    from cgsnap.capture.record import _Recording
+    from cgsnap.capture.record import Recording
     nodes = []                       # (graph name, node, unpacked args)
     origin: dict = {}
     for g in snap.graphs:
         for n in g.nodes:
             if n.TYPE == "kernel":
-                args = unpack_args(*n.packed, snap.kernels[n.kernel].params)
+                args = n.arguments(snap.kernels[n.kernel].params)
                 nodes.append((g.name, n, args))
                 for a in args:
                     for o, ref in a.refs:
                         origin.setdefault(ref.region,
                                           int.from_bytes(a.data[o:o + 8], "little") - ref.offset)
-    rec = _Recording(None, None, None)
+    rec = Recording(None, None, None)
     rec.lookup = make_lookup(rec.table)        # no driver: only the file's regions
     rec.kernels = list(snap.kernels)
     prio = {RegionKind.NAMED: NAMED, RegionKind.ALLOCATION: ALLOCATION}
@@ -107,7 +106,7 @@ def reclassify(snap: Snapshot) -> tuple:
             rec.table.add(r.origin, r.size, r.id, prio.get(r.kind, SPECIAL))
     redone, by_graph = [], {}
     for gname, n, args in nodes:
-        fresh = KernelNode(n.id, n.kernel, n.grid, n.block, n.shared_mem, None)
+        fresh = KernelNode(n.id, n.kernel, n.grid, n.block, n.shared_mem, b"")
         rec.classified_node(fresh, [a.data for a in args], f"graph {gname!r} node {n.id}")
         redone.append((gname, args, fresh))
         by_graph.setdefault(gname, []).append(fresh)
@@ -116,7 +115,7 @@ def reclassify(snap: Snapshot) -> tuple:
     changes = []
     for gname, old, fresh in redone:
         layout = snap.kernels[fresh.kernel].params
-        for (off, _), a, b in zip(layout, old, fresh.args):
+        for (off, _), a, b in zip(layout, old, fresh.arguments(layout)):
             was, now = dict(a.refs), dict(b.refs)
             for o in sorted(set(was) | set(now)):
                 if was.get(o) != now.get(o):
@@ -128,8 +127,7 @@ def reclassify(snap: Snapshot) -> tuple:
 
 def reclassify_report(path: str, most: int = 15) -> str:
     with fileformat.open_file(path, check_types=False) as f:
-        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path,
-                                      unpack=False)
+        snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], path)
     changes, decisions = reclassify(snap)
     lines = [f"{path}: reclassified; {len(decisions)} ambiguous words, "
              f"{len(changes)} decided differently from the file"]

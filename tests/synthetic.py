@@ -43,12 +43,13 @@ def make_snapshot() -> Snapshot:
     pair = bytearray(32)
     pair[8:12] = (256).to_bytes(4, "little")
     pair[24:32] = np.float64(0.5).tobytes()
-    n0 = KernelNode(0, 0, (1, 1, 1), (256, 1, 1), 0,
-                    (Arg(bytes(8), ((0, Ref(0, 0)),)), Arg(bytes(8), ((0, Ref(1, 0)),)),
-                     Arg((256).to_bytes(4, "little"))))
-    n1 = KernelNode(1, 1, (1, 1, 1), (256, 1, 1), 128,
-                    (Arg(bytes(pair), ((0, Ref(2, 0)), (16, Ref(4, 64)))),
-                     Arg(bytes(8), ((0, Ref(2, 512)),))), {"priority": 1, "cluster_dim": (2, 1, 1)})
+    n0 = KernelNode.from_args(0, 0, (1, 1, 1), (256, 1, 1), 0,
+                              (Arg(bytes(8), ((0, Ref(0, 0)),)), Arg(bytes(8), ((0, Ref(1, 0)),)),
+                               Arg((256).to_bytes(4, "little"))), kernels[0].params)
+    n1 = KernelNode.from_args(1, 1, (1, 1, 1), (256, 1, 1), 128,
+                              (Arg(bytes(pair), ((0, Ref(2, 0)), (16, Ref(4, 64)))),
+                               Arg(bytes(8), ((0, Ref(2, 512)),))), kernels[1].params,
+                              {"priority": 1, "cluster_dim": (2, 1, 1)})
     main = Graph("step", [
         n0, n1,
         MemcpyNode(2, Ref(1, 0), Ref(2, 0), 1024),

@@ -12,7 +12,7 @@ import zstandard
 
 from cgsnap.capture.classify import (ALLOCATION, NAMED, SlotEvidence, ambiguous, dtype_alignment,
                                      keep_as_pointer, make_lookup)
-from cgsnap.capture.record import _drop_unused_allocations, _Recording
+from cgsnap.capture.record import _drop_unused_allocations, Recording
 from cgsnap.format.model import Graph, Kernel, KernelNode, Policy, Ref, RegionKind, Snapshot
 from cgsnap.format.snapfile import merge
 
@@ -24,9 +24,9 @@ def q(v: int) -> bytes:
     return struct.pack("<Q", v)
 
 
-def recording(regions) -> _Recording:
+def recording(regions) -> Recording:
     """A recording with no driver: ``regions`` are (kind, origin, size, dtype)."""
-    rec = _Recording(None, None, None)
+    rec = Recording(None, None, None)
     rec.lookup = make_lookup(rec.table)
     for kind, origin, size, dtype in regions:
         rec.add_region(kind, origin, size, NAMED if kind is RegionKind.NAMED else ALLOCATION,
@@ -35,23 +35,19 @@ def recording(regions) -> _Recording:
     return rec
 
 
-def add_kernel(rec: _Recording, layout) -> int:
+def add_kernel(rec: Recording, layout) -> int:
     rec.kernels.append(Kernel(len(rec.kernels), f"k{len(rec.kernels)}", "0" * 32, tuple(layout)))
     return rec.kernels[-1].id
 
 
-def run(rec: _Recording, launches) -> list:
+def run(rec: Recording, launches) -> list:
     """Classify ``launches`` ((kernel, [arg bytes]), ...) as one graph, decide, return the
     nodes' refs as {buffer position: Ref}."""
-    nodes = [rec.classified_node(KernelNode(i, k, (1, 1, 1), (1, 1, 1), 0, None), raw, f"node {i}")
+    nodes = [rec.classified_node(KernelNode(i, k, (1, 1, 1), (1, 1, 1), 0, b""), raw, f"node {i}")
              for i, (k, raw) in enumerate(launches)]
     rec.graphs = [Graph("g", nodes, [])]
     rec.decide_ambiguous()
-    out = []
-    for n in rec.graphs[0].nodes:
-        layout = rec.kernels[n.kernel].params
-        out.append({off + o: ref for (off, _), a in zip(layout, n.args) for o, ref in a.refs})
-    return out
+    return [dict(n.pointers()) for n in rec.graphs[0].nodes]
 
 
 # ---- the rules one by one --------------------------------------------------------------------
@@ -155,7 +151,7 @@ def test_an_allocation_found_only_through_a_literal_word_is_dropped():
     run(rec, [(k, [q(0x7FF6_1000_0040) + q(B + 3)])])
     _drop_unused_allocations(rec)
     assert [r.origin for r in rec.regions] == [0x7FF6_1000_0000]
-    assert rec.graphs[0].nodes[0].args[0].refs == ((0, Ref(0, 0x40)),)
+    assert rec.graphs[0].nodes[0].pointers() == [(0, Ref(0, 0x40))]
 
 
 def test_merge_keeps_every_graphs_decisions():
@@ -177,7 +173,7 @@ def test_the_captured_failure_is_classified_right():
     Now exactly those become literal; every other pointer of the capture stays as it was."""
     data = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(open(FIXTURE, "rb").read()),
                            raw=False, strict_map_key=False)
-    rec = _Recording(None, None, None)
+    rec = Recording(None, None, None)
     rec.lookup = make_lookup(rec.table)
     kernel_ids = {}
     for kid, k in data["kernels"].items():

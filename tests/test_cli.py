@@ -129,9 +129,9 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     h = content_hash(image)
     big = np.zeros(2 << 20, np.uint8)
     word = lambda v: v.to_bytes(8, "little")  # noqa: E731
-    node = KernelNode(0, 0, (1, 1, 1), (32, 1, 1), 0, (
+    node = KernelNode.from_args(0, 0, (1, 1, 1), (32, 1, 1), 0, (
         Arg(word(0x7F00_0000_0040) + word(0), ((0, Ref(0, 0x40)),)),     # inside a struct
-        Arg(word(0x7F10_0000_0000), ((0, Ref(1, 0)),))))                 # a whole parameter
+        Arg(word(0x7F10_0000_0000), ((0, Ref(1, 0)),))), ((0, 16), (16, 8)))  # a whole parameter
     regions = [Region(i, RegionKind.ALLOCATION, big.size, Policy.SAVED, data=big,
                       content_hash=content_hash(big)) for i in range(2)]
     snap = Snapshot(graphs=[Graph("g", [node], [])], regions=regions,

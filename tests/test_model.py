@@ -40,7 +40,8 @@ def test_model_file_model_roundtrip_is_exact(tmp_path):
     # ... and so do the blobs, byte for byte.
     assert [bytes(memoryview(b).cast("B")) for b in b1] == [bytes(memoryview(b).cast("B"))
                                                            for b in b2]
-    assert back.graphs[0].nodes[1].args[0].refs == ((0, Ref(2, 0)), (16, Ref(4, 64)))
+    assert back.graphs[0].nodes[1].arguments(back.kernels[1].params)[0].refs == \
+        ((0, Ref(2, 0)), (16, Ref(4, 64)))
     assert back.graphs[0].nodes[1].attrs == {"priority": 1, "cluster_dim": (2, 1, 1)}
 
 
@@ -105,10 +106,8 @@ def test_schema_1_files_still_read():
     assert manifest["schema"] == 2
     new = Snapshot.from_manifest(manifest, sizes, "new.cgsnap")
     old = Snapshot.from_manifest(_as_schema_1(manifest), sizes, "old.cgsnap")
-    # The same model, but for the packed form a schema-2 file also keeps on kernel nodes.
-    unpacked = [dataclasses.replace(n, packed=None) if n.TYPE == "kernel" else n
-                for g in new.graphs for n in g.nodes]
-    assert [n for g in old.graphs for n in g.nodes] == unpacked
+    # The same model: both read into the packed form.
+    assert [n for g in old.graphs for n in g.nodes] == [n for g in new.graphs for n in g.nodes]
     # Written again, a schema-1 model becomes the same schema-2 manifest.
     assert old.to_manifest()[0] == manifest
 
@@ -127,12 +126,11 @@ def test_schema_1_validation(change, match):
     _expect_invalid(old, sizes, match)
 
 
-def test_restore_view_keeps_arguments_packed():
+def test_kernel_nodes_are_read_in_their_packed_form():
     manifest, sizes, _ = manifest_and_sizes()
-    snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap", unpack=False)
+    snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap")
     n1 = snap.graphs[0].nodes[1]
-    assert n1.args is None
-    params, refs = n1.packed
+    params, refs = n1.params, n1.refs
     assert len(params) == 40
     assert np.frombuffer(refs, dtype="<u8").reshape(-1, 3).tolist() == [[0, 2, 0], [16, 4, 64],
                                                                          [32, 2, 512]]
@@ -290,9 +288,8 @@ def test_packed_pointer_tables_are_validated_exactly(node, entries):
         return
     kernel_node = snap.graphs[0].nodes[node]
     layout = snap.kernels[kernel_node.kernel].params
-    assert kernel_node.args is not None
     from cgsnap.format.model import pack_args
-    assert pack_args(kernel_node.args, layout)[1] == n["refs"]
+    assert pack_args(kernel_node.arguments(layout), layout)[1] == n["refs"]
 
 
 _KERNEL_NODE_PATHS = [p for p in _PATHS if len(p) >= 4 and p[:2] == ("graphs", 0) and
@@ -309,12 +306,13 @@ _NODE_VALUES = st.one_of(_VALUES, _EDGES, st.lists(st.one_of(st.integers(-1, 9),
 
 def _outcome(manifest, sizes):
     try:
-        snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap", unpack=False)
+        snap = Snapshot.from_manifest(manifest, sizes, "x.cgsnap")
     except FormatError as exc:
         return "error", str(exc)
     return "ok", [[(n.TYPE, n.id, getattr(n, "kernel", None), getattr(n, "grid", None),
                     getattr(n, "block", None), getattr(n, "shared_mem", None),
-                    getattr(n, "attrs", None), getattr(n, "packed", None)) for n in g.nodes]
+                    getattr(n, "attrs", None), getattr(n, "params", None),
+                    getattr(n, "refs", None)) for n in g.nodes]
                   for g in snap.graphs]
 
 
@@ -325,13 +323,13 @@ def _outcome(manifest, sizes):
 def test_fast_kernel_node_path_accepts_exactly_what_the_strict_path_does(edits):
     """The validator's inline path for kernel nodes gives the same nodes, or the same error
     (the strict path names it), as the strict path alone."""
-    from cgsnap.format import model
+    from cgsnap.format import nodes
     manifest = _edited_base(edits)
     fast = _outcome(copy.deepcopy(manifest), list(_BASE[1]))
-    original = model._Validator._kernel_node_fast
-    model._Validator._kernel_node_fast = lambda self, *a: None
+    original = nodes.KernelNode.parse_fast
+    nodes.KernelNode.parse_fast = classmethod(lambda cls, *a: None)
     try:
         strict = _outcome(manifest, list(_BASE[1]))
     finally:
-        model._Validator._kernel_node_fast = original
+        nodes.KernelNode.parse_fast = original
     assert fast == strict

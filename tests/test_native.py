@@ -112,22 +112,22 @@ def test_a_broken_compiler_means_no_loop(tmp_path, monkeypatch):
 
 
 def test_plan_splits_a_graph_into_runs_of_plain_kernel_nodes():
-    """_GraphPlan.runs: maximal stretches the native loop adds in one call (attributes
+    """GraphPlan.runs: maximal stretches the native loop adds in one call (attributes
     included), and the nodes in between (a memset, one whose dependencies are not consecutive)."""
     from cgsnap.format.model import (Arg, Edge, Graph, Kernel, KernelNode, MemsetNode, Policy, Ref,
                                      Region, RegionKind, Snapshot)
-    from cgsnap.restore.restored import _GraphPlan, _param_offsets
+    from cgsnap.restore.plan import GraphPlan, param_offsets
 
     def k(i, attrs=None):
-        return KernelNode(i, 0, (1, 1, 1), (32, 1, 1), 0, (Arg(bytes(8), ((0, Ref(0, 0)),)),),
-                          attrs or {})
+        return KernelNode.from_args(i, 0, (1, 1, 1), (32, 1, 1), 0,
+                                    (Arg(bytes(8), ((0, Ref(0, 0)),)),), ((0, 8),), attrs)
     nodes = [k(0), k(1), k(2), MemsetNode(3, Ref(0, 0), 0, 1, 16), k(4), k(5, {"priority": 1}),
              k(6), k(7), k(8)]
     chain = [Edge(i, i + 1) for i in range(8)] + [Edge(0, 8)]   # node 8 waits on 0 and 7
     snap = Snapshot(graphs=[Graph("g", nodes, chain)],
                     regions=[Region(0, RegionKind.ALLOCATION, 64, Policy.SCRATCH)], images=[],
                     kernels=[Kernel(0, "k", "0" * 32, ((0, 8),))], device={"arch": 90})
-    plan = _GraphPlan(snap, snap.graphs[0], set(), _param_offsets(snap.kernels))
+    plan = GraphPlan(snap, snap.graphs[0], set(), param_offsets(snap.kernels))
     assert plan.runs == [(0, 3, True), (3, 4, False), (4, 8, True), (8, 9, False)]
     assert plan.attr_rel.tolist() == [-1, -1, -1, -1, -1, 0, -1, -1, -1]
     assert plan.ndeps_array.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 2]

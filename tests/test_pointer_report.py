@@ -22,11 +22,11 @@ def test_report_lists_suspects_and_near_literals(tmp_path):
     image = b"\x7fELF" + bytes(64)
     h = content_hash(image)
     word = lambda v: v.to_bytes(8, "little")  # noqa: E731
-    node = KernelNode(0, 0, (1, 1, 1), (32, 1, 1), 0, (
+    node = KernelNode.from_args(0, 0, (1, 1, 1), (32, 1, 1), 0, (
         Arg(word(0x7F00_0000_1000), ((0, Ref(0, 0x1000)),)),
         Arg(word(0x7F00_0000_0003), ((0, Ref(0, 3)),)),        # an int + 4 bytes taken for one
         Arg(word(0x7F00_0020_0000)),                             # kept literal, near the others
-        Arg(word(12345))))                                       # an ordinary value
+        Arg(word(12345))), ((0, 8), (8, 8), (16, 8), (24, 8)))  # an ordinary value
     snap = Snapshot(graphs=[Graph("g", [node], [])],
                     regions=[Region(0, RegionKind.ALLOCATION, 1 << 20, Policy.SCRATCH)],
                     images=[KernelImage(h, "cubin", 90, ("k",), image, "test")],
@@ -49,8 +49,9 @@ def test_reclassify_lists_what_todays_classifier_changes(tmp_path):
     h = content_hash(image)
     base = 0x7FF7_0000_0000
     word = lambda v: v.to_bytes(8, "little")  # noqa: E731
-    node = KernelNode(0, 0, (1, 1, 1), (32, 1, 1), 0, (
-        Arg(word(base + 0x10040) + word(base + 1), ((0, Ref(0, 0x10040)), (8, Ref(0, 1)))),))
+    node = KernelNode.from_args(0, 0, (1, 1, 1), (32, 1, 1), 0, (
+        Arg(word(base + 0x10040) + word(base + 1), ((0, Ref(0, 0x10040)), (8, Ref(0, 1)))),),
+        ((0, 16),))
     snap = Snapshot(graphs=[Graph("g", [node], [])],
                     regions=[Region(0, RegionKind.NAMED, 1 << 20, Policy.BOUND, name="w",
                                     dtype="bfloat16")],

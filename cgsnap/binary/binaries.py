@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from ..errors import BinaryFormatError, CgsnapError
 from . import elf as elfmod
-from . import fatbin
+from . import fatbin, ptx
 
 _ELF_MAGIC = b"\x7fELF"
 _FATBIN_MAGIC = fatbin.FATBIN_MAGIC.to_bytes(4, "little")
@@ -114,8 +114,6 @@ def _add_cubin_symbols(record: dict, info: elfmod.CubinInfo) -> None:
 # PTX as nvcc writes it, e.g. ".visible .entry axpy(", ".weak .entry _Z5scaleIfLi128EEvPT_S0_(",
 # ".visible .global .align 4 .b8 g_table[1024];", ".global .attribute(.managed) .align 4 .u32 m;"
 _PTX_NAME = r"[A-Za-z_$%][\w$]*"
-_PTX_ENTRY = re.compile(
-    rf"^[ \t]*((?:\.(?:visible|weak|extern)[ \t]+)*)\.entry[ \t]+({_PTX_NAME})", re.M)
 _PTX_VARIABLE = re.compile(
     r"^[ \t]*((?:\.(?:visible|weak|extern|common)[ \t]+)*)"
     r"\.(global|const)[ \t]+"
@@ -127,7 +125,7 @@ _PTX_VARIABLE = re.compile(
 
 
 def _add_ptx_symbols(record: dict, text: str) -> None:
-    record["kernels"] = [m.group(2) for m in _PTX_ENTRY.finditer(text) if "extern" not in m.group(1)]
+    record["kernels"] = ptx.kernels(text)
     record["globals"] = [
         {"name": m.group(6), "size": _ptx_size(m),
          "space": "global" if m.group(2) == "global" else "constant"}

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..format.model import MAX_DECISIONS_KEPT, Policy, Ref, RegionKind, node_regions  # noqa: F401
+from ..format.model import Policy, Ref, RegionKind
 
 # Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
 # kernels); words outside can never be pointers and are rejected without a lookup.
@@ -249,12 +249,12 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
         strong.update(g.checks)
         for n in g.nodes:
             if n.TYPE != "kernel":
-                strong.update(node_regions(n))
+                strong.update(n.regions())
                 continue
             layout = snap.kernels[n.kernel].params
-            for index, ((_, size), a) in enumerate(zip(layout, n.args)):
+            for index, a in enumerate(n.arguments(layout)):
                 for offset, ref in a.refs:
-                    if size == 8:
+                    if len(a.data) == 8:
                         strong.add(ref.region)
                     elif ref.region in candidates:
                         weak.setdefault(ref.region, []).append((g.name, n.id, index, offset))

@@ -18,21 +18,18 @@ import numpy as np
 
 from .._version import __version__
 from ..binary import elf
-from ..cuda import driver, transfer
-from ..cuda.driver import NodeType, call, cu
+from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from ..format.hashing import region_hash
-from ..format.model import (Arg, ChildGraphNode, Edge, EmptyNode, EventRecordNode, EventWaitNode,
-                            Graph, HostNode, Kernel, KernelImage, KernelNode, MemAllocNode,
-                            MemcpyNode, MemFreeNode, MemsetNode, Policy, Ref, Region, RegionKind,
-                            Snapshot, node_regions, pack_args)
-from ..format.snapfile import remap_node
+from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage, Policy, Ref,
+                            Region, RegionKind,
+                            Snapshot)
+from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
 from .buffers import BufferSpec, expand_buffers
-from .classify import (ALLOCATION, MAX_DECISIONS_KEPT, NAMED, SPECIAL, Candidate, RangeTable,
+from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 
-_LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
 _MAX_ALIGNMENT = 4096
 
 
@@ -40,12 +37,9 @@ def _alignment(addr: int) -> int:
     return min(addr & -addr, _MAX_ALIGNMENT) if addr else _MAX_ALIGNMENT
 
 
-def _node_type_name(t) -> str:
-    return str(getattr(t, "name", t)).replace("CU_GRAPH_NODE_TYPE_", "").lower()
-
-
-class _Recording:
-    """State of one snapshot: regions, kernels, images and events found so far."""
+class Recording:
+    """State of one snapshot: regions, kernels, images and events found so far. Node specs
+    (:mod:`cgsnap.format.nodes`) call back into it to turn addresses and handles into refs."""
 
     def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict],
                  allocation_policy=None):
@@ -67,8 +61,10 @@ class _Recording:
         self.events: dict = {}
         self.graphs: list = []
         self.graph_names: set = set()
-        # Ambiguous argument words (see cgsnap.capture.classify), decided once the whole graph is known:
-        # (node, argument index, offset in argument, Ref, word, where)
+        self._walking: list = []          # names of the graphs being walked (child naming)
+        self._alloc_region: dict = {}     # (graph name, node index) -> GRAPH_ALLOC region id
+        # Ambiguous argument words (see cgsnap.capture.classify), decided once the whole graph is
+        # known: (node, position in params, Ref, word, where)
         self.pending: list = []
         self.decisions: list = []     # one line per decided word, for Snapshot.meta
 
@@ -185,153 +181,112 @@ class _Recording:
         self.graph_names.add(name)
         slot = len(self.graphs)      # parents before their children in the snapshot
         self.graphs.append(None)
-        nodes = _graph_nodes(graph)
+        nodes = graphs.graph_nodes(graph)
         ids = {int(n): i for i, n in enumerate(nodes)}
-        types = [call(cu.cuGraphNodeGetType, n) for n in nodes]
+        types = [graphs.node_type(n) for n in nodes]
         # Graph allocations first: other nodes' pointers into them must resolve to them.
-        alloc_region = {}
         for i, (n, t) in enumerate(zip(nodes, types)):
-            if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_ALLOC:
-                p = call(cu.cuGraphMemAllocNodeGetParams, n)
-                alloc_region[i] = self.add_region(RegionKind.GRAPH_ALLOC, int(p.dptr),
-                                                  int(p.bytesize), SPECIAL,
-                                                  policy=Policy.SCRATCH).id
+            if t == "mem_alloc":
+                raw = graphs.read_node(n, t, f"graph {name!r} node {i} (mem_alloc)")
+                self._alloc_region[(name, i)] = self.add_region(
+                    RegionKind.GRAPH_ALLOC, raw["dptr"], raw["bytesize"], SPECIAL,
+                    policy=Policy.SCRATCH).id
         out = []
-        for i, (n, t) in enumerate(zip(nodes, types)):
-            where = f"graph {name!r} node {i} ({_node_type_name(t)})"
-            out.append(self.node(i, n, t, where, name, alloc_region))
-        edges = [Edge(ids[int(a)], ids[int(b)], *data) for a, b, data in _graph_edges(graph)]
+        self._walking.append(name)
+        try:
+            for i, (n, t) in enumerate(zip(nodes, types)):
+                where = f"graph {name!r} node {i} ({t})"
+                if t == "kernel":
+                    out.append(self.kernel_node(i, n, where))
+                    continue
+                spec = NODE_TYPES.get(t)
+                if spec is None:
+                    raise UnsupportedNodeError(f"{where}: nodes of type {t} cannot be carried")
+                out.append(spec.from_live(i, graphs.read_node(n, t, where), self, where))
+        finally:
+            self._walking.pop()
+        edges = [Edge(ids[int(a)], ids[int(b)], *data) for a, b, data in graphs.graph_edges(graph)]
         g = Graph(name=name, nodes=out, edges=edges, top_level=top_level)
         self.graphs[slot] = g
         return g
 
-    def node(self, i, n, t, where, graph_name, alloc_region):
-        if t == NodeType.CU_GRAPH_NODE_TYPE_KERNEL:
-            return self.kernel_node(i, n, where)
-        if t == NodeType.CU_GRAPH_NODE_TYPE_MEMCPY:
-            return self.memcpy_node(i, call(cu.cuGraphMemcpyNodeGetParams, n), where)
-        if t == NodeType.CU_GRAPH_NODE_TYPE_MEMSET:
-            p = call(cu.cuGraphMemsetNodeGetParams, n)
-            row = int(p.width) * int(p.elementSize)
-            span = (int(p.height) - 1) * (int(p.pitch) or row) + row if int(p.height) else 0
-            return MemsetNode(i, self.device_ref(int(p.dst), where, span), int(p.value),
-                              int(p.elementSize), int(p.width), int(p.height), int(p.pitch))
-        if t == NodeType.CU_GRAPH_NODE_TYPE_EMPTY:
-            return EmptyNode(i)
-        if t == NodeType.CU_GRAPH_NODE_TYPE_GRAPH:
-            child = call(cu.cuGraphChildGraphNodeGetGraph, n)
-            child_name = f"{graph_name}/child{i}"
-            self.walk(child, child_name, top_level=False)
-            return ChildGraphNode(i, child_name)
-        if t in (NodeType.CU_GRAPH_NODE_TYPE_EVENT_RECORD, NodeType.CU_GRAPH_NODE_TYPE_WAIT_EVENT):
-            record = t == NodeType.CU_GRAPH_NODE_TYPE_EVENT_RECORD
-            ev = call(cu.cuGraphEventRecordNodeGetEvent if record else
-                      cu.cuGraphEventWaitNodeGetEvent, n)
-            index = self.events.setdefault(int(ev), len(self.events))
-            return (EventRecordNode if record else EventWaitNode)(i, index)
-        if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_ALLOC:
-            return MemAllocNode(i, alloc_region[i])
-        if t == NodeType.CU_GRAPH_NODE_TYPE_MEM_FREE:
-            return MemFreeNode(i, self.device_ref(int(call(cu.cuGraphMemFreeNodeGetParams, n)),
-                                                  where))
-        if t == NodeType.CU_GRAPH_NODE_TYPE_HOST:
-            p = call(cu.cuGraphHostNodeGetParams, n)
-            name = self.host_callbacks.get(driver.address_of_function(p.fn))
-            if name is None:
-                raise UnsupportedNodeError(
-                    f"{where}: a host callback cannot be carried to another process; register it "
-                    "by name: snapshot(..., host_callbacks={'name': function}), then "
-                    "load(..., host_callbacks={'name': python_callable})")
-            return HostNode(i, name)
-        raise UnsupportedNodeError(f"{where}: nodes of type {_node_type_name(t)} cannot be carried")
+    # what node specs ask while converting raw parameters (cgsnap.format.nodes.from_live)
+    def child_graph(self, child, index: int) -> str:
+        name = f"{self._walking[-1]}/child{index}"
+        self.walk(child, name, top_level=False)
+        return name
+
+    def event_index(self, event: int) -> int:
+        return self.events.setdefault(int(event), len(self.events))
+
+    def graph_alloc_region(self, index: int) -> int:
+        return self._alloc_region[(self._walking[-1], index)]
+
+    def host_callback_name(self, fn: int, where: str) -> str:
+        name = self.host_callbacks.get(fn)
+        if name is None:
+            raise UnsupportedNodeError(
+                f"{where}: a host callback cannot be carried to another process; register it "
+                "by name: snapshot(..., host_callbacks={'name': function}), then "
+                "load(..., host_callbacks={'name': python_callable})")
+        return name
 
     def kernel_node(self, i, n, where) -> KernelNode:
-        p = call(cu.cuGraphKernelNodeGetParams, n)
-        func = p.func
-        if not int(func) and int(p.kern):
-            func = call(cu.cuKernelGetFunction, p.kern)
-        kid = self.kernel_for(func)
+        kp = graphs.read_kernel(n)
+        kid = self.kernel_for(kp.func)
         kernel = self.kernels[kid]
-        raw = _read_params(p, kernel.params, where)
+        raw = kp.argument_bytes(kernel.params, where)
         return self.classified_node(
-            KernelNode(i, kid, (int(p.gridDimX), int(p.gridDimY), int(p.gridDimZ)),
-                       (int(p.blockDimX), int(p.blockDimY), int(p.blockDimZ)),
-                       int(p.sharedMemBytes), None, _kernel_node_attrs(n)), raw, where)
+            KernelNode(i, kid, kp.grid, kp.block, kp.shared_mem, b"", b"",
+                       graphs.kernel_node_attrs(n)), raw, where)
 
     def classified_node(self, node: KernelNode, raw: list, where: str) -> KernelNode:
-        """``node`` with its arguments (``raw``: the bytes of each) classified: sure pointers
-        become Refs now, ambiguous words wait for :meth:`decide_ambiguous`."""
-        args = []
-        for j, (data, (off, size)) in enumerate(zip(raw, self.kernels[node.kernel].params)):
-            refs = classify_words(data, off, self.lookup)
-            if refs:
-                sure = []
-                for o, ref in refs:
-                    word = int.from_bytes(data[o:o + 8], "little")
-                    if ambiguous(word, size == 8):
-                        self.pending.append((node, j, o, ref, word, where))
-                    else:
-                        sure.append((o, ref))
-                refs = tuple(sure)
-            args.append(Arg(data, refs))
-        node.args = tuple(args)
+        """``node`` with its parameter buffer built from ``raw`` (the bytes of each argument) and
+        its pointers classified: sure pointers enter the pointer table now, ambiguous words wait
+        for :meth:`decide_ambiguous`."""
+        layout = self.kernels[node.kernel].params
+        buf = bytearray(max((off + size for off, size in layout), default=0))
+        table = []
+        for data, (off, size) in zip(raw, layout):
+            buf[off:off + len(data)] = data
+            for o, ref in classify_words(data, off, self.lookup):
+                word = int.from_bytes(data[o:o + 8], "little")
+                if ambiguous(word, size == 8):
+                    self.pending.append((node, off + o, ref, word, where))
+                else:
+                    table.append((off + o, ref.region, ref.offset))
+        node.params = bytes(buf)
+        node.refs = _table_bytes(table)
         return node
 
     def decide_ambiguous(self) -> None:
-        """Settle every ambiguous word (:func:`cgsnap.capture.classify.decide`) from what the rest of the
-        graph shows. Words kept literal leave their Ref out; every decision is logged."""
+        """Settle every ambiguous word (:func:`cgsnap.capture.classify.decide`) from what the
+        rest of the graph shows. Words kept literal stay out of the pointer table; every
+        decision is logged."""
         if not self.pending:
             return
         layouts = {k.id: k.params for k in self.kernels}
-        candidates = [Candidate(id(node), node.kernel, layouts[node.kernel][j][0] + o, word,
-                                ref.offset, dtype_alignment(self.regions[ref.region].dtype))
-                      for node, j, o, ref, word, _ in self.pending]
+        candidates = [Candidate(id(node), node.kernel, pos, word, ref.offset,
+                                dtype_alignment(self.regions[ref.region].dtype))
+                      for node, pos, ref, word, _ in self.pending]
 
         def kernel_nodes():
             for g in self.graphs:
                 for n in g.nodes:
                     if n.TYPE == "kernel":
-                        layout = layouts[n.kernel]
-                        yield (id(n), n.kernel, pack_args(n.args, layout)[0],
-                               [off + o for (off, _), a in zip(layout, n.args) for o, _ in a.refs])
+                        yield id(n), n.kernel, n.params, n.pointer_table()["pos"].tolist()
         keep = decide(candidates, kernel_nodes(), layouts)
-        for (node, j, o, ref, word, where), c, kept in zip(self.pending, candidates, keep):
+        added: dict = {}
+        for (node, pos, ref, word, where), kept in zip(self.pending, keep):
             if kept:
-                args = list(node.args)
-                a = args[j]
-                args[j] = Arg(a.data, tuple(sorted(a.refs + ((o, ref),), key=lambda r: r[0])))
-                node.args = tuple(args)
-            self.decisions.append(f"{where}: word {word:#x} at parameter byte {c.pos} of "
+                added.setdefault(id(node), (node, []))[1].append((pos, ref.region, ref.offset))
+            self.decisions.append(f"{where}: word {word:#x} at parameter byte {pos} of "
                                   f"{self.kernels[node.kernel].name}: "
                                   f"{'pointer' if kept else 'literal'}")
+        for node, rows in added.values():
+            table = np.frombuffer(node.refs, dtype="<u8").reshape(-1, 3).tolist() + rows
+            node.refs = _table_bytes(sorted(tuple(r) for r in table))
         self.pending = []
-
-    def memcpy_node(self, i, p, where) -> MemcpyNode:
-        width, height, depth = int(p.WidthInBytes), int(p.Height) or 1, int(p.Depth) or 1
-        ends = []
-        for side in ("src", "dst"):
-            mtype = getattr(p, f"{side}MemoryType")
-            pitch = int(getattr(p, f"{side}Pitch")) or width
-            slice_h = int(getattr(p, f"{side}Height")) or height
-            offset = (int(getattr(p, f"{side}Z")) * slice_h + int(getattr(p, f"{side}Y"))) * pitch \
-                + int(getattr(p, f"{side}XInBytes"))
-            span = (depth - 1) * pitch * slice_h + (height - 1) * pitch + width
-            if mtype == driver.MemType.CU_MEMORYTYPE_HOST:
-                addr = int(getattr(p, f"{side}Host")) + offset
-                ref = self.host_ref(addr, span, side == "src")
-            elif mtype in (driver.MemType.CU_MEMORYTYPE_DEVICE, driver.MemType.CU_MEMORYTYPE_UNIFIED):
-                addr = int(getattr(p, f"{side}Device")) + offset
-                if mtype == driver.MemType.CU_MEMORYTYPE_UNIFIED and driver.memory_type(addr) in (
-                        None, int(driver.MemType.CU_MEMORYTYPE_HOST)):
-                    ref = self.host_ref(addr, span, side == "src")
-                else:
-                    ref = self.device_ref(addr, f"{where} {side}", span)
-            else:
-                raise UnsupportedNodeError(f"{where}: copies to or from CUDA arrays are not supported")
-            ends.append((ref, pitch if height > 1 or depth > 1 else 0,
-                         slice_h if depth > 1 else 0))
-        (src, sp, sh), (dst, dp, dh) = ends
-        return MemcpyNode(i, src, dst, width, height, depth, sp, sh, dp, dh)
 
     def host_ref(self, addr: int, span: int, is_source: bool) -> Ref:
         """Host memory a copy reads or writes becomes a HOST region spanning exactly the copy;
@@ -345,90 +300,23 @@ class _Recording:
         return Ref(region.id, 0)
 
 
-def _graph_nodes(graph) -> list:
-    count = call(cu.cuGraphGetNodes, graph, 0)[1]
-    if not count:
-        return []
-    return list(call(cu.cuGraphGetNodes, graph, count)[0])
-
-
-def _graph_edges(graph) -> list:
-    """``[(from, to, (from_port, to_port, type)), ...]``."""
-    res = call(cu.cuGraphGetEdges, graph, 0)
-    count = res[-1]
-    if not count:
-        return []
-    res = call(cu.cuGraphGetEdges, graph, count)
-    if len(res) == 4:       # CUDA 13: from, to, edge data, count
-        froms, tos, data = res[0], res[1], res[2]
-    else:
-        froms, tos, data = res[0], res[1], [None] * len(res[0])
-    out = []
-    for a, b, d in zip(froms, tos, data):
-        info = (0, 0, 0) if d is None else (int(d.from_port), int(d.to_port), int(d.type))
-        out.append((a, b, info))
-    return out
-
-
-def _read_params(p, params: tuple, where: str) -> list:
-    """The bytes of each kernel argument, from ``kernelParams`` (void**) or ``extra``."""
-    kp = int(p.kernelParams) if p.kernelParams is not None else 0
-    if kp:
-        ptrs = (ctypes.c_void_p * len(params)).from_address(kp)
-        return [ctypes.string_at(ptrs[j], size) if size else b"" for j, (_, size) in enumerate(params)]
-    extra = int(p.extra) if p.extra is not None else 0
-    if extra:
-        buf, buf_size = None, None
-        words = (ctypes.c_void_p * 16).from_address(extra)
-        for k in range(0, 16, 2):
-            key = words[k] or 0
-            if key == _LAUNCH_PARAM_END:
-                break
-            if key == _LAUNCH_PARAM_BUFFER_POINTER:
-                buf = words[k + 1]
-            elif key == _LAUNCH_PARAM_BUFFER_SIZE:
-                buf_size = ctypes.c_size_t.from_address(words[k + 1]).value
-        if buf and buf_size is not None:
-            blob = ctypes.string_at(buf, buf_size)
-            return [blob[off:off + size] for off, size in params]
-    if not params:
-        return []
-    raise CaptureError(f"{where}: the driver returned neither kernelParams nor extra")
-
-
-_ATTR = cu.CUkernelNodeAttrID if hasattr(cu, "CUkernelNodeAttrID") else cu.CUlaunchAttributeID
-
-
-def _kernel_node_attrs(node) -> dict:
-    out = {}
-    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node,
-                         _ATTR.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-    if val is not None:
-        dims = (int(val.clusterDim.x), int(val.clusterDim.y), int(val.clusterDim.z))
-        if dims not in ((0, 0, 0), (1, 1, 1)):
-            out["cluster_dim"] = dims
-    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node, _ATTR.CU_LAUNCH_ATTRIBUTE_PRIORITY)
-    if val is not None and int(val.priority):
-        out["priority"] = int(val.priority)
-    val = driver.attempt(cu.cuGraphKernelNodeGetAttribute, node,
-                         _ATTR.CU_LAUNCH_ATTRIBUTE_COOPERATIVE)
-    if val is not None and int(val.cooperative):
-        out["cooperative"] = int(val.cooperative)
-    return out
+def _table_bytes(rows) -> bytes:
+    """A pointer table (rows of position, region, offset) as stored: u64 triples."""
+    return np.array(rows, dtype="<u8").reshape(-1, 3).tobytes()
 
 
 # ---- contents ---------------------------------------------------------------------------------
 
-def _used_regions(rec: _Recording) -> set:
+def _used_regions(rec: Recording) -> set:
     used = {r.parent for r in rec.regions if r.parent is not None}
     for g in rec.graphs:
         used.update(g.checks)
         for n in g.nodes:
-            used.update(node_regions(n))
+            used.update(n.regions())
     return used
 
 
-def _keep_regions(rec: _Recording, keep: list) -> None:
+def _keep_regions(rec: Recording, keep: list) -> None:
     """Keep only ``keep`` (a sub-list of ``rec.regions``), renumbering every reference."""
     if len(keep) == len(rec.regions):
         return
@@ -437,11 +325,12 @@ def _keep_regions(rec: _Recording, keep: list) -> None:
                                        parent=None if r.parent is None else rmap[r.parent])
                    for r in keep]
     for g in rec.graphs:
-        g.nodes = [remap_node(n, rmap) for n in g.nodes]
+        renumber = Renumbering(rmap)
+        g.nodes = [n.remap(renumber) for n in g.nodes]
         g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
 
 
-def _drop_unused_allocations(rec: _Recording) -> None:
+def _drop_unused_allocations(rec: Recording) -> None:
     """An allocation found only through a word later kept literal is not the graph's memory:
     neither its contents nor its size belong in the file."""
     used = _used_regions(rec)
@@ -449,7 +338,7 @@ def _drop_unused_allocations(rec: _Recording) -> None:
                         if r.kind is not RegionKind.ALLOCATION or r.id in used])
 
 
-def _drop_unchanged_globals(rec: _Recording) -> None:
+def _drop_unchanged_globals(rec: Recording) -> None:
     """Module globals that no node points at and that still hold what loading their image
     gives them need not travel: the restore's library load recreates them. Library modules
     (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
@@ -492,7 +381,7 @@ def _write_region(region: Region, data: np.ndarray) -> None:
             driver.htod(region.origin, int(data.ctypes.data), region.size)
 
 
-def _record_checks(rec: _Recording, graph, g: Graph) -> Optional[str]:
+def _record_checks(rec: Recording, graph, g: Graph) -> Optional[str]:
     """Launch the original graph once, keep the named regions' contents as the expected output
     of `replay --check`, then put every region back as it was (the original is left untouched).
     Returns a reason when the graph cannot be launched a second time (e.g. it holds memory nodes
@@ -502,17 +391,17 @@ def _record_checks(rec: _Recording, graph, g: Graph) -> Optional[str]:
         return None
     backups = {r.id: _read_region(r) for r in rec.regions if r.kind is not RegionKind.GRAPH_ALLOC}
     try:
-        exe = call(cu.cuGraphInstantiate, graph, 0)
+        exe = graphs.instantiate(graph)
     except Exception as exc:   # DriverError: report, snapshot without checks
         return f"the graph could not be instantiated again for the check: {exc}"
     stream = driver.stream_create()
     try:
-        call(cu.cuGraphLaunch, exe, stream)
+        graphs.launch(exe, stream)
         driver.stream_sync(stream)
         for r in named:
             g.checks[r.id] = _read_region(r)
     finally:
-        call(cu.cuGraphExecDestroy, exe)
+        graphs.exec_destroy(exe)
         driver.stream_destroy(stream)
         for rid, data in backups.items():
             _write_region(rec.regions[rid], data)
@@ -540,7 +429,7 @@ def check_suspect_choice(value: str) -> None:
                            f"{', '.join(SUSPECT_REGION_CHOICES)}")
 
 
-def _refuse_suspect_regions(rec: _Recording, name: str) -> None:
+def _refuse_suspect_regions(rec: Recording, name: str) -> None:
     """CaptureError when a saved allocation of 1 MiB or more is reached only by words inside
     struct arguments (likely stale addresses in padding: docs/RELIABILITY.md, "Known
     problems"), before anything is read from the device."""
@@ -572,7 +461,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     if resolver is None:
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
-    rec = _Recording(device, resolver, host_callbacks, allocation_policy)
+    rec = Recording(device, resolver, host_callbacks, allocation_policy)
     for spec in expand_buffers(buffers or {}):
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them

@@ -1,15 +1,8 @@
 """Stream capture into a CUDA graph, for work launched by any library on ``cap.stream``."""
 from __future__ import annotations
 
-from ..cuda import driver
-from ..cuda.driver import call, cu
+from ..cuda import driver, graphs
 from ..errors import CaptureError
-
-_MODES = {
-    "global": cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL,
-    "thread_local": cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-    "relaxed": cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED,
-}
 
 
 class Capture:
@@ -20,8 +13,8 @@ class Capture:
     ``cupy.cuda.ExternalStream``."""
 
     def __init__(self, stream=None, mode: str = "thread_local"):
-        if mode not in _MODES:
-            raise ValueError(f"capture mode must be one of {', '.join(_MODES)}")
+        if mode not in graphs.CAPTURE_MODES:
+            raise ValueError(f"capture mode must be one of {', '.join(graphs.CAPTURE_MODES)}")
         driver.current_device()
         self._own_stream = stream is None
         self.stream = driver.stream_create() if stream is None else driver.as_stream(stream)
@@ -33,23 +26,24 @@ class Capture:
         return int(self.stream)
 
     def __enter__(self) -> "Capture":
-        call(cu.cuStreamBeginCapture, self.stream, _MODES[self.mode])
+        graphs.begin_capture(self.stream, self.mode)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        res = cu.cuStreamEndCapture(self.stream)
+        graph, error = graphs.end_capture(self.stream)
+        if exc_type is None and error is None:
+            self.graph = graph
+            return
+        if graph is not None:
+            graphs.graph_destroy(graph)
         if exc_type is None:
-            if res[0] != driver.SUCCESS:
-                raise CaptureError(f"stream capture failed: {driver.error_name(res[0])} (was work "
-                                   "launched on another stream, or a synchronizing call made?)")
-            self.graph = res[1]
-        elif res[0] == driver.SUCCESS and res[1] is not None and int(res[1]):
-            call(cu.cuGraphDestroy, res[1])
+            raise CaptureError(f"stream capture failed: {error} (was work launched on another "
+                               "stream, or a synchronizing call made?)")
 
     def close(self) -> None:
         """Destroy the captured graph and the stream cgsnap created."""
         if self.graph is not None:
-            call(cu.cuGraphDestroy, self.graph)
+            graphs.graph_destroy(self.graph)
             self.graph = None
         if self._own_stream and self.stream is not None:
             driver.stream_destroy(self.stream)

@@ -95,6 +95,11 @@ def init(ordinal: int = 0) -> Device:
     return dev
 
 
+def set_current(context) -> None:
+    """Make ``context`` current on this thread (pool threads start with none)."""
+    call(cu.cuCtxSetCurrent, context)
+
+
 def current_device() -> Device:
     """The device of the current context (initialising device 0 if there is none)."""
     try:
@@ -230,6 +235,14 @@ def as_graph(graph) -> object:
     if isinstance(graph, int):
         return cu.CUgraph(graph)
     raise TypeError(f"cannot use {type(graph).__name__} as a CUgraph")
+
+
+def launch_kernel(func, grid: tuple, block: tuple, shared_mem: int, stream, args) -> None:
+    """``cuLaunchKernel`` with ``args`` given as ctypes values (one per parameter)."""
+    import ctypes as _ct
+    ptrs = (_ct.c_void_p * len(args))(*[_ct.addressof(a) for a in args])
+    call(cu.cuLaunchKernel, func, *grid, *block, shared_mem, as_stream(stream),
+         _ct.addressof(ptrs), 0)
 
 
 # ---- host callbacks -------------------------------------------------------------------------

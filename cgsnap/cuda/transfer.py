@@ -145,32 +145,54 @@ class Stager:
         # unverified: 20 -> 24 GB/s).
         budget = _lock_budget()
         ok = True
-        for i, (lo, hi) in enumerate(pieces):
-            if not jobs[i].result():
-                ok = False
-                break
-            slot = i % ring
-            call(cu.cuEventSynchronize, self.events[slot])   # piece i - ring is copied ...
-            if i >= ring and (hi - start) > budget:
-                call(cu.cuMemHostUnregister, base + pieces[i - ring][0])   # ... so unlock it
-                unlocked.add(i - ring)
-            a, b = max(lo, offset), min(hi, offset + size)
-            call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
-            call(cu.cuEventRecord, self.events[slot], self.stream)
-            if i + ring < len(pieces):
-                jobs.append(self.pool.submit(register, pieces[i + ring]))
-            if mv is not None:   # hash the blob pieces that end in this part, on the pool
-                first = len(digests) * hashing.BLOB_PIECE
-                for p in range(first, b - offset, hashing.BLOB_PIECE):
-                    if offset + p + hashing.BLOB_PIECE <= b or b == offset + size:
-                        piece = mv[offset + p:min(offset + p + hashing.BLOB_PIECE, offset + size)]
-                        digests.append(self.hashers.submit(hashing.piece_digest, piece))
-        driver.stream_sync(self.stream)
-        for j, job in enumerate(jobs):    # the last pieces, and any locked ahead of a failure
-            if job.result() and j not in unlocked:
-                call(cu.cuMemHostUnregister, base + pieces[j][0])
-        digests = [d.result() for d in digests]
-        del mv
+        raised = True
+        try:
+            for i, (lo, hi) in enumerate(pieces):
+                if not jobs[i].result():
+                    ok = False
+                    break
+                slot = i % ring
+                call(cu.cuEventSynchronize, self.events[slot])   # piece i - ring is copied ...
+                if i >= ring and (hi - start) > budget:
+                    call(cu.cuMemHostUnregister, base + pieces[i - ring][0])  # ... so unlock it
+                    unlocked.add(i - ring)
+                a, b = max(lo, offset), min(hi, offset + size)
+                call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
+                call(cu.cuEventRecord, self.events[slot], self.stream)
+                if i + ring < len(pieces):
+                    jobs.append(self.pool.submit(register, pieces[i + ring]))
+                if mv is not None:   # hash the blob pieces that end in this part, on the pool
+                    first = len(digests) * hashing.BLOB_PIECE
+                    for p in range(first, b - offset, hashing.BLOB_PIECE):
+                        if offset + p + hashing.BLOB_PIECE <= b or b == offset + size:
+                            piece = mv[offset + p:min(offset + p + hashing.BLOB_PIECE,
+                                                      offset + size)]
+                            digests.append(self.hashers.submit(hashing.piece_digest, piece))
+            raised = False
+        finally:
+            # On every path, also a failed copy: wait for the copies in flight, then unlock every
+            # piece still locked (the last ones, and any locked ahead of a failure).
+            errors = []
+            try:
+                driver.stream_sync(self.stream)
+            except DriverError as exc:
+                errors.append(exc)
+            for j, job in enumerate(jobs):
+                try:
+                    locked = job.result()
+                except DriverError as exc:
+                    errors.append(exc)
+                    continue
+                if locked and j not in unlocked:
+                    res = cu.cuMemHostUnregister(base + pieces[j][0])
+                    if res[0] != driver.SUCCESS:
+                        errors.append(DriverError("cuMemHostUnregister", int(res[0]),
+                                                  driver.error_name(res[0])))
+            if not raised:
+                digests = [d.result() for d in digests]
+            del mv
+            if errors and not raised:      # never hide the error that is propagating
+                raise errors[0]
         if not ok:
             return None
         return checksum is None or hashing.combine(digests) == checksum

@@ -9,11 +9,11 @@ import dataclasses
 import os
 from typing import Iterable, Optional, Union
 
-import numpy as np
 
 from ..errors import CaptureError
 from . import fileformat
-from .model import MAX_DECISIONS_KEPT, Arg, Graph, Ref, Region, RegionKind, Snapshot
+from .model import MAX_DECISIONS_KEPT, Graph, Region, RegionKind, Snapshot
+from .nodes import Renumbering
 
 
 def _region_key(r: Region):
@@ -79,42 +79,10 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                     meta=meta)
 
 
-class _Identity(dict):
-    def __missing__(self, key):
-        return key
-
-
-_IDENTITY = _Identity()
-
-
 def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0):
     """``n`` with its regions, kernel and events renumbered (``rmap`` / ``kmap``: old -> new id;
     no ``kmap``: kernels keep their ids)."""
-    if kmap is None:
-        kmap = _IDENTITY
-
-    def ref(r: Ref) -> Ref:
-        return Ref(rmap[r.region], r.offset)
-    t = n.TYPE
-    if t == "kernel":
-        if n.args is None:        # packed (read for a restore): renumber the table's regions
-            params, refs = n.packed
-            table = np.frombuffer(refs, dtype="<u8").reshape(-1, 3).copy()
-            table[:, 1] = [rmap[r] for r in table[:, 1].tolist()]
-            return dataclasses.replace(n, kernel=kmap[n.kernel], packed=(params, table.tobytes()))
-        args = tuple(Arg(a.data, tuple((o, ref(r)) for o, r in a.refs)) for a in n.args)
-        return dataclasses.replace(n, kernel=kmap[n.kernel], args=args)
-    if t == "memcpy":
-        return dataclasses.replace(n, src=ref(n.src), dst=ref(n.dst))
-    if t == "memset":
-        return dataclasses.replace(n, dst=ref(n.dst))
-    if t in ("event_record", "event_wait"):
-        return dataclasses.replace(n, event=n.event + event_offset)
-    if t == "mem_alloc":
-        return dataclasses.replace(n, region=rmap[n.region])
-    if t == "mem_free":
-        return dataclasses.replace(n, ptr=ref(n.ptr))
-    return n
+    return n.remap(Renumbering(rmap, kmap, event_offset))
 
 
 # A pruned image is kept only when it is at most this fraction of the whole one: a small gain
@@ -226,8 +194,7 @@ def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = F
         snap = prune_images(snap)
     manifest, blobs = snap.to_manifest()
     # What is written must read back: the reader's own validation, before the file exists.
-    Snapshot.from_manifest(manifest, [memoryview(b).nbytes for b in blobs], str(path),
-                           unpack=False)
+    Snapshot.from_manifest(manifest, [memoryview(b).nbytes for b in blobs], str(path))
     image_blobs = {id(im.data) for im in snap.images}
     sources = [fileformat.BlobSource(b, compress=compress or id(b) in image_blobs) for b in blobs]
     fileformat.write_file(str(path), manifest, sources)

@@ -20,14 +20,13 @@ import glob
 import hashlib
 import mmap
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import msgpack
 
-from ..binary import elf, fatbin
+from ..binary import elf, fatbin, ptx
 from ..binary.elf import arch_runs_on  # noqa: F401  (re-exported)
 from ..errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError
 from ..format.hashing import content_hash
@@ -64,20 +63,7 @@ def cubin_candidate(data: bytes, source: str, h: Optional[str] = None) -> Option
                      load=lambda: data)
 
 
-_PTX_ENTRY = re.compile(rb"^[ \t]*(?:\.(?:visible|weak|extern)[ \t]+)*\.entry[ \t]+([A-Za-z_$%][\w$]*)",
-                        re.M)
-_PTX_TARGET = re.compile(rb"^[ \t]*\.target[ \t]+(?:sm|compute)_(\d+)", re.M)
-
-
-def ptx_kernels(text: bytes) -> list:
-    return [m.group(1).decode() for m in _PTX_ENTRY.finditer(text)]
-
-
-def ptx_target(text: bytes) -> int:
-    m = _PTX_TARGET.search(text)
-    if m is None:
-        raise BinaryFormatError("PTX text without a .target directive")
-    return int(m.group(1))
+ptx_kernels, ptx_target = ptx.kernels, ptx.target
 
 
 def ptx_candidate(text: bytes, arch: int, source: str) -> Candidate:

@@ -18,7 +18,6 @@ Nothing here imports torch or CuPy.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import time
@@ -27,165 +26,26 @@ from typing import Optional
 
 import numpy as np
 
-from ..binary import elf
-from ..binary.elf import arch_runs_on
-from ..capture.buffers import check_bind, flatten, numpy_dtype
-from ..cuda import driver, native, transfer
-from ..cuda.driver import call, cu
-from ..errors import (BinaryFormatError, BindError, CgsnapError, CompatibilityError, DriverError,
-                      FormatError, KernelNotFoundError, RestoreError)
+from ..capture.buffers import check_bind, flatten
+from ..cuda import driver, graphs, native, transfer
+from ..errors import BindError, CgsnapError, DriverError, FormatError, KernelNotFoundError, RestoreError
 from ..format import fileformat
 from ..format.hashing import region_hash
-from ..format.model import Policy, RegionKind, Snapshot, pack_args
+from ..format.model import Policy, RegionKind, Snapshot
+from . import compat
+from .buffers import Buffer
+from .build import BuildState, build_graph
+from .ledger import Ledger
+from .plan import GraphPlan, param_offsets
 
 log = logging.getLogger("cgsnap.restore")
-
-
-# ---- buffers ----------------------------------------------------------------------------------
-
-class Buffer:
-    """A named region's memory in this process; exposes ``__cuda_array_interface__``."""
-
-    def __init__(self, name: str, ptr: int, nbytes: int, dtype: Optional[str], shape: Optional[tuple]):
-        self.name, self.ptr, self.nbytes = name, ptr, nbytes
-        self.dtype = dtype
-        self.shape = tuple(shape) if shape is not None else (nbytes,)
-        self._np_dtype = numpy_dtype(dtype) if shape is not None else np.uint8
-
-    @property
-    def __cuda_array_interface__(self) -> dict:
-        return {"shape": self.shape, "typestr": np.dtype(self._np_dtype).str,
-                "data": (self.ptr, False), "version": 3, "strides": None}
-
-    def copy_from(self, host) -> None:
-        """Copy a host array (any dtype, same number of bytes) into the buffer (synchronous)."""
-        arr = np.ascontiguousarray(host)
-        if arr.nbytes != self.nbytes:
-            raise ValueError(f"buffer {self.name!r} holds {self.nbytes} bytes, got {arr.nbytes}")
-        driver.htod(self.ptr, int(arr.ctypes.data), self.nbytes)
-
-    def to_numpy(self) -> np.ndarray:
-        """A host copy (synchronous). bfloat16 / fp8 come back as raw unsigned integers."""
-        out = np.empty(self.shape, dtype=self._np_dtype)
-        driver.dtoh(int(out.ctypes.data), self.ptr, self.nbytes)
-        return out
-
-    def __repr__(self) -> str:
-        return f"Buffer({self.name!r}, {self.nbytes} bytes, dtype={self.dtype}, shape={self.shape})"
-
-
-# ---- plans: the address-independent part of each graph --------------------------------------
-
-class _GraphPlan:
-    """Everything about one graph that can be worked out before touching the GPU: node order,
-    dependencies, every kernel node's launch parameters in one array, the argument bytes of
-    all kernel nodes in one buffer, and where the pointers go in it."""
-
-    def __init__(self, snap: Snapshot, graph, late_regions: set, offsets: list):
-        self.name = graph.name
-        order = graph.topological_order()
-        pos = {n.id: i for i, n in enumerate(order)}
-        self.nodes = order
-        default = [(pos[e.src], pos[e.dst]) for e in graph.edges
-                   if (e.from_port, e.to_port, e.type) == (0, 0, 0)]
-        self.deps: list = [[] for _ in order]
-        for a, b in default:
-            self.deps[b].append(a)
-        # Dependencies are passed to the driver as a pointer into the array of node handles
-        # being built: nodes of a chain, or whose dependencies are consecutive in topological
-        # order (nearly all of a captured graph), need no per-node array at all.
-        self.dep_first = []
-        for d in self.deps:
-            d.sort()
-            consecutive = bool(d) and d[-1] - d[0] == len(d) - 1
-            self.dep_first.append(d[0] if consecutive else -1)
-        self.dep_first = np.array(self.dep_first, dtype=np.int64)
-        self.ndeps = [len(d) for d in self.deps]
-        self.special_edges = [(pos[e.src], pos[e.dst], e) for e in graph.edges
-                              if (e.from_port, e.to_port, e.type) != (0, 0, 0)]
-        kernel_nodes = [(i, n) for i, n in enumerate(order) if n.TYPE == "kernel"]
-        self.kernel_row = {i: k for k, (i, _) in enumerate(kernel_nodes)}
-        count = len(kernel_nodes)
-        self.params = np.zeros(count, dtype=driver.KERNEL_NODE_PARAMS)
-        self.kernel_index = np.array([n.kernel for _, n in kernel_nodes], dtype=np.int64)
-        self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
-        self.late_refs: dict = {}
-        if count:
-            self.params["grid"] = [n.grid for _, n in kernel_nodes]
-            self.params["block"] = [n.block for _, n in kernel_nodes]
-            self.params["shared_mem"] = [n.shared_mem for _, n in kernel_nodes]
-        # Arguments: every node's parameter buffer (as stored: schema 2), 8-byte aligned, one
-        # after another in one buffer; the pointer words to patch as arrays over the graph.
-        layouts = [k.params for k in snap.kernels]
-        packs = [n.packed if n.args is None else pack_args(n.args, layouts[n.kernel])
-                 for _, n in kernel_nodes]
-        padded = [(len(p[0]) + 7) & ~7 for p in packs]
-        cursors = np.zeros(count, dtype=np.uint64)
-        if count > 1:
-            cursors[1:] = np.cumsum(padded[:-1], dtype=np.uint64)
-        self.arg_bytes = b"".join(p[0].ljust(size, b"\0") for p, size in zip(packs, padded))
-        counts = np.array([len(layouts[n.kernel]) for _, n in kernel_nodes], dtype=np.int64)
-        self.param_count = counts
-        self.param_first = np.zeros(count, dtype=np.int64)
-        if count > 1:
-            self.param_first[1:] = np.cumsum(counts[:-1])
-        self.param_rel = (np.concatenate([offsets[n.kernel] for _, n in kernel_nodes])
-                          + np.repeat(cursors, counts)) if count else np.zeros(0, np.uint64)
-        table = np.frombuffer(b"".join(p[1] for p in packs), dtype="<u8").reshape(-1, 3)
-        ref_counts = [len(p[1]) // 24 for p in packs]
-        word = ((np.repeat(cursors, ref_counts) + table[:, 0]) // np.uint64(8)).astype(np.int64)
-        region = table[:, 1].astype(np.int64)
-        late = np.isin(region, sorted(late_regions)) if late_regions else \
-            np.zeros(len(region), dtype=bool)
-        self.patch_pos = word[~late]
-        self.patch_region = region[~late]
-        self.patch_off = table[~late, 2].copy()
-        if late.any():
-            owner = np.repeat(np.arange(count), ref_counts)
-            for idx in np.flatnonzero(late).tolist():
-                i = kernel_nodes[int(owner[idx])][0]
-                self.late_refs.setdefault(i, []).append(
-                    (int(word[idx]), int(region[idx]), int(table[idx, 2])))
-        self.children = [n.graph for n in order if n.TYPE == "graph"]
-        # Per node: its row in ``params`` (0 for other nodes), and whether it is a plain kernel
-        # node that _build adds with a single call.
-        self.node_row = np.zeros(len(order), dtype=np.int64)
-        for i, k in self.kernel_row.items():
-            self.node_row[i] = k
-        simple = np.array([i in self.kernel_row and i not in self.late_refs
-                           and (not self.deps[i] or self.dep_first[i] >= 0)
-                           for i in range(len(order))], dtype=bool)
-        # Launch attributes (cluster dimensions of cuBLAS's Hopper kernels, ...) as blocks the
-        # native loop sets right after adding the node: offset of node i's block, or -1.
-        blocks = []
-        self.attr_rel = np.full(len(order), -1, dtype=np.int64)
-        cursor = 0
-        made: dict = {}                # few distinct attribute sets (cluster shapes) per graph
-        for i in sorted(self.attrs):
-            key = tuple(sorted(self.attrs[i].items()))
-            block = made.get(key)
-            if block is None:
-                block = made[key] = driver.launch_attribute_block(self.attrs[i])
-            self.attr_rel[i] = cursor
-            blocks.append(block)
-            cursor += len(block)
-        self.attr_blob = np.frombuffer(b"".join(blocks) or bytes(8), dtype=np.uint8)
-        # Maximal runs of nodes that are all simple or all not: (start, stop, simple).
-        cuts = (np.flatnonzero(np.diff(simple.astype(np.int8))) + 1).tolist()
-        bounds = [0] + cuts + [len(order)]
-        self.runs = [(a, b, bool(simple[a])) for a, b in zip(bounds, bounds[1:]) if b > a]
-        self.ndeps_array = np.array(self.ndeps, dtype=np.uint64)
-
-
-def _param_offsets(kernels) -> list:
-    """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets)."""
-    return [np.array([off for off, _ in k.params], dtype=np.uint64) for k in kernels]
 
 
 # ---- the restored snapshot ----------------------------------------------------------------
 
 class RestoredGraph:
-    """One graph, built and instantiated on first launch (or by :meth:`instantiate`)."""
+    """One graph, built and instantiated on first launch (or by :meth:`instantiate`). Usable
+    while its restore is open; after ``close()`` every call raises RestoreError."""
 
     def __init__(self, owner: "Restored", name: str):
         self._owner = owner
@@ -193,29 +53,36 @@ class RestoredGraph:
         self.exec = None
 
     def instantiate(self) -> "RestoredGraph":
+        self._owner._check_open()
         if self.exec is None:
             self._owner._instantiate(self.name)
         return self
 
     def launch(self, stream=None) -> None:
+        self._owner._check_open()
         if self.exec is None:
-            self.instantiate()
-        call(cu.cuGraphLaunch, self.exec, driver.as_stream(stream))
+            self._owner._instantiate(self.name)
+        graphs.launch(self.exec, driver.as_stream(stream))
 
     replay = launch
 
 
 class Restored:
-    """What :func:`cgsnap.load` returns; a context manager that frees everything on exit."""
+    """What :func:`cgsnap.load` returns; a context manager that frees everything on exit.
+
+    Every GPU object it makes is entered in a :class:`~cgsnap.restore.ledger.Ledger` as it is
+    made: a failed restore frees all of it before raising, ``close()`` frees all of it and
+    then raises what failed, and a restore nobody closes is freed when it is collected."""
 
     def __init__(self, path: str, device: int = 0, bind: Optional[dict] = None,
                  instantiate: str = "lazy", verify_bound: bool = False, allow_jit: bool = False,
                  verify_blobs: bool = True, host_callbacks: Optional[dict] = None):
+        if instantiate not in ("lazy", "all"):
+            raise ValueError("instantiate must be 'lazy' or 'all'")
         self.path = str(path)
         self.timings: dict = {}
-        self._allocs: list = []
-        self._host_allocs: list = []
-        self._libraries: list = []
+        self._ledger = Ledger(self.path)
+        self._finalizer = self._ledger.finalize_with(self)
         self._events: list = []
         self._cu_graphs: dict = {}
         self._graphs: dict = {}
@@ -223,7 +90,7 @@ class Restored:
         self._file = None
         self._stager = None
         self._host_callbacks = dict(host_callbacks or {})
-        self._trampolines: list = []        # ctypes thunks the graphs' host nodes call
+        self._keepalive: list = []          # ctypes thunks the graphs' host nodes call
         t_init = time.perf_counter()
         native.prefetch()
         try:
@@ -239,7 +106,10 @@ class Restored:
                         self.graph(name).instantiate()
             self.timings["init"] = time.perf_counter() - t_init
         except BaseException as exc:
-            self.close()
+            try:
+                self.close()
+            except CgsnapError as cleanup:    # report the cause; the cleanup's failure too
+                log.warning("%s: releasing a failed restore: %s", self.path, cleanup)
             if isinstance(exc, DriverError):
                 raise RestoreError(f"{self.path}: restore failed, everything it allocated was "
                                    f"released: {exc}") from exc
@@ -264,8 +134,7 @@ class Restored:
                 if type(b) is int and 0 <= b < len(blob_sizes) and b not in early:
                     early[b] = pool.submit(decompress, b)
             t = time.perf_counter()
-            self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path,
-                                                          unpack=False)
+            self.snapshot = snap = Snapshot.from_manifest(f.manifest, blob_sizes, self.path)
             self.timings["read.validate"] = time.perf_counter() - t
             t = time.perf_counter()
             for im in snap.images:
@@ -280,8 +149,8 @@ class Restored:
         self.timings["read.bind"] = time.perf_counter() - t
         t = time.perf_counter()
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
-        offsets = _param_offsets(snap.kernels)     # once per load, shared by every graph's plan
-        self._plans = {g.name: _GraphPlan(snap, g, self._late, offsets) for g in snap.graphs}
+        offsets = param_offsets(snap.kernels)     # once per load, shared by every graph's plan
+        self._plans = {g.name: GraphPlan(snap, g, self._late, offsets) for g in snap.graphs}
         self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
         missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
@@ -315,61 +184,12 @@ class Restored:
             raise BindError(f"{self.path}: cannot bind buffers: " + "; ".join(problems))
         return bound
 
-    def _check_device(self, dev: driver.Device) -> dict:
-        """Which image to load for each kernel, or a CompatibilityError before any allocation."""
-        snap = self.snapshot
-        recorded = int(snap.device.get("driver", 0) or 0)
-        if recorded and dev.driver_version // 1000 < recorded // 1000:
-            raise CompatibilityError(
-                f"{self.path}: the snapshot was taken with CUDA driver {_ver(recorded)}; this "
-                f"machine's driver is {_ver(dev.driver_version)}, older than its major version")
-        images = {im.hash: im for im in snap.images}
-        choice, problems = {}, []
-        for k in snap.kernels:
-            im = images[k.image]
-            if im.kind == "cubin" and arch_runs_on(im.arch, _arch_name(im), dev.arch):
-                choice[k.id] = im
-            elif k.ptx_image and allow_jit_ok(self._allow_jit, images[k.ptx_image], dev.arch):
-                choice[k.id] = images[k.ptx_image]
-            else:
-                problems.append(k.name)
-        self._check_images(choice)
-        if problems:
-            has_ptx = any(k.ptx_image for k in snap.kernels)
-            hint = (" (the file carries PTX: pass allow_jit=True / --allow-jit to JIT it)"
-                    if has_ptx and not self._allow_jit else "")
-            raise CompatibilityError(
-                f"{self.path}: the snapshot needs sm_{snap.arch} "
-                f"({snap.device.get('name', '?')}); this machine has sm_{dev.arch} ({dev.name}). "
-                f"{len(problems)} kernel(s) cannot run here, e.g. {problems[0]}{hint}")
-        return choice
-
-    def _check_images(self, choice: dict) -> None:
-        """Every image the restore will load is a well-formed cubin (or PTX) holding the kernels
-        asked of it -- checked before any GPU memory is touched."""
-        wanted: dict = {}
-        for k in self.snapshot.kernels:
-            if k.id in choice:
-                wanted.setdefault(choice[k.id].hash, (choice[k.id], []))[1].append(k.name)
-        for h, (im, names) in wanted.items():
-            if im.kind == "ptx":
-                missing = [n for n in names if f".entry {n}".encode() not in im.data]
-            else:
-                try:
-                    missing = elf.check_cubin(im.data, names)
-                except BinaryFormatError as exc:
-                    raise FormatError(f"kernel image {h} is not a loadable cubin: {exc}",
-                                      path=self.path) from None
-            if missing:
-                raise KernelNotFoundError(f"{self.path}: kernel {missing[0]} is not in its image "
-                                          f"{h}" + (f" (nor {len(missing) - 1} more)"
-                                                    if len(missing) > 1 else ""))
-
     # ---- step 3: memory, kernels, events --------------------------------------------------
     def _setup_gpu(self, ordinal: int):
         t = time.perf_counter()
         self.device = dev = driver.init(ordinal)
-        choice = self._check_device(dev)
+        choice = compat.choose_images(self.snapshot, dev.arch, dev.name, dev.driver_version,
+                                      self._allow_jit, self.path)
         snap = self.snapshot
         self._bases = np.zeros(len(snap.regions), dtype=np.uint64)
         for r in snap.regions:
@@ -379,9 +199,7 @@ class Restored:
                     r.parent is not None:
                 continue    # placed by the library load / by the graph / inside its parent
             elif r.kind is RegionKind.HOST:
-                ptr = driver.host_alloc(r.size)
-                self._host_allocs.append(ptr)
-                self._bases[r.id] = ptr
+                self._bases[r.id] = self._ledger.add("host", driver.host_alloc(r.size))
             else:
                 self._bases[r.id] = self._alloc(r.size, r.alignment)
         for r in snap.regions:
@@ -406,13 +224,17 @@ class Restored:
         driver.ctx_sync()
         self._close_stager()
         self.timings["copy"] = time.perf_counter() - t
-        self._events = [call(cu.cuEventCreate, 0) for _ in range(snap.events)]
+        self._events = [self._ledger.add("event", graphs.event_create())
+                        for _ in range(snap.events)]
+        self._state = BuildState(snap, self._bases, self._func_handles, self._builder,
+                                 self._node_loop, self._events, self._cu_graphs,
+                                 self._host_callbacks,
+                                 graphs.AddEnv(dev.context, dev.ordinal, self._keepalive))
 
     def _alloc(self, size: int, alignment: int) -> int:
         # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
         pad = alignment if alignment > 256 else 0
-        ptr = driver.mem_alloc(size + pad)
-        self._allocs.append(ptr)
+        ptr = self._ledger.add("device", driver.mem_alloc(size + pad))
         return (ptr + pad - 1) // pad * pad if pad else ptr
 
     def _write_blob(self, blob: int, dst: int, size: int, host: bool = False) -> None:
@@ -430,7 +252,7 @@ class Restored:
         # cannot be page-locked, read by several threads into a pinned ring), the checksum
         # computed on the way: the file is read once.
         if self._stager is None:
-            self._stager = transfer.Stager()
+            self._stager = self._ledger.add("stager", transfer.Stager())
         checksum = info.checksum if self._verify_blobs else None
         base, mapped = self._file.mapping_address()
         t = time.perf_counter()
@@ -449,8 +271,9 @@ class Restored:
 
     def _close_stager(self) -> None:
         if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+            stager, self._stager = self._stager, None
+            self._ledger.forget("stager", stager)
+            stager.close()
 
     def _verify_bound_hashes(self):
         for r in self.snapshot.regions:
@@ -470,7 +293,7 @@ class Restored:
         ctx = self.device.context
 
         def load(im):
-            call(cu.cuCtxSetCurrent, ctx)      # pool threads have no current context
+            driver.set_current(ctx)            # pool threads have no current context
             data = im.data
             if im.kind == "ptx" and not bytes(data[-1:]) == b"\0":
                 data = bytes(data) + b"\0"
@@ -494,8 +317,8 @@ class Restored:
         for im, fut in zip(images, futures):
             try:
                 libs[im.hash], found = fut.result()
-                self._libraries.append(libs[im.hash])
-            except CgsnapError as exc:
+                self._ledger.add("library", libs[im.hash])
+            except BaseException as exc:      # the others' libraries are still entered
                 first_error = first_error or exc
                 continue
             if None in found and first_error is None:
@@ -533,7 +356,13 @@ class Restored:
                     self._write_blob(r.data, addr, size)
 
     # ---- step 4: graphs -------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RestoreError(f"{self.path}: this restore is closed; its graphs and buffers "
+                               "were freed")
+
     def graph(self, name: str) -> RestoredGraph:
+        self._check_open()
         if name not in self._plans:
             raise KeyError(f"{self.path} has no graph {name!r} (it has: "
                            f"{', '.join(self.graph_names)})")
@@ -545,206 +374,33 @@ class Restored:
     def _instantiate(self, name: str) -> None:
         t = time.perf_counter()
         with _gc_paused():
-            graph = self._build(name)
+            graph = build_graph(self._state, name, self._plans, self._ledger)
         t1 = time.perf_counter()
-        exe = call(cu.cuGraphInstantiate, graph, 0)
-        self._graphs[name].exec = exe
+        self._graphs[name].exec = self._ledger.add("exec", graphs.instantiate(graph))
         self.timings.setdefault("build", 0.0)
         self.timings.setdefault("instantiate", 0.0)
         self.timings["build"] += t1 - t
         self.timings["instantiate"] += time.perf_counter() - t1
 
-    def _build(self, name: str):
-        """Create the CUgraph for ``name`` (children first), all nodes in topological order.
-
-        Kernel nodes go through :class:`driver.GraphBuilder` with their parameters prebuilt and
-        their dependencies given as they are added."""
-        if name in self._cu_graphs:
-            return self._cu_graphs[name]
-        plan = self._plans[name]
-        for child in plan.children:
-            self._build(child)
-        graph = call(cu.cuGraphCreate, 0)
-        try:
-            self._add_nodes(name, plan, graph)
-        except BaseException:
-            call(cu.cuGraphDestroy, graph)      # never keep a half-built graph for a retry
-            raise
-        self._cu_graphs[name] = graph
-        return graph
-
-    def _add_nodes(self, name: str, plan, graph) -> None:
-        graph_int = int(graph)
-        fast = self._builder
-        # Arguments: one buffer for the graph, every pointer patched in one vectorised step.
-        args = np.frombuffer(bytearray(plan.arg_bytes), dtype=np.uint8)
-        words = args.view(np.uint64) if args.nbytes else np.zeros(0, dtype=np.uint64)
-        if len(plan.patch_pos):
-            words[plan.patch_pos] = self._bases[plan.patch_region] + plan.patch_off
-        ptrs = np.uint64(args.ctypes.data) + plan.param_rel
-        params = plan.params.copy()
-        if len(params):
-            params["func"] = self._func_handles[plan.kernel_index]
-            params["kernel_params"] = np.where(
-                plan.param_count > 0, np.uint64(ptrs.ctypes.data) + 8 * plan.param_first.astype(
-                    np.uint64), 0)
-        params_addr = params.ctypes.data
-        param_size = driver.KERNEL_NODE_PARAMS.itemsize
-        handles = np.zeros(len(plan.nodes), dtype=np.uint64)
-        handles_addr = handles.ctypes.data
-        dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
-        dep_addr = dep_buf.ctypes.data
-        add_kernel, kernel_row = fast.add_kernel, plan.kernel_row
-
-        def add_kernel_node(i: int, dep_ptr, ndeps: int, handle_ptr: int, param_ptr: int) -> None:
-            """One kernel node and its launch attributes, by a foreign call (no native loop,
-            or a node the loop does not take)."""
-            code = add_kernel(handle_ptr, graph_int, dep_ptr, ndeps, param_ptr)
-            if code:
-                fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                     f"{plan.nodes[i].id})")
-            if plan.attr_rel[i] >= 0:
-                fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
-                                    f"graph {name!r} node {plan.nodes[i].id}")
-        # Every address the driver calls take, worked out for all nodes at once: a run of plain
-        # kernel nodes is then one call of the native loop (cgsnap/nodeloop.c), or without it
-        # one foreign call per node.
-        n = len(plan.nodes)
-        handle_ptrs = handles_addr + 8 * np.arange(n, dtype=np.uint64)
-        dep_ptrs = np.where(plan.dep_first >= 0,
-                            np.uint64(handles_addr) + 8 * plan.dep_first.astype(np.uint64),
-                            np.uint64(0))
-        param_ptrs = np.uint64(params_addr) + param_size * plan.node_row.astype(np.uint64)
-        loop = self._node_loop
-        if loop is not None:
-            ndeps = plan.ndeps_array
-            attr_ptrs = np.where(plan.attr_rel >= 0, np.uint64(plan.attr_blob.ctypes.data)
-                                 + plan.attr_rel.astype(np.uint64), np.uint64(0))
-            failed = ctypes.c_size_t(0)
-            failed_addr = ctypes.addressof(failed)
-            at = (handle_ptrs.ctypes.data, dep_ptrs.ctypes.data, ndeps.ctypes.data,
-                  param_ptrs.ctypes.data, attr_ptrs.ctypes.data)
-            add_addr, set_attr_addr = fast.add_kernel_address, fast.set_attribute_address
-        else:
-            handle_list, dep_list, param_list = (handle_ptrs.tolist(), dep_ptrs.tolist(),
-                                                 param_ptrs.tolist())
-        for start, stop, simple in plan.runs:
-            if simple:      # kernel nodes, dependencies consecutive (or none), no extras
-                if loop is not None:
-                    code = loop(add_addr, set_attr_addr, graph_int, stop - start,
-                                at[0] + 8 * start, at[1] + 8 * start, at[2] + 8 * start,
-                                at[3] + 8 * start, at[4] + 8 * start, failed_addr)
-                    if code:
-                        i = start + failed.value     # a handle was made: the attribute failed
-                        what = "cuGraphKernelNodeSetAttribute" if handles[i] else \
-                            "cuGraphAddKernelNode"
-                        fast.raise_for(code, f"{what} (graph {name!r} node {plan.nodes[i].id})")
-                    continue
-                for i in range(start, stop):
-                    add_kernel_node(i, dep_list[i] or None, plan.ndeps[i], handle_list[i],
-                                    param_list[i])
-                continue
-            for i in range(start, stop):
-                deps = plan.deps[i]
-                d = int(dep_ptrs[i])
-                if not deps:
-                    dep_ptr = None
-                elif d:
-                    dep_ptr = d
-                else:
-                    dep_buf[:len(deps)] = handles[deps]
-                    dep_ptr = dep_addr
-                k = kernel_row.get(i)
-                if k is None:
-                    dep_nodes = [cu.CUgraphNode(int(handles[j])) for j in deps]
-                    handles[i] = int(self._add_node(graph, plan.nodes[i], dep_nodes))
-                    continue
-                if i in plan.late_refs:
-                    for pos_, region, off in plan.late_refs[i]:
-                        words[pos_] = int(self._bases[region]) + off
-                add_kernel_node(i, dep_ptr, len(deps), int(handle_ptrs[i]), int(param_ptrs[i]))
-        if plan.special_edges:
-            data = []
-            for _, _, e in plan.special_edges:
-                d = cu.CUgraphEdgeData()
-                d.from_port, d.to_port, d.type = e.from_port, e.to_port, e.type
-                data.append(d)
-            call(cu.cuGraphAddDependencies, graph,
-                 [cu.CUgraphNode(int(handles[a])) for a, _, _ in plan.special_edges],
-                 [cu.CUgraphNode(int(handles[b])) for _, b, _ in plan.special_edges],
-                 data, len(data))
-
-    def _ref_addr(self, ref) -> int:
-        return int(self._bases[ref.region]) + ref.offset
-
-    def _add_node(self, graph, node, deps):
-        """Any node but a kernel node, through cuda-bindings (these are few)."""
-        t = node.TYPE
-        if t == "memcpy":
-            p = cu.CUDA_MEMCPY3D()
-            for side, ref, pitch, height in (("src", node.src, node.src_pitch, node.src_height),
-                                             ("dst", node.dst, node.dst_pitch, node.dst_height)):
-                addr = self._ref_addr(ref)
-                if self.snapshot.regions[ref.region].kind is RegionKind.HOST:
-                    setattr(p, f"{side}MemoryType", driver.MemType.CU_MEMORYTYPE_HOST)
-                    setattr(p, f"{side}Host", addr)
-                else:
-                    setattr(p, f"{side}MemoryType", driver.MemType.CU_MEMORYTYPE_DEVICE)
-                    setattr(p, f"{side}Device", addr)
-                setattr(p, f"{side}Pitch", pitch or node.width)
-                setattr(p, f"{side}Height", height or node.height)
-            p.WidthInBytes, p.Height, p.Depth = node.width, node.height, node.depth
-            return call(cu.cuGraphAddMemcpyNode, graph, deps, len(deps), p, self.device.context)
-        if t == "memset":
-            p = cu.CUDA_MEMSET_NODE_PARAMS()
-            p.dst = self._ref_addr(node.dst)
-            p.value, p.elementSize = node.value, node.element_size
-            p.width, p.height = node.width, node.height
-            p.pitch = node.pitch or node.width * node.element_size
-            return call(cu.cuGraphAddMemsetNode, graph, deps, len(deps), p, self.device.context)
-        if t == "empty":
-            return call(cu.cuGraphAddEmptyNode, graph, deps, len(deps))
-        if t == "graph":
-            return call(cu.cuGraphAddChildGraphNode, graph, deps, len(deps),
-                        self._cu_graphs[node.graph])
-        if t == "event_record":
-            return call(cu.cuGraphAddEventRecordNode, graph, deps, len(deps), self._events[node.event])
-        if t == "event_wait":
-            return call(cu.cuGraphAddEventWaitNode, graph, deps, len(deps), self._events[node.event])
-        if t == "mem_alloc":
-            region = self.snapshot.regions[node.region]
-            p = cu.CUDA_MEM_ALLOC_NODE_PARAMS()
-            p.poolProps.allocType = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-            p.poolProps.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-            p.poolProps.location.id = self.device.ordinal
-            p.bytesize = region.size
-            h = call(cu.cuGraphAddMemAllocNode, graph, deps, len(deps), p)
-            self._bases[node.region] = int(call(cu.cuGraphMemAllocNodeGetParams, h).dptr)
-            return h
-        if t == "mem_free":
-            return call(cu.cuGraphAddMemFreeNode, graph, deps, len(deps), self._ref_addr(node.ptr))
-        if t == "host":
-            p, trampoline = driver.host_node_params(self._host_callbacks[node.callback])
-            self._trampolines.append(trampoline)
-            return call(cu.cuGraphAddHostNode, graph, deps, len(deps), p)
-        raise RestoreError(f"{self.path}: graph node type {t!r} cannot be rebuilt")
-
     # ---- public -----------------------------------------------------------------------------
     def buffer(self, name: str) -> Buffer:
+        self._check_open()
         try:
             r = self.snapshot.region_by_name(name)
         except KeyError:
             names = [r.name for r in self.snapshot.regions if r.name]
             raise KeyError(f"{self.path} has no buffer {name!r} (it has: {', '.join(names)})") \
                 from None
-        return Buffer(name, int(self._bases[r.id]), r.size, r.dtype, r.shape)
+        return Buffer(name, int(self._bases[r.id]), r.size, r.dtype, r.shape, owner=self)
 
     @property
     def buffers(self) -> dict:
+        self._check_open()
         return {r.name: self.buffer(r.name) for r in self.snapshot.regions if r.name}
 
     def reset(self) -> None:
         """Write the saved contents back into every saved region (the state at save time)."""
+        self._check_open()
         for r in self.snapshot.regions:
             if r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
                     RegionKind.GRAPH_ALLOC:
@@ -755,6 +411,7 @@ class Restored:
 
     def read_region(self, rid: int) -> np.ndarray:
         """A host copy of region ``rid`` (synchronous)."""
+        self._check_open()
         r = self.snapshot.regions[rid]
         out = np.empty(r.size, dtype=np.uint8)
         if r.size:
@@ -766,45 +423,29 @@ class Restored:
 
     def expected(self, graph: str, rid: int):
         """The contents region ``rid`` held after one launch of ``graph`` at save time."""
+        self._check_open()
         return self._file.blob(self.snapshot.graph(graph).checks[rid])
 
     def synchronize(self) -> None:
+        self._check_open()
         driver.ctx_sync()
 
     def close(self) -> None:
-        """Free every graph, event, library and allocation this restore made (idempotent)."""
+        """Free every graph, event, library and allocation this restore made (idempotent).
+        Every step is attempted; a step that failed is raised (RestoreError) afterwards."""
         if self._closed:
             return
         self._closed = True
-        errors = []
-
-        def attempt(fn, *args):
-            try:
-                fn(*args)
-            except CgsnapError as exc:
-                errors.append(exc)
-        if self._allocs or self._graphs or self._libraries:
-            attempt(driver.ctx_sync)
-        if self._stager is not None:
-            attempt(self._close_stager)
+        self._finalizer.detach()
         for g in self._graphs.values():
-            if g.exec is not None:
-                attempt(call, cu.cuGraphExecDestroy, g.exec)
-                g.exec = None
-        for graph in self._cu_graphs.values():
-            attempt(call, cu.cuGraphDestroy, graph)
-        for ev in self._events:
-            attempt(call, cu.cuEventDestroy, ev)
-        for lib in self._libraries:
-            attempt(driver.library_unload, lib)
-        for ptr in self._allocs:
-            attempt(driver.mem_free, ptr)
-        for ptr in self._host_allocs:
-            attempt(driver.host_free, ptr)
-        self._allocs, self._host_allocs, self._libraries, self._events = [], [], [], []
-        self._cu_graphs = {}
-        if self._file is not None:
-            self._file.close()
+            g.exec = None
+        self._cu_graphs.clear()
+        self._stager = None
+        try:
+            self._ledger.release()
+        finally:
+            if self._file is not None:
+                self._file.close()
 
     def __enter__(self) -> "Restored":
         return self
@@ -826,16 +467,3 @@ def _gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _arch_name(im) -> str:
-    return f"sm_{im.arch}"
-
-
-def allow_jit_ok(allow_jit: bool, ptx_image, device_arch: int) -> bool:
-    """PTX for compute_XX JITs on any device of arch >= XX, when the caller allows it."""
-    return allow_jit and ptx_image.kind == "ptx" and ptx_image.arch <= device_arch
-
-
-def _ver(v: int) -> str:
-    return f"{v // 1000}.{v % 1000 // 10}"

@@ -57,22 +57,11 @@ def torch_mlp(batch: int = 8, width: int = 256, seed: int = 0):
 
 def nvrtc_workload(n: int = 1 << 20):
     """Two NVRTC-compiled kernels captured with cgsnap.capture(): ``(capture, buffers)``."""
-    from cuda.bindings import nvrtc
-
     import cgsnap
     from ..cuda import driver
-    from ..cuda.driver import call, cu
+    from ..cuda.nvrtc import compile_cubin
     dev = driver.init(0)
-
-    def nv(res):
-        if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"NVRTC failed: {res[0]}")
-        return res[1] if len(res) > 1 else None
-    prog = nv(nvrtc.nvrtcCreateProgram(NVRTC_SOURCE.encode(), b"demo.cu", 0, [], []))
-    opts = [f"--gpu-architecture=sm_{dev.arch}".encode()]
-    nv(nvrtc.nvrtcCompileProgram(prog, len(opts), opts))
-    cubin = b" " * nv(nvrtc.nvrtcGetCUBINSize(prog))
-    nv(nvrtc.nvrtcGetCUBIN(prog, cubin))
+    cubin, _ = compile_cubin(NVRTC_SOURCE, dev.arch, "demo.cu")
     cgsnap.register_image(cubin, source="nvrtc:demo.cu")
     lib = driver.library_load(cubin)
     f_scale, f_square = (driver.library_function(lib, k) for k in ("scale_add", "square"))
@@ -85,9 +74,7 @@ def nvrtc_workload(n: int = 1 << 20):
         for func, args in ((f_scale, [ctypes.c_uint64(x), ctypes.c_uint64(y), ctypes.c_float(2.0),
                                       ctypes.c_int(n)]),
                            (f_square, [ctypes.c_uint64(y), ctypes.c_int(n)])):
-            ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-            call(cu.cuLaunchKernel, func, (n + 255) // 256, 1, 1, 256, 1, 1, 0, cap.stream,
-                 ctypes.addressof(ptrs), 0)
+            driver.launch_kernel(func, ((n + 255) // 256, 1, 1), (256, 1, 1), 0, cap.stream, args)
     return cap, {"x": (x, 4 * n), "y": (y, 4 * n)}
 
 

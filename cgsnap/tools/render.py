@@ -30,7 +30,7 @@ def arg_word_stats(snap: Snapshot, graph) -> dict:
         if n.TYPE != "kernel":
             continue
         params = snap.kernels[n.kernel].params
-        for (off, _), a in zip(params, n.args):
+        for (off, _), a in zip(params, n.arguments(params)):
             ref_offsets = {o for o, _ in a.refs}
             refs += len(ref_offsets)
             for o in range((-off) % 8, len(a.data) - 7, 8):
@@ -170,40 +170,30 @@ def _ref_text(snap, ref) -> str:
     return f"{_region_label(snap, ref.region)} + {ref.offset:#x}"
 
 
+class _Describer:
+    """What node specs (:meth:`cgsnap.format.nodes.KernelNode.describe`, ...) use to name
+    things in their lines."""
+
+    def __init__(self, snap: Snapshot):
+        self.snap = snap
+
+    def ref(self, ref) -> str:
+        return _ref_text(self.snap, ref)
+
+    def region(self, rid: int) -> str:
+        return _region_label(self.snap, rid)
+
+    def kernel_name(self, name: str) -> str:
+        return short(name, 96)
+
+    @staticmethod
+    def size(n: int) -> str:
+        return _size(n)
+
+
 def node_lines(snap: Snapshot, n) -> list:
-    """The lines inside a node's box."""
-    t = n.TYPE
-    if t == "kernel":
-        k = snap.kernels[n.kernel]
-        lines = [short(k.name, 96),
-                 f"<<<({', '.join(map(str, n.grid))}), ({', '.join(map(str, n.block))}), "
-                 f"{n.shared_mem}>>>"]
-        for i, a in enumerate(n.args):
-            for off, ref in a.refs:
-                lines.append(f"arg{i}+{off:#x} → {_ref_text(snap, ref)}")
-        for key, value in sorted(n.attrs.items()):
-            lines.append(f"{key} = {value}")
-        return lines
-    if t == "memcpy":
-        shape = f"{n.width} B" if n.height == 1 and n.depth == 1 else \
-            f"{n.width} B x {n.height} x {n.depth}"
-        return [f"copy {shape}", f"src → {_ref_text(snap, n.src)}",
-                f"dst → {_ref_text(snap, n.dst)}"]
-    if t == "memset":
-        return [f"set {n.width} x {n.height} elements of {n.element_size} B to {n.value:#x}",
-                f"dst → {_ref_text(snap, n.dst)}"]
-    if t == "graph":
-        return [f"child graph {n.graph!r}"]
-    if t in ("event_record", "event_wait"):
-        return [f"event {n.event}"]
-    if t == "mem_alloc":
-        return [f"allocates {_region_label(snap, n.region)} "
-                f"({_size(snap.regions[n.region].size)})"]
-    if t == "mem_free":
-        return [f"frees {_ref_text(snap, n.ptr)}"]
-    if t == "host":
-        return [f"host callback {n.callback!r}"]
-    return []
+    """The lines inside a node's box (each node type's spec describes itself)."""
+    return n.describe(_Describer(snap))
 
 
 def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:

@@ -1,0 +1,380 @@
+"""Validation of a manifest: every type, range and cross reference, with errors that name the
+place (``manifest graphs[0].nodes[3].refs[2]: ...``).
+
+The snapshot-level structure (regions, images, kernels, graphs, edges) is checked here; each
+node type checks its own fields (``parse`` in :mod:`cgsnap.format.nodes`). Kernel nodes, the
+bulk of every graph, take a fast path (``KernelNode.parse_fast``) that accepts exactly what the
+strict path accepts and sends anything else to it, and their pointer tables are checked per
+graph in one vectorised pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..errors import FormatError
+from .hashing import is_hash
+from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
+                    RegionKind, Snapshot, toposort)
+from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+
+_IDENT_MAX = 4096          # longest name / string field accepted
+_KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
+
+
+class Validator:
+    """Checks a manifest dict field by field, naming the exact place of any problem."""
+
+    def __init__(self, path: str, blob_sizes: list, blob_getter):
+        self.path = path
+        self.blob_sizes = blob_sizes
+        self.blob_getter = blob_getter
+        self.used_blobs: set = set()
+
+    # primitive checks -------------------------------------------------------------------
+    def fail(self, where: str, msg: str):
+        raise FormatError(f"manifest {where}: {msg}", path=self.path or None)
+
+    def map(self, v, where, required=(), optional=()) -> dict:
+        if type(v) is not dict:
+            self.fail(where, f"expected a map, found {type(v).__name__}")
+        key = (required, optional)
+        sets = _KEYSETS.get(key)
+        if sets is None:
+            sets = _KEYSETS[key] = (frozenset(required), frozenset(required) | frozenset(optional))
+        keys = v.keys()
+        if sets[0] <= keys and keys <= sets[1]:
+            return v            # the common case, checked with two set operations
+        missing = [k for k in required if k not in v]
+        if missing:
+            self.fail(where, f"missing field(s) {', '.join(missing)}")
+        extra = [k for k in v if k not in sets[1]]
+        self.fail(where, f"unknown field(s) {', '.join(map(str, extra))}")
+
+    def int(self, v, where, lo=0, hi=U64) -> int:
+        if type(v) is int and lo <= v <= hi:
+            return v
+        if not isinstance(v, int) or isinstance(v, bool):
+            self.fail(where, f"expected an integer, found {type(v).__name__}")
+        self.fail(where, f"{v} is out of range [{lo}, {hi}]")
+
+    def str(self, v, where, choices=None) -> str:
+        if not isinstance(v, str) or len(v) > _IDENT_MAX:
+            self.fail(where, "expected a string" if not isinstance(v, str) else "string too long")
+        if choices is not None and v not in choices:
+            self.fail(where, f"{v!r} is not one of {', '.join(sorted(choices))}")
+        return v
+
+    def opt_str(self, v, where) -> Optional[str]:
+        return None if v is None else self.str(v, where)
+
+    def bool(self, v, where) -> bool:
+        if not isinstance(v, bool):
+            self.fail(where, "expected a boolean")
+        return v
+
+    def list(self, v, where, max_len=1 << 24) -> list:
+        if not isinstance(v, list):
+            self.fail(where, f"expected a list, found {type(v).__name__}")
+        if len(v) > max_len:
+            self.fail(where, f"list of {len(v)} entries is too long")
+        return v
+
+    def bytes(self, v, where) -> bytes:
+        if not isinstance(v, (bytes, bytearray)):
+            self.fail(where, f"expected bytes, found {type(v).__name__}")
+        return bytes(v)
+
+    def hash(self, v, where) -> str:
+        if not is_hash(v):
+            self.fail(where, "expected a 32-digit hex content hash")
+        return v
+
+    def dims(self, v, where, lo=1) -> tuple:
+        if type(v) is list and len(v) == 3:           # the common case, checked inline
+            x, y, z = v
+            if type(x) is int and type(y) is int and type(z) is int and \
+                    lo <= x <= DIM_MAX and lo <= y <= DIM_MAX and lo <= z <= DIM_MAX:
+                return (x, y, z)
+        v = self.list(v, where, 3)
+        if len(v) != 3:
+            self.fail(where, "expected 3 dimensions")
+        return tuple(self.int(x, f"{where}[{i}]", lo, DIM_MAX) for i, x in enumerate(v))
+
+    def plain(self, v, where, depth=0):
+        """Free-form metadata: str keys, scalar / list / map values, bounded nesting."""
+        if depth > 8:
+            self.fail(where, "nested too deeply")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                self.str(k, where)
+                self.plain(x, f"{where}.{k}", depth + 1)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                self.plain(x, f"{where}[{i}]", depth + 1)
+        elif not (v is None or isinstance(v, (bool, int, float, str, bytes))):
+            self.fail(where, f"unsupported value of type {type(v).__name__}")
+        return v
+
+    def free_map(self, v, where) -> dict:
+        """A map whose keys are not fixed (metadata, attributes): str keys, plain values."""
+        if not isinstance(v, dict):
+            self.fail(where, f"expected a map, found {type(v).__name__}")
+        return self.plain(v, where)
+
+    def blob(self, v, where, size: Optional[int] = None) -> int:
+        i = self.int(v, where, 0, len(self.blob_sizes) - 1 if self.blob_sizes else -1)
+        if i in self.used_blobs:
+            self.fail(where, f"blob {i} is used twice")
+        self.used_blobs.add(i)
+        if size is not None and self.blob_sizes[i] != size:
+            self.fail(where, f"blob {i} holds {self.blob_sizes[i]} bytes, expected {size}")
+        return i
+
+    # the snapshot -----------------------------------------------------------------------
+    def snapshot(self, m) -> Snapshot:
+        m = self.map(m, "", ("schema", "device", "versions", "meta", "events", "regions",
+                             "images", "kernels", "graphs"))
+        schema = self.int(m["schema"], "schema", 0, 1 << 16)
+        if schema not in READ_SCHEMAS:
+            self.fail("schema", f"manifest schema {schema} is not supported (this cgsnap reads "
+                                f"{', '.join(map(str, READ_SCHEMAS))})")
+        self.schema = schema
+        device = self.free_map(m["device"], "device")
+        if "arch" in device:
+            self.int(device["arch"], "device.arch", 0, 10_000)
+        versions = self.free_map(m["versions"], "versions")
+        meta = self.free_map(m["meta"], "meta")
+        events = self.int(m["events"], "events", 0, 1 << 20)
+        self.regions: list = []
+        for i, r in enumerate(self.list(m["regions"], "regions")):
+            self.regions.append(self.region(r, f"regions[{i}]", i))
+        regions = self.regions
+        images = [self.image(im, f"images[{i}]")
+                  for i, im in enumerate(self.list(m["images"], "images"))]
+        hashes = {im.hash for im in images}
+        if len(hashes) != len(images):
+            self.fail("images", "duplicate image hash")
+        for r in regions:
+            if r.image is not None and r.image not in hashes:
+                self.fail(f"regions[{r.id}].image", f"unknown image {r.image}")
+        self.names_unique(regions)
+        kernels = [self.kernel(k, f"kernels[{i}]", i, hashes)
+                   for i, k in enumerate(self.list(m["kernels"], "kernels"))]
+        raw_graphs = self.list(m["graphs"], "graphs")
+        graph_names = []
+        for i, g in enumerate(raw_graphs):
+            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks"))
+            graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
+        if len(set(graph_names)) != len(graph_names):
+            self.fail("graphs", "duplicate graph name")
+        ctx = GraphContext(regions, kernels, events, set(graph_names))
+        graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
+        self.child_graphs_acyclic(graphs)
+        return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
+                        events=events, device=device, versions=versions, meta=meta)
+
+    def names_unique(self, regions):
+        seen = set()
+        for r in regions:
+            if r.name is not None:
+                if r.name in seen:
+                    self.fail(f"regions[{r.id}].name", f"duplicate region name {r.name!r}")
+                seen.add(r.name)
+
+    def region(self, r, where, index) -> Region:
+        r = self.map(r, where, ("id", "kind", "size", "policy", "alignment"),
+                     ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool",
+                      "blob", "parent", "parent_offset"))
+        if self.int(r["id"], f"{where}.id") != index:
+            self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
+        kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
+        policy = Policy(self.str(r["policy"], f"{where}.policy", {p.value for p in Policy}))
+        size = self.int(r["size"], f"{where}.size", 0, 1 << 48)
+        alignment = self.int(r["alignment"], f"{where}.alignment", 1, 1 << 30)
+        if alignment & (alignment - 1):
+            self.fail(f"{where}.alignment", "must be a power of two")
+        shape = None
+        if "shape" in r:
+            shape = tuple(self.int(x, f"{where}.shape[{i}]", 0, 1 << 48)
+                          for i, x in enumerate(self.list(r["shape"], f"{where}.shape", 64)))
+        content_hash = (self.hash(r["content_hash"], f"{where}.content_hash")
+                        if "content_hash" in r else None)
+        if policy is Policy.SAVED:
+            if "blob" not in r:
+                self.fail(where, "a saved region needs a blob")
+            self.blob(r["blob"], f"{where}.blob", size)
+        elif "blob" in r:
+            self.fail(f"{where}.blob", f"a {policy.value} region carries no contents")
+        if kind is RegionKind.MODULE_GLOBAL and ("image" not in r or "symbol" not in r):
+            self.fail(where, "a module_global region needs image and symbol")
+        region = Region(id=index, kind=kind, size=size, policy=policy,
+                        name=self.opt_str(r.get("name"), f"{where}.name"),
+                        dtype=self.opt_str(r.get("dtype"), f"{where}.dtype"), shape=shape,
+                        content_hash=content_hash, alignment=alignment,
+                        image=self.hash(r["image"], f"{where}.image") if "image" in r else None,
+                        symbol=self.opt_str(r.get("symbol"), f"{where}.symbol"),
+                        pool=self.opt_str(r.get("pool"), f"{where}.pool"))
+        region.data = r.get("blob")          # blob index; the loader reads it lazily
+        if "parent" in r:
+            # Parents come first (ids are in order), so the parent is already validated.
+            region.parent = self.int(r["parent"], f"{where}.parent", 0, index - 1)
+            region.parent_offset = self.int(r.get("parent_offset"), f"{where}.parent_offset")
+            parent = self.regions[region.parent]
+            if parent.kind is not RegionKind.ALLOCATION or parent.parent is not None:
+                self.fail(f"{where}.parent", "a parent must be an allocation without a parent")
+            if region.parent_offset + size > parent.size:
+                self.fail(f"{where}.parent_offset", f"{size} bytes at offset "
+                          f"{region.parent_offset} overrun parent region {region.parent}")
+            if policy is Policy.BOUND:
+                self.fail(f"{where}.parent", "a bound region is the caller's memory, not a view")
+        elif "parent_offset" in r:
+            self.fail(f"{where}.parent_offset", "given without a parent")
+        return region
+
+    def image(self, im, where) -> KernelImage:
+        im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))
+        names = tuple(self.str(n, f"{where}.names[{i}]")
+                      for i, n in enumerate(self.list(im["names"], f"{where}.names")))
+        blob = self.blob(im["blob"], f"{where}.blob")
+        image = KernelImage(hash=self.hash(im["hash"], f"{where}.hash"),
+                            kind=self.str(im["kind"], f"{where}.kind", {"cubin", "fatbin", "ptx"}),
+                            arch=self.int(im["arch"], f"{where}.arch", 0, 10_000), names=names,
+                            source=self.str(im["source"], f"{where}.source"))
+        image.data = self.blob_getter(blob) if self.blob_getter else blob
+        return image
+
+    def kernel(self, k, where, index, hashes) -> Kernel:
+        k = self.map(k, where, ("id", "name", "image", "params", "attrs"), ("ptx_image",))
+        if self.int(k["id"], f"{where}.id") != index:
+            self.fail(f"{where}.id", f"kernel ids must be 0..n-1 in order (found {k['id']})")
+        image = self.hash(k["image"], f"{where}.image")
+        if image not in hashes:
+            self.fail(f"{where}.image", f"unknown image {image}")
+        ptx = k.get("ptx_image")
+        if ptx is not None and self.hash(ptx, f"{where}.ptx_image") not in hashes:
+            self.fail(f"{where}.ptx_image", f"unknown image {ptx}")
+        params = []
+        end = 0
+        for i, p in enumerate(self.list(k["params"], f"{where}.params", 4096)):
+            p = self.list(p, f"{where}.params[{i}]", 2)
+            if len(p) != 2:
+                self.fail(f"{where}.params[{i}]", "expected [offset, size]")
+            off = self.int(p[0], f"{where}.params[{i}][0]", 0, 1 << 20)
+            size = self.int(p[1], f"{where}.params[{i}][1]", 0, 1 << 20)
+            if off < end:
+                self.fail(f"{where}.params[{i}]", "parameters overlap or are out of order")
+            end = off + size
+            params.append((off, size))
+        attrs = self.free_map(k["attrs"], f"{where}.attrs")
+        for name, value in attrs.items():
+            self.int(value, f"{where}.attrs.{name}", -(1 << 31), (1 << 31) - 1)
+        return Kernel(id=index, name=self.str(k["name"], f"{where}.name"), image=image,
+                      params=tuple(params), attrs=dict(attrs), ptx_image=ptx)
+
+    def ref(self, v, where, ctx) -> Ref:
+        v = self.list(v, where, 2)
+        if len(v) != 2:
+            self.fail(where, "expected [region, offset]")
+        region = self.int(v[0], f"{where}[0]", 0, len(ctx.regions) - 1)
+        # One past the end is a valid pointer value (end iterators, empty tensors).
+        offset = self.int(v[1], f"{where}[1]", 0, ctx.regions[region].size)
+        return Ref(region, offset)
+
+    def graph(self, g, where, ctx) -> Graph:
+        ctx.tables = []
+        nodes = []
+        fast = KernelNode.parse_fast if self.schema >= 2 else None
+        for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
+            node = fast(n, ctx, where, i) if fast is not None else None
+            nodes.append(node if node is not None else self.node(n, f"{where}.nodes[{i}]", ctx))
+        if ctx.tables:
+            KernelNode.check_tables(self, ctx)
+        ids = {n.id for n in nodes}
+        if len(ids) != len(nodes):
+            self.fail(f"{where}.nodes", "duplicate node id")
+        edges = []
+        for i, e in enumerate(self.list(g["edges"], f"{where}.edges")):
+            if type(e) is list and len(e) == 5:       # the common case, checked inline
+                src, dst, a, b, c = e
+                if type(src) is int and type(dst) is int and src in ids and dst in ids and \
+                        src != dst and type(a) is int and type(b) is int and type(c) is int and \
+                        0 <= a <= 255 and 0 <= b <= 255 and 0 <= c <= 255:
+                    edges.append(Edge(src, dst, a, b, c))
+                    continue
+            e = self.list(e, f"{where}.edges[{i}]", 5)
+            if len(e) != 5:
+                self.fail(f"{where}.edges[{i}]", "expected [src, dst, from_port, to_port, type]")
+            src, dst = (self.int(x, f"{where}.edges[{i}]") for x in e[:2])
+            if src not in ids or dst not in ids or src == dst:
+                self.fail(f"{where}.edges[{i}]", f"edge {src}->{dst} names no pair of nodes")
+            edges.append(Edge(src, dst, *(self.int(x, f"{where}.edges[{i}]", 0, 255)
+                                          for x in e[2:])))
+        checks = {}
+        for i, c in enumerate(self.list(g["checks"], f"{where}.checks")):
+            c = self.list(c, f"{where}.checks[{i}]", 2)
+            if len(c) != 2:
+                self.fail(f"{where}.checks[{i}]", "expected [region, blob]")
+            rid = self.int(c[0], f"{where}.checks[{i}][0]", 0, len(ctx.regions) - 1)
+            if rid in checks:
+                self.fail(f"{where}.checks[{i}]", f"region {rid} checked twice")
+            checks[rid] = self.blob(c[1], f"{where}.checks[{i}][1]", ctx.regions[rid].size)
+        graph = Graph(name=g["name"], nodes=nodes, edges=edges,
+                      top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
+        graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
+        return graph
+
+    def node(self, n, where, ctx):
+        if not isinstance(n, dict):
+            self.fail(where, "expected a map")
+        t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
+        spec = NODE_TYPES[t]
+        if t == "kernel" and self.schema == 1:
+            self.map(n, where, ("id", "t", "kernel", "grid", "block", "smem", "args"), ("attrs",))
+        else:
+            self.map(n, where, ("id", "t") + spec.REQUIRED, spec.OPTIONAL)
+        nid = self.int(n["id"], f"{where}.id", 0, 1 << 32)
+        return spec.parse(self, n, where, ctx, nid)
+
+    def span_fits(self, ctx, ref: Ref, span: int, where):
+        if ref.offset + span > ctx.regions[ref.region].size:
+            self.fail(where, f"{span} bytes at offset {ref.offset} overrun region {ref.region} "
+                             f"of {ctx.regions[ref.region].size} bytes")
+
+    def child_graphs_acyclic(self, graphs):
+        children = {g.name: [n.graph for n in g.nodes if n.TYPE == "graph"] for g in graphs}
+        state: dict = {}
+
+        def visit(name, depth=0):
+            if state.get(name) == 1 or depth > 64:
+                self.fail("graphs", f"child graph {name!r} contains itself or nests too deeply")
+            if state.get(name) == 2:
+                return
+            state[name] = 1
+            for c in children[name]:
+                visit(c, depth + 1)
+            state[name] = 2
+
+        for name in children:
+            visit(name)
+
+
+@dataclass
+class GraphContext:
+    """What node parsers check references against (see :mod:`cgsnap.format.nodes`)."""
+    regions: list
+    kernels: list
+    events: int
+    graph_names: set
+
+    def __post_init__(self):
+        self.region_sizes = [r.size for r in self.regions]
+        self.buffer_sizes = [param_buffer_size(k.params) for k in self.kernels]
+        # Every kernel argument as a sorted key (kernel << 32 | start) with its end: where a
+        # pointer table entry may lie (KernelNode.check_tables).
+        rows = sorted((k.id << 32 | off, off + size, k.id)
+                      for k in self.kernels for off, size in k.params)
+        self.arg_table = tuple(np.array([r[i] for r in rows], dtype=np.uint64) for i in range(3))
+        self.tables: list = []
