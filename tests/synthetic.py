@@ -73,3 +73,17 @@ def make_snapshot() -> Snapshot:
                                       "driver": 13000, "total_memory": 150754820096},
                     versions={"cgsnap": "0.1.0", "cuda-bindings": "13.3.1"},
                     meta={"name": "step", "created": "2026-11-26T00:00:00+00:00"})
+
+
+def schema2_manifest(snap: Snapshot) -> tuple:
+    """``(manifest, blobs)`` as cgsnap wrote schema 2: one map per node (kernel nodes too) and
+    one list per edge -- the reader still reads it."""
+    from cgsnap.format.nodes import node_to_manifest
+    manifest, blobs = snap.to_manifest()
+    manifest["schema"] = 2
+    layouts = [k.params for k in snap.kernels]
+    for g, gm in zip(snap.graphs, manifest["graphs"]):
+        del gm["kernels"]
+        gm["nodes"] = [node_to_manifest(n, layouts) for n in g.nodes]
+        gm["edges"] = [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges]
+    return manifest, blobs

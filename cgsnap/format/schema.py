@@ -19,6 +19,7 @@ from .hashing import is_hash
 from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
                     RegionKind, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
 
 _IDENT_MAX = 4096          # longest name / string field accepted
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
@@ -166,7 +167,8 @@ class Validator:
         raw_graphs = self.list(m["graphs"], "graphs")
         graph_names = []
         for i, g in enumerate(raw_graphs):
-            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks"))
+            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks")
+                     + (("kernels",) if self.schema >= 3 else ()))
             graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
         if len(set(graph_names)) != len(graph_names):
             self.fail("graphs", "duplicate graph name")
@@ -284,6 +286,8 @@ class Validator:
         return Ref(region, offset)
 
     def graph(self, g, where, ctx) -> Graph:
+        if self.schema >= 3:
+            return self.graph_tables(g, where, ctx)
         ctx.tables = []
         nodes = []
         fast = KernelNode.parse_fast if self.schema >= 2 else None
@@ -312,8 +316,34 @@ class Validator:
                 self.fail(f"{where}.edges[{i}]", f"edge {src}->{dst} names no pair of nodes")
             edges.append(Edge(src, dst, *(self.int(x, f"{where}.edges[{i}]", 0, 255)
                                           for x in e[2:])))
+        checks = self.checks(g["checks"], where, ctx)
+        graph = Graph(name=g["name"], nodes=nodes, edges=edges,
+                      top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
+        graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
+        return graph
+
+    def graph_tables(self, g, where, ctx) -> Graph:
+        """A schema-3 graph: kernel nodes and edges as columns (cgsnap.format.tables), every
+        other node a map of its own."""
+        ktable = KernelTable.parse(self, g["kernels"], f"{where}.kernels", ctx)
+        others = []
+        for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
+            if isinstance(n, dict) and n.get("t") == "kernel":
+                self.fail(f"{where}.nodes[{i}]", "kernel nodes belong in the kernel table")
+            others.append(self.node(n, f"{where}.nodes[{i}]", ctx))
+        ids = np.concatenate([ktable.ids, np.array([n.id for n in others], dtype=np.int64)])
+        if len(np.unique(ids)) != len(ids):
+            self.fail(f"{where}.nodes", "duplicate node id")
+        edges = parse_edges(self, g["edges"], f"{where}.edges", ids)
+        if topological_positions(ids, edges) is None:
+            toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
+        return Graph.from_tables(g["name"], ktable, others, edges,
+                                 self.bool(g["top_level"], f"{where}.top_level"),
+                                 self.checks(g["checks"], where, ctx))
+
+    def checks(self, raw, where, ctx) -> dict:
         checks = {}
-        for i, c in enumerate(self.list(g["checks"], f"{where}.checks")):
+        for i, c in enumerate(self.list(raw, f"{where}.checks")):
             c = self.list(c, f"{where}.checks[{i}]", 2)
             if len(c) != 2:
                 self.fail(f"{where}.checks[{i}]", "expected [region, blob]")
@@ -321,10 +351,7 @@ class Validator:
             if rid in checks:
                 self.fail(f"{where}.checks[{i}]", f"region {rid} checked twice")
             checks[rid] = self.blob(c[1], f"{where}.checks[{i}][1]", ctx.regions[rid].size)
-        graph = Graph(name=g["name"], nodes=nodes, edges=edges,
-                      top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
-        graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
-        return graph
+        return checks
 
     def node(self, n, where, ctx):
         if not isinstance(n, dict):
@@ -344,7 +371,8 @@ class Validator:
                              f"of {ctx.regions[ref.region].size} bytes")
 
     def child_graphs_acyclic(self, graphs):
-        children = {g.name: [n.graph for n in g.nodes if n.TYPE == "graph"] for g in graphs}
+        children = {g.name: [n.graph for n in g.other_nodes() if n.TYPE == "graph"]
+                    for g in graphs}
         state: dict = {}
 
         def visit(name, depth=0):
