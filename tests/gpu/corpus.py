@@ -333,6 +333,76 @@ def train_step_adamw():
     return case
 
 
+def torch_compile_autotuned_reductions():
+    """max-autotune with its default backends over LayerNorm and softmax: Inductor benchmarks
+    several configurations of each reduction, loading one module per candidate with the same
+    kernel name."""
+    torch = _torch()
+    import torch._inductor.config as cfg
+    cfg.max_autotune_gemm_backends = "ATEN,TRITON"
+    torch.manual_seed(10)
+    ln = torch.nn.LayerNorm(768).cuda()
+    lin = torch.nn.Linear(768, 768).cuda()
+    model = torch.nn.ModuleDict({"ln": ln, "lin": lin}).eval()
+
+    def step(x):
+        h = ln(x)
+        return torch.softmax(lin(h), dim=-1) + h.sum(-1, keepdim=True)
+    f = torch.compile(step, mode="max-autotune-no-cudagraphs")
+    x = torch.randn(64, 768, device="cuda")
+    with torch.no_grad():
+        return torch_case(lambda x: f(x), {"x": x}, model, keep=[f])
+
+
+def torch_sort_topk_scan():
+    torch = _torch()
+    x = torch.randn(64, 4096, device="cuda")
+
+    def fn(x):
+        v, i = torch.sort(x, dim=-1)
+        t, ti = torch.topk(x, 16, dim=-1)
+        return v, i, t, ti, torch.cumsum(x, dim=-1), torch.argsort(x[:, 0])
+    return torch_case(fn, {"x": x})
+
+
+def torch_host_to_device_copies():
+    """Pinned host memory copied in and out inside the graph: memcpy nodes with a host side."""
+    torch = _torch()
+    host_in = torch.randn(1 << 16).pin_memory()
+    dev = torch.empty(1 << 16, device="cuda")
+    host_out = torch.empty(1 << 16).pin_memory()
+    scale = torch.randn(1 << 16, device="cuda")
+
+    def fn(scale):
+        dev.copy_(host_in, non_blocking=True)
+        y = dev * scale + 1.0
+        host_out.copy_(y, non_blocking=True)
+        return y
+    case = torch_case(fn, {"scale": scale})
+    case.keep += [host_in, dev, host_out]
+    return case
+
+
+def torch_attention_fp16_cudnn_benchmark():
+    """nn.MultiheadAttention and a convolution in fp16 with cudnn.benchmark on (algorithms
+    chosen by timing)."""
+    torch = _torch()
+    torch.manual_seed(11)
+    torch.backends.cudnn.benchmark = True
+    mha = torch.nn.MultiheadAttention(256, 8, batch_first=True).cuda().half().eval()
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).cuda().half().eval()
+    model = torch.nn.ModuleDict({"mha": mha, "conv": conv})
+    q = torch.randn(4, 64, 256, device="cuda", dtype=torch.float16)
+    img = torch.randn(4, 16, 32, 32, device="cuda", dtype=torch.float16)
+
+    def fn(q, img):
+        return mha(q, q, q, need_weights=False)[0], torch.relu(conv(img))
+    with torch.no_grad():
+        case = torch_case(fn, {"q": q, "img": img}, model)
+    torch.backends.cudnn.benchmark = False
+    return case
+
+
 # ---- CuPy -------------------------------------------------------------------------------------
 
 def _cupy_case(build, replays=2):
@@ -401,7 +471,8 @@ CASES = {f.__name__: f for f in (
     torch_mlp_fp32, torch_compile_default, torch_compile_max_autotune, sdpa_flash_bf16,
     sdpa_efficient_bf16, sdpa_cudnn_bf16, sdpa_math_bf16, resnet18_channels_last, triton_kernels,
     torch_multistream_int, decode_step_self_advancing, gpt2_transformers_fp32,
-    llama_transformers_bf16, train_step_adamw, cupy_fft_kernels)}
+    llama_transformers_bf16, train_step_adamw, cupy_fft_kernels, torch_compile_autotuned_reductions,
+    torch_sort_topk_scan, torch_host_to_device_copies, torch_attention_fp16_cudnn_benchmark)}
 NEEDS = {"cupy_fft_kernels": "cupy", "resnet18_channels_last": "torchvision",
          "gpt2_transformers_fp32": "transformers", "llama_transformers_bf16": "transformers",
          "triton_kernels": "triton"}
