@@ -17,10 +17,11 @@ BIG = 512 << 20
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, request):
     cgsnap.start_recorder()
     from workloads import BindingsGraph
     wl = BindingsGraph()
+    request.addfinalizer(wl.close)
     d = tmp_path_factory.mktemp("lifecycle")
     small = d / "small.cgsnap"
     cgsnap.snapshot(wl.capture, buffers=wl.buffers, name="g").save(small)
