@@ -693,3 +693,60 @@ def test_default_resolver_is_the_identity_resolver(monkeypatch):
     assert isinstance(r, IdentityResolver) and r.verify is False and r.arch == 90
     assert [s.name for s in r.sources][-1] == "registered"
     r.close()
+
+
+def test_the_probe_loads_each_image_once_within_its_budget_and_quietly(monkeypatch):
+    """DriverProbe against a stand-in driver: images stay loaded (least recently used first out)
+    within the budget, what they give a kernel is kept process-wide, failures are not kept, and
+    the recorder is told to ignore the probe's own loads."""
+    from types import SimpleNamespace
+
+    from cgsnap.cuda import driver as drv
+    from cgsnap.errors import DriverError
+    from cgsnap.kernels import live
+    events, loaded = [], {}
+    rec = cupti.ModuleRecorder()
+
+    def load(data):
+        assert rec._suppressed, "the probe's loads must be hidden from the recorder"
+        handle = len(loaded) + 1
+        loaded[handle] = data
+        events.append(("load", len(data)))
+        return handle
+
+    def function(lib, name):
+        if name == "missing":
+            raise DriverError("cuLibraryGetKernel", 500, "CUDA_ERROR_NOT_FOUND")
+        return (lib, name)
+
+    monkeypatch.setattr(live, "_probed", {})
+    monkeypatch.setattr(drv, "current_device", lambda: SimpleNamespace(ordinal=0))
+    monkeypatch.setattr(drv, "library_load", load)
+    monkeypatch.setattr(drv, "library_unload", lambda lib: events.append(("unload", lib)))
+    monkeypatch.setattr(drv, "library_function", function)
+    monkeypatch.setattr(drv, "function_identity", lambda f: {"num_regs": len(loaded[f[0]])})
+    ca, cb = cubin_of(A, "a"), cubin_of(B, "b")
+    probe = live.DriverProbe(rec, budget=len(A) + len(B) // 2)
+    assert probe.attributes(ca, "k") == {"num_regs": len(A)}
+    assert probe.attributes(ca, "other") == {"num_regs": len(A)}     # same image, still loaded
+    assert probe.attributes(cb, "k") == {"num_regs": len(B)}         # over budget: A goes
+    assert probe.attributes(cb, "missing") is None
+    assert events == [("load", len(A)), ("unload", 1), ("load", len(B))]
+    assert live.DriverProbe(rec).attributes(ca, "k") == {"num_regs": len(A)}, "kept process-wide"
+    probe.close()
+    assert events[-1] == ("unload", 2) and not rec._suppressed
+
+
+def cubin_of(data, label):
+    from cgsnap.kernels.sources import cubin_candidate
+    return cubin_candidate(data, label)
+
+
+def test_stopping_the_recorder_forgets_the_associations_but_keeps_the_cubins(rec, fake):
+    class FakeLib:
+        def cuptiUnsubscribe(self, _sub):
+            return 0
+    fake.module_load(A, 0x1000, inside=[A])
+    rec._lib, rec.active = FakeLib(), True
+    rec.stop()
+    assert not rec.loads.modules and HA in rec.images and not rec.active

@@ -465,6 +465,10 @@ class ModuleRecorder:
             self._lib.cuptiUnsubscribe(self._subscriber)
             self.active = self.tracking = self.track_launches = False
             self._inflight.clear()
+            # Unloads are no longer seen, so handles may be reused behind our back: forget
+            # every association (the cubins stay, for the search by name).
+            self.sync()
+            self.loads = LoadTable()
 
     # ---- off the driver's path ---------------------------------------------------------------
     def _keep(self, data: bytes) -> str:

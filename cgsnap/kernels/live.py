@@ -12,6 +12,9 @@ from ..errors import BinaryFormatError, DriverError
 from .identity import MAX_IMAGE_BYTES
 
 _UNSET = object()
+# (device ordinal, image hash, kernel name) -> attributes: what an image gives a kernel
+# does not change, so snapshots of several graphs over the same images load each image once.
+_probed: dict = {}
 
 
 class DriverFunction:
@@ -58,18 +61,17 @@ class DriverProbe:
         self.budget = budget
         self._libs: OrderedDict = OrderedDict()   # image hash -> (CUlibrary, bytes)
         self._bytes = 0
-        self._attrs: dict = {}                    # (image hash, name) -> dict | None
 
     def attributes(self, cand, name: str) -> Optional[dict]:
-        key = (cand.hash, name)
-        if key not in self._attrs:
+        key = (driver.current_device().ordinal, cand.hash, name)
+        if key not in _probed:
             with self._quiet():
                 try:
                     func = driver.library_function(self._library(cand), name)
-                    self._attrs[key] = driver.function_identity(func)
+                    _probed[key] = driver.function_identity(func)
                 except (DriverError, BinaryFormatError):
-                    self._attrs[key] = None
-        return self._attrs[key]
+                    return None       # not kept: the next snapshot tries again
+        return _probed[key]
 
     def _quiet(self):
         return self.recorder.suppressed() if self.recorder is not None else contextlib.nullcontext()
