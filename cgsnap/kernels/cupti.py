@@ -25,7 +25,8 @@ for this use. The callback copies what it needs and returns; hashing and parsing
 Residual risk, stated plainly: the callback is Python, so it takes the GIL inside a driver call.
 A thread that holds the GIL while it waits for a driver lock held by a thread inside a module
 load's MODULE_LOADED callback would deadlock both (this was already so before handle tracking;
-the enter/exit callbacks run at the edges of a call, where the driver holds no load lock). Native
+the enter/exit callbacks run at the edges of a call, where the driver is not expected to hold
+its loader lock -- not verified). Native
 extensions that call the driver while holding the GIL, from several threads, while modules load
 on another thread are the pattern that could meet it; none of torch, Triton or CuPy's documented
 use does. A C callback that never takes the GIL would remove it.

@@ -61,9 +61,12 @@ class DriverProbe:
         self.budget = budget
         self._libs: OrderedDict = OrderedDict()   # image hash -> (CUlibrary, bytes)
         self._bytes = 0
+        self._ordinal: Optional[int] = None
 
     def attributes(self, cand, name: str) -> Optional[dict]:
-        key = (driver.current_device().ordinal, cand.hash, name)
+        if self._ordinal is None:       # the device of the snapshot's context, asked once
+            self._ordinal = driver.current_device().ordinal
+        key = (self._ordinal, cand.hash, name)
         if key not in _probed:
             with self._quiet():
                 try:
