@@ -422,10 +422,11 @@ def test_a_cubin_delivered_in_a_launch_belongs_to_the_launched_function(rec, fak
     fake.get_kernel(0x3000, "k", 0x3100)
     fake.launch(0x3100, inside=[A], ex=True)       # a CUkernel cast to CUfunction
     fake.launch(0x9000, inside=[B])                # a function the recorder knows nothing of
+    fake.launch(0, inside=[C])                     # no handle: the cubin belongs to nothing
     rec.sync()
     t = rec.loads
     assert t.libraries[0x3000].lazy == [HA]
-    assert t.launched == {0x3100: [HA], 0x9000: [HB]}
+    assert t.launched == {0x3100: [HA], 0x9000: [HB]} and t.unattributed == 1
 
 
 def test_read_file_if_unchanged(tmp_path):
@@ -564,7 +565,8 @@ def test_from_a_fatbin_input_the_entry_the_driver_picks(rec, fake):
     probe = FakeProbe({entries["sm_90"]: ATTRS, entries["sm_90a"]: attrs(num_regs=12),
                        entries["sm_80"]: attrs(binary_version=80)})
     got = resolver(rec, probe=probe).resolve_live(live)
-    assert got.hash == entries["sm_90"] and got.source == "recorder: library input (fatbin sm_90)"
+    assert got.hash == entries["sm_90"]
+    assert got.source == "recorder: library input (fatbin sm_90) [by attributes]"
     # ... and with equal attributes, the one the driver was seen delivering is the one loaded.
     rec2 = cupti.ModuleRecorder()
     fake2 = FakeCupti(rec2)

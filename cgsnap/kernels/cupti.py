@@ -283,7 +283,8 @@ class ModuleRecorder:
             field, kind = NAMING[name]
             return (kind, _word(params, PARAMS[name][field]))
         if name in PARAMS and "f" in PARAMS[name]:
-            return ("launch", _word(params, PARAMS[name]["f"]))
+            f = _word(params, PARAMS[name]["f"])
+            return ("launch", f) if f else None
         return None
 
     def _naming_returned(self, name: str, params: int, ctx: int) -> None:

@@ -414,7 +414,7 @@ def exact_record(table: LoadTable, live: LiveFunction) -> Optional[Found]:
         lib = live.kernel_library()
         if lib in table.libraries:
             return Found("the node's CUkernel is in this library", table.libraries[lib])
-    f = live.func
+    f = live.func or None          # 0: no function handle (a name-only lookup)
     if f in table.kernels and table.kernels[f][0] in table.libraries:
         return Found("the function is a CUkernel of this library",
                      table.libraries[table.kernels[f][0]])
@@ -705,7 +705,9 @@ class IdentityResolver:
         if len(cands) > 1:
             raise AmbiguousKernelError(self._ambiguity(name, cands, live, want, exact, why))
         best = cands[0]
-        if not exact and why:
+        if exact and "by attributes" in why:      # the load's own entries, told apart
+            best = dataclasses.replace(best, source=f"{best.source} [by attributes]")
+        elif not exact and why:
             best = dataclasses.replace(best, source=f"{best.source} [{why}]")
         if ptx is not None and best.ptx is None:
             best = dataclasses.replace(best, ptx=ptx)
@@ -723,7 +725,8 @@ class IdentityResolver:
                          + (" and match the live module's" if fs and fs in sets else ""))
         else:
             parts.append("their function sets differ (" + ", ".join(
-                f"{c.hash[:8]}: {len(c.kernels)}" for c in cands) + ") but more than one matches")
+                f"{c.hash[:8]}: {len(c.kernels)}" for c in cands) + " functions) and the live "
+                f"module's ({len(fs)} functions) does not single one out")
         if want is not None:
             parts.append(f"each gives it the live kernel's attributes ({_describe_attrs(want)})")
         else:
