@@ -29,7 +29,7 @@ extern "C" __global__ void k(float* y, int n) {
     if (i < n) y[i] = y[i] * FACTOR;
 }
 """
-# Same name and parameters, 1 KiB of static shared memory: y[i] = y[i ^ 1] * FACTOR.
+# Same name and parameters, with static shared memory: y[i] = y[i ^ 1] * FACTOR.
 SHARED = r"""
 extern "C" __global__ void k(float* y, int n) {
     __shared__ float tile[256];

@@ -99,7 +99,7 @@ def test_same_named_nvrtc_kernels_are_told_apart_by_their_loads(tmp_path, loader
 
 
 def test_without_the_recorder_attributes_tell_registered_images_apart(tmp_path):
-    """Recorder off, both images registered: the second kernel uses 1 KiB of static shared
+    """Recorder off, both images registered: the second kernel uses static shared
     memory, so loading each candidate and comparing its attributes with the live kernel's
     settles each node."""
     r = run_worker(tmp_path, "nvrtc", {"loader": "module", "variant": "shared", "register": True},
