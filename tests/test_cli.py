@@ -149,3 +149,23 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     from cgsnap.capture.classify import weak_region_words
     assert weak_region_words(snap) == {0: [("g", 0, 0, 0)]}
     assert weak_region_words(snap, min_size=4 << 20) == {}
+
+
+def test_info_says_which_kernels_the_recorder_tied_to_their_load():
+    import cgsnap
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import Graph, Kernel, KernelImage, Snapshot
+    from cgsnap.tools import render
+    a, b = b"\x7fELF" + bytes(64), b"\x7fELF" + bytes(65)
+    ha, hb = content_hash(a), content_hash(b)
+    snap = Snapshot(graphs=[Graph("g", [], [])], regions=[],
+                    images=[KernelImage(ha, "cubin", 90, ("k",), a, "recorder: module load"),
+                            KernelImage(hb, "cubin", 90, ("j",), b, "scan:/lib.so [by attributes]")],
+                    kernels=[Kernel(0, "k", ha, ((0, 16),)), Kernel(1, "j", hb, ((0, 8),))],
+                    device={"arch": 90})
+    d = render.info_dict(snap)
+    out = render.info_text(d)
+    assert "identity  1 of 2 kernels tied by the recorder to the image they were loaded from" in out
+    assert "(cubin sm_90, recorder: module load)" in out and "[by attributes]" in out
+    assert [im["exact"] for im in d["images"]] == [True, False]
+    assert "identity" not in render.info_text(render.info_dict(cgsnap.read(SAMPLE)))

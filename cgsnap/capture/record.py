@@ -127,15 +127,18 @@ class Recording:
         return ref
 
     # ---- kernels --------------------------------------------------------------------------
-    def kernel_for(self, func) -> int:
+    def kernel_for(self, func, kern=None) -> int:
         key = int(func)
         kid = self.kernel_by_func.get(key)
         if kid is not None:
             return kid
         name = driver.func_name(func)
         module = driver.func_module(func)
-        cand = self.resolver.resolve(
-            name, lambda: driver.module_function_names(module) if module is not None else frozenset())
+        if hasattr(self.resolver, "resolve_function"):   # the exact identity of this function
+            cand = self.resolver.resolve_function(name, func, kern=kern, module=module)
+        else:                                            # a resolver by name only
+            cand = self.resolver.resolve(name, lambda: driver.module_function_names(module)
+                                         if module is not None else frozenset())
         self._add_image(cand)
         ptx_hash = None
         if cand.ptx is not None:
@@ -233,7 +236,7 @@ class Recording:
 
     def kernel_node(self, i, n, where) -> KernelNode:
         kp = graphs.read_kernel(n)
-        kid = self.kernel_for(kp.func)
+        kid = self.kernel_for(kp.func, kp.kern)
         kernel = self.kernels[kid]
         raw = kp.argument_bytes(kernel.params, where)
         return self.classified_node(

@@ -96,10 +96,16 @@ class RecorderSource:
     def __init__(self, rec):
         self.rec = rec
         self.index = _NameIndex()
+        self._indexed = 0
+
+    def sync(self) -> None:
+        """Index the cubins recorded since the last call (and bring ``rec.loads`` up to date)."""
+        for h, data in self.rec.images_since(self._indexed):
+            self.index.add(cubin_candidate(data, "recorder", h))
+            self._indexed += 1
 
     def find(self, name: str) -> list:
-        for h, data in self.rec.take_new():
-            self.index.add(cubin_candidate(data, "recorder", h))
+        self.sync()
         return self.index.find(name)
 
 

@@ -10,6 +10,7 @@ import struct
 from ..binary.demangle import demangle, short
 from ..capture.classify import plausible_address, weakly_reached_regions
 from ..format.model import Policy, Snapshot
+from ..kernels.identity import EXACT_SOURCE_PREFIX
 
 INFO_SCHEMA = 1
 
@@ -64,7 +65,8 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                      "params": len(k.params), "param_bytes": sum(s for _, s in k.params),
                      "ptx": bool(k.ptx_image)} for k in snap.kernels],
         "images": [{"hash": im.hash, "kind": im.kind, "arch": f"sm_{im.arch}",
-                    "kernels": len(im.names), "source": im.source} for im in snap.images],
+                    "kernels": len(im.names), "source": im.source,
+                    "exact": im.source.startswith(EXACT_SOURCE_PREFIX)} for im in snap.images],
         "regions": [{"id": r.id, "kind": r.kind.value, "name": r.name, "size": r.size,
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
@@ -107,6 +109,12 @@ def info_text(d: dict) -> str:
         out.append(f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}")
     if d["meta"].get("images_not_pruned"):
         out.append(f"images    kept whole: {d['meta']['images_not_pruned']}")
+    exact = {im["hash"] for im in d["images"] if im.get("exact")}
+    if exact:
+        # The recorder tied these kernels to the load they came from (cgsnap.kernels.identity).
+        tied = sum(1 for k in d["kernels"] if k["image"] in exact)
+        out.append(f"identity  {tied} of {len(d['kernels'])} kernels tied by the recorder to the "
+                   "image they were loaded from; the others found by name")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
