@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from ..errors import FormatError
@@ -107,6 +107,29 @@ class Edge:
     type: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RngState:
+    """The random-number state a graph's kernels read at launch (PyTorch's Philox RNG).
+
+    A captured ATen RNG kernel takes its seed and base offset from two 8-byte device words
+    (``seed``, ``offset``); torch's replay writes the generator's seed and offset there before
+    each launch and then advances the generator's offset by ``increment``. ``device`` and
+    ``generator`` name the generator (``generator`` None: the device's default generator;
+    otherwise a name the caller passes a ``torch.Generator`` under); ``saved_seed`` and
+    ``saved_offset`` are its state when the graph was saved."""
+    seed: Ref
+    offset: Ref
+    increment: int
+    device: int
+    saved_seed: int
+    saved_offset: int
+    generator: Optional[str] = None
+
+    def remap(self, regions: dict) -> "RngState":
+        return replace(self, seed=Ref(regions[self.seed.region], self.seed.offset),
+                       offset=Ref(regions[self.offset.region], self.offset.offset))
+
+
 @dataclass(slots=True)
 class Graph:
     name: str
@@ -115,6 +138,7 @@ class Graph:
     top_level: bool = True         # False for graphs only reachable as a child graph
     # region id -> its contents after one launch from the saved state (for `replay --check`)
     checks: dict = field(default_factory=dict)
+    rng: list = field(default_factory=list)   # RngState per generator the graph draws from
     # The order the validator found, with the node and edge lists it was found for: a graph
     # read from a file is sorted once, not again by the restore's plan.
     _order: Optional[tuple] = field(default=None, repr=False, compare=False)
@@ -240,10 +264,21 @@ def _kernel_out(k: Kernel) -> dict:
 
 
 def _graph_out(g: Graph, add_blob, layouts, node_to_manifest) -> dict:
-    return {"name": g.name, "top_level": g.top_level,
-            "nodes": [node_to_manifest(n, layouts) for n in g.nodes],
-            "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
-            "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    out = {"name": g.name, "top_level": g.top_level,
+           "nodes": [node_to_manifest(n, layouts) for n in g.nodes],
+           "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
+           "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    if g.rng:
+        out["rng"] = [_rng_out(e) for e in g.rng]
+    return out
+
+
+def _rng_out(e: RngState) -> dict:
+    gen = {"device": e.device, "seed": e.saved_seed, "offset": e.saved_offset}
+    if e.generator is not None:
+        gen["name"] = e.generator
+    return {"seed": _ref_out(e.seed), "offset": _ref_out(e.offset), "increment": e.increment,
+            "generator": gen}
 
 
 def toposort(g: Graph, where: str) -> list:
