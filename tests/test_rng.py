@@ -1,14 +1,16 @@
 """The optional ``rng`` field of a graph (CPU): strict validation naming the place, round trip,
-merge, ``info``."""
+merge, ``info``, and RestoredGraph.rng / set_rng (the driver stubbed)."""
 from __future__ import annotations
 
 import copy
+import types
 
+import numpy as np
 import pytest
 from synthetic import make_snapshot
 
 import cgsnap
-from cgsnap.errors import FormatError
+from cgsnap.errors import FormatError, RestoreError
 from cgsnap.format import snapfile
 from cgsnap.format.model import Ref, RngState, Snapshot
 
@@ -114,6 +116,53 @@ def test_an_empty_rng_list_is_accepted():
     m, sizes = manifest(make_snapshot())
     m["graphs"][1]["rng"] = []                      # even on a child graph: nothing to write
     assert Snapshot.from_manifest(m, sizes, "t").graphs[1].rng == []
+
+
+# ---- RestoredGraph.set_rng, the driver stubbed -------------------------------------------------------
+
+@pytest.fixture
+def restored_graph(monkeypatch):
+    from cgsnap.restore import restored as restored_mod
+    writes = []
+    monkeypatch.setattr(restored_mod.driver, "write_u64_async",
+                        lambda ptr, value, stream: writes.append((ptr, value, int(stream))))
+    snap = with_rng()
+    bases = np.array([0x7F00_0000_0000 + 0x10_0000 * i for i in range(len(snap.regions))],
+                     dtype=np.uint64)
+    owner = types.SimpleNamespace(snapshot=snap, _bases=bases, path="f.cgsnap",
+                                  _check_open=lambda: None)
+    return restored_mod.RestoredGraph(owner, "step"), writes, bases
+
+
+def test_set_rng_writes_seed_then_offset_on_the_stream(restored_graph):
+    g, writes, bases = restored_graph
+    assert [e.increment for e in g.rng] == [12, 0]
+    g.set_rng(5, 64, stream=7)
+    g.set_rng(np.uint64(9), 128, generator="sampler")
+    assert writes == [(int(bases[2]) + 8, 5, 7), (int(bases[2]) + 16, 64, 7),
+                      (int(bases[0]), 9, 0), (int(bases[5]) + 1024, 128, 0)]
+
+
+def test_set_rng_refuses_unknown_generators_and_bad_values(restored_graph):
+    g, writes, _ = restored_graph
+    with pytest.raises(RestoreError, match=r"f.cgsnap: graph 'step' does not draw from generator "
+                                           r"'other' \(it draws from: the default generator, 'sampler'\)"):
+        g.set_rng(1, 0, generator="other")
+    for seed, offset in ((-1, 0), (1 << 64, 0), (0, 1 << 63), (True, 0), (1.5, 0)):
+        with pytest.raises((ValueError, TypeError)):
+            g.set_rng(seed, offset)
+    assert writes == []
+
+
+def test_a_graph_without_rng_refuses_set_rng(monkeypatch):
+    from cgsnap.restore import restored as restored_mod
+    snap = make_snapshot()
+    owner = types.SimpleNamespace(snapshot=snap, _bases=np.zeros(len(snap.regions), np.uint64),
+                                  path="f.cgsnap", _check_open=lambda: None)
+    g = restored_mod.RestoredGraph(owner, "step")
+    assert g.rng == ()
+    with pytest.raises(RestoreError, match="does not draw from the default generator"):
+        g.set_rng(1, 0)
 
 
 def test_info_shows_what_each_launch_reads():
