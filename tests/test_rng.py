@@ -7,7 +7,10 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from synthetic import make_snapshot
+from test_model import _leaf_paths
 
 import cgsnap
 from cgsnap.errors import FormatError, RestoreError
@@ -175,3 +178,28 @@ def test_info_shows_what_each_launch_reads():
     text = info_text(d)
     assert "random numbers: default generator of cuda:0, offset +12 per replay" in text
     assert "random numbers: generator 'sampler' of cuda:0, offset +0 per replay" in text
+
+
+_BASE = manifest(with_rng())
+_PATHS = [p for p in _leaf_paths(_BASE[0]["graphs"][0]["rng"]) if p]
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.text(max_size=4),
+                    st.binary(max_size=8), st.lists(st.integers(0, 5), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
+def test_fuzzed_rng_only_raises_format_error(edits):
+    m = copy.deepcopy(_BASE[0])
+    for path, value in edits:
+        target = m["graphs"][0]["rng"]
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        Snapshot.from_manifest(m, list(_BASE[1]), "fuzz.cgsnap")
+    except FormatError:
+        pass
