@@ -74,10 +74,16 @@ def find_states(snap) -> list:
             if n.TYPE != "kernel" or len(n.refs) < 48:
                 continue
             table = n.pointer_table()
-            rows = {int(p): Ref(int(r), int(o)) for p, r, o in
-                    zip(table["pos"].tolist(), table["region"].tolist(), table["offset"].tolist())}
-            for pos, intra in states_in_params(n.params, rows, snap.kernels[n.kernel].params):
-                out.append(StateUse(g.name, n.id, pos, intra, rows[pos], rows[pos + 8]))
+            positions = table["pos"].tolist()
+            hits = states_in_params(n.params, positions, snap.kernels[n.kernel].params)
+            if not hits:
+                continue
+            row = {p: i for i, p in enumerate(positions)}
+            regions, offsets = table["region"].tolist(), table["offset"].tolist()
+            for pos, intra in hits:
+                a, b = row[pos], row[pos + 8]
+                out.append(StateUse(g.name, n.id, pos, intra, Ref(regions[a], offsets[a]),
+                                    Ref(regions[b], offsets[b])))
     return out
 
 
