@@ -331,6 +331,7 @@ def _keep_regions(rec: Recording, keep: list) -> None:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
         g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
+        g.rng = [e.remap(rmap) for e in g.rng]
 
 
 def _drop_unused_allocations(rec: Recording) -> None:

@@ -189,6 +189,14 @@ def memset_d8(dst: int, value: int, size: int) -> None:
     call(cu.cuMemsetD8, dst, value, size)
 
 
+def write_u64_async(dst: int, value: int, stream) -> None:
+    """Write the little-endian 8-byte word ``value`` at ``dst`` (4-aligned), ordered on
+    ``stream``: two 32-bit memsets, whose values travel in the call itself, so no host buffer
+    has to outlive the copy however many writes are queued."""
+    call(cu.cuMemsetD32Async, dst, value & 0xFFFF_FFFF, 1, stream)
+    call(cu.cuMemsetD32Async, dst + 4, (value >> 32) & 0xFFFF_FFFF, 1, stream)
+
+
 def mem_get_info() -> tuple:
     """``(free, total)`` bytes of the current device."""
     free, total = call(cu.cuMemGetInfo)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from ..errors import FormatError
@@ -109,21 +109,46 @@ class Edge:
     type: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RngState:
+    """The random-number state a graph's kernels read at launch (PyTorch's Philox RNG).
+
+    A captured ATen RNG kernel takes its seed and base offset from two 8-byte device words
+    (``seed``, ``offset``); torch's replay writes the generator's seed and offset there before
+    each launch and then advances the generator's offset by ``increment``. ``device`` and
+    ``generator`` name the generator (``generator`` None: the device's default generator;
+    otherwise a name the caller passes a ``torch.Generator`` under); ``saved_seed`` and
+    ``saved_offset`` are its state when the graph was saved."""
+    seed: Ref
+    offset: Ref
+    increment: int
+    device: int
+    saved_seed: int
+    saved_offset: int
+    generator: Optional[str] = None
+
+    def remap(self, regions: dict) -> "RngState":
+        return replace(self, seed=Ref(regions[self.seed.region], self.seed.offset),
+                       offset=Ref(regions[self.offset.region], self.offset.offset))
+
+
 class Graph:
     """One graph: its nodes and edges, either as objects (``nodes``, ``edges``) or, for a graph
     read from a file, as the validated columns of :mod:`cgsnap.format.tables` -- a restore
     plans straight from those and never makes an object per node; tools asking for ``nodes``
     or ``edges`` get them made (once) from the columns."""
 
-    __slots__ = ("name", "top_level", "checks", "_nodes", "_edges", "_ktable", "_others",
+    __slots__ = ("name", "top_level", "checks", "rng", "_nodes", "_edges", "_ktable", "_others",
                  "_edge_array", "_order")
 
     def __init__(self, name: str, nodes: Optional[list] = None, edges: Optional[list] = None,
-                 top_level: bool = True, checks: Optional[dict] = None):
+                 top_level: bool = True, checks: Optional[dict] = None,
+                 rng: Optional[list] = None):
         self.name = name
         self.top_level = top_level       # False for graphs only reachable as a child graph
         # region id -> its contents after one launch from the saved state (replay --check)
         self.checks = {} if checks is None else checks
+        self.rng = [] if rng is None else rng    # RngState per generator the graph draws from
         self._nodes = [] if nodes is None else nodes
         self._edges = [] if edges is None else edges
         self._ktable = self._others = self._edge_array = None
@@ -133,8 +158,8 @@ class Graph:
 
     @classmethod
     def from_tables(cls, name: str, ktable, others: list, edge_array, top_level: bool,
-                    checks: dict) -> "Graph":
-        g = cls(name, None, None, top_level, checks)
+                    checks: dict, rng: Optional[list] = None) -> "Graph":
+        g = cls(name, None, None, top_level, checks, rng)
         g._nodes = g._edges = None
         g._ktable, g._others, g._edge_array = ktable, others, edge_array
         return g
@@ -212,8 +237,8 @@ class Graph:
     def __eq__(self, other) -> bool:
         if not isinstance(other, Graph):
             return NotImplemented
-        return (self.name, self.top_level, self.checks, self.nodes, self.edges) == \
-            (other.name, other.top_level, other.checks, other.nodes, other.edges)
+        return (self.name, self.top_level, self.checks, self.rng, self.nodes, self.edges) == \
+            (other.name, other.top_level, other.checks, other.rng, other.nodes, other.edges)
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {self.node_count()} nodes)"
@@ -327,11 +352,22 @@ def _kernel_out(k: Kernel) -> dict:
 
 def _graph_out(g: Graph, add_blob, layouts, node_to_manifest) -> dict:
     from .tables import edges_to_manifest
-    return {"name": g.name, "top_level": g.top_level,
-            "kernels": g.kernel_table(layouts).to_manifest(),
-            "nodes": [node_to_manifest(n, layouts) for n in g.other_nodes()],
-            "edges": edges_to_manifest(g.edge_array()),
-            "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    out = {"name": g.name, "top_level": g.top_level,
+           "kernels": g.kernel_table(layouts).to_manifest(),
+           "nodes": [node_to_manifest(n, layouts) for n in g.other_nodes()],
+           "edges": edges_to_manifest(g.edge_array()),
+           "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    if g.rng:
+        out["rng"] = [_rng_out(e) for e in g.rng]
+    return out
+
+
+def _rng_out(e: RngState) -> dict:
+    gen = {"device": e.device, "seed": e.saved_seed, "offset": e.saved_offset}
+    if e.generator is not None:
+        gen["name"] = e.generator
+    return {"seed": _ref_out(e.seed), "offset": _ref_out(e.offset), "increment": e.increment,
+            "generator": gen}
 
 
 def toposort(g: Graph, where: str) -> list:

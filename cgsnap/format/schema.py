@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import FormatError
 from .hashing import is_hash
 from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
-                    RegionKind, Snapshot, toposort)
+                    RegionKind, RngState, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
 from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
 
@@ -168,7 +168,7 @@ class Validator:
         graph_names = []
         for i, g in enumerate(raw_graphs):
             self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks")
-                     + (("kernels",) if self.schema >= 3 else ()))
+                     + (("kernels",) if self.schema >= 3 else ()), ("rng",))
             graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
         if len(set(graph_names)) != len(graph_names):
             self.fail("graphs", "duplicate graph name")
@@ -317,10 +317,14 @@ class Validator:
             edges.append(Edge(src, dst, *(self.int(x, f"{where}.edges[{i}]", 0, 255)
                                           for x in e[2:])))
         checks = self.checks(g["checks"], where, ctx)
-        graph = Graph(name=g["name"], nodes=nodes, edges=edges,
-                      top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
+        top_level = self.bool(g["top_level"], f"{where}.top_level")
+        graph = Graph(name=g["name"], nodes=nodes, edges=edges, top_level=top_level,
+                      checks=checks, rng=self.graph_rng(g, where, ctx, top_level))
         graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
         return graph
+
+    def graph_rng(self, g, where, ctx, top_level) -> list:
+        return parse_rng(self, g["rng"], f"{where}.rng", ctx, top_level) if "rng" in g else []
 
     def graph_tables(self, g, where, ctx) -> Graph:
         """A schema-3 graph: kernel nodes and edges as columns (cgsnap.format.tables), every
@@ -337,9 +341,10 @@ class Validator:
         edges = parse_edges(self, g["edges"], f"{where}.edges", ids)
         if topological_positions(ids, edges) is None:
             toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
-        return Graph.from_tables(g["name"], ktable, others, edges,
-                                 self.bool(g["top_level"], f"{where}.top_level"),
-                                 self.checks(g["checks"], where, ctx))
+        top_level = self.bool(g["top_level"], f"{where}.top_level")
+        return Graph.from_tables(g["name"], ktable, others, edges, top_level,
+                                 self.checks(g["checks"], where, ctx),
+                                 self.graph_rng(g, where, ctx, top_level))
 
     def checks(self, raw, where, ctx) -> dict:
         checks = {}
@@ -387,6 +392,60 @@ class Validator:
 
         for name in children:
             visit(name)
+
+
+# ---- a graph's RNG state (optional field ``rng``) -------------------------------------------
+
+RNG_MAX = 16                 # entries per graph: one per generator the graph draws from
+_I64 = (1 << 63) - 1         # torch keeps the Philox offset as an int64
+_RNG_WORD_KINDS = (RegionKind.ALLOCATION, RegionKind.NAMED)
+
+
+def parse_rng(v: Validator, raw, where: str, ctx, top_level: bool) -> list:
+    """The :class:`RngState` list of a graph: two distinct 8-aligned 8-byte words in ordinary
+    device memory per entry (written before each launch), offsets and increments multiples of
+    4 (torch's rule), one entry per generator, on top-level graphs only (a child graph is never
+    launched by itself)."""
+    entries = v.list(raw, where, RNG_MAX)
+    if entries and not top_level:
+        v.fail(where, "only a top-level graph is launched, so only it carries RNG state")
+    out, words, generators = [], set(), set()
+    for i, e in enumerate(entries):
+        w = f"{where}[{i}]"
+        e = v.map(e, w, ("seed", "offset", "increment", "generator"))
+        refs = {}
+        for key in ("seed", "offset"):
+            ref = v.ref(e[key], f"{w}.{key}", ctx)
+            region = ctx.regions[ref.region]
+            if region.kind not in _RNG_WORD_KINDS:
+                v.fail(f"{w}.{key}", f"region {ref.region} is a {region.kind.value} region; the "
+                                     "word is written before each launch, so it must be an "
+                                     "allocation or a named buffer")
+            if ref.offset % 8:
+                v.fail(f"{w}.{key}", f"offset {ref.offset} is not 8-aligned")
+            v.span_fits(ctx, ref, 8, f"{w}.{key}")
+            if (ref.region, ref.offset) in words:
+                v.fail(f"{w}.{key}", f"the word at region {ref.region} + {ref.offset} is "
+                                     "already another RNG word")
+            words.add((ref.region, ref.offset))
+            refs[key] = ref
+        increment = v.int(e["increment"], f"{w}.increment", 0, _I64)
+        if increment % 4:
+            v.fail(f"{w}.increment", f"{increment} is not a multiple of 4")
+        gen = v.map(e["generator"], f"{w}.generator", ("device", "seed", "offset"), ("name",))
+        device = v.int(gen["device"], f"{w}.generator.device", 0, 1 << 16)
+        name = v.str(gen["name"], f"{w}.generator.name") if "name" in gen else None
+        if (device, name) in generators:
+            v.fail(f"{w}.generator", "two entries for the same generator")
+        generators.add((device, name))
+        seed = v.int(gen["seed"], f"{w}.generator.seed")
+        offset = v.int(gen["offset"], f"{w}.generator.offset", 0, _I64)
+        if offset % 4:
+            v.fail(f"{w}.generator.offset", f"{offset} is not a multiple of 4")
+        out.append(RngState(seed=refs["seed"], offset=refs["offset"], increment=increment,
+                            device=device, saved_seed=seed, saved_offset=offset,
+                            generator=name))
+    return out
 
 
 @dataclass

@@ -66,7 +66,8 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
             names.add(g.name)
             graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
                                 nodes=[remap_node(n, rmap, kmap, events) for n in g.nodes],
-                                checks={rmap[rid]: data for rid, data in g.checks.items()}))
+                                checks={rmap[rid]: data for rid, data in g.checks.items()},
+                                rng=[e.remap(rmap) for e in g.rng]))
         events += snap.events
     first = snaps[0]
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}

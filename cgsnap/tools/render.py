@@ -53,6 +53,11 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                        "edges": len(g.edges), "node_types": g.counts(),
                        "checked_buffers": sorted(snap.regions[r].name or str(r) for r in g.checks),
                        **arg_word_stats(snap, g)})
+        if g.rng:      # random numbers: what each launch reads (see RestoredGraph.set_rng)
+            graphs[-1]["rng"] = [{"generator": e.generator, "device": e.device,
+                                  "increment": e.increment, "seed_word": [e.seed.region, e.seed.offset],
+                                  "offset_word": [e.offset.region, e.offset.offset],
+                                  "saved_state": [e.saved_seed, e.saved_offset]} for e in g.rng]
     return {
         "schema": INFO_SCHEMA,
         "file": path,
@@ -129,6 +134,11 @@ def info_text(d: dict) -> str:
                    f"({g['address_like_literals']} address-like)")
         if g["checked_buffers"]:
             out.append(f"    replay --check compares: {', '.join(g['checked_buffers'])}")
+        for e in g.get("rng", ()):
+            which = f"generator {e['generator']!r}" if e["generator"] else "default generator"
+            out.append(f"    random numbers: {which} of cuda:{e['device']}, offset +{e['increment']} "
+                       f"per replay; seed and offset words in regions {e['seed_word'][0]} and "
+                       f"{e['offset_word'][0]}")
     out.append("")
     out.append(f"kernels ({len(d['kernels'])})")
     images = {im["hash"]: im for im in d["images"]}
