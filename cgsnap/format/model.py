@@ -115,6 +115,8 @@ class Graph:
     top_level: bool = True         # False for graphs only reachable as a child graph
     # region id -> its contents after one launch from the saved state (for `replay --check`)
     checks: dict = field(default_factory=dict)
+    # The per-node trace (cgsnap.format.trace): TraceStep per node in the order they ran, or None
+    trace: Optional[tuple] = None
     # The order the validator found, with the node and edge lists it was found for: a graph
     # read from a file is sorted once, not again by the restore's plan.
     _order: Optional[tuple] = field(default=None, repr=False, compare=False)
@@ -240,10 +242,14 @@ def _kernel_out(k: Kernel) -> dict:
 
 
 def _graph_out(g: Graph, add_blob, layouts, node_to_manifest) -> dict:
-    return {"name": g.name, "top_level": g.top_level,
-            "nodes": [node_to_manifest(n, layouts) for n in g.nodes],
-            "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
-            "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    out = {"name": g.name, "top_level": g.top_level,
+           "nodes": [node_to_manifest(n, layouts) for n in g.nodes],
+           "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
+           "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    if g.trace is not None:
+        from .trace import trace_to_manifest
+        out["trace"] = trace_to_manifest(g.trace, add_blob)
+    return out
 
 
 def toposort(g: Graph, where: str) -> list:

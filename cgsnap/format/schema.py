@@ -19,6 +19,7 @@ from .hashing import is_hash
 from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
                     RegionKind, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+from .trace import parse_trace
 
 _IDENT_MAX = 4096          # longest name / string field accepted
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
@@ -166,7 +167,8 @@ class Validator:
         raw_graphs = self.list(m["graphs"], "graphs")
         graph_names = []
         for i, g in enumerate(raw_graphs):
-            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks"))
+            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks"),
+                     ("trace",))
             graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
         if len(set(graph_names)) != len(graph_names):
             self.fail("graphs", "duplicate graph name")
@@ -324,6 +326,8 @@ class Validator:
         graph = Graph(name=g["name"], nodes=nodes, edges=edges,
                       top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
         graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
+        if "trace" in g:
+            graph.trace = parse_trace(self, g["trace"], graph, ctx, f"{where}.trace")
         return graph
 
     def node(self, n, where, ctx):
