@@ -96,6 +96,20 @@ def cmd_replay(args) -> int:
                   graph=args.graph, key=_read_key(args.key) if args.key else None)
 
 
+def cmd_diff(args) -> int:
+    from .diff import diff_files, diff_text
+    for path in (args.a, args.b):
+        if not os.path.exists(path):
+            print(f"cgsnap: {path}: no such file", file=sys.stderr)
+            return EXIT_INVALID
+    if args.limit < 0:
+        print("cgsnap: --limit must be at least 0", file=sys.stderr)
+        return EXIT_USAGE
+    d = diff_files(args.a, args.b, limit=args.limit)
+    sys.stdout.write(json.dumps(d, indent=2, sort_keys=True) + "\n" if args.json else diff_text(d))
+    return EXIT_OK if d["same"] else EXIT_INVALID
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(keep=args.keep)
@@ -140,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
     s.add_argument("--key", help="refuse the file unless FILE.sig matches this key")
     s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser("diff", help="how two snapshot files differ: graphs, nodes, arguments, "
+                                    "kernels, regions and their contents (no GPU); exit 0 same, "
+                                    "1 different")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--limit", type=int, default=50,
+                   help="differences listed per graph, for kernels and for regions (all are "
+                        "counted; default 50)")
+    s.set_defaults(fn=cmd_diff)
     s = sub.add_parser("demo", help="capture, save, restore in a fresh process, compare")
     s.add_argument("--keep", metavar="DIR", help="keep the snapshot file in DIR")
     s.set_defaults(fn=cmd_demo)
