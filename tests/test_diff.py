@@ -48,18 +48,23 @@ def extra_node(s):
 CASES = {"identical": None, "word": changed_word, "byte": changed_byte, "node": extra_node}
 
 
-@pytest.fixture()
-def files(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_snapshot().save("a.cgsnap", prune=False)
-    made = {}
+@pytest.fixture(scope="module")
+def file_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("diff")
+    make_snapshot().save(d / "a.cgsnap", prune=False)
     for label, edit in CASES.items():
         s = make_snapshot()
         if edit is not None:
             edit(s)
-        s.save(f"{label}.cgsnap", prune=False)
-        made[label] = f"{label}.cgsnap"
-    return made
+        s.save(d / f"{label}.cgsnap", prune=False)
+    return d
+
+
+@pytest.fixture()
+def files(file_dir, monkeypatch):
+    """The files, named relative to the current directory (as the golden outputs show them)."""
+    monkeypatch.chdir(file_dir)
+    return {label: f"{label}.cgsnap" for label in CASES}
 
 
 @pytest.mark.parametrize("label", list(CASES))
@@ -185,15 +190,23 @@ def cgsnap(*args, cwd):
                           cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
 
 
-def test_exit_codes(files, tmp_path):
-    same = cgsnap("diff", "a.cgsnap", files["identical"], cwd=tmp_path)
-    assert same.returncode == 0 and "same:" in same.stdout, same.stderr
-    differ = cgsnap("diff", "a.cgsnap", files["node"], "--json", cwd=tmp_path)
-    assert differ.returncode == 1 and json.loads(differ.stdout)["schema"] == 1
-    assert cgsnap("diff", "a.cgsnap", cwd=tmp_path).returncode == 2
-    assert cgsnap("diff", "a.cgsnap", "a.cgsnap", "--limit", "-1", cwd=tmp_path).returncode == 2
-    missing = cgsnap("diff", "a.cgsnap", "nope.cgsnap", cwd=tmp_path)
-    assert missing.returncode == 1 and "nope.cgsnap: no such file" in missing.stderr
-    (tmp_path / "bad.cgsnap").write_bytes(b"not a snapshot at all" * 10)
-    bad = cgsnap("diff", "a.cgsnap", "bad.cgsnap", cwd=tmp_path)
-    assert bad.returncode == 1 and "bad magic" in bad.stderr and "Traceback" not in bad.stderr
+def test_exit_codes(files, file_dir, capsys):
+    from cgsnap.tools.cli import main
+    assert main(["diff", "a.cgsnap", files["identical"]]) == 0
+    assert "same:" in capsys.readouterr().out
+    assert main(["diff", "a.cgsnap", files["node"], "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["schema"] == 1
+    with pytest.raises(SystemExit) as usage:
+        main(["diff", "a.cgsnap"])
+    assert usage.value.code == 2
+    assert main(["diff", "a.cgsnap", "a.cgsnap", "--limit", "-1"]) == 2
+    assert main(["diff", "a.cgsnap", "nope.cgsnap"]) == 1
+    assert "nope.cgsnap: no such file" in capsys.readouterr().err
+    (file_dir / "bad.cgsnap").write_bytes(b"not a snapshot at all" * 10)
+    assert main(["diff", "a.cgsnap", "bad.cgsnap"]) == 1
+    assert "bad magic" in capsys.readouterr().err
+
+
+def test_the_command_runs_as_a_program(files, file_dir):
+    proc = cgsnap("diff", "a.cgsnap", files["word"], cwd=file_dir)
+    assert proc.returncode == 1 and "arg2+0x0 literal" in proc.stdout, proc.stderr

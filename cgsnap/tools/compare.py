@@ -157,7 +157,8 @@ class Comparison:
         unit = f"{self.dtype} elements"
         line = f"{self.differing} of {self.elements} {unit} differ"
         if self.first_index >= 0:
-            line += f", first at index {self.first_index} (byte {self.first_byte:#x})"
+            line += f", first at index {self.first_index} (byte offset " \
+                    f"{self.first_index * self.itemsize:#x})"
         else:
             line += f"; the {self.differing_bytes} differing bytes lie after the last whole " \
                     f"element, first at byte {self.first_byte:#x}"
