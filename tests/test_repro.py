@@ -106,7 +106,7 @@ def test_bisect_names_the_altered_middle_node(tmp_path):
     assert v["got"][:2] == [f"{np.float32(3.5) * y[0]:.6g}", f"{np.float32(3.5) * y[1]:.6g}"]
     text = bisect_text(d)
     assert "FIRST DIFFERENCE at step 1: node 1, kernel axpb" in text
-    assert "steps 0-0 match" in text and "the same result" in text
+    assert "step 0 matches" in text and "the same result" in text
 
 
 def test_bisect_without_kept_bytes_still_names_the_node(tmp_path):
@@ -197,6 +197,19 @@ def test_extract_a_range_keeps_edges_between_its_nodes(tmp_path):
     assert len(g.trace) == 3
     ok, _ = _replay_check(out)
     assert ok and all(ok.values())
+
+
+def test_extract_a_copy_carries_its_source(tmp_path):
+    path = save(traced_chain(), tmp_path / "t.cgsnap")
+    snap, machine, load, f = opened(path)
+    out = tmp_path / "copy.cgsnap"
+    with f:
+        extract_to(machine, str(path), None, "2", str(out), load)
+    new = snapfile.read(out)[0]
+    assert [r.name for r in new.regions] == ["z", None]       # the source z and w
+    assert sorted(new.graphs[0].checks) == [1]
+    ok, _ = _replay_check(out)
+    assert ok == {1: True}
 
 
 def test_extract_from_a_machine_that_differs_keeps_the_sources_results(tmp_path):
@@ -375,3 +388,35 @@ def test_replay_check_reports_per_output_statistics(capsys):
     assert (c.differing, c.first_index, c.inf, c.max_abs) == (2, 10, [0, 1], 0.25)
     assert c.summary("expected", "got").startswith(
         "2 of 64 float32 elements differ, first at index 10 (byte offset 0x28); max abs 0.25")
+
+
+def _fake_sanitizer(tmp_path, output: str) -> str:
+    """An executable that prints ``output`` as compute-sanitizer would, and checks it was asked
+    to run the cgsnap child under the expected options."""
+    out = tmp_path / "out.txt"
+    out.write_text(output)
+    script = tmp_path / "compute-sanitizer"
+    script.write_text("#!/bin/sh\n"
+                      '[ "$1 $2 $5 $6" = "--tool memcheck --report-api-errors no" ] || exit 9\n'
+                      f'cat "{out}"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_replay_sanitize_end_to_end_with_a_stand_in_sanitizer(tmp_path, monkeypatch, capsys):
+    from cgsnap.tools.cli import main
+    path = save(make_chain(), tmp_path / "chain.cgsnap")
+    monkeypatch.setenv("CGSNAP_COMPUTE_SANITIZER", _fake_sanitizer(tmp_path, SANITIZER_OUT))
+    assert main(["replay", str(path), "--sanitize"]) == 1
+    out = capsys.readouterr().out
+    assert "1 finding(s)" in out and "node 1 of graph 'chain', kernel axpb" in out
+    clean = ("========= COMPUTE-SANITIZER\n@@cgsnap-sanitize done {}\n"
+             "========= ERROR SUMMARY: 0 errors\n")
+    (tmp_path / "clean").mkdir()
+    monkeypatch.setenv("CGSNAP_COMPUTE_SANITIZER", _fake_sanitizer(tmp_path / "clean", clean))
+    assert main(["replay", str(path), "--sanitize", "--json"]) == 0
+    assert '"findings": []' in capsys.readouterr().out
+    monkeypatch.setenv("CGSNAP_COMPUTE_SANITIZER", str(tmp_path / "missing"))
+    assert main(["replay", str(path), "--sanitize"]) == 2
+    assert "compute-sanitizer not found" in capsys.readouterr().err
+    assert main(["replay", str(path), "--sanitize", "--check"]) == 2

@@ -206,8 +206,8 @@ def _child_graphs(snap: Snapshot, nodes) -> list:
 
 def extract(machine, graph: Graph, steps: list, lo: int, hi: int, load: Callable,
             meta: dict, budget: int = DEFAULT_BUDGET) -> Extraction:
-    """A snapshot of steps ``lo..hi`` (positions, inclusive) of ``graph``: the regions they may
-    write, with their contents just before step ``lo`` ran; only the kernels (and images) they
+    """A snapshot of steps ``lo..hi`` (positions, inclusive) of ``graph``: the regions they
+    refer to or may write, with their contents just before step ``lo`` ran; only the kernels (and images) they
     launch; as recorded outputs (``replay --check``), what the steps did in the source -- from
     its trace where it tells, else from this run -- and a trace of the steps."""
     from ..format.hashing import region_hash
@@ -226,7 +226,14 @@ def extract(machine, graph: Graph, steps: list, lo: int, hi: int, load: Callable
                     prefix_divergence = step.position
                     break
     chosen = steps[lo:hi + 1]
-    kept = sorted({rid for s in chosen for rid in s.writes})
+    graphs_by_name = {g.name: g for g in snap.graphs}
+    nodes = [s.node for s in chosen]
+    child_names = _child_graphs(snap, nodes)
+    all_nodes = nodes + [n for c in child_names for n in graphs_by_name[c].nodes]
+    # Inputs and outputs: every region the nodes refer to (a copy's source too), and what they
+    # may write (their images' module globals).
+    kept = sorted({rid for s in chosen for rid in s.writes} |
+                  {rid for n in all_nodes for rid in n.regions()})
     before = {rid: machine.read(rid) for rid in kept}
     rec = Recorder(machine, budget)
     run_trace = []
@@ -260,10 +267,6 @@ def extract(machine, graph: Graph, steps: list, lo: int, hi: int, load: Callable
         parent = rmap.get(r.parent) if r.parent is not None else None
         regions.append(_region(r, rmap[old], data, region_hash(data), parent,
                                r.parent_offset if parent is not None else 0))
-    nodes = [s.node for s in chosen]
-    child_names = _child_graphs(snap, nodes)
-    graphs_by_name = {g.name: g for g in snap.graphs}
-    all_nodes = nodes + [n for c in child_names for n in graphs_by_name[c].nodes]
     kernel_ids = sorted({n.kernel for n in all_nodes if n.TYPE == "kernel"})
     kmap = {old: new for new, old in enumerate(kernel_ids)}
     kernels = [_renumbered_kernel(snap.kernels[k], kmap[k]) for k in kernel_ids]

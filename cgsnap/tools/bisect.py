@@ -82,9 +82,10 @@ def bisect_graph(machine, graph, load: Callable, progress: Optional[Callable] = 
         else:
             c = compare_arrays(before[rid], got, region.dtype)
             item["changed_here"] = c.to_json()
-            item["summary"] = ("the trace does not hold what the node left here (over its "
-                               "byte budget); it differs from the recorded digest. Here the node "
-                               "changed: " + c.summary("before", "got"))
+            item["summary"] = ("differs from the recorded digest; the trace does not hold "
+                               "the bytes the node left (they were over its byte budget), so "
+                               "expected values are unknown. Here the node changed: "
+                               + c.summary("before", "got"))
         first = c.first_index if c.first_index >= 0 else max(c.first_byte, 0) // c.itemsize
         item["first_offset"] = c.first_byte
         item["first_index"] = c.first_index
@@ -113,7 +114,9 @@ def bisect_text(d: dict) -> str:
             out.append(f"{head}: every step matches the recorded trace")
             continue
         f = g["first_difference"]
-        if f["step"]:
+        if f["step"] == 1:
+            head += "; step 0 matches the recorded trace"
+        elif f["step"]:
             head += f"; steps 0-{f['step'] - 1} match the recorded trace"
         out.append(head)
         what = f"kernel {f['demangled']}" if "kernel" in f else \
@@ -126,7 +129,7 @@ def bisect_text(d: dict) -> str:
             out.append(f"    {unit:>8}  {'before':>14}  {'expected':>14}  {'got':>14}")
             expected = v["expected"] or ["?"] * len(v["got"])
             for k, (b, e, x) in enumerate(zip(v["before"], expected, v["got"])):
-                mark = "  <" if e != x else ""
+                mark = "  <" if v["expected"] is not None and e != x else ""
                 out.append(f"    {v['index'] + k:>8}  {b:>14}  {e:>14}  {x:>14}{mark}")
             out.append("    run again here from the same inputs, the node gives "
                        + ("the same result: the difference is the machine's, not run-to-run "

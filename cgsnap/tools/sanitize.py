@@ -268,6 +268,11 @@ def run_sanitize(path: str, tool: str = "memcheck", graph: Optional[str] = None,
         verify(path, key)
     snap, f = read(path, load_images=False)       # a bad file fails here, not in the child
     f.close()
+    names = [g.name for g in snap.graphs if g.top_level]
+    if graph is not None and graph not in names:
+        from . import UsageError
+        raise UsageError(f"{path}: no top-level graph named {graph!r} (graphs: "
+                         f"{', '.join(names)})")
     exe = find_sanitizer()
     if exe is None:
         print("cgsnap: compute-sanitizer not found (looked at $CGSNAP_COMPUTE_SANITIZER, on PATH, "
