@@ -241,6 +241,17 @@ def test_extract_from_a_machine_that_differs_keeps_the_sources_results(tmp_path)
         assert not np.array_equal(got, np.frombuffer(f2.blob(s2.graphs[0].checks[1]), np.uint8))
 
 
+def test_extract_after_a_step_that_already_differs_warns(tmp_path):
+    good = save(traced_chain(), tmp_path / "good.cgsnap")
+    bad = set_scale(good, tmp_path / "bad.cgsnap", 0, 2.5)       # node 0 differs here
+    snap, machine, load, f = opened(bad)
+    with f:
+        ex, lines = extract_to(machine, str(bad), None, "1", str(tmp_path / "o.cgsnap"), load)
+    assert ex.prefix_divergence == 0 and ex.expected_from == "run"
+    assert any(line.startswith("  WARNING inputs: step 0 already differs") for line in lines)
+    assert ex.snapshot.meta["extracted_from"]["prefix_divergence"] == 0
+
+
 def test_extract_usage_errors(tmp_path):
     path = save(traced_chain(), tmp_path / "t.cgsnap")
     snap, machine, load, f = opened(path)
@@ -387,7 +398,7 @@ def test_replay_check_reports_per_output_statistics(capsys):
     assert (label, rid) == ("buffer 'y'", 1)
     assert (c.differing, c.first_index, c.inf, c.max_abs) == (2, 10, [0, 1], 0.25)
     assert c.summary("expected", "got").startswith(
-        "2 of 64 float32 elements differ, first at index 10 (byte offset 0x28); max abs 0.25")
+        "2 of 64 float32 elements differ (3 bytes), first at index 10 (byte offset 0x28); max abs 0.25")
 
 
 def _fake_sanitizer(tmp_path, output: str) -> str:

@@ -155,7 +155,8 @@ class Comparison:
                          f"byte {self.first_byte:#x}")
             return "; ".join(parts)
         unit = f"{self.dtype} elements"
-        line = f"{self.differing} of {self.elements} {unit} differ"
+        line = f"{self.differing} of {self.elements} {unit} differ ({self.differing_bytes} " \
+               f"byte{'s' if self.differing_bytes != 1 else ''})"
         if self.first_index >= 0:
             line += f", first at index {self.first_index} (byte offset " \
                     f"{self.first_index * self.itemsize:#x})"
