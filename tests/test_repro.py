@@ -347,6 +347,8 @@ def test_kernel_names_compare_without_types_and_templates():
     assert base_name(sanitizer) == "add_into"
     assert base_name(demangle(mangled)) in ("add_into", "_Z8add_intoIfEvPT_PKS0_i")
     assert base_name("ns::k<(bool)1, 3>(int)") == "ns::k"
+    assert base_name("void at::native::(anonymous namespace)::ln_kernel<float>(int, float)") == \
+        "at::native::{anonymous}::ln_kernel"
     from cgsnap.tools.sanitize import kernel_of
     assert kernel_of(["at void add_into<float>(float *, const float *, int)+0x70 in k.cu:31"]) \
         == sanitizer

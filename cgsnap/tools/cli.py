@@ -131,9 +131,17 @@ def cmd_extract(args) -> int:
     if args.budget < 0:
         print("cgsnap: --trace-budget must be at least 0", file=sys.stderr)
         return EXIT_USAGE
-    return run_extract(args.file, args.node, args.output, graph=args.graph, device=args.device,
-                       budget=args.budget, allow_jit=args.allow_jit,
-                       key=_read_key(args.key) if args.key else None)
+    key = _read_key(args.key) if args.key else None
+    try:
+        return run_extract(args.file, args.node, args.output, graph=args.graph,
+                           device=args.device, budget=args.budget, allow_jit=args.allow_jit,
+                           key=key)
+    except OSError as exc:
+        if exc.filename is None or os.path.abspath(str(exc.filename)) == \
+                os.path.abspath(args.file):
+            raise
+        print(f"cgsnap: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def cmd_demo(args) -> int:

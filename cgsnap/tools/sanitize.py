@@ -153,7 +153,7 @@ def base_name(name: str) -> str:
     without return type, template arguments or parameters (printed differently by the
     sanitizer and by the demangler)."""
     out, depth = [], 0
-    for ch in name.strip():
+    for ch in name.strip().replace("(anonymous namespace)", "{anonymous}"):
         if ch == "<":
             depth += 1
             continue
@@ -178,7 +178,7 @@ def attribute(report: Report, snap) -> None:
     graphs = {g.name: g for g in snap.graphs}
     names = {k.id: base_name(demangle(k.name)) for k in snap.kernels}
 
-    def kernel_nodes(graph, prefix=None):
+    def kernel_nodes(graph):
         for n in graph.nodes:
             if n.TYPE == "kernel":
                 yield graph.name, n
