@@ -41,7 +41,8 @@ def capture(stream=None, mode: str = "thread_local"):
 
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
-             host_callbacks=None, meta=None, suspect_regions: str = "keep") -> Snapshot:
+             host_callbacks=None, meta=None, suspect_regions: str = "keep",
+             trace=False) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
@@ -54,12 +55,26 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     ``suspect_regions="error"`` refuses (:class:`CaptureError`, naming node and argument) to
     save an allocation of 1 MiB or more that only words inside struct arguments point at --
     usually stale addresses in padding that would drag unrelated memory into the file; the
-    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect."""
+    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect.
+
+    ``trace=True`` (or a byte budget: an int) also records a per-node trace for
+    ``cgsnap bisect``: the snapshot is restored in this process on fresh memory (copies of the
+    saved state; the original graph and its memory are untouched), run node by node, and after
+    each node a digest of every region it may write is kept, with the bytes it changed while
+    the budget (default 64 MiB) lasts. It needs every region's contents (no bound buffers) and
+    nodes that run one at a time (no graph-memory or host-callback nodes)."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
-    return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
+    if not (isinstance(trace, bool) or (isinstance(trace, int) and trace >= 0)):
+        raise CaptureError(f"trace={trace!r}: expected True, False or a byte budget >= 0")
+    snap = snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
                           suspect_regions=suspect_regions)
+    if trace is not False:
+        from .restore.stepper import trace_snapshot
+        from .restore.trace import DEFAULT_BUDGET
+        snap = trace_snapshot(snap, DEFAULT_BUDGET if trace is True else trace)
+    return snap
 
 
 def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:

@@ -87,3 +87,28 @@ def schema2_manifest(snap: Snapshot) -> tuple:
         gm["nodes"] = [node_to_manifest(n, layouts) for n in g.nodes]
         gm["edges"] = [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges]
     return manifest, blobs
+
+
+def edit_kernel_params(manifest: dict, graph: int, node_id: int, edit) -> None:
+    """``edit(bytearray)`` the parameter buffer of kernel node ``node_id`` of graph ``graph``
+    in a manifest, schema 3 (the kernel table's ``params`` column) or schema 1-2 (node maps)."""
+    import numpy as np
+    from cgsnap.format.nodes import param_buffer_size
+    g = manifest["graphs"][graph]
+    if "kernels" not in g:
+        node = next(n for n in g["nodes"] if n["id"] == node_id)
+        p = bytearray(node["params"])
+        edit(p)
+        node["params"] = bytes(p)
+        return
+    t = g["kernels"]
+    ids = np.frombuffer(t["ids"], dtype="<u4").tolist()
+    kernels = np.frombuffer(t["kernel"], dtype="<u4").tolist()
+    sizes = [param_buffer_size([tuple(p) for p in manifest["kernels"][k]["params"]]) for k in kernels]
+    row = ids.index(node_id)
+    start = sum((s + 7) & ~7 for s in sizes[:row])
+    params = bytearray(t["params"])
+    p = params[start:start + sizes[row]]
+    edit(p)
+    params[start:start + sizes[row]] = p
+    t["params"] = bytes(params)

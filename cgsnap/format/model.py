@@ -138,17 +138,20 @@ class Graph:
     plans straight from those and never makes an object per node; tools asking for ``nodes``
     or ``edges`` get them made (once) from the columns."""
 
-    __slots__ = ("name", "top_level", "checks", "rng", "_nodes", "_edges", "_ktable", "_others",
-                 "_edge_array", "_order")
+    __slots__ = ("name", "top_level", "checks", "rng", "trace", "_nodes", "_edges", "_ktable",
+                 "_others", "_edge_array", "_order")
 
     def __init__(self, name: str, nodes: Optional[list] = None, edges: Optional[list] = None,
                  top_level: bool = True, checks: Optional[dict] = None,
-                 rng: Optional[list] = None):
+                 rng: Optional[list] = None, trace: Optional[tuple] = None):
         self.name = name
         self.top_level = top_level       # False for graphs only reachable as a child graph
         # region id -> its contents after one launch from the saved state (replay --check)
         self.checks = {} if checks is None else checks
         self.rng = [] if rng is None else rng    # RngState per generator the graph draws from
+        # The per-node trace (cgsnap.format.trace): a TraceStep per node in the order they
+        # ran, or None
+        self.trace = trace
         self._nodes = [] if nodes is None else nodes
         self._edges = [] if edges is None else edges
         self._ktable = self._others = self._edge_array = None
@@ -237,8 +240,9 @@ class Graph:
     def __eq__(self, other) -> bool:
         if not isinstance(other, Graph):
             return NotImplemented
-        return (self.name, self.top_level, self.checks, self.rng, self.nodes, self.edges) == \
-            (other.name, other.top_level, other.checks, other.rng, other.nodes, other.edges)
+        return (self.name, self.top_level, self.checks, self.rng, self.trace, self.nodes,
+                self.edges) == (other.name, other.top_level, other.checks, other.rng,
+                                other.trace, other.nodes, other.edges)
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {self.node_count()} nodes)"
@@ -359,6 +363,9 @@ def _graph_out(g: Graph, add_blob, layouts, node_to_manifest) -> dict:
            "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
     if g.rng:
         out["rng"] = [_rng_out(e) for e in g.rng]
+    if g.trace is not None:
+        from .trace import trace_to_manifest
+        out["trace"] = trace_to_manifest(g.trace, add_blob)
     return out
 
 

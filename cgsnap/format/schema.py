@@ -20,6 +20,7 @@ from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy,
                     RegionKind, RngState, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
 from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
+from .trace import parse_trace
 
 _IDENT_MAX = 4096          # longest name / string field accepted
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
@@ -168,7 +169,7 @@ class Validator:
         graph_names = []
         for i, g in enumerate(raw_graphs):
             self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks")
-                     + (("kernels",) if self.schema >= 3 else ()), ("rng",))
+                     + (("kernels",) if self.schema >= 3 else ()), ("rng", "trace"))
             graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
         if len(set(graph_names)) != len(graph_names):
             self.fail("graphs", "duplicate graph name")
@@ -321,6 +322,11 @@ class Validator:
         graph = Graph(name=g["name"], nodes=nodes, edges=edges, top_level=top_level,
                       checks=checks, rng=self.graph_rng(g, where, ctx, top_level))
         graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
+        return self.graph_trace(g, graph, where, ctx)
+
+    def graph_trace(self, g, graph, where, ctx) -> Graph:
+        if "trace" in g:
+            graph.trace = parse_trace(self, g["trace"], graph, ctx, f"{where}.trace")
         return graph
 
     def graph_rng(self, g, where, ctx, top_level) -> list:
@@ -342,9 +348,10 @@ class Validator:
         if topological_positions(ids, edges) is None:
             toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
         top_level = self.bool(g["top_level"], f"{where}.top_level")
-        return Graph.from_tables(g["name"], ktable, others, edges, top_level,
-                                 self.checks(g["checks"], where, ctx),
-                                 self.graph_rng(g, where, ctx, top_level))
+        return self.graph_trace(g, Graph.from_tables(g["name"], ktable, others, edges, top_level,
+                                                     self.checks(g["checks"], where, ctx),
+                                                     self.graph_rng(g, where, ctx, top_level)),
+                                where, ctx)
 
     def checks(self, raw, where, ctx) -> dict:
         checks = {}

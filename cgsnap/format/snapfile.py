@@ -14,6 +14,7 @@ from ..errors import CaptureError
 from . import fileformat
 from .model import MAX_DECISIONS_KEPT, Graph, Region, RegionKind, Snapshot
 from .nodes import Renumbering
+from .trace import remap_trace
 
 
 def _region_key(r: Region):
@@ -67,7 +68,8 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
             graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
                                 nodes=[remap_node(n, rmap, kmap, events) for n in g.nodes],
                                 checks={rmap[rid]: data for rid, data in g.checks.items()},
-                                rng=[e.remap(rmap) for e in g.rng]))
+                                rng=[e.remap(rmap) for e in g.rng],
+                                trace=remap_trace(g.trace, rmap)))
         events += snap.events
     first = snaps[0]
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import CgsnapError
+from . import UsageError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -91,9 +92,56 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    if args.sanitize:
+        from .sanitize import run_sanitize
+        if args.check:
+            print("cgsnap: --sanitize runs the replay under compute-sanitizer; --check is a "
+                  "separate run", file=sys.stderr)
+            return EXIT_USAGE
+        return run_sanitize(args.file, tool=args.tool, graph=args.graph, device=args.device,
+                            print_limit=args.print_limit, allow_jit=args.allow_jit,
+                            as_json=args.json, key=_read_key(args.key) if args.key else None)
     from .replay import replay
     return replay(args.file, check=args.check, device=args.device, allow_jit=args.allow_jit,
                   graph=args.graph, key=_read_key(args.key) if args.key else None)
+
+
+def cmd_diff(args) -> int:
+    from .diff import diff_files, diff_text
+    for path in (args.a, args.b):
+        if not os.path.exists(path):
+            print(f"cgsnap: {path}: no such file", file=sys.stderr)
+            return EXIT_INVALID
+    if args.limit < 0:
+        print("cgsnap: --limit must be at least 0", file=sys.stderr)
+        return EXIT_USAGE
+    d = diff_files(args.a, args.b, limit=args.limit)
+    sys.stdout.write(json.dumps(d, indent=2, sort_keys=True) + "\n" if args.json else diff_text(d))
+    return EXIT_OK if d["same"] else EXIT_INVALID
+
+
+def cmd_bisect(args) -> int:
+    from .bisect import run_bisect
+    return run_bisect(args.file, graph=args.graph, device=args.device, as_json=args.json,
+                      allow_jit=args.allow_jit, key=_read_key(args.key) if args.key else None)
+
+
+def cmd_extract(args) -> int:
+    from .extract import run_extract
+    if args.budget < 0:
+        print("cgsnap: --trace-budget must be at least 0", file=sys.stderr)
+        return EXIT_USAGE
+    key = _read_key(args.key) if args.key else None
+    try:
+        return run_extract(args.file, args.node, args.output, graph=args.graph,
+                           device=args.device, budget=args.budget, allow_jit=args.allow_jit,
+                           key=key)
+    except OSError as exc:
+        if exc.filename is None or os.path.abspath(str(exc.filename)) == \
+                os.path.abspath(args.file):
+            raise
+        print(f"cgsnap: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def cmd_demo(args) -> int:
@@ -139,7 +187,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", type=int, default=0)
     s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
     s.add_argument("--key", help="refuse the file unless FILE.sig matches this key")
+    s.add_argument("--sanitize", action="store_true",
+                   help="run the replay under compute-sanitizer; each finding names its node "
+                        "and kernel (exit 1 on findings, 2 without compute-sanitizer)")
+    s.add_argument("--tool", default="memcheck",
+                   choices=("memcheck", "racecheck", "initcheck", "synccheck"),
+                   help="compute-sanitizer tool for --sanitize (default memcheck)")
+    s.add_argument("--print-limit", type=int, default=100, help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true", help="--sanitize: machine-readable output")
     s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser("bisect", help="replay a traced file node by node; name the first node "
+                                      "whose result differs from the recorded trace")
+    s.add_argument("file")
+    s.add_argument("--graph", help="only this graph")
+    s.add_argument("--device", type=int, default=0)
+    s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
+    s.add_argument("--key", help="refuse the file unless FILE.sig matches this key")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_bisect)
+    s = sub.add_parser("extract", help="a new file holding only nodes N..M, their inputs as "
+                                       "they were before node N ran, and their kernels")
+    s.add_argument("file")
+    s.add_argument("--node", required=True, metavar="N[..M]",
+                   help="a node id, or a range of ids in the order the nodes run")
+    s.add_argument("-o", "--output", required=True, metavar="OUT")
+    s.add_argument("--graph", help="the graph (needed when the file holds several)")
+    s.add_argument("--device", type=int, default=0)
+    s.add_argument("--allow-jit", action="store_true", help="JIT carried PTX on a newer arch")
+    s.add_argument("--key", help="refuse the file unless FILE.sig matches this key")
+    s.add_argument("--trace-budget", dest="budget", type=int, default=64 << 20,
+                   help="bytes of changed contents the new file's trace keeps (default 64 MiB)")
+    s.set_defaults(fn=cmd_extract)
+    s = sub.add_parser("diff", help="how two snapshot files differ: graphs, nodes, arguments, "
+                                    "kernels, regions and their contents (no GPU); exit 0 same, "
+                                    "1 different")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--limit", type=int, default=50,
+                   help="differences listed per graph, for kernels and for regions (all are "
+                        "counted; default 50)")
+    s.set_defaults(fn=cmd_diff)
     s = sub.add_parser("demo", help="capture, save, restore in a fresh process, compare")
     s.add_argument("--keep", metavar="DIR", help="keep the snapshot file in DIR")
     s.set_defaults(fn=cmd_demo)
@@ -155,6 +243,9 @@ def main(argv=None) -> int:
         return EXIT_INVALID
     try:
         return args.fn(args)
+    except UsageError as exc:
+        print(f"cgsnap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CgsnapError as exc:
         print(f"cgsnap: {exc}", file=sys.stderr)
         return EXIT_INVALID
