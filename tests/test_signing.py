@@ -291,4 +291,4 @@ def test_cli_sign_and_verify(snap, tmp_path, measured):
     public = tmp_path / "id.pub"
     public.write_bytes(PUBLIC_FORMATS["openssh"])
     ok = measured("zygote:cli", "verify", str(snap), "--key", str(public))
-    assert ok["value"] == 0, ok
+    assert ok["value"] == 0 and "ed25519" in ok["stdout"], ok
