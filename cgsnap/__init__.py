@@ -20,8 +20,10 @@ from ._version import __version__
 from .capture.buffers import Bound, Saved, Scratch
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
                      CompatibilityError, DriverError, FormatError, KernelNotFoundError,
-                     RecorderError, RestoreError, SignatureError, UnsupportedNodeError)
+                     LimitError, RecorderError, RestoreError, SignatureError,
+                     UnsupportedNodeError)
 from .format.model import Snapshot
+from .limits import Limits
 from .kernels.registry import register_image, start_recorder, start_recorder_from_env
 
 __all__ = [
@@ -29,7 +31,7 @@ __all__ = [
     "Bound", "Saved", "Scratch", "Snapshot", "CgsnapError", "FormatError", "BinaryFormatError",
     "KernelNotFoundError", "AmbiguousKernelError", "UnsupportedNodeError", "CompatibilityError",
     "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "SignatureError",
-    "sign", "__version__",
+    "LimitError", "Limits", "sign", "__version__",
 ]
 
 
@@ -86,33 +88,36 @@ def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
-         allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None):
+         allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None,
+         limits=None):
     """Restore a snapshot file in this process; see :class:`cgsnap.restore.restored.Restored`.
     The whole file is validated before any GPU work. ``require_signature``: a key (HMAC secret
-    bytes, or a PEM Ed25519 public key) whose signature ``path.sig`` must match the file.
+    bytes, or an Ed25519 public key: PEM, DER, OpenSSH) whose signature ``path.sig`` must match
+    the file; it is checked over the one open descriptor the restore then reads (a file others
+    can write is read from a sealed private copy; docs/RELIABILITY.md, "Integrity and trust").
     ``verify=False`` skips the checksums of region contents (kernel images and the manifest
     are always checked) for trusted local files, where hashing would bound the copy speed.
-    ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name."""
+    ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name.
+    ``limits``: reading budgets (:class:`cgsnap.Limits`; the defaults fit real files)."""
     from .restore.restored import Restored
-    if require_signature is not None:
-        from .format.signing import verify
-        verify(path, require_signature)
     return Restored(path, device=device, bind=bind, instantiate=instantiate,
                     verify_bound=verify_bound, allow_jit=allow_jit, verify_blobs=verify,
-                    host_callbacks=host_callbacks)
+                    host_callbacks=host_callbacks, limits=limits,
+                    require_signature=require_signature)
 
 
-def sign(path, key: bytes) -> str:
-    """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret, or Ed25519 with a
-    PEM private key); returns its path."""
+def sign(path, key) -> str:
+    """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret of >= 16 bytes, or
+    Ed25519 with a private key); returns its path."""
     from .format.signing import sign as _sign
     return _sign(path, key)
 
 
-def read(path):
-    """The validated :class:`Snapshot` model of a file, without a GPU."""
+def read(path, *, limits=None, require_signature=None):
+    """The validated :class:`Snapshot` model of a file, without a GPU (kernel images loaded,
+    within ``limits``; ``require_signature`` as for :func:`load`)."""
     from .format.snapfile import read as _read
-    snap, f = _read(path)
+    snap, f = _read(path, limits=limits, signature_key=require_signature)
     f.close()
     return snap
 

@@ -203,13 +203,17 @@ def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = F
     fileformat.write_file(str(path), manifest, sources)
 
 
-def read(path, *, load_images: bool = True) -> tuple:
+def read(path, *, load_images: bool = True, limits=None, signature_key=None) -> tuple:
     """``(snapshot, file)``: the validated model and the open :class:`fileformat.SnapshotFile`
-    (regions' ``data`` are blob indices into it). Close the file when done."""
-    f = fileformat.open_file(str(path), check_types=False)
+    (regions' ``data`` are blob indices into it). Close the file when done. ``load_images``:
+    decompress the kernel images into the model (within the ``image_bytes`` / ``image_total``
+    budgets of ``limits``); otherwise images' ``data`` are blob indices too.
+    ``signature_key``: see :func:`fileformat.open_file`."""
+    f = fileformat.open_file(str(path), check_types=False, limits=limits,
+                             signature_key=signature_key)
     try:
         snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], str(path),
-                                      blob_getter=(lambda i: bytes(f.blob(i))) if load_images else None)
+                                      blob_getter=f.image if load_images else None)
     except BaseException:
         f.close()
         raise

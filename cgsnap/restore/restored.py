@@ -131,7 +131,8 @@ class Restored:
 
     def __init__(self, path: str, device: int = 0, bind: Optional[dict] = None,
                  instantiate: str = "lazy", verify_bound: bool = False, allow_jit: bool = False,
-                 verify_blobs: bool = True, host_callbacks: Optional[dict] = None):
+                 verify_blobs: bool = True, host_callbacks: Optional[dict] = None,
+                 limits=None, require_signature=None):
         if instantiate not in ("lazy", "all"):
             raise ValueError("instantiate must be 'lazy' or 'all'")
         self.path = str(path)
@@ -151,7 +152,9 @@ class Restored:
         try:
             with _gc_paused():
                 t0 = time.perf_counter()
-                self._file = fileformat.open_file(self.path, check_types=False)
+                # One descriptor: the signature (if required) is checked over the bytes read.
+                self._file = fileformat.open_file(self.path, check_types=False, limits=limits,
+                                                  signature_key=require_signature)
                 self.timings["read.open"] = time.perf_counter() - t0
                 self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
                 self.timings["read"] = time.perf_counter() - t0
@@ -181,7 +184,7 @@ class Restored:
         pool = ThreadPoolExecutor(8, thread_name_prefix="cgsnap-images")
         try:
             def decompress(i):
-                return bytes(f.blob(i, verify=True))
+                return f.image(i)       # verified, within the image budgets
             early = {}
             raw = f.manifest.get("images") if isinstance(f.manifest, dict) else None
             for im in raw if isinstance(raw, list) else ():

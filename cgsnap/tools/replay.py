@@ -27,10 +27,11 @@ def check_graph(r, name: str) -> list:
 
 
 def replay(path: str, check: bool = False, device: int = 0, allow_jit: bool = False,
-           graph=None, key=None) -> int:
+           graph=None, key=None, limits=None) -> int:
     from .. import load
     t0 = time.perf_counter()
-    with load(path, device=device, allow_jit=allow_jit, require_signature=key) as r:
+    with load(path, device=device, allow_jit=allow_jit, require_signature=key,
+              limits=limits) as r:
         names = [graph] if graph else r.graph_names
         bound = [x.name for x in r.snapshot.regions if x.policy is Policy.BOUND]
         if check and bound:
