@@ -126,34 +126,17 @@ def _add_cubin_symbols(record: dict, info: elfmod.CubinInfo) -> None:
     record["globals"] = [{"name": g.name, "size": g.size, "space": g.space} for g in info.globals]
 
 
-# PTX as nvcc writes it, e.g. ".visible .entry axpy(", ".weak .entry _Z5scaleIfLi128EEvPT_S0_(",
-# ".visible .global .align 4 .b8 g_table[1024];", ".global .attribute(.managed) .align 4 .u32 m;"
-# Matched on the bytes, from the keyword (a literal the regex engine searches for quickly), with
-# every repetition bounded, and the qualifiers before the keyword checked on the line: a PTX
-# entry can be hundreds of MB, and a regex anchored at line starts with unbounded whitespace
-# took 20 s over 200 MB of spaces.
-_PTX_NAME = rb"[A-Za-z_$%][\w$]{0,4095}"
-_WS = rb"[ \t]{1,64}"
-_PTX_ENTRY = re.compile(rb"\.entry" + _WS + rb"(" + _PTX_NAME + rb")")
+# PTX variables as nvcc writes them, e.g. ".visible .global .align 4 .b8 g_table[1024];",
+# ".global .attribute(.managed) .align 4 .u32 m;": matched the way cgsnap.binary.ptx matches
+# entries (from the keyword, every repetition bounded, qualifiers checked on the line).
 _PTX_VARIABLE_TAIL = (
-    _WS + rb"(?:\.(?:attribute\([^)\n]{0,256}\)|align" + _WS + rb"\d{1,10})[ \t]{0,64}){0,8}"
-    rb"(?:\.v([248])" + _WS + rb")?"
-    rb"\.[a-z]{1,8}?(\d{1,4})?(x2)?" + _WS +
-    rb"(" + _PTX_NAME + rb")((?:\[\d{0,20}\]){0,16})")
+    ptx.WS + rb"(?:\.(?:attribute\([^)\n]{0,256}\)|align" + ptx.WS + rb"\d{1,10})[ \t]{0,64}){0,8}"
+    rb"(?:\.v([248])" + ptx.WS + rb")?"
+    rb"\.[a-z]{1,8}?(\d{1,4})?(x2)?" + ptx.WS +
+    rb"(" + ptx.NAME + rb")((?:\[\d{0,20}\]){0,16})")
 _PTX_VARIABLES = [re.compile(rb"\.(global)" + _PTX_VARIABLE_TAIL),
                   re.compile(rb"\.(const)" + _PTX_VARIABLE_TAIL)]
-_ENTRY_QUALIFIERS = frozenset((b".visible", b".weak", b".extern"))
-_VARIABLE_QUALIFIERS = _ENTRY_QUALIFIERS | {b".common"}
-
-
-def _qualifiers(text: bytes, pos: int, allowed: frozenset) -> list | None:
-    """The qualifiers between the line start and ``pos``, or None when anything else is there
-    (or the line start is more than 256 bytes back: no declaration is written so)."""
-    start = text.rfind(b"\n", max(0, pos - 256), pos) + 1
-    if start == 0 and pos > 256:
-        return None
-    words = text[start:pos].split()
-    return words if all(w in allowed for w in words) else None
+_VARIABLE_QUALIFIERS = ptx.ENTRY_QUALIFIERS | {b".common"}
 
 
 def _add_ptx_symbols(record: dict, text: bytes, limits: Limits | None = None) -> None:
@@ -161,18 +144,15 @@ def _add_ptx_symbols(record: dict, text: bytes, limits: Limits | None = None) ->
     if b".entry" not in text and b".global" not in text and b".const" not in text:
         return
     budget = resolve(limits).elf_symbols
-    kernels, variables, found = [], [], 0
-    for m in _PTX_ENTRY.finditer(text) if b".entry" in text else ():
-        words = _qualifiers(text, m.start(), _ENTRY_QUALIFIERS)
-        if words is not None and b".extern" not in words:
-            kernels.append(m.group(1).decode())
-        found += 1
-        if found > budget:
-            raise over_budget("elf_symbols", found, budget, "PTX declarations")
+    try:
+        kernels = ptx.kernels(text, budget)
+    except BinaryFormatError:
+        raise over_budget("elf_symbols", budget + 1, budget, "PTX declarations") from None
+    variables = []
     matches = sorted((m for pattern in _PTX_VARIABLES for m in _bounded(pattern, text, budget)),
                      key=lambda m: m.start())
     for m in matches:
-        words = _qualifiers(text, m.start(), _VARIABLE_QUALIFIERS)
+        words = ptx.qualifiers(text, m.start(), _VARIABLE_QUALIFIERS)
         # Declarations of other modules' variables are not ours; '$' names are compiler literals.
         if words is not None and b".extern" not in words and not m.group(5).startswith(b"$"):
             variables.append({"name": m.group(5).decode(), "size": _ptx_size(m),
