@@ -11,7 +11,8 @@ from synthetic import make_snapshot
 import cgsnap
 from cgsnap.errors import FormatError
 from cgsnap.format import fileformat, snapfile
-from cgsnap.format.model import Snapshot
+from cgsnap.format.model import REGION_REF_DTYPE, Snapshot
+from cgsnap.restore.plan import RegionPatches, region_patches, word_runs
 
 SAMPLE = "cgsnap/tools/data/sample.cgsnap"
 
@@ -141,3 +142,37 @@ def test_merge_renumbers_stored_pointer_targets():
     t = moved[0].pointer_table()
     # x, y and the global are shared with a (ids 0, 1, 3); the self-reference follows the move.
     assert t["region"].tolist() == [0, 1, 3, moved[0].id]
+
+
+def test_patch_plan_writes_each_word_where_it_belongs():
+    snap = snap_with_refs()
+    patches = region_patches(snap)
+    assert set(patches) == {2}
+    p = patches[2]
+    assert p.runs == [(0, 3), (3, 4)]                      # the pointer array, then one word
+    bases = np.array([0x1000, 0x2000, 0x3000, 0x4000, 0, 0x6000], dtype=np.uint64)
+    assert p.values(bases).tolist() == [0x1000, 0x2040, 0x4008, 0x3400]
+    data = np.arange(4096, dtype=np.uint32).view(np.uint8)[:4096].copy()
+    before = data.copy()
+    p.apply(data, bases)
+    words = data.view("<u8")
+    assert words[[0, 1, 2, 64]].tolist() == [0x1000, 0x2040, 0x4008, 0x3400]
+    changed = np.flatnonzero(data != before)
+    assert set(changed.tolist()) <= set(range(24)) | set(range(512, 520))
+    assert p.chunks(bases) == [(0, np.array([0x1000, 0x2040, 0x4008], "<u8").tobytes()),
+                               (512, np.array([0x3400], "<u8").tobytes())]
+
+
+def test_word_runs():
+    assert word_runs(np.array([], dtype=np.int64)) == []
+    assert word_runs(np.array([0, 8, 16, 32, 40, 100], dtype=np.int64)) == [(0, 3), (3, 5),
+                                                                            (5, 6)]
+
+
+def test_patches_at_unaligned_offsets():
+    p = RegionPatches(table((3, 0, 1), (11, 0, 2)))
+    data = np.zeros(24, dtype=np.uint8)
+    p.apply(data, np.array([0x100], dtype=np.uint64))
+    assert int.from_bytes(data[3:11].tobytes(), "little") == 0x101
+    assert int.from_bytes(data[11:19].tobytes(), "little") == 0x102
+    assert np.frombuffer(b"", dtype=REGION_REF_DTYPE).size == 0
