@@ -81,11 +81,19 @@ def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
 
 def as_tensor(buf) -> torch.Tensor:
-    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy)."""
+    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy),
+    with the view the buffer was named with (shape, strides, offset)."""
     raw = torch.as_tensor(_ByteView(buf), device="cuda")
     dtype = getattr(torch, buf.dtype) if buf.dtype and hasattr(torch, buf.dtype) else torch.uint8
     t = raw.view(dtype)
-    return t.reshape(buf.shape) if buf.dtype else t
+    if not buf.dtype:
+        return t
+    if buf.strides is None:
+        return t.reshape(buf.shape)
+    if any(s < 0 for s in buf.strides):
+        raise ValueError(f"buffer {buf.name!r} has negative strides {buf.strides}: a torch "
+                         "tensor cannot view it (use its __cuda_array_interface__)")
+    return torch.as_strided(t, buf.shape, buf.strides, buf.view_offset)
 
 
 class _ByteView:

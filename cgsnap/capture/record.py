@@ -26,7 +26,7 @@ from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage
                             Snapshot)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
-from .buffers import BufferSpec, expand_buffers
+from .buffers import expand_buffers
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 
@@ -78,25 +78,48 @@ class Recording:
             self.table.add(base, size, region.id, priority)
         return region
 
-    def add_named(self, spec: BufferSpec) -> Region:
-        parent = None
-        if spec.policy is not Policy.BOUND:
-            # A named buffer carved out of a larger allocation (a caching allocator's segment)
-            # is restored as a view of that allocation: other graphs may use the same memory.
-            rng = driver.address_range(spec.ptr)
-            if rng is not None and rng != (spec.ptr, spec.nbytes):
-                parent = self._allocation_region(*rng)
-        region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
-                                 dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
-        if parent is not None:
-            region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
-        return region
+    def add_named(self, specs: list) -> None:
+        """Regions for the named buffers. A buffer carved out of a larger allocation (a caching
+        allocator's segment) is restored as a view of that allocation, so that memory graphs
+        share stays shared; so are several buffers of one allocation (two views of one
+        storage), also when one of them spans all of it. A bound buffer is the caller's memory:
+        one that overlaps a buffer that is not bound cannot keep sharing it and is refused."""
+        _refuse_bound_overlaps(specs)
+        ranges = {}
+        for spec in specs:
+            if spec.policy is not Policy.BOUND:
+                rng = driver.address_range(spec.ptr)
+                if rng is not None and not (rng[0] <= spec.ptr and
+                                            spec.ptr + spec.nbytes <= rng[0] + rng[1]):
+                    rng = None      # (a view straddling two mappings: not one allocation)
+                ranges[spec.name] = rng
+        members: dict = {}
+        for spec in specs:
+            rng = ranges.get(spec.name)
+            if rng is not None:
+                members.setdefault(rng, []).append(spec)
+        _refuse_unshared_overlaps([s for s in specs if s.policy is not Policy.BOUND and
+                                   ranges.get(s.name) is None])
+        for spec in specs:
+            parent = None
+            rng = ranges.get(spec.name)
+            if rng is not None and (rng != (spec.ptr, spec.nbytes) or len(members[rng]) > 1):
+                # A buffer spanning the whole allocation carries all of its bytes: the
+                # allocation itself then needs none of its own.
+                whole = any((s.ptr, s.nbytes) == rng for s in members[rng])
+                parent = self._allocation_region(*rng, Policy.SCRATCH if whole else Policy.SAVED)
+            region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED,
+                                     name=spec.name, dtype=spec.dtype, shape=spec.shape,
+                                     policy=spec.policy, strides=spec.strides,
+                                     view_offset=spec.view_offset)
+            if parent is not None:
+                region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
 
-    def _allocation_region(self, base: int, size: int) -> Region:
+    def _allocation_region(self, base: int, size: int, policy: Policy = Policy.SAVED) -> Region:
         for r in self.regions:
             if r.kind is RegionKind.ALLOCATION and r.origin == base:
                 return r
-        policy, pool = Policy.SAVED, None
+        pool = None
         if self.allocation_policy is not None:
             policy, pool = self.allocation_policy(base, size) or (policy, pool)
         return self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
@@ -300,6 +323,33 @@ class Recording:
         return Ref(region.id, 0)
 
 
+def _overlapping_pairs(specs: list):
+    """Pairs of buffers whose bytes overlap (each pair once)."""
+    spans = sorted((s.ptr, s.ptr + s.nbytes, i) for i, s in enumerate(specs) if s.nbytes)
+    active: list = []
+    for start, end, i in spans:
+        active = [(e, j) for e, j in active if e > start]
+        for _, j in active:
+            yield specs[j], specs[i]
+        active.append((end, i))
+
+
+def _refuse_bound_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        if (a.policy is Policy.BOUND) != (b.policy is Policy.BOUND):
+            bound, other = (a, b) if a.policy is Policy.BOUND else (b, a)
+            raise CaptureError(f"named buffer {other.name!r} overlaps bound buffer "
+                               f"{bound.name!r}: bound memory is the restoring process's, so a "
+                               "view of it must be bound too (bind both), or name neither")
+
+
+def _refuse_unshared_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        raise CaptureError(f"named buffers {a.name!r} and {b.name!r} overlap but lie in no "
+                           "device allocation the driver knows: they cannot share memory "
+                           "after restore")
+
+
 def _table_bytes(rows) -> bytes:
     """A pointer table (rows of position, region, offset) as stored: u64 triples."""
     return np.array(rows, dtype="<u8").reshape(-1, 3).tobytes()
@@ -462,8 +512,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
     rec = Recording(device, resolver, host_callbacks, allocation_policy)
-    for spec in expand_buffers(buffers or {}):
-        rec.add_named(spec)
+    rec.add_named(expand_buffers(buffers or {}))
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
