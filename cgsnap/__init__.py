@@ -41,7 +41,7 @@ def capture(stream=None, mode: str = "thread_local"):
 
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
-             host_callbacks=None, meta=None, suspect_regions: str = "keep") -> Snapshot:
+             host_callbacks=None, meta=None) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
@@ -50,16 +50,11 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     to keep contents out of the file). ``record_outputs`` (default: when buffers are named)
     launches the graph once to record the named buffers' outputs for ``cgsnap replay --check``,
     then puts every region back as it was. ``host_callbacks``: ``{name: function}`` (the
-    ctypes function or address a host node calls) lets host-callback nodes travel by name.
-    ``suspect_regions="error"`` refuses (:class:`CaptureError`, naming node and argument) to
-    save an allocation of 1 MiB or more that only words inside struct arguments point at --
-    usually stale addresses in padding that would drag unrelated memory into the file; the
-    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect."""
+    ctypes function or address a host node calls) lets host-callback nodes travel by name."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
     return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
-                          record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
-                          suspect_regions=suspect_regions)
+                          record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta)
 
 
 def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:

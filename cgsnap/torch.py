@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .capture import buffers as _buffers
-from .capture.record import check_suspect_choice, snapshot_graph
+from .capture.record import snapshot_graph
 from .capture.stream_capture import graph_handle
 from .format.model import Policy
 from .format.snapfile import save as _save_file
@@ -42,11 +42,8 @@ def _graph_pool_segments() -> dict:
 
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
-             bound: Optional[dict] = None, model_name: str = "model",
-             suspect_regions: str = "keep") -> list:
-    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
-    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own."""
-    check_suspect_choice(suspect_regions)     # before any work, even with no graphs
+             bound: Optional[dict] = None, model_name: str = "model") -> list:
+    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address."""
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)
@@ -63,18 +60,15 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy, bound_hashes=bound_hashes,
-                           suspect_regions=suspect_regions)
+                           allocation_policy=allocation_policy, bound_hashes=bound_hashes)
             for name, g in graphs.items()]
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
-         suspect_regions: str = "keep"):
+         bound: Optional[dict] = None, compress: bool = False, prune: bool = True):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
     from .format.snapfile import merge
-    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
-                     suspect_regions=suspect_regions)
+    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..format.model import Policy, Ref, RegionKind
+from ..format.model import Ref
 
 # Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
 # kernels); words outside can never be pointers and are rejected without a lookup.
@@ -227,41 +227,3 @@ def dtype_alignment(dtype: Optional[str]) -> Optional[int]:
     if dtype.startswith("complex"):
         nbytes //= 2
     return nbytes if nbytes in (1, 2, 4, 8, 16) else None
-
-
-# ---- regions that only struct-interior words reach ----------------------------------------------
-
-WEAK_REGION_MIN = 1 << 20     # smaller regions cost the file little: not worth a warning
-
-
-def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
-    """``{region id: [(graph, node id, argument index, byte offset), ...]}`` for saved
-    allocations of at least ``min_size`` bytes that only words *inside* by-value struct
-    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
-    A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
-    "Known problems"); real pointers usually reach an allocation some other way too."""
-    candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
-                  and r.policy is Policy.SAVED and r.size >= min_size}
-    candidates -= {r.parent for r in snap.regions if r.parent is not None}
-    weak: dict = {}
-    strong: set = set()
-    for g in snap.graphs:
-        strong.update(g.checks)
-        for n in g.nodes:
-            if n.TYPE != "kernel":
-                strong.update(n.regions())
-                continue
-            layout = snap.kernels[n.kernel].params
-            for index, a in enumerate(n.arguments(layout)):
-                for offset, ref in a.refs:
-                    if len(a.data) == 8:
-                        strong.add(ref.region)
-                    elif ref.region in candidates:
-                        weak.setdefault(ref.region, []).append((g.name, n.id, index, offset))
-    return {rid: words for rid, words in sorted(weak.items()) if rid not in strong}
-
-
-def weakly_reached_regions(snap, min_size: int = WEAK_REGION_MIN) -> list:
-    """``[(region id, size, number of words), ...]`` of :func:`weak_region_words`."""
-    return [(rid, snap.regions[rid].size, len(words))
-            for rid, words in weak_region_words(snap, min_size).items()]

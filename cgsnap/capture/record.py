@@ -25,7 +25,6 @@ from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage
                             Region, RegionKind,
                             Snapshot)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
-from . import classify
 from .buffers import expand_buffers
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
@@ -469,44 +468,11 @@ def _versions() -> dict:
     return out
 
 
-SUSPECT_REGION_CHOICES = ("keep", "error")
-
-
-def check_suspect_choice(value: str) -> None:
-    """CaptureError unless ``value`` is a ``suspect_regions`` setting."""
-    if value not in SUSPECT_REGION_CHOICES:
-        raise CaptureError(f"suspect_regions={value!r}: expected one of "
-                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
-
-
-def _refuse_suspect_regions(rec: Recording, name: str) -> None:
-    """CaptureError when a saved allocation of 1 MiB or more is reached only by words inside
-    struct arguments (likely stale addresses in padding: docs/RELIABILITY.md, "Known
-    problems"), before anything is read from the device."""
-    probe = Snapshot(graphs=rec.graphs, regions=rec.regions, images=[], kernels=rec.kernels)
-    weak = classify.weak_region_words(probe)
-    if not weak:
-        return
-    lines = []
-    for rid, words in list(weak.items())[:3]:
-        r = rec.regions[rid]
-        where = ", ".join(f"graph {g!r} node {n} argument {a} byte {o}" for g, n, a, o in words[:2])
-        lines.append(f"region {rid}: {r.size} bytes of device memory at {r.origin:#x}, reached "
-                     f"only by {len(words)} word(s) inside struct arguments ({where}"
-                     f"{', ...' if len(words) > 2 else ''})")
-    raise CaptureError(f"snapshot {name!r}: {len(weak)} allocation(s) would be saved only because "
-                       "struct arguments hold their addresses, usually stale bytes in padding: "
-                       + "; ".join(lines) + ". Name or bind the memory if the graph uses it, or "
-                       "pass suspect_regions='keep' to save it.")
-
-
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
-                   allocation_policy=None, bound_hashes: Optional[dict] = None,
-                   suspect_regions: str = "keep") -> Snapshot:
+                   allocation_policy=None, bound_hashes: Optional[dict] = None) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
-    check_suspect_choice(suspect_regions)
     device = driver.current_device()
     if resolver is None:
         from ..kernels.registry import default_resolver
@@ -517,8 +483,6 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
     _drop_unused_allocations(rec)
-    if suspect_regions == "error":
-        _refuse_suspect_regions(rec, name)
     big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
     with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
         for r in rec.regions:     # contents as they are now, before any check launch

@@ -8,10 +8,10 @@ import json
 import struct
 
 from ..binary.demangle import demangle, short
-from ..capture.classify import plausible_address, weakly_reached_regions
+from ..capture.classify import plausible_address
 from ..format.model import Policy, Snapshot
 
-INFO_SCHEMA = 1
+INFO_SCHEMA = 2
 
 
 def _size(n: int) -> str:
@@ -69,8 +69,6 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
                      "symbol": r.symbol} for r in snap.regions],
-        "weakly_reached_regions": [{"id": rid, "size": size, "words": count}
-                                   for rid, size, count in weakly_reached_regions(snap)],
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
                   "saved_regions": sum(r.size for r in snap.regions if r.policy is Policy.SAVED),
@@ -147,10 +145,6 @@ def info_text(d: dict) -> str:
         out.append(f"  {'':>4}  {'module_global':<13} {'saved':<8} "
                    f"{_size(sum(r['size'] for r in globals_)):>12}  {len(globals_)} __device__ / "
                    "__constant__ variables of the kernels' modules (info --json lists them)")
-    for w in d.get("weakly_reached_regions", ()):
-        out.append(f"  suspect: region {w['id']} ({_size(w['size'])} saved) is reached only by "
-                   f"{w['words']} word(s) inside struct arguments -- a stale pointer may have "
-                   "dragged it in (docs/RELIABILITY.md, Known problems)")
     if d["events"]:
         out.append(f"\nevents    {d['events']}")
     return "\n".join(out) + "\n"
