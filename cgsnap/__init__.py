@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .capture.buffers import Bound, Saved, Scratch
+from .capture.classify import DEFAULT_POINTER_BUDGET
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
                      CompatibilityError, DriverError, FormatError, KernelNotFoundError,
                      RecorderError, RestoreError, SignatureError, UnsupportedNodeError)
@@ -41,20 +42,27 @@ def capture(stream=None, mode: str = "thread_local"):
 
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
-             host_callbacks=None, meta=None) -> Snapshot:
+             host_callbacks=None, meta=None, memory_pointers: str = "follow",
+             pointer_budget: int = DEFAULT_POINTER_BUDGET) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
-    ``buffers`` names device memory (torch tensors, CuPy arrays, objects with
-    ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` / :class:`Scratch`
-    to keep contents out of the file). ``record_outputs`` (default: when buffers are named)
-    launches the graph once to record the named buffers' outputs for ``cgsnap replay --check``,
-    then puts every region back as it was. ``host_callbacks``: ``{name: function}`` (the
-    ctypes function or address a host node calls) lets host-callback nodes travel by name."""
+    ``buffers`` names device memory (torch tensors of any strides, CuPy arrays, objects with
+    ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` /
+    :class:`Scratch` to keep contents out of the file). ``record_outputs`` (default: when
+    buffers are named) launches the graph once to record the named buffers' outputs for
+    ``cgsnap replay --check``, then puts every region back as it was. ``host_callbacks``:
+    ``{name: function}`` (the ctypes function or address a host node calls) lets
+    host-callback nodes travel by name. ``memory_pointers="follow"`` (the default) finds the
+    pointers stored in saved memory (pointer arrays, structs of pointers, ``__device__ T*``
+    globals), brings in the device allocations they reach, up to ``pointer_budget`` bytes
+    (:class:`CaptureError` beyond, naming the region and offset), and has the restore rewrite
+    them; ``"off"`` leaves saved contents as they are."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
     return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
-                          record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta)
+                          record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
+                          memory_pointers=memory_pointers, pointer_budget=pointer_budget)
 
 
 def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:

@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from .capture import buffers as _buffers
-from .capture.record import snapshot_graph
+from .capture.classify import DEFAULT_POINTER_BUDGET
+from .capture.record import check_memory_pointers, snapshot_graph
 from .capture.stream_capture import graph_handle
 from .format.model import Policy
 from .format.snapfile import save as _save_file
@@ -42,8 +43,13 @@ def _graph_pool_segments() -> dict:
 
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
-             bound: Optional[dict] = None, model_name: str = "model") -> list:
-    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address."""
+             bound: Optional[dict] = None, model_name: str = "model",
+             memory_pointers: str = "follow",
+             pointer_budget: int = DEFAULT_POINTER_BUDGET) -> list:
+    """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
+    ``memory_pointers`` / ``pointer_budget`` (see :func:`cgsnap.snapshot`) apply to each graph
+    on its own."""
+    check_memory_pointers(memory_pointers, pointer_budget)   # before any work
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)
@@ -60,15 +66,18 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy, bound_hashes=bound_hashes)
+                           allocation_policy=allocation_policy, bound_hashes=bound_hashes,
+                           memory_pointers=memory_pointers, pointer_budget=pointer_budget)
             for name, g in graphs.items()]
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False, prune: bool = True):
+         bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
+         memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
     from .format.snapfile import merge
-    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound)
+    snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
+                     memory_pointers=memory_pointers, pointer_budget=pointer_budget)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged

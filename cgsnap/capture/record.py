@@ -22,9 +22,9 @@ from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from ..format.hashing import region_hash
 from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage, Policy, Ref,
-                            Region, RegionKind,
-                            Snapshot)
+                            Region, RegionKind, Snapshot, remap_region_refs)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
+from . import classify
 from .buffers import expand_buffers
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
@@ -66,6 +66,7 @@ class Recording:
         # known: (node, position in params, Ref, word, where)
         self.pending: list = []
         self.decisions: list = []     # one line per decided word, for Snapshot.meta
+        self.initial_values: dict = {}    # image hash -> {symbol: bytes loading gives it}
 
     # ---- regions --------------------------------------------------------------------------
     def add_region(self, kind: RegionKind, base: int, size: int, priority: Optional[int],
@@ -358,6 +359,9 @@ def _table_bytes(rows) -> bytes:
 
 def _used_regions(rec: Recording) -> set:
     used = {r.parent for r in rec.regions if r.parent is not None}
+    for r in rec.regions:
+        if r.refs:
+            used.update(r.pointer_table()["region"].tolist())
     for g in rec.graphs:
         used.update(g.checks)
         for n in g.nodes:
@@ -371,7 +375,8 @@ def _keep_regions(rec: Recording, keep: list) -> None:
         return
     rmap = {r.id: i for i, r in enumerate(keep)}
     rec.regions = [dataclasses.replace(r, id=rmap[r.id],
-                                       parent=None if r.parent is None else rmap[r.parent])
+                                       parent=None if r.parent is None else rmap[r.parent],
+                                       refs=remap_region_refs(r.refs, rmap))
                    for r in keep]
     for g in rec.graphs:
         renumber = Renumbering(rmap)
@@ -387,27 +392,106 @@ def _drop_unused_allocations(rec: Recording) -> None:
                         if r.kind is not RegionKind.ALLOCATION or r.id in used])
 
 
+def _unchanged_global(rec: Recording, r: Region) -> bool:
+    """Whether module global ``r`` still holds what loading its image gives it."""
+    cache = rec.initial_values
+    if r.image not in cache:
+        try:
+            cache[r.image] = elf.global_initial_values(rec.images[r.image].data)
+        except BinaryFormatError:
+            cache[r.image] = {}
+    value = cache[r.image].get(r.symbol)
+    return value is not None and len(value) == r.size and \
+        np.asarray(r.data, dtype=np.uint8).tobytes() == value
+
+
 def _drop_unchanged_globals(rec: Recording) -> None:
-    """Module globals that no node points at and that still hold what loading their image
-    gives them need not travel: the restore's library load recreates them. Library modules
-    (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
-    the restore's per-region driver calls several times larger than the graphs themselves."""
-    initial: dict = {}
+    """Module globals that no node or stored pointer points at and that still hold what
+    loading their image gives them need not travel: the restore's library load recreates them.
+    Library modules (cuBLAS) define hundreds of such tables; carrying them made the file, its
+    validation and the restore's per-region driver calls several times larger than the graphs
+    themselves."""
     used = _used_regions(rec)
-    keep = []
-    for r in rec.regions:
-        if r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED and r.id not in used:
-            if r.image not in initial:
-                try:
-                    initial[r.image] = elf.global_initial_values(rec.images[r.image].data)
-                except BinaryFormatError:
-                    initial[r.image] = {}
-            value = initial[r.image].get(r.symbol)
-            if value is not None and len(value) == r.size and \
-                    np.asarray(r.data, dtype=np.uint8).tobytes() == value:
+    _keep_regions(rec, [r for r in rec.regions
+                        if not (r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED
+                                and r.id not in used and _unchanged_global(rec, r))])
+
+
+# ---- pointers stored in device memory ----------------------------------------------------------
+
+MEMORY_POINTER_CHOICES = ("follow", "off")
+
+
+def check_memory_pointers(value: str, budget: int) -> None:
+    """CaptureError unless ``value`` is a ``memory_pointers`` setting and ``budget`` a size."""
+    if value not in MEMORY_POINTER_CHOICES:
+        raise CaptureError(f"memory_pointers={value!r}: expected one of "
+                           f"{', '.join(MEMORY_POINTER_CHOICES)}")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise CaptureError(f"pointer_budget={budget!r}: expected a number of bytes")
+
+
+def _region_label(r: Region) -> str:
+    if r.kind is RegionKind.NAMED:
+        return f"buffer {r.name!r}"
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return f"module global {r.symbol}"
+    where = f" at {r.origin:#x}" if r.origin is not None else ""
+    return f"region {r.id} ({r.kind.value}{where})"
+
+
+def _scannable(rec: Recording, r: Region) -> bool:
+    """What is scanned for stored pointers: saved contents of allocations, of named buffers of
+    an integer (or no) dtype, of host memory copies read, and of module globals that no longer
+    hold their image's initial value (what still does cannot hold an address of this
+    process)."""
+    if r.policy is not Policy.SAVED or r.size < 8:
+        return False
+    if r.kind is RegionKind.NAMED:
+        return classify.holds_pointers(r.dtype)
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return not _unchanged_global(rec, r)
+    return r.kind in (RegionKind.ALLOCATION, RegionKind.HOST)
+
+
+def _strong_argument_values(rec: Recording) -> set:
+    """The values of the kernel arguments' strong pointers: evidence for ambiguous words."""
+    values = set()
+    for g in rec.graphs:
+        for n in g.nodes:
+            if n.TYPE != "kernel" or not n.refs:
                 continue
-        keep.append(r)
-    _keep_regions(rec, keep)
+            whole = {off for off, size in rec.kernels[n.kernel].params if size == 8}
+            for pos in n.pointer_table()["pos"].tolist():
+                word = int.from_bytes(n.params[pos:pos + 8], "little")
+                if classify.strong(word, pos in whole):
+                    values.add(word)
+    return values
+
+
+def _follow_memory_pointers(rec: Recording, name: str, budget: int, stager) -> None:
+    """Scan what is saved for stored pointers (classify.MemoryPointers), bring in the
+    allocations they reach (contents read now, like the others'), record each word in its
+    region's ``refs``."""
+    def read(region: Region):
+        """Contents of a region brought in, read once it is within the budgets."""
+        if region.data is None:
+            region.data = _read_region(region, stager)
+            region.content_hash = region_hash(region.data, stager.pool if stager else None)
+        return region.data
+
+    scan = classify.MemoryPointers(
+        rec.regions, rec.table, driver.address_range, rec._allocation_region, read,
+        lambda r: _scannable(rec, r), lambda rid: _region_label(rec.regions[rid]),
+        _strong_argument_values(rec), budget=budget, what=f"snapshot {name!r}")
+    result = scan.run()
+    for rid in result.added:
+        if rec.regions[rid].policy is Policy.SAVED:
+            read(rec.regions[rid])
+    for rid, rows in result.refs.items():
+        if rows:
+            rec.regions[rid].refs = _table_bytes(rows)
+    rec.decisions.extend(result.decisions)
 
 
 def _read_region(region: Region, stager=None) -> np.ndarray:
@@ -471,8 +555,11 @@ def _versions() -> dict:
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
-                   allocation_policy=None, bound_hashes: Optional[dict] = None) -> Snapshot:
+                   allocation_policy=None, bound_hashes: Optional[dict] = None,
+                   memory_pointers: str = "follow",
+                   pointer_budget: int = classify.DEFAULT_POINTER_BUDGET) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
+    check_memory_pointers(memory_pointers, pointer_budget)
     device = driver.current_device()
     if resolver is None:
         from ..kernels.registry import default_resolver
@@ -498,6 +585,8 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                     cache[key] = region_hash(_read_region(r, stager),
                                              stager.pool if stager else None)
                 r.content_hash = cache[key]
+        if memory_pointers == "follow":
+            _follow_memory_pointers(rec, name, pointer_budget, stager)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

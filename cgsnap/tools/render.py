@@ -9,7 +9,7 @@ import struct
 
 from ..binary.demangle import demangle, short
 from ..capture.classify import plausible_address
-from ..format.model import Policy, Snapshot
+from ..format.model import Policy, Ref, Snapshot
 
 INFO_SCHEMA = 2
 
@@ -68,7 +68,11 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
         "regions": [{"id": r.id, "kind": r.kind.value, "name": r.name, "size": r.size,
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
-                     "symbol": r.symbol} for r in snap.regions],
+                     "strides": list(r.strides) if r.strides is not None else None,
+                     "view_offset": r.view_offset, "symbol": r.symbol,
+                     "memory_refs": len(r.refs) // 24} for r in snap.regions],
+        "memory_refs": {"words": sum(len(r.refs) // 24 for r in snap.regions),
+                        "regions": sum(1 for r in snap.regions if r.refs)},
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
                   "saved_regions": sum(r.size for r in snap.regions if r.policy is Policy.SAVED),
@@ -105,6 +109,10 @@ def info_text(d: dict) -> str:
         out.append(f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}")
     if d["meta"].get("images_not_pruned"):
         out.append(f"images    kept whole: {d['meta']['images_not_pruned']}")
+    mem = d.get("memory_refs") or {}
+    if mem.get("words"):
+        out.append(f"pointers  {mem['words']} words stored in {mem['regions']} saved region(s) "
+                   "point into regions: rewritten at restore (show lists them)")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
@@ -139,6 +147,11 @@ def info_text(d: dict) -> str:
         extra = ""
         if r["dtype"]:
             extra = f"  {r['dtype']}{r['shape'] if r['shape'] is not None else ''}"
+        if r.get("strides") is not None:
+            extra += f" strides {tuple(r['strides'])}" + (f" offset {r['view_offset']}"
+                                                        if r["view_offset"] else "")
+        if r.get("memory_refs"):
+            extra += f"  ({r['memory_refs']} stored pointers)"
         out.append(f"  {r['id']:>4}  {r['kind']:<13} {r['policy']:<8} {_size(r['size']):>12}  "
                    f"{label}{extra}")
     if len(globals_) > 8:
@@ -190,6 +203,24 @@ def node_lines(snap: Snapshot, n) -> list:
     return n.describe(_Describer(snap))
 
 
+SHOW_MEMORY_REFS = 16      # stored pointers listed per region by ``show``
+
+
+def memory_ref_lines(snap: Snapshot, limit: int = SHOW_MEMORY_REFS) -> list:
+    """The pointers stored in saved regions, per region: what ``show`` lists after the graphs."""
+    out = []
+    for r in snap.regions:
+        if not r.refs:
+            continue
+        table = r.pointer_table()
+        out.append(f"{_region_label(snap, r.id)}: {len(table)} stored pointer(s)")
+        for off, target, toff in table[:limit].tolist():
+            out.append(f"  +{off:#x} → {_ref_text(snap, Ref(target, toff))}")
+        if len(table) > limit:
+            out.append(f"  … {len(table) - limit} more")
+    return out
+
+
 def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
     out = []
     for g in snap.graphs:
@@ -209,6 +240,11 @@ def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
                 line = line if len(line) <= width - 4 else line[:width - 5] + "…"
                 out.append("│ " + line.ljust(width - 4) + " │")
             out.append("└" + "─" * (width - 2) + "┘")
+        out.append("")
+    refs = memory_ref_lines(snap)
+    if refs:
+        out.append("pointers stored in region contents (rewritten at restore)")
+        out.extend(refs)
         out.append("")
     return "\n".join(out)
 
