@@ -64,7 +64,11 @@ class Space:
                               self.read, lambda r: r.policy is Policy.SAVED and
                               (r.kind is not RegionKind.NAMED or holds_pointers(r.dtype)),
                               lambda rid: f"region {rid}", strong, **kw)
-        return scan.run()
+        res = scan.run()
+        for rid, rows in res.refs.items():        # as lists of tuples, to compare
+            assert rows.dtype == np.uint64 and rows.shape[1] == 3
+            res.refs[rid] = [tuple(r) for r in rows.tolist()]
+        return res
 
     def find(self, base: int) -> int:
         return next(r.id for r in self.regions if r.origin == base)

@@ -351,7 +351,8 @@ def near_int_words(words: np.ndarray, window: int = WINDOW) -> np.ndarray:
 
 @dataclass
 class ScanResult:
-    refs: dict          # region id -> [(offset, target region, target offset), ...] sorted
+    refs: dict          # region id -> rows (offset, target region, target offset), (n, 3) uint64,
+                        # sorted by offset
     decisions: list     # one line per ambiguous word decided
     added: list         # ids of the regions brought in by stored pointers
     added_bytes: int    # saved bytes among them
@@ -367,7 +368,8 @@ class MemoryPointers:
     it is within the budgets); ``read(region)``: its contents, read on first use;
     ``scannable(region)``: whether its contents are scanned; ``describe(rid)``: how errors and
     decisions name a region; ``strong_values``: words the kernel arguments use as strong
-    pointers (evidence for ambiguous words). Budgets: ``budget`` saved bytes and
+    pointers (evidence for ambiguous words: the only evidence there is, as a stored word
+    that is not ambiguous never has an ambiguous word's value). Budgets: ``budget`` saved bytes and
     ``max_regions`` allocations brought in, ``max_lookups`` driver lookups; past any of them a
     CaptureError names the region, the offset and the budget."""
 
@@ -378,7 +380,8 @@ class MemoryPointers:
         self.regions, self.table, self.locate = regions, table, locate
         self.add_allocation, self.read, self.scannable = add_allocation, read, scannable
         self.describe = describe
-        self.strong = [np.array(sorted(strong_values), dtype=np.uint64)]
+        self.strong = np.array(sorted(strong_values), dtype=np.uint64)
+        self.rows: dict = {}               # region id -> [(offsets, targets, target offsets)]
         self.budget, self.max_regions, self.max_lookups = budget, max_regions, max_lookups
         self.what = what
         self.lookups = 0
@@ -481,8 +484,11 @@ class MemoryPointers:
                 self._decide(pending)
                 pending = []
         res = self.result
-        for rid, rows in res.refs.items():
-            rows.sort()
+        for rid, chunks in self.rows.items():
+            table = np.concatenate([np.stack([np.asarray(c, dtype=np.uint64) for c in chunk],
+                                             axis=1) for chunk in chunks])
+            if len(table):
+                res.refs[rid] = table[np.argsort(table[:, 0], kind="stable")]
         return res
 
     def _children(self, rid: int) -> tuple:
@@ -512,34 +518,35 @@ class MemoryPointers:
                 if w not in located:
                     located[w] = self._locate(w, rid, int(offsets[i]))
         amb = near_int_words(words)
-        rows = self.result.refs.setdefault(rid, [])
-        pending = []
+        rows = self.rows.setdefault(rid, [])
         sure = ~amb & (targets >= 0)
-        for t in np.unique(targets[sure]).tolist():
-            self._check_target(t, rid, int(offsets[sure][targets[sure] == t][0]),
-                               int(words[sure][targets[sure] == t][0]))
-        rows.extend(zip(offsets[sure].tolist(), targets[sure].tolist(), toffs[sure].tolist()))
+        late = np.array([r.kind is RegionKind.GRAPH_ALLOC for r in self.regions], dtype=bool)
+        bad = np.flatnonzero(sure & late[np.maximum(targets, 0)])
+        if len(bad):
+            i = int(bad[0])
+            self._check_target(int(targets[i]), rid, int(offsets[i]), int(words[i]))
+        rows.append((offsets[sure], targets[sure], toffs[sure]))
+        extra = []
         for i in np.flatnonzero(~amb & (targets < 0)).tolist():
             w = int(words[i])
             rng = located.get(w)
             if rng is not None:
-                t = self._bring_in(rng, rid, int(offsets[i]), w)
-                rows.append((int(offsets[i]), t, w - rng[0]))
+                extra.append((int(offsets[i]), self._bring_in(rng, rid, int(offsets[i]), w),
+                              w - rng[0]))
+        if extra:
+            rows.append(tuple(zip(*extra)))
+        pending = []
         for i in np.flatnonzero(amb).tolist():
             w = int(words[i])
             if targets[i] >= 0:
                 pending.append((rid, int(offsets[i]), w, Ref(int(targets[i]), int(toffs[i]))))
             elif located.get(w) is not None:
                 pending.append((rid, int(offsets[i]), w, located[w]))
-        strong = words[~amb]
-        strong = strong[~near_int_words(strong, EVIDENCE_WINDOW)]
-        self.strong.append(strong)
         return pending
 
     def _decide(self, pending: list) -> None:
-        strong = np.concatenate(self.strong)
         values = np.array([w for _, _, w, _ in pending], dtype=np.uint64)
-        vouched = np.isin(values, strong)
+        vouched = np.isin(values, self.strong)
         for (rid, offset, word, target), value_is_pointer in zip(pending, vouched.tolist()):
             if isinstance(target, Ref):
                 toff, alignment = target.offset, dtype_alignment(self.regions[target.region].dtype)
@@ -553,4 +560,4 @@ class MemoryPointers:
             t = target.region if isinstance(target, Ref) else \
                 self._bring_in(target, rid, offset, word)
             self._check_target(t, rid, offset, word)
-            self.result.refs.setdefault(rid, []).append((offset, t, toff))
+            self.rows.setdefault(rid, []).append(((offset,), (t,), (toff,)))

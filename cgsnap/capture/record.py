@@ -488,9 +488,8 @@ def _follow_memory_pointers(rec: Recording, name: str, budget: int, stager) -> N
     for rid in result.added:
         if rec.regions[rid].policy is Policy.SAVED:
             read(rec.regions[rid])
-    for rid, rows in result.refs.items():
-        if rows:
-            rec.regions[rid].refs = _table_bytes(rows)
+    for rid, table in result.refs.items():
+        rec.regions[rid].refs = table.astype("<u8").tobytes()
     rec.decisions.extend(result.decisions)
 
 
