@@ -6,6 +6,8 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from synthetic import make_snapshot
 
 import cgsnap
@@ -176,3 +178,35 @@ def test_patches_at_unaligned_offsets():
     assert int.from_bytes(data[3:11].tobytes(), "little") == 0x101
     assert int.from_bytes(data[11:19].tobytes(), "little") == 0x102
     assert np.frombuffer(b"", dtype=REGION_REF_DTYPE).size == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(st.integers(0, 4100), st.integers(0, 7),
+                                  st.integers(0, 1 << 12)), max_size=6),
+       rid=st.sampled_from([0, 2, 3]))
+def test_region_pointer_tables_are_validated_exactly(entries, rid):
+    """Any stored-pointer table is refused with a FormatError naming regions[i].refs, or obeys
+    every rule -- and then plans into patches that stay inside the region."""
+    snap = make_snapshot()
+    manifest, sizes = manifest_and_sizes(snap)
+    manifest["regions"][rid]["refs"] = table(*entries) if entries else b""
+    region_sizes = [r["size"] for r in manifest["regions"]]
+    kinds = [r["kind"] for r in manifest["regions"]]
+    size = region_sizes[rid]
+    valid = len(entries) <= size // 8 and \
+        all(o + 8 <= size and t < len(region_sizes) and to <= region_sizes[t] and
+            kinds[t] != "graph_alloc" for o, t, to in entries) and \
+        all(b[0] >= a[0] + 8 for a, b in zip(entries, entries[1:]))
+    try:
+        back = Snapshot.from_manifest(manifest, sizes, "x.cgsnap")
+    except FormatError as exc:
+        assert not valid, exc
+        assert f"regions[{rid}].refs" in str(exc)
+        return
+    assert valid
+    if entries:
+        p = region_patches(back)[rid]
+        data = np.zeros(size, dtype=np.uint8)
+        p.apply(data, np.arange(len(region_sizes), dtype=np.uint64) << np.uint64(32))
+        assert [int.from_bytes(data[o:o + 8].tobytes(), "little") for o, _, _ in entries] == \
+            [(t << 32) + to for _, t, to in entries]
