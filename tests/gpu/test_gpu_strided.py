@@ -150,6 +150,16 @@ def test_two_torch_views_of_one_storage(tmp_path):
     torch.cuda.synchronize()
     out = _two_views_restore(path, "tviews", "x", "xt", "y", (512, 1024), tmp_path)
     assert np.array_equal(out.view(np.uint8), y.cpu().numpy().view(np.uint8))
+    # cgsnap.torch gives back the same views, over the same memory.
+    import cgsnap.torch
+    with cgsnap.torch.load(path) as graphs:
+        tx, txt, ty = graphs.tensor("x"), graphs.tensor("xt"), graphs.tensor("y")
+        assert txt.stride() == xt.stride() and ty.stride() == y.stride()
+        assert txt.data_ptr() == tx.data_ptr()
+        tx.copy_(torch.from_numpy(new))
+        graphs["tviews"].replay()
+        torch.cuda.synchronize()
+        assert torch.equal(txt, tx.t()) and torch.equal(ty, y)
 
 
 class CudaArray:
