@@ -30,7 +30,8 @@ import torch
 
 from .capture import buffers as _buffers
 from .capture import philox
-from .capture.record import check_suspect_choice, snapshot_graph
+from .capture.classify import DEFAULT_POINTER_BUDGET
+from .capture.record import check_memory_pointers, snapshot_graph
 from .capture.stream_capture import graph_handle
 from .cuda import driver
 from .cuda import graphs as cuda_graphs
@@ -53,13 +54,15 @@ def _graph_pool_segments() -> dict:
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
-             suspect_regions: str = "keep", generators: Optional[dict] = None) -> list:
+             memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
+             generators: Optional[dict] = None) -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
-    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own.
-    Graphs that draw random numbers carry their generator's state (see :func:`_record_rng`);
-    ``generators``: ``{name: torch.Generator}`` for graphs that draw from generators of their
-    own (registered with ``register_generator_state`` before capture), besides the default."""
-    check_suspect_choice(suspect_regions)     # before any work, even with no graphs
+    ``memory_pointers`` / ``pointer_budget`` (see :func:`cgsnap.snapshot`) apply to each graph
+    on its own. Graphs that draw random numbers carry their generator's state (see
+    :func:`_record_rng`); ``generators``: ``{name: torch.Generator}`` for graphs that draw from
+    generators of their own (registered with ``register_generator_state`` before capture),
+    besides the default."""
+    check_memory_pointers(memory_pointers, pointer_budget)   # before any work
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)
@@ -77,7 +80,7 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     snaps = [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
                             allocation_policy=allocation_policy, bound_hashes=bound_hashes,
-                            suspect_regions=suspect_regions)
+                            memory_pointers=memory_pointers, pointer_budget=pointer_budget)
              for name, g in graphs.items()]
     _record_rng(snaps, list(graphs.values()), generators)
     return snaps
@@ -85,11 +88,13 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
          bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
-         suspect_regions: str = "keep", generators: Optional[dict] = None):
+         memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
+         generators: Optional[dict] = None):
     """Snapshot every graph and write them to one file; returns the merged snapshot."""
     from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
-                     suspect_regions=suspect_regions, generators=generators)
+                     memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                     generators=generators)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged
@@ -235,11 +240,19 @@ def _write_saved_words(snap, states: list) -> None:
 
 
 def as_tensor(buf) -> torch.Tensor:
-    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy)."""
+    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy),
+    with the view the buffer was named with (shape, strides, offset)."""
     raw = torch.as_tensor(_ByteView(buf), device="cuda")
     dtype = getattr(torch, buf.dtype) if buf.dtype and hasattr(torch, buf.dtype) else torch.uint8
     t = raw.view(dtype)
-    return t.reshape(buf.shape) if buf.dtype else t
+    if not buf.dtype:
+        return t
+    if buf.strides is None:
+        return t.reshape(buf.shape)
+    if any(s < 0 for s in buf.strides):
+        raise ValueError(f"buffer {buf.name!r} has negative strides {buf.strides}: a torch "
+                         "tensor cannot view it (use its __cuda_array_interface__)")
+    return torch.as_strided(t, buf.shape, buf.strides, buf.view_offset)
 
 
 class _ByteView:

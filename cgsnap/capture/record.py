@@ -22,11 +22,10 @@ from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from ..format.hashing import region_hash
 from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage, Policy, Ref,
-                            Region, RegionKind,
-                            Snapshot)
+                            Region, RegionKind, Snapshot, remap_region_refs)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
-from .buffers import BufferSpec, expand_buffers
+from .buffers import expand_buffers
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 
@@ -67,6 +66,7 @@ class Recording:
         # known: (node, position in params, Ref, word, where)
         self.pending: list = []
         self.decisions: list = []     # one line per decided word, for Snapshot.meta
+        self.initial_values: dict = {}    # image hash -> {symbol: bytes loading gives it}
 
     # ---- regions --------------------------------------------------------------------------
     def add_region(self, kind: RegionKind, base: int, size: int, priority: Optional[int],
@@ -78,25 +78,48 @@ class Recording:
             self.table.add(base, size, region.id, priority)
         return region
 
-    def add_named(self, spec: BufferSpec) -> Region:
-        parent = None
-        if spec.policy is not Policy.BOUND:
-            # A named buffer carved out of a larger allocation (a caching allocator's segment)
-            # is restored as a view of that allocation: other graphs may use the same memory.
-            rng = driver.address_range(spec.ptr)
-            if rng is not None and rng != (spec.ptr, spec.nbytes):
-                parent = self._allocation_region(*rng)
-        region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
-                                 dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
-        if parent is not None:
-            region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
-        return region
+    def add_named(self, specs: list) -> None:
+        """Regions for the named buffers. A buffer carved out of a larger allocation (a caching
+        allocator's segment) is restored as a view of that allocation, so that memory graphs
+        share stays shared; so are several buffers of one allocation (two views of one
+        storage), also when one of them spans all of it. A bound buffer is the caller's memory:
+        one that overlaps a buffer that is not bound cannot keep sharing it and is refused."""
+        _refuse_bound_overlaps(specs)
+        ranges = {}
+        for spec in specs:
+            if spec.policy is not Policy.BOUND:
+                rng = driver.address_range(spec.ptr)
+                if rng is not None and not (rng[0] <= spec.ptr and
+                                            spec.ptr + spec.nbytes <= rng[0] + rng[1]):
+                    rng = None      # (a view straddling two mappings: not one allocation)
+                ranges[spec.name] = rng
+        members: dict = {}
+        for spec in specs:
+            rng = ranges.get(spec.name)
+            if rng is not None:
+                members.setdefault(rng, []).append(spec)
+        _refuse_unshared_overlaps([s for s in specs if s.policy is not Policy.BOUND and
+                                   ranges.get(s.name) is None])
+        for spec in specs:
+            parent = None
+            rng = ranges.get(spec.name)
+            if rng is not None and (rng != (spec.ptr, spec.nbytes) or len(members[rng]) > 1):
+                # A buffer spanning the whole allocation carries all of its bytes: the
+                # allocation itself then needs none of its own.
+                whole = any((s.ptr, s.nbytes) == rng for s in members[rng])
+                parent = self._allocation_region(*rng, Policy.SCRATCH if whole else Policy.SAVED)
+            region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED,
+                                     name=spec.name, dtype=spec.dtype, shape=spec.shape,
+                                     policy=spec.policy, strides=spec.strides,
+                                     view_offset=spec.view_offset)
+            if parent is not None:
+                region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
 
-    def _allocation_region(self, base: int, size: int) -> Region:
+    def _allocation_region(self, base: int, size: int, policy: Policy = Policy.SAVED) -> Region:
         for r in self.regions:
             if r.kind is RegionKind.ALLOCATION and r.origin == base:
                 return r
-        policy, pool = Policy.SAVED, None
+        pool = None
         if self.allocation_policy is not None:
             policy, pool = self.allocation_policy(base, size) or (policy, pool)
         return self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
@@ -303,6 +326,33 @@ class Recording:
         return Ref(region.id, 0)
 
 
+def _overlapping_pairs(specs: list):
+    """Pairs of buffers whose bytes overlap (each pair once)."""
+    spans = sorted((s.ptr, s.ptr + s.nbytes, i) for i, s in enumerate(specs) if s.nbytes)
+    active: list = []
+    for start, end, i in spans:
+        active = [(e, j) for e, j in active if e > start]
+        for _, j in active:
+            yield specs[j], specs[i]
+        active.append((end, i))
+
+
+def _refuse_bound_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        if (a.policy is Policy.BOUND) != (b.policy is Policy.BOUND):
+            bound, other = (a, b) if a.policy is Policy.BOUND else (b, a)
+            raise CaptureError(f"named buffer {other.name!r} overlaps bound buffer "
+                               f"{bound.name!r}: bound memory is the restoring process's, so a "
+                               "view of it must be bound too (bind both), or name neither")
+
+
+def _refuse_unshared_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        raise CaptureError(f"named buffers {a.name!r} and {b.name!r} overlap but lie in no "
+                           "device allocation the driver knows: they cannot share memory "
+                           "after restore")
+
+
 def _table_bytes(rows) -> bytes:
     """A pointer table (rows of position, region, offset) as stored: u64 triples."""
     return np.array(rows, dtype="<u8").reshape(-1, 3).tobytes()
@@ -312,6 +362,9 @@ def _table_bytes(rows) -> bytes:
 
 def _used_regions(rec: Recording) -> set:
     used = {r.parent for r in rec.regions if r.parent is not None}
+    for r in rec.regions:
+        if r.refs:
+            used.update(r.pointer_table()["region"].tolist())
     for g in rec.graphs:
         used.update(g.checks)
         for n in g.nodes:
@@ -325,7 +378,8 @@ def _keep_regions(rec: Recording, keep: list) -> None:
         return
     rmap = {r.id: i for i, r in enumerate(keep)}
     rec.regions = [dataclasses.replace(r, id=rmap[r.id],
-                                       parent=None if r.parent is None else rmap[r.parent])
+                                       parent=None if r.parent is None else rmap[r.parent],
+                                       refs=remap_region_refs(r.refs, rmap))
                    for r in keep]
     for g in rec.graphs:
         renumber = Renumbering(rmap)
@@ -342,27 +396,105 @@ def _drop_unused_allocations(rec: Recording) -> None:
                         if r.kind is not RegionKind.ALLOCATION or r.id in used])
 
 
+def _unchanged_global(rec: Recording, r: Region) -> bool:
+    """Whether module global ``r`` still holds what loading its image gives it."""
+    cache = rec.initial_values
+    if r.image not in cache:
+        try:
+            cache[r.image] = elf.global_initial_values(rec.images[r.image].data)
+        except BinaryFormatError:
+            cache[r.image] = {}
+    value = cache[r.image].get(r.symbol)
+    return value is not None and len(value) == r.size and \
+        np.asarray(r.data, dtype=np.uint8).tobytes() == value
+
+
 def _drop_unchanged_globals(rec: Recording) -> None:
-    """Module globals that no node points at and that still hold what loading their image
-    gives them need not travel: the restore's library load recreates them. Library modules
-    (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
-    the restore's per-region driver calls several times larger than the graphs themselves."""
-    initial: dict = {}
+    """Module globals that no node or stored pointer points at and that still hold what
+    loading their image gives them need not travel: the restore's library load recreates them.
+    Library modules (cuBLAS) define hundreds of such tables; carrying them made the file, its
+    validation and the restore's per-region driver calls several times larger than the graphs
+    themselves."""
     used = _used_regions(rec)
-    keep = []
-    for r in rec.regions:
-        if r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED and r.id not in used:
-            if r.image not in initial:
-                try:
-                    initial[r.image] = elf.global_initial_values(rec.images[r.image].data)
-                except BinaryFormatError:
-                    initial[r.image] = {}
-            value = initial[r.image].get(r.symbol)
-            if value is not None and len(value) == r.size and \
-                    np.asarray(r.data, dtype=np.uint8).tobytes() == value:
+    _keep_regions(rec, [r for r in rec.regions
+                        if not (r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED
+                                and r.id not in used and _unchanged_global(rec, r))])
+
+
+# ---- pointers stored in device memory ----------------------------------------------------------
+
+MEMORY_POINTER_CHOICES = ("follow", "off")
+
+
+def check_memory_pointers(value: str, budget: int) -> None:
+    """CaptureError unless ``value`` is a ``memory_pointers`` setting and ``budget`` a size."""
+    if value not in MEMORY_POINTER_CHOICES:
+        raise CaptureError(f"memory_pointers={value!r}: expected one of "
+                           f"{', '.join(MEMORY_POINTER_CHOICES)}")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise CaptureError(f"pointer_budget={budget!r}: expected a number of bytes")
+
+
+def _region_label(r: Region) -> str:
+    if r.kind is RegionKind.NAMED:
+        return f"buffer {r.name!r}"
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return f"module global {r.symbol}"
+    where = f" at {r.origin:#x}" if r.origin is not None else ""
+    return f"region {r.id} ({r.kind.value}{where})"
+
+
+def _scannable(rec: Recording, r: Region) -> bool:
+    """What is scanned for stored pointers: saved contents of allocations, of named buffers of
+    an integer (or no) dtype, of host memory copies read, and of module globals that no longer
+    hold their image's initial value (what still does cannot hold an address of this
+    process)."""
+    if r.policy is not Policy.SAVED or r.size < 8:
+        return False
+    if r.kind is RegionKind.NAMED:
+        return classify.holds_pointers(r.dtype)
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return not _unchanged_global(rec, r)
+    return r.kind in (RegionKind.ALLOCATION, RegionKind.HOST)
+
+
+def _strong_argument_values(rec: Recording) -> set:
+    """The values of the kernel arguments' strong pointers: evidence for ambiguous words."""
+    values = set()
+    for g in rec.graphs:
+        for n in g.nodes:
+            if n.TYPE != "kernel" or not n.refs:
                 continue
-        keep.append(r)
-    _keep_regions(rec, keep)
+            whole = {off for off, size in rec.kernels[n.kernel].params if size == 8}
+            for pos in n.pointer_table()["pos"].tolist():
+                word = int.from_bytes(n.params[pos:pos + 8], "little")
+                if classify.strong(word, pos in whole):
+                    values.add(word)
+    return values
+
+
+def _follow_memory_pointers(rec: Recording, name: str, budget: int, stager) -> None:
+    """Scan what is saved for stored pointers (classify.MemoryPointers), bring in the
+    allocations they reach (contents read now, like the others'), record each word in its
+    region's ``refs``."""
+    def read(region: Region):
+        """Contents of a region brought in, read once it is within the budgets."""
+        if region.data is None:
+            region.data = _read_region(region, stager)
+            region.content_hash = region_hash(region.data, stager.pool if stager else None)
+        return region.data
+
+    scan = classify.MemoryPointers(
+        rec.regions, rec.table, driver.address_range, rec._allocation_region, read,
+        lambda r: _scannable(rec, r), lambda rid: _region_label(rec.regions[rid]),
+        _strong_argument_values(rec), budget=budget, what=f"snapshot {name!r}")
+    result = scan.run()
+    for rid in result.added:
+        if rec.regions[rid].policy is Policy.SAVED:
+            read(rec.regions[rid])
+    for rid, table in result.refs.items():
+        rec.regions[rid].refs = table.astype("<u8").tobytes()
+    rec.decisions.extend(result.decisions)
 
 
 def _read_region(region: Region, stager=None) -> np.ndarray:
@@ -423,57 +555,24 @@ def _versions() -> dict:
     return out
 
 
-SUSPECT_REGION_CHOICES = ("keep", "error")
-
-
-def check_suspect_choice(value: str) -> None:
-    """CaptureError unless ``value`` is a ``suspect_regions`` setting."""
-    if value not in SUSPECT_REGION_CHOICES:
-        raise CaptureError(f"suspect_regions={value!r}: expected one of "
-                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
-
-
-def _refuse_suspect_regions(rec: Recording, name: str) -> None:
-    """CaptureError when a saved allocation of 1 MiB or more is reached only by words inside
-    struct arguments (likely stale addresses in padding: docs/RELIABILITY.md, "Known
-    problems"), before anything is read from the device."""
-    probe = Snapshot(graphs=rec.graphs, regions=rec.regions, images=[], kernels=rec.kernels)
-    weak = classify.weak_region_words(probe)
-    if not weak:
-        return
-    lines = []
-    for rid, words in list(weak.items())[:3]:
-        r = rec.regions[rid]
-        where = ", ".join(f"graph {g!r} node {n} argument {a} byte {o}" for g, n, a, o in words[:2])
-        lines.append(f"region {rid}: {r.size} bytes of device memory at {r.origin:#x}, reached "
-                     f"only by {len(words)} word(s) inside struct arguments ({where}"
-                     f"{', ...' if len(words) > 2 else ''})")
-    raise CaptureError(f"snapshot {name!r}: {len(weak)} allocation(s) would be saved only because "
-                       "struct arguments hold their addresses, usually stale bytes in padding: "
-                       + "; ".join(lines) + ". Name or bind the memory if the graph uses it, or "
-                       "pass suspect_regions='keep' to save it.")
-
-
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
                    allocation_policy=None, bound_hashes: Optional[dict] = None,
-                   suspect_regions: str = "keep") -> Snapshot:
+                   memory_pointers: str = "follow",
+                   pointer_budget: int = classify.DEFAULT_POINTER_BUDGET) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
-    check_suspect_choice(suspect_regions)
+    check_memory_pointers(memory_pointers, pointer_budget)
     device = driver.current_device()
     if resolver is None:
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
     rec = Recording(device, resolver, host_callbacks, allocation_policy)
-    for spec in expand_buffers(buffers or {}):
-        rec.add_named(spec)
+    rec.add_named(expand_buffers(buffers or {}))
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
     _drop_unused_allocations(rec)
-    if suspect_regions == "error":
-        _refuse_suspect_regions(rec, name)
     big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
     with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
         for r in rec.regions:     # contents as they are now, before any check launch
@@ -489,6 +588,8 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                     cache[key] = region_hash(_read_region(r, stager),
                                              stager.pool if stager else None)
                 r.content_hash = cache[key]
+        if memory_pointers == "follow":
+            _follow_memory_pointers(rec, name, pointer_budget, stager)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Union
 
 from ..errors import CaptureError
 from . import fileformat
-from .model import MAX_DECISIONS_KEPT, Graph, Region, RegionKind, Snapshot
+from .model import MAX_DECISIONS_KEPT, Graph, Region, RegionKind, Snapshot, remap_region_refs
 from .nodes import Renumbering
 from .trace import remap_trace
 
@@ -43,14 +43,17 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events = [], set(), 0
     for snap in snaps:
-        rmap = {}
+        rmap, added = {}, []
         for r in snap.regions:     # parents precede their children, so rmap has them
             key = _region_key(r)
             if key not in region_ids:
                 region_ids[key] = len(regions)
                 parent = rmap[r.parent] if r.parent is not None else None
                 regions.append(dataclasses.replace(r, id=len(regions), parent=parent))
+                added.append(regions[-1])
             rmap[r.id] = region_ids[key]
+        for r in added:            # stored pointers may name any region of their snapshot
+            r.refs = remap_region_refs(r.refs, rmap)
         for im in snap.images:
             images.setdefault(im.hash, im)
         kmap = {}
