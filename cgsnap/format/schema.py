@@ -16,9 +16,11 @@ import numpy as np
 
 from ..errors import FormatError
 from .hashing import is_hash
-from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
-                    RegionKind, Snapshot, toposort)
-from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+from .model import (ARRAY_DIM_MAX, ARRAY_FLAGS, ARRAY_FORMATS, READ_SCHEMAS, U64, ArrayDesc, Edge,
+                    Graph, Kernel, KernelImage, Policy, Ref, Region, RegionKind, Snapshot,
+                    toposort)
+from .nodes import (DIM_MAX, FIELDS_SINCE, NODE_TYPES, NODE_TYPES_SINCE, ConditionalNode,
+                    KernelNode, param_buffer_size)
 
 _IDENT_MAX = 4096          # longest name / string field accepted
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
@@ -173,6 +175,7 @@ class Validator:
         ctx = GraphContext(regions, kernels, events, set(graph_names))
         graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
         self.child_graphs_acyclic(graphs)
+        ConditionalNode.check_snapshot(self, graphs)
         return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
                         events=events, device=device, versions=versions, meta=meta)
 
@@ -187,7 +190,7 @@ class Validator:
     def region(self, r, where, index) -> Region:
         r = self.map(r, where, ("id", "kind", "size", "policy", "alignment"),
                      ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool",
-                      "blob", "parent", "parent_offset"))
+                      "blob", "parent", "parent_offset", "array"))
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
         kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
@@ -217,6 +220,8 @@ class Validator:
                         image=self.hash(r["image"], f"{where}.image") if "image" in r else None,
                         symbol=self.opt_str(r.get("symbol"), f"{where}.symbol"),
                         pool=self.opt_str(r.get("pool"), f"{where}.pool"))
+        if kind is RegionKind.ARRAY or "array" in r:
+            region.array = self.array(r, where, kind, policy, size)
         region.data = r.get("blob")          # blob index; the loader reads it lazily
         if "parent" in r:
             # Parents come first (ids are in order), so the parent is already validated.
@@ -233,6 +238,35 @@ class Validator:
         elif "parent_offset" in r:
             self.fail(f"{where}.parent_offset", "given without a parent")
         return region
+
+    def array(self, r, where, kind, policy, size) -> ArrayDesc:
+        since = FIELDS_SINCE["region.array"]
+        if self.schema < since:
+            self.fail(where, f"CUDA array regions need schema {since} (this manifest is schema "
+                             f"{self.schema})")
+        if kind is not RegionKind.ARRAY or "array" not in r:
+            self.fail(where, "an array region needs its array descriptor, and only it has one")
+        aw = f"{where}.array"
+        a = self.map(r["array"], aw, ("format", "channels", "width", "height", "depth", "flags"))
+        fmt = self.int(a["format"], f"{aw}.format", 0, 0xFFFF)
+        if fmt not in ARRAY_FORMATS:
+            self.fail(f"{aw}.format", f"array format {fmt:#x} is not one cgsnap carries")
+        channels = self.int(a["channels"], f"{aw}.channels", 1, 4)
+        if channels == 3:
+            self.fail(f"{aw}.channels", "an array element has 1, 2 or 4 channels")
+        dims = [self.int(a[k], f"{aw}.{k}", 0, ARRAY_DIM_MAX) for k in ("width", "height",
+                                                                          "depth")]
+        if dims[0] == 0 or (dims[2] and not dims[1]):
+            self.fail(aw, f"width x height x depth {dims} is not a 1D, 2D or 3D extent")
+        flags = self.int(a["flags"], f"{aw}.flags", 0, (1 << 32) - 1)
+        if flags & ~ARRAY_FLAGS:
+            self.fail(f"{aw}.flags", f"array flags {flags:#x} are not ones cgsnap carries")
+        desc = ArrayDesc(fmt, channels, *dims, flags)
+        if desc.size != size:
+            self.fail(f"{where}.size", f"{size} bytes, the array holds {desc.size}")
+        if policy is Policy.BOUND or "parent" in r or "name" in r:
+            self.fail(where, "an array region is neither bound, named nor a view")
+        return desc
 
     def image(self, im, where) -> KernelImage:
         im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))
@@ -331,6 +365,10 @@ class Validator:
             self.fail(where, "expected a map")
         t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
         spec = NODE_TYPES[t]
+        since = NODE_TYPES_SINCE.get(t, 1)
+        if self.schema < since:
+            self.fail(f"{where}.t", f"{t} nodes need schema {since} (this manifest is schema "
+                                    f"{self.schema})")
         if t == "kernel" and self.schema == 1:
             self.map(n, where, ("id", "t", "kernel", "grid", "block", "smem", "args"), ("attrs",))
         else:
@@ -344,12 +382,16 @@ class Validator:
                              f"of {ctx.regions[ref.region].size} bytes")
 
     def child_graphs_acyclic(self, graphs):
-        children = {g.name: [n.graph for n in g.nodes if n.TYPE == "graph"] for g in graphs}
+        # Child graphs and conditional bodies: both are built inside their parent at restore.
+        children = {g.name: [n.graph for n in g.nodes if n.TYPE == "graph"] +
+                    [b for n in g.nodes if n.TYPE == "conditional" for b in n.bodies]
+                    for g in graphs}
         state: dict = {}
 
         def visit(name, depth=0):
             if state.get(name) == 1 or depth > 64:
-                self.fail("graphs", f"child graph {name!r} contains itself or nests too deeply")
+                self.fail("graphs", f"child or body graph {name!r} contains itself or nests too "
+                                    "deeply")
             if state.get(name) == 2:
                 return
             state[name] = 1

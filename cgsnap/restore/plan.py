@@ -82,6 +82,13 @@ class GraphPlan:
                 self.late_refs.setdefault(i, []).append(
                     (int(word[idx]), int(region[idx]), int(table[idx, 2])))
         self.children = [n.graph for n in order if n.TYPE == "graph"]
+        # Conditional nodes (their bodies are built when the node is added), and the kernel
+        # argument words that pass a conditional handle: written once the handles exist.
+        self.conditionals = [n for n in order if n.TYPE == "conditional"]
+        hrows = [(int(cursors[k]) + pos, hid) for k, (_, n) in enumerate(kernel_nodes)
+                 if n.handles for pos, hid in n.handle_refs()]
+        self.handle_pos = np.array([pos // 8 for pos, _ in hrows], dtype=np.int64)
+        self.handle_id = np.array([hid for _, hid in hrows], dtype=np.int64)
         # Per node: its row in ``params`` (0 for other nodes), and whether it is a plain kernel
         # node that _build adds with a single call.
         self.node_row = np.zeros(len(order), dtype=np.int64)
