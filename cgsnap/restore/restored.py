@@ -153,6 +153,9 @@ class Restored:
         self._plans = {g.name: GraphPlan(snap, g, self._late, offsets) for g in snap.graphs}
         self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
+        # Conditional bodies are built inside their node's graph, never on their own.
+        self._bodies = {b for g in snap.graphs for n in g.nodes if n.TYPE == "conditional"
+                        for b in n.bodies}
         missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
                          - set(self._host_callbacks))
         if missing:
@@ -382,6 +385,9 @@ class Restored:
         if name not in self._plans:
             raise KeyError(f"{self.path} has no graph {name!r} (it has: "
                            f"{', '.join(self.graph_names)})")
+        if name in self._bodies:
+            raise RestoreError(f"{self.path}: graph {name!r} is the body of a conditional node: "
+                               "it runs only inside its node's graph")
         g = self._graphs.get(name)
         if g is None:
             g = self._graphs[name] = RestoredGraph(self, name)

@@ -133,6 +133,18 @@ class Kit:
         k.kernelParams = ctypes.addressof(array)
         return call(cu.cuGraphAddNode, graph, list(deps) or None, None, len(deps), p)
 
+    def launch(self, stream, name, *args, grid=1, block=1):
+        """cuLaunchKernel (on a capturing stream: becomes a kernel node)."""
+        holders = [a if isinstance(a, (ctypes._SimpleCData, ctypes.Structure))
+                   else ctypes.c_uint64(int(a)) for a in args]
+        array = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        call(cu.cuLaunchKernel, self.f[name], grid, 1, 1, block, 1, 1, 0, stream,
+             ctypes.addressof(array), 0)
+
+    def launch_affine(self, stream, x, y, a, b):
+        self.launch(stream, "cgt_affine", x, y, ctypes.c_float(a), ctypes.c_float(b),
+                    ctypes.c_int(N), grid=N // 256, block=256)
+
     def affine(self, graph, deps, x, y, a, b):
         return self.kernel(graph, deps, "cgt_affine", x, y, ctypes.c_float(a), ctypes.c_float(b),
                            ctypes.c_int(N), grid=N // 256, block=256)
@@ -357,6 +369,48 @@ def test_nested_conditionals(tmp_path):
         kit.close()
 
 
+# ---- the pattern of frameworks: a conditional added during stream capture -----------------------
+
+def test_if_node_added_during_stream_capture_with_a_captured_body(tmp_path):
+    """What torch's CUDAGraph.begin_capture_to_if_node does: the handle is made for the graph
+    being captured (cuStreamGetCaptureInfo), the setter kernel is captured, the IF node is added
+    explicitly, and its body is captured from another stream (cuStreamBeginCaptureToGraph)."""
+    kit = Kit()
+    try:
+        x, y, z, pred = kit.alloc(4 * N), kit.alloc(4 * N), kit.alloc(4 * N), kit.alloc(4)
+        s, s2 = driver.stream_create(), driver.stream_create()
+        relaxed = cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+        with cgsnap.capture(stream=s, mode="relaxed") as cap:
+            _, _, graph, deps, edges, ndeps = call(cu.cuStreamGetCaptureInfo, s)
+            h = kit.handle(graph)
+            kit.launch(s, "cgt_set", h, pred)
+            _, _, graph, deps, edges, ndeps = call(cu.cuStreamGetCaptureInfo, s)
+            p = cu.CUgraphNodeParams()
+            p.type = NT.CU_GRAPH_NODE_TYPE_CONDITIONAL
+            c = p.conditional
+            c.handle, c.type, c.size, c.ctx = h, COND["if"], 1, kit.ctx
+            node = call(cu.cuGraphAddNode, graph, deps, edges, ndeps, p)
+            body = p.conditional.phGraph_out[0]
+            call(cu.cuStreamUpdateCaptureDependencies, s, [node], None, 1,
+                 cu.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES)
+            call(cu.cuStreamBeginCaptureToGraph, s2, body, None, None, 0, relaxed)
+            kit.launch_affine(s2, x, y, 2.0, 0.0)
+            call(cu.cuStreamEndCapture, s2)
+            kit.launch_affine(s, y, z, 1.0, 1.0)                 # after the IF node
+        buffers = {"x": (x, 4 * N), "y": (y, 4 * N), "z": (z, 4 * N), "pred": (pred, 4)}
+        snap = cgsnap.snapshot(cap, buffers=buffers, name="captured_if")
+        cond, = _conditionals(snap)
+        assert cond.kind == "if" and not cond.exact and _handle_args(snap) == 1
+        rng = np.random.default_rng(11)
+        steps = [{"x": _f32(rng.standard_normal(N)), "y": _f32(np.full(N, 0.75)),
+                  "pred": _u32(p)} for p in (1, 0, 1)]
+        want = _check(tmp_path, snap, cap.graph, buffers, steps, ["y", "z"])
+        assert np.array_equal(want["1:y"].view(np.float32), steps[1]["y"])   # body skipped
+        cap.close()
+    finally:
+        kit.close()
+
+
 # ---- a conditional the recorder did not see ------------------------------------------------------
 
 UNRECORDED = r"""
@@ -404,13 +458,7 @@ def test_wait_and_write_value_nodes_between_two_streams(tmp_path):
         x, data, out, flags = kit.alloc(4 * N), kit.alloc(4 * N), kit.alloc(4 * N), kit.alloc(16)
         s1, s2 = driver.stream_create(), driver.stream_create()
         fork, join = call(cu.cuEventCreate, 0), call(cu.cuEventCreate, 0)
-
-        def launch(stream, *args):
-            holders = [ctypes.c_uint64(args[0]), ctypes.c_uint64(args[1]),
-                       ctypes.c_float(args[2]), ctypes.c_float(args[3]), ctypes.c_int(N)]
-            arr = (ctypes.c_void_p * 5)(*[ctypes.addressof(h) for h in holders])
-            call(cu.cuLaunchKernel, kit.f["cgt_affine"], N // 256, 1, 1, 256, 1, 1, 0, stream,
-                 ctypes.addressof(arr), 0)
+        launch = kit.launch_affine
         with cgsnap.capture(stream=s1) as cap:
             launch(s1, x, data, 3.0, 0.5)                               # produce on s1
             call(cu.cuStreamWriteValue32, s1, flags, 7, 0)               # then publish
