@@ -217,6 +217,8 @@ class KernelNode(_Spec):
             handles = cls._parse_handles(v, n["handles"], f"{where}.handles", kernel, refs)
         node = cls(nid, kid, v.dims(n["grid"], f"{where}.grid"), v.dims(n["block"], f"{where}.block"),
                    v.int(n["smem"], f"{where}.smem", 0, 1 << 24), params, refs, attrs, handles)
+        if handles:
+            ctx.handle_users.append((node, where, ctx.graph_name))
         if v.schema != 1:
             ctx.tables.append((node, where))   # pointer tables: checked per graph, vectorised
         return node
@@ -947,40 +949,44 @@ class ConditionalNode(_Spec):
         if handle_graph not in ctx.graph_names:
             v.fail(f"{where}.handle_graph", f"unknown graph {handle_graph!r}")
         flags = v.int(n["flags"], f"{where}.flags", 0, COND_ASSIGN_DEFAULT)
-        return cls(nid, kind, bodies, v.int(n["handle"], f"{where}.handle", 0, (1 << 32) - 1),
-                   handle_graph, v.int(n["default"], f"{where}.default", 0, (1 << 32) - 1), flags,
-                   v.int(n["value"], f"{where}.value"), v.bool(n["exact"], f"{where}.exact"))
+        node = cls(nid, kind, bodies, v.int(n["handle"], f"{where}.handle", 0, (1 << 32) - 1),
+                   handle_graph, v.int(n["default"], f"{where}.default", 0, (1 << 32) - 1),
+                   flags, v.int(n["value"], f"{where}.value"), v.bool(n["exact"], f"{where}.exact"))
+        ctx.conditionals.append((node, where, ctx.graph_name))
+        return node
 
     @staticmethod
-    def check_snapshot(v, graphs: list) -> None:
-        """What needs every graph: handle ids 0..H-1, each once; each body run by exactly one
-        conditional node, not top-level and no child graph; a graph holding conditional nodes is
-        no child graph (the driver refuses one); bodies nest without a cycle; each handle made
-        for the node's graph or one it nests in; and kernels pass a handle only inside the
-        graphs it was made for (``handle_graph`` and the bodies nested in it)."""
-        index = {g.name: i for i, g in enumerate(graphs)}
-        conds = [(gi, ni, n) for gi, g in enumerate(graphs) for ni, n in enumerate(g.nodes)
-                 if n.TYPE == "conditional"]
+    def check_snapshot(v, graphs: list, ctx) -> None:
+        """What needs every graph (``ctx``: the conditional nodes and the kernel nodes with
+        handle tables that the parsers met): handle ids 0..H-1, each once; each body run by
+        exactly one conditional node, not top-level and no child graph; a graph holding
+        conditional nodes is no child graph (the driver refuses one); bodies nest without a
+        cycle; each handle made for the node's graph or one it nests in; and kernels pass a
+        handle only inside the graphs it was made for (``handle_graph`` and the bodies nested
+        in it)."""
+        conds, users = ctx.conditionals, ctx.handle_users
+        if not conds and not users:
+            return
+        by_name = {g.name: g for g in graphs}
         children = {n.graph for g in graphs for n in g.nodes if n.TYPE == "graph"}
         seen: dict = {}
         owner: dict = {}
-        for gi, ni, n in conds:
-            w = f"graphs[{gi}].nodes[{ni}]"
+        for n, w, graph in conds:
             if n.handle >= len(conds) or n.handle in seen:
                 v.fail(f"{w}.handle", f"handle ids must be 0..{len(conds) - 1}, each used by one "
                                       f"conditional node (found {n.handle})")
             seen[n.handle] = n
-            if graphs[gi].name in children:
-                v.fail(w, f"graph {graphs[gi].name!r} holds a conditional node and is used as a "
-                          "child graph, which CUDA does not allow")
+            if graph in children:
+                v.fail(w, f"graph {graph!r} holds a conditional node and is used as a child "
+                          "graph, which CUDA does not allow")
             for i, b in enumerate(n.bodies):
                 bw = f"{w}.bodies[{i}]"
-                if b in owner or b == graphs[gi].name:
+                if b in owner or b == graph:
                     v.fail(bw, f"graph {b!r} is the body of more than one conditional node")
-                if graphs[index[b]].top_level or b in children:
+                if by_name[b].top_level or b in children:
                     v.fail(bw, f"body graph {b!r} must be run only by its conditional node (not "
                                "top-level, no child graph)")
-                owner[b] = graphs[gi].name
+                owner[b] = graph
 
         def ancestry(name: str, w: str) -> list:
             """``name`` and the graphs whose bodies hold it, innermost first."""
@@ -990,25 +996,19 @@ class ConditionalNode(_Spec):
                 if len(chain) > MAX_NESTING:
                     v.fail(w, "conditional bodies contain themselves or nest too deeply")
             return chain
-        for gi, ni, n in conds:
-            w = f"graphs[{gi}].nodes[{ni}]"
-            if n.handle_graph not in ancestry(graphs[gi].name, w):
+        for n, w, graph in conds:
+            if n.handle_graph not in ancestry(graph, w):
                 v.fail(f"{w}.handle_graph", f"graph {n.handle_graph!r} neither is nor holds the "
-                                            f"graph of this node ({graphs[gi].name!r})")
-        for gi, g in enumerate(graphs):
-            chain = None
-            for ni, n in enumerate(g.nodes):
-                if n.TYPE != "kernel" or not n.handles:
-                    continue
-                if chain is None:
-                    chain = ancestry(g.name, f"graphs[{gi}]")
-                for j, (_, hid) in enumerate(n.handle_refs()):
-                    hw = f"graphs[{gi}].nodes[{ni}].handles[{j}]"
-                    if hid not in seen:
-                        v.fail(hw, f"handle {hid} does not exist ({len(conds)} handles)")
-                    if seen[hid].handle_graph not in chain:
-                        v.fail(hw, f"handle {hid} belongs to graph {seen[hid].handle_graph!r}, "
-                                   f"which does not hold graph {g.name!r}")
+                                            f"graph of this node ({graph!r})")
+        for n, w, graph in users:
+            chain = ancestry(graph, w)
+            for j, (_, hid) in enumerate(n.handle_refs()):
+                hw = f"{w}.handles[{j}]"
+                if hid not in seen:
+                    v.fail(hw, f"handle {hid} does not exist ({len(conds)} handles)")
+                if seen[hid].handle_graph not in chain:
+                    v.fail(hw, f"handle {hid} belongs to graph {seen[hid].handle_graph!r}, "
+                               f"which does not hold graph {graph!r}")
 
     @classmethod
     def from_live(cls, index: int, raw: dict, rec, where: str):

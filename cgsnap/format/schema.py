@@ -175,7 +175,7 @@ class Validator:
         ctx = GraphContext(regions, kernels, events, set(graph_names))
         graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
         self.child_graphs_acyclic(graphs)
-        ConditionalNode.check_snapshot(self, graphs)
+        ConditionalNode.check_snapshot(self, graphs, ctx)
         return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
                         events=events, device=device, versions=versions, meta=meta)
 
@@ -319,6 +319,7 @@ class Validator:
 
     def graph(self, g, where, ctx) -> Graph:
         ctx.tables = []
+        ctx.graph_name = g["name"]
         nodes = []
         fast = KernelNode.parse_fast if self.schema >= 2 else None
         for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
@@ -420,3 +421,8 @@ class GraphContext:
                       for k in self.kernels for off, size in k.params)
         self.arg_table = tuple(np.array([r[i] for r in rows], dtype=np.uint64) for i in range(3))
         self.tables: list = []
+        # Met while parsing, checked once every graph is read (ConditionalNode.check_snapshot):
+        # (node, where, graph name) of conditional nodes and of kernel nodes with handles.
+        self.conditionals: list = []
+        self.handle_users: list = []
+        self.graph_name = ""
