@@ -568,3 +568,41 @@ def test_deepcopy_of_the_model_is_independent():
     b = copy.deepcopy(a)
     b.graph("main").nodes[1].exact = True
     assert a.graph("main").nodes[1].exact is False
+
+
+def _leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+    yield path
+
+
+def test_every_field_of_the_new_types_takes_hostile_values():
+    """Each leaf (and container) of the graphs and regions replaced by values of the wrong
+    type or range: the manifest reads or fails with a FormatError, nothing else."""
+    base, sizes = manifest_and_sizes()
+    hostile = (None, -1, 1 << 70, "x", [0, [1]], {"k": 1}, b"\xff" * 24)
+    def new_type(path) -> bool:
+        if path[:2] == ("regions", 3):
+            return True
+        if path[0] == "graphs" and len(path) > 3 and path[2] == "nodes":
+            n = base["graphs"][path[1]]["nodes"][path[3]]
+            return n["t"] in ("conditional", "batch_mem_op", "memcpy") or "handles" in n
+        return False
+    paths = [p for p in _leaves(base) if len(p) > 1 and new_type(p)]
+    failed = 0
+    for path in paths:
+        for value in hostile:
+            m = copy.deepcopy(base)
+            target = m
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+            try:
+                Snapshot.from_manifest(m, sizes, "fuzz.cgsnap")
+            except FormatError:
+                failed += 1
+    assert failed > len(paths) * 4       # most are refused (a few values are harmless: names)
