@@ -128,6 +128,13 @@ def test_destroying_a_node_forgets_its_bodies(registry):
     assert registry.conditional(G, 0xA0) is None and registry.conditional(B, 0xB0) is None
 
 
+def test_clear_forgets_everything(registry):
+    handle_create(0x1000, 1, 0, 0)
+    add_node(0x1000, 0xA0, gh.CU_GRAPH_NODE_TYPE_CONDITIONAL, handle=1, bodies=(0x2000,))
+    registry.clear()
+    assert len(registry) == 0 and registry.body_parent(0x2000) is None
+
+
 def test_bad_callback_data_never_raises(registry):
     gh.on_add_node_v2_exit(0)          # a null cbdata
     p = gh.AddNodeV2Params()           # null pointers everywhere

@@ -21,7 +21,8 @@ that a later graph reusing a freed handle address is never taken for the old one
 This module is self-contained (ctypes only, no driver call): the CUPTI dispatcher of
 :mod:`cgsnap.kernels.cupti` enables the cbids of :func:`handlers` in the driver-API domain and
 calls ``on_enter(cbdata)`` at ``CUPTI_API_ENTER`` and ``on_exit(cbdata)`` at ``CUPTI_API_EXIT``,
-``cbdata`` being the address of the ``CUpti_CallbackData``. The layouts below are those of the
+``cbdata`` being the address of the ``CUpti_CallbackData``; it sets ``registry().enabled`` while
+the callbacks are on, and on stop sets it back and calls ``registry().clear()``. The layouts below are those of the
 CUDA 13.0 headers (``cupti_callbacks.h``, ``generated_cuda_meta.h``, ``cuda.h``); the parameter
 structs of these entry points are fixed by their ABI.
 """
@@ -216,6 +217,15 @@ class ConditionalRegistry:
             graph = self._by_node.pop(node, None)
             if graph is not None:
                 self._drop_node(graph, node)
+
+    def clear(self) -> None:
+        """Forget everything (when the callbacks are disabled: destructions are no longer
+        seen, so a later graph could reuse a recorded handle address)."""
+        with self._lock:
+            self._nodes.clear()
+            self._by_node.clear()
+            self._handles.clear()
+            self._parent.clear()
 
     def _drop_graph(self, graph: int, depth: int) -> None:
         for key in [k for k in self._handles if k[0] == graph]:
