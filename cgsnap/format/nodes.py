@@ -5,8 +5,8 @@ Each node type is one class: its fields (the dataclass), its manifest form (``to
 (``describe``), and its conversion from and to the *raw* parameters that the driver layer reads
 and writes (``from_live`` / ``to_live``; the driver calls themselves are in
 :mod:`cgsnap.cuda.graphs`). The validator, capture, restore and the tools dispatch on
-:data:`NODE_TYPES` and never on a type name: adding a node type is one class here plus its
-driver calls.
+:data:`NODE_TYPES`; only what nests graphs (child graphs, conditional bodies) is named where
+graphs are walked as a tree. Adding a node type is one class here plus its driver calls.
 
 Raw parameters are plain dicts of ints, the same shape in both directions (see each class).
 ``from_live(index, raw, rec)`` turns addresses into :class:`Ref` through the recording context
