@@ -66,3 +66,6 @@ for rdc in false true; do
   "$nvcc" "${gencode[@]}" -rdc="$rdc" -shared -cudart=shared \
     -o "$out/libkernels$suffix.so" "$tmp/a.o" "$tmp/b.o"
 done
+
+# Kernels that set graph conditionals (cgsnap.binary.calls).
+"$nvcc" -cubin -arch=sm_90 -o "$out/conditional.sm_90.cubin" "$root/tests/fixtures/src/conditional.cu"

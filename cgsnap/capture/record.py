@@ -17,13 +17,15 @@ from typing import Optional
 import numpy as np
 
 from .._version import __version__
-from ..binary import elf
+from ..binary import calls, elf
 from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from ..format.hashing import region_hash
-from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage, Policy, Ref,
-                            Region, RegionKind, Snapshot, remap_region_refs)
-from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
+from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, ArrayDesc, Edge,
+                            Graph, Kernel, KernelImage, Policy, Ref, Region, RegionKind,
+                            Snapshot, remap_region_refs)
+from ..format.nodes import COND_KINDS, NODE_TYPES, KernelNode, Renumbering
+from ..kernels import graph_hooks
 from . import classify
 from .buffers import expand_buffers
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
@@ -61,7 +63,13 @@ class Recording:
         self.graphs: list = []
         self.graph_names: set = set()
         self._walking: list = []          # names of the graphs being walked (child naming)
+        self._walking_graphs: list = []   # and their CUgraph handles (conditional lookups)
+        self._graph_names: dict = {}      # CUgraph handle -> name of its graph
         self._alloc_region: dict = {}     # (graph name, node index) -> GRAPH_ALLOC region id
+        self._arrays: dict = {}           # CUarray handle -> ARRAY region id
+        self._handles_seen: set = set()   # (CUgraph, handle value) of the conditional nodes
+        self._handle_count = 0
+        self._sets_conditional: dict = {}  # kernel id -> calls.sets_conditionals()
         # Ambiguous argument words (see cgsnap.capture.classify), decided once the whole graph is
         # known: (node, position in params, Ref, word, where)
         self.pending: list = []
@@ -219,6 +227,8 @@ class Recording:
                     policy=Policy.SCRATCH).id
         out = []
         self._walking.append(name)
+        self._walking_graphs.append(int(graph))
+        self._graph_names[int(graph)] = name
         try:
             for i, (n, t) in enumerate(zip(nodes, types)):
                 where = f"graph {name!r} node {i} ({t})"
@@ -227,10 +237,13 @@ class Recording:
                     continue
                 spec = NODE_TYPES.get(t)
                 if spec is None:
-                    raise UnsupportedNodeError(f"{where}: nodes of type {t} cannot be carried")
+                    why = graphs.REFUSED.get(t, "cgsnap does not know this node type")
+                    raise UnsupportedNodeError(f"{where}: nodes of type {t} cannot be carried: "
+                                               f"{why}")
                 out.append(spec.from_live(i, graphs.read_node(n, t, where), self, where))
         finally:
             self._walking.pop()
+            self._walking_graphs.pop()
         edges = [Edge(ids[int(a)], ids[int(b)], *data) for a, b, data in graphs.graph_edges(graph)]
         g = Graph(name=name, nodes=out, edges=edges, top_level=top_level)
         self.graphs[slot] = g
@@ -241,6 +254,75 @@ class Recording:
         name = f"{self._walking[-1]}/child{index}"
         self.walk(child, name, top_level=False)
         return name
+
+    def conditional(self, raw: dict, index: int, where: str) -> dict:
+        """The fields of a conditional node (:class:`cgsnap.format.nodes.ConditionalNode`)
+        from the recorder's registry, or from what a 13.2+ driver reads back; its bodies are
+        walked as graphs of the snapshot. Refused when neither source knows the node."""
+        reg = graph_hooks.registry()
+        info = reg.conditional(self._walking_graphs[-1], raw["node"])
+        version = driver.version_text(raw["driver"])
+        if info is not None:
+            value, type_, size, bodies = info.handle, info.type, info.size, list(info.bodies)
+        elif "handle" in raw:
+            value, type_, size, bodies = raw["handle"], raw["type"], raw["size"], raw["bodies"]
+        else:
+            raise UnsupportedNodeError(
+                f"{where}: conditional nodes can be read back only when the cgsnap recorder saw "
+                "them created (cgsnap.start_recorder() before the graph is built/captured) or, "
+                "for type/size/bodies, on a CUDA 13.2+ driver; this driver is "
+                f"{version}" + ("" if reg.enabled else " and the recorder is not running"))
+        # The handle was made for this graph or one whose body holds it: the innermost that
+        # the recorder saw make a handle of this value.
+        found = [(g, h) for g in reversed(self._walking_graphs)
+                 for h in (reg.handle(g, value),) if h is not None]
+        if not found:
+            raise UnsupportedNodeError(
+                f"{where}: the default value and flags of conditional handle {value:#x} cannot "
+                "be read back on any driver, and the cgsnap recorder did not see the handle "
+                "created: call cgsnap.start_recorder() before the graph is built or captured "
+                f"(driver {version})")
+        graph, handle = found[0]
+        if (graph, value) in self._handles_seen:
+            raise UnsupportedNodeError(f"{where}: conditional handle {value:#x} is used by two "
+                                       "conditional nodes")
+        self._handles_seen.add((graph, value))
+        if type_ >= len(COND_KINDS) or not 1 <= size == len(bodies) or not all(bodies):
+            raise UnsupportedNodeError(f"{where}: conditional type {type_} with {size} bodies "
+                                       f"({len(bodies)} known) cannot be carried")
+        hid = self._handle_count
+        self._handle_count += 1
+        parent = self._walking[-1]
+        names = []
+        for i, body in enumerate(bodies):
+            name = f"{parent}/cond{index}.{i}"
+            self.walk(driver.as_graph(int(body)), name, top_level=False)
+            names.append(name)
+        return {"kind": COND_KINDS[type_], "bodies": tuple(names), "handle": hid,
+                "handle_graph": self._graph_names[graph], "default": handle.default,
+                "flags": handle.flags, "value": value, "exact": False}
+
+    def array_ref(self, array: int, x: int, y: int, z: int, what: str) -> tuple:
+        """``(Ref, ArrayDesc)`` of the point (x bytes, y, z) of CUDA array ``array``, which
+        becomes an ARRAY region (its contents saved) the first time it is met."""
+        rid = self._arrays.get(int(array))
+        if rid is None:
+            fmt, channels, width, height, depth, flags = driver.array_descriptor(array)
+            if fmt not in ARRAY_FORMATS or channels not in (1, 2, 4) or flags & ~ARRAY_FLAGS:
+                raise UnsupportedNodeError(
+                    f"{what}: a CUDA array of format {fmt:#x}, {channels} channels and flags "
+                    f"{flags:#x} cannot be carried (plain 8/16/32-bit integer, half and float "
+                    "elements of 1, 2 or 4 channels; layered, cubemap, surface and gather flags)")
+            desc = ArrayDesc(fmt, channels, width, height, depth, flags)
+            region = self.add_region(RegionKind.ARRAY, int(array), desc.size, None, array=desc)
+            region.alignment = 1
+            rid = self._arrays[int(array)] = region.id
+        desc = self.regions[rid].array
+        if x % desc.element_bytes or x >= desc.row_bytes or y >= desc.rows or \
+                z >= desc.slices:
+            raise CaptureError(f"{what}: point (x {x} B, y {y}, z {z}) is not an element of "
+                               f"the CUDA array ({desc.describe()})")
+        return Ref(rid, desc.offset(x, y, z)), desc
 
     def event_index(self, event: int) -> int:
         return self.events.setdefault(int(event), len(self.events))
@@ -313,6 +395,120 @@ class Recording:
             table = np.frombuffer(node.refs, dtype="<u8").reshape(-1, 3).tolist() + rows
             node.refs = _table_bytes(sorted(tuple(r) for r in table))
         self.pending = []
+
+    # ---- conditional handles in kernel arguments -----------------------------------------
+    def _kernel_sets_conditionals(self, kid: int):
+        """True / False / None (cannot tell): can kernel ``kid`` call cudaGraphSetConditional?"""
+        if kid not in self._sets_conditional:
+            k = self.kernels[kid]
+            im = self.images.get(k.image)
+            self._sets_conditional[kid] = None if im is None else \
+                calls.sets_conditionals(im.kind, im.data, k.name)
+        return self._sets_conditional[kid]
+
+    def assign_handle_refs(self) -> None:
+        """Enter the kernel arguments that pass a conditional handle in the nodes' handle
+        tables (``KernelNode.handles``), and mark ``exact`` every handle whose uses are not all
+        proven (docs/RELIABILITY.md, "Conditional handles"). Evidence, all required for a
+        handle reference: the kernel's code calls cudaGraphSetConditional (its image says so),
+        the kernel lies in a graph the handle was made for or a body nested in it, the word is
+        a whole 8-byte argument that is no pointer, and it equals the value of exactly one
+        handle visible there. A handle becomes exact when a setter kernel holds its value
+        anywhere else (inside a larger argument, twice, or besides another handle of that
+        value), when a setter kernel holds no handle at all (it may read one from memory), when
+        the image cannot tell whether a kernel is a setter, and for setter kernels in child
+        graphs nested in its bodies (their arguments are built before the handle exists)."""
+        conds = [n for g in self.graphs for n in g.nodes if n.TYPE == "conditional"]
+        if not conds:
+            return
+        owner = {b: g.name for g in self.graphs for n in g.nodes if n.TYPE == "conditional"
+                 for b in n.bodies}
+        made: dict = {}                       # graph name -> {value: ConditionalNode}
+        for n in conds:
+            made.setdefault(n.handle_graph, {})[n.value] = n
+        by_name = {g.name: g for g in self.graphs}
+
+        def visible(name: str) -> dict:
+            out: dict = {}
+            while True:
+                for value, n in made.get(name, {}).items():
+                    out.setdefault(value, []).append(n)
+                if name not in owner:
+                    return out
+                name = owner[name]
+        for g in self.graphs:
+            seen = visible(g.name)
+            if not seen:
+                continue
+            for n in g.nodes:
+                if n.TYPE == "kernel":
+                    self._handle_words(n, seen)
+                elif n.TYPE == "graph":
+                    self._child_setters(by_name, n.graph, seen, 0)
+
+    def _handle_words(self, node: KernelNode, seen: dict) -> None:
+        sets = self._kernel_sets_conditionals(node.kernel)
+        if sets is False:
+            return
+        pointers = set(node.pointer_table()["pos"].tolist())
+        found, doubtful = [], []
+        for off, size in self.kernels[node.kernel].params:
+            for pos in range(off + (-off) % 8, off + size - 7, 8):
+                if pos in pointers:
+                    continue
+                handles = seen.get(int.from_bytes(node.params[pos:pos + 8], "little"))
+                if handles is None:
+                    continue
+                if size == 8 and len(handles) == 1:
+                    found.append((pos, handles[0]))
+                else:
+                    doubtful.extend(handles)
+        values = [h.value for _, h in found]
+        doubtful.extend(h for _, h in found if values.count(h.value) > 1 or sets is None)
+        if not found:
+            doubtful.extend(h for hs in seen.values() for h in hs)
+        for h in doubtful:
+            h.exact = True
+        node.handles = np.array([(pos, h.handle) for pos, h in found],
+                                dtype="<u8").reshape(-1, 2).tobytes()
+
+    def _child_setters(self, by_name: dict, name: str, seen: dict, depth: int) -> None:
+        g = by_name.get(name)
+        if g is None or depth > 64:
+            return
+        for n in g.nodes:
+            if n.TYPE == "kernel" and self._kernel_sets_conditionals(n.kernel) is not False:
+                for hs in seen.values():
+                    for h in hs:
+                        h.exact = True
+            elif n.TYPE == "graph":
+                self._child_setters(by_name, n.graph, seen, depth + 1)
+
+    def refuse_texture_objects(self) -> None:
+        """UnsupportedNodeError when a kernel argument holds the value of a live texture or
+        surface object of this process: such objects are process-local indices that cgsnap
+        cannot recreate yet, and by value they look like any integer (docs/RELIABILITY.md)."""
+        known: dict = {}
+        for g in self.graphs:
+            for n in g.nodes:
+                if n.TYPE != "kernel":
+                    continue
+                skip = set(n.pointer_table()["pos"].tolist()) | {p for p, _ in n.handle_refs()}
+                k = self.kernels[n.kernel]
+                for i, (off, size) in enumerate(k.params):
+                    if size != 8 or off in skip:
+                        continue
+                    value = int.from_bytes(n.params[off:off + 8], "little")
+                    if not 0 < value < 1 << 32:
+                        continue
+                    if value not in known:
+                        known[value] = driver.texture_object_resource(value)
+                    if known[value]:
+                        raise UnsupportedNodeError(
+                            f"graph {g.name!r} node {n.id} (kernel {k.name}): argument {i} holds "
+                            f"{value:#x}, the value of a live {known[value]} in this process; "
+                            "texture and surface objects cannot be carried to another process "
+                            "(destroy the object if the argument is a plain integer)")
 
     def host_ref(self, addr: int, span: int, is_source: bool) -> Ref:
         """Host memory a copy reads or writes becomes a HOST region spanning exactly the copy;
@@ -500,7 +696,11 @@ def _follow_memory_pointers(rec: Recording, name: str, budget: int, stager) -> N
 def _read_region(region: Region, stager=None) -> np.ndarray:
     out = transfer.host_array(region.size, stager)
     if region.size:
-        if region.kind is RegionKind.HOST:
+        if region.kind is RegionKind.ARRAY:
+            a = region.array
+            driver.array_copy(region.origin, int(out.ctypes.data), a.row_bytes, a.rows,
+                              a.slices, to_host=True)
+        elif region.kind is RegionKind.HOST:
             ctypes.memmove(out.ctypes.data, region.origin, region.size)
         elif stager is not None and region.size >= transfer.THRESHOLD:
             stager.download(out, region.origin, region.size)
@@ -511,7 +711,11 @@ def _read_region(region: Region, stager=None) -> np.ndarray:
 
 def _write_region(region: Region, data: np.ndarray) -> None:
     if region.size:
-        if region.kind is RegionKind.HOST:
+        if region.kind is RegionKind.ARRAY:
+            a = region.array
+            driver.array_copy(region.origin, int(data.ctypes.data), a.row_bytes, a.rows,
+                              a.slices, to_host=False)
+        elif region.kind is RegionKind.HOST:
             ctypes.memmove(region.origin, data.ctypes.data, region.size)
         else:
             driver.htod(region.origin, int(data.ctypes.data), region.size)
@@ -572,6 +776,8 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
+    rec.assign_handle_refs()
+    rec.refuse_texture_objects()
     _drop_unused_allocations(rec)
     big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
     with (transfer.Stager() if big else contextlib.nullcontext()) as stager:

@@ -115,6 +115,21 @@ def driver_version() -> int:
     return call(cu.cuDriverGetVersion)
 
 
+_DRIVER_VERSION: list = []
+
+
+def driver_version_cached() -> int:
+    """:func:`driver_version`, asked once per process."""
+    if not _DRIVER_VERSION:
+        _DRIVER_VERSION.append(driver_version())
+    return _DRIVER_VERSION[0]
+
+
+def version_text(v: int) -> str:
+    """``13000`` -> ``"13.0"``."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 def bindings_version() -> str:
     import cuda.bindings
     return getattr(cuda.bindings, "__version__", "?")
@@ -201,6 +216,59 @@ def mem_get_info() -> tuple:
     """``(free, total)`` bytes of the current device."""
     free, total = call(cu.cuMemGetInfo)
     return int(free), int(total)
+
+
+# ---- CUDA arrays and texture objects --------------------------------------------------------
+
+def array_descriptor(array) -> tuple:
+    """``(format, channels, width, height, depth, flags)`` of a CUarray (cuArray3DGetDescriptor:
+    a 2D array reports depth 0, a 1D one height 0 too)."""
+    d = call(cu.cuArray3DGetDescriptor, cu.CUarray(int(array)))
+    return (int(d.Format), int(d.NumChannels), int(d.Width), int(d.Height), int(d.Depth),
+            int(d.Flags))
+
+
+def array_create(fmt: int, channels: int, width: int, height: int, depth: int, flags: int):
+    d = cu.CUDA_ARRAY3D_DESCRIPTOR()
+    d.Width, d.Height, d.Depth = width, height, depth
+    d.Format = cu.CUarray_format(fmt)
+    d.NumChannels, d.Flags = channels, flags
+    return call(cu.cuArray3DCreate, d)
+
+
+def array_destroy(array) -> None:
+    call(cu.cuArrayDestroy, array)
+
+
+def array_copy(array, host: int, row_bytes: int, rows: int, slices: int, to_host: bool) -> None:
+    """Copy a whole array to (``to_host``) or from packed host memory at ``host``
+    (``slices`` x ``rows`` x ``row_bytes``), synchronously."""
+    if not row_bytes:
+        return
+    p = cu.CUDA_MEMCPY3D()
+    a, h = ("src", "dst") if to_host else ("dst", "src")
+    setattr(p, f"{a}MemoryType", MemType.CU_MEMORYTYPE_ARRAY)
+    setattr(p, f"{a}Array", cu.CUarray(int(array)))
+    setattr(p, f"{h}MemoryType", MemType.CU_MEMORYTYPE_HOST)
+    setattr(p, f"{h}Host", host)
+    setattr(p, f"{h}Pitch", row_bytes)
+    setattr(p, f"{h}Height", rows)
+    p.WidthInBytes, p.Height, p.Depth = row_bytes, rows, slices
+    call(cu.cuMemcpy3D, p)
+
+
+def texture_object_resource(value: int) -> Optional[str]:
+    """What a live texture or surface object ``value`` of this process reads (``"array"``,
+    ``"linear"``, ...), or None when ``value`` is neither (the driver keeps both as small
+    indices: a kernel argument holding one is indistinguishable from an integer by value)."""
+    for getter, handle in ((cu.cuTexObjectGetResourceDesc, cu.CUtexObject),
+                           (cu.cuSurfObjectGetResourceDesc, cu.CUsurfObject)):
+        res = getter(handle(value))
+        if res[0] == SUCCESS:
+            kind = str(getattr(res[1].resType, "name", res[1].resType))
+            what = "texture" if getter is cu.cuTexObjectGetResourceDesc else "surface"
+            return f"{what} object over {kind.replace('CU_RESOURCE_TYPE_', '').lower()} memory"
+    return None
 
 
 # ---- streams, events, sync --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 
 from ..errors import CaptureError, UnsupportedNodeError
 from . import driver
@@ -28,7 +29,22 @@ _TYPE_NAMES = {
     NodeType.CU_GRAPH_NODE_TYPE_MEM_ALLOC: "mem_alloc",
     NodeType.CU_GRAPH_NODE_TYPE_MEM_FREE: "mem_free",
     NodeType.CU_GRAPH_NODE_TYPE_HOST: "host",
+    NodeType.CU_GRAPH_NODE_TYPE_BATCH_MEM_OP: "batch_mem_op",
+    NodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL: "conditional",
 }
+
+# Node types that name something outside the process: why each cannot be carried.
+REFUSED = {
+    "ext_semas_signal": "an external semaphore signal node signals semaphores imported from "
+                        "outside the process (a file descriptor, Win32 handle or NvSciSync "
+                        "object, e.g. from Vulkan or another process); only their exporter can "
+                        "make them again",
+    "ext_semas_wait": "an external semaphore wait node waits on semaphores imported from outside "
+                      "the process (a file descriptor, Win32 handle or NvSciSync object, e.g. "
+                      "from Vulkan or another process); only their exporter can make them again",
+}
+
+GET_PARAMS_SINCE = 13020     # cuGraphNodeGetParams: the driver that has it (cuda.h 13.2)
 
 
 def node_type(node) -> str:
@@ -148,6 +164,11 @@ def _read_memcpy(node) -> dict:
     raw = {"width": width, "height": height, "depth": depth}
     for side in ("src", "dst"):
         mtype = getattr(p, f"{side}MemoryType")
+        if mtype == MemType.CU_MEMORYTYPE_ARRAY:
+            raw[side] = {"kind": "array", "array": int(getattr(p, f"{side}Array")),
+                         "x": int(getattr(p, f"{side}XInBytes")), "y": int(getattr(p, f"{side}Y")),
+                         "z": int(getattr(p, f"{side}Z")), "lod": int(getattr(p, f"{side}LOD"))}
+            continue
         pitch = int(getattr(p, f"{side}Pitch")) or width
         slice_h = int(getattr(p, f"{side}Height")) or height
         offset = (int(getattr(p, f"{side}Z")) * slice_h + int(getattr(p, f"{side}Y"))) * pitch \
@@ -161,7 +182,7 @@ def _read_memcpy(node) -> dict:
                     None, int(MemType.CU_MEMORYTYPE_HOST)):
                 kind = "host"
         else:
-            kind, addr = "array", 0
+            raise UnsupportedNodeError(f"a memcpy side of memory type {mtype} cannot be read")
         raw[side] = {"kind": kind, "addr": addr, "pitch": pitch, "height": slice_h}
     return raw
 
@@ -198,18 +219,69 @@ def _read_host(node) -> dict:
     return {"fn": driver.address_of_function(p.fn)}
 
 
+MAX_MEMOPS = 4096
+_MEMOP_BYTES = 48        # sizeof(CUstreamBatchMemOpParams)
+_FLUSH, _BARRIER = 3, 6
+
+
+def _read_batch_mem_op(node) -> dict:
+    """The operations of a batch mem-op node, read from the driver's struct itself:
+    cuda-bindings returns ``paramArray`` empty (``CUDA_BATCH_MEM_OP_NODE_PARAMS``: ctx @0,
+    count u32 @8, paramArray @16, flags u32 @24; each ``CUstreamBatchMemOpParams`` 48 bytes:
+    operation u32 @0, then for waits and writes address @8, value / value64 @16, flags u32
+    @24, for flushes and barriers flags u32 @4)."""
+    p = call(cu.cuGraphBatchMemOpNodeGetParams, node)
+    base = int(p.getPtr())
+    count = ctypes.c_uint32.from_address(base + 8).value
+    array = ctypes.c_uint64.from_address(base + 16).value
+    flags = ctypes.c_uint32.from_address(base + 24).value
+    if count > MAX_MEMOPS or (count and not array):
+        raise CaptureError(f"a batch mem-op node reports {count} operations at {array:#x}")
+    ops = []
+    for j in range(count):
+        raw = ctypes.string_at(array + _MEMOP_BYTES * j, 28)
+        op = struct.unpack_from("<I", raw)[0]
+        if op in (_FLUSH, _BARRIER):
+            ops.append({"operation": op, "addr": 0, "value": 0,
+                        "flags": struct.unpack_from("<I", raw, 4)[0]})
+        else:
+            addr, value, oflags = struct.unpack_from("<QQI", raw, 8)
+            ops.append({"operation": op, "addr": addr, "value": value, "flags": oflags})
+    return {"ops": ops, "flags": flags}
+
+
+def _read_conditional(node) -> dict:
+    """What the driver tells of a conditional node: nothing before CUDA 13.2; from a 13.2
+    driver on (``cuGraphNodeGetParams``) its handle, type, size and bodies -- never the
+    handle's default value or flags. The capture completes it from the recorder's registry
+    (:mod:`cgsnap.kernels.graph_hooks`)."""
+    raw = {"node": int(node), "driver": driver.driver_version_cached()}
+    if raw["driver"] >= GET_PARAMS_SINCE and hasattr(cu, "cuGraphNodeGetParams"):
+        p = attempt(cu.cuGraphNodeGetParams, node)
+        if p is not None and int(p.type) == int(NodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL):
+            c = p.conditional
+            raw.update(handle=int(c.handle), type=int(c.type), size=int(c.size),
+                       bodies=[int(b) for b in c.phGraph_out])
+    return raw
+
+
 READERS = {
     "memcpy": _read_memcpy, "memset": _read_memset, "empty": lambda node: {},
     "graph": _read_child, "event_record": _read_event_record, "event_wait": _read_event_wait,
     "mem_alloc": _read_mem_alloc, "mem_free": _read_mem_free, "host": _read_host,
+    "batch_mem_op": _read_batch_mem_op, "conditional": _read_conditional,
 }
 
 
 def read_node(node, type_name: str, where: str) -> dict:
     reader = READERS.get(type_name)
     if reader is None:
-        raise UnsupportedNodeError(f"{where}: nodes of type {type_name} cannot be carried")
-    return reader(node)
+        why = REFUSED.get(type_name, "cgsnap does not know this node type")
+        raise UnsupportedNodeError(f"{where}: nodes of type {type_name} cannot be carried: {why}")
+    try:
+        return reader(node)
+    except UnsupportedNodeError as exc:
+        raise UnsupportedNodeError(f"{where}: {exc}") from None
 
 
 # ---- adders ---------------------------------------------------------------------------------
@@ -232,6 +304,13 @@ def _add_memcpy(graph, deps, raw, env):
     p = cu.CUDA_MEMCPY3D()
     for side in ("src", "dst"):
         s = raw[side]
+        if s["kind"] == "array":
+            setattr(p, f"{side}MemoryType", MemType.CU_MEMORYTYPE_ARRAY)
+            setattr(p, f"{side}Array", s["array"])
+            setattr(p, f"{side}XInBytes", s["x"])
+            setattr(p, f"{side}Y", s["y"])
+            setattr(p, f"{side}Z", s["z"])
+            continue
         if s["kind"] == "host":
             setattr(p, f"{side}MemoryType", MemType.CU_MEMORYTYPE_HOST)
             setattr(p, f"{side}Host", s["addr"])
@@ -297,11 +376,65 @@ def _add_host(graph, deps, raw, env):
     return call(cu.cuGraphAddHostNode, graph, d, len(d), p), None
 
 
+def _add_batch_mem_op(graph, deps, raw, env):
+    ops = []
+    for o in raw["ops"]:
+        m = cu.CUstreamBatchMemOpParams()
+        m.operation = cu.CUstreamBatchMemOpType(o["operation"])
+        if o["operation"] == _FLUSH:
+            m.flushRemoteWrites.operation = m.operation
+            m.flushRemoteWrites.flags = o["flags"]
+        elif o["operation"] == _BARRIER:
+            m.memoryBarrier.operation = m.operation
+            m.memoryBarrier.flags = o["flags"]
+        else:
+            v = m.waitValue if o["operation"] in (1, 4) else m.writeValue
+            v.operation = m.operation
+            v.address = o["addr"]
+            if o["operation"] in (4, 5):
+                v.value64 = o["value"]
+            else:
+                v.value = o["value"]
+            v.flags = o["flags"]
+            v.alias = 0        # "for driver internal use"
+        ops.append(m)
+    p = cu.CUgraphNodeParams()
+    p.type = NodeType.CU_GRAPH_NODE_TYPE_BATCH_MEM_OP
+    p.memOp.ctx = env.context
+    p.memOp.count = len(ops)
+    p.memOp.paramArray = ops
+    p.memOp.flags = raw["flags"]
+    d = _nodes(deps)
+    return call(cu.cuGraphAddNode, graph, d or None, None, len(d), p), None
+
+
+def _add_conditional(graph, deps, raw, env):
+    """The node; the driver creates its (empty) bodies, returned as ``{"bodies": [CUgraph]}``.
+    ``phGraph_out`` is read only after the call: before it the bindings would read ``size``
+    entries from a null pointer."""
+    p = cu.CUgraphNodeParams()
+    p.type = NodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+    c = p.conditional
+    c.handle = raw["handle"]
+    c.type = cu.CUgraphConditionalNodeType(raw["type"])
+    c.size = raw["size"]
+    c.ctx = env.context
+    d = _nodes(deps)
+    node = call(cu.cuGraphAddNode, graph, d or None, None, len(d), p)
+    return node, {"bodies": list(p.conditional.phGraph_out)}
+
+
 ADDERS = {
     "memcpy": _add_memcpy, "memset": _add_memset, "empty": _add_empty, "graph": _add_child,
     "event_record": _add_event_record, "event_wait": _add_event_wait,
     "mem_alloc": _add_mem_alloc, "mem_free": _add_mem_free, "host": _add_host,
+    "batch_mem_op": _add_batch_mem_op, "conditional": _add_conditional,
 }
+
+
+def conditional_handle_create(graph, context, default: int, flags: int) -> int:
+    """A new conditional handle for ``graph`` (cuGraphConditionalHandleCreate): its value."""
+    return int(call(cu.cuGraphConditionalHandleCreate, graph, context, default, flags))
 
 
 def add_node(graph, type_name: str, deps, raw: dict, env: AddEnv) -> tuple:

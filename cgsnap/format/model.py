@@ -27,8 +27,9 @@ SCHEMA_VERSION = 3
 # schema 2 stores a node's whole parameter buffer and one packed table of its pointers, which
 # validates and restores without a Python object per argument; schema 3 stores a graph's kernel
 # nodes and edges as columns (cgsnap.format.tables), without a map per node or edge, the
-# pointers stored in saved region contents (Region.refs) and strided named views
-# (Region.strides, Region.view_offset). All three are read.
+# pointers stored in saved region contents (Region.refs), strided named views
+# (Region.strides, Region.view_offset), CUDA-array regions (Region.array), conditional and
+# batch mem-op nodes and the kernel table's conditional-handle columns. All three are read.
 READ_SCHEMAS = (1, 2, 3)
 U64 = (1 << 64) - 1
 REGION_REF_DTYPE = np.dtype([("offset", "<u8"), ("region", "<u8"), ("target_offset", "<u8")])
@@ -74,12 +75,70 @@ class RegionKind(str, enum.Enum):
     MODULE_GLOBAL = "module_global"  # a __device__ / __constant__ variable of a kernel's module
     GRAPH_ALLOC = "graph_alloc"    # memory a mem-alloc node of the graph allocates itself
     HOST = "host"                  # host memory a memcpy node reads or writes
+    ARRAY = "array"                # a CUDA array a memcpy node reads or writes (Region.array)
 
 
 class Policy(str, enum.Enum):
     SAVED = "saved"      # contents are in the file and written into fresh memory at restore
     BOUND = "bound"      # no contents; the caller supplies memory at restore (load(bind=...))
     SCRATCH = "scratch"  # no contents; fresh memory
+
+
+# CUarray_format -> bytes of one channel (the formats whose elements are plain words).
+ARRAY_FORMATS = {0x01: 1, 0x02: 2, 0x03: 4, 0x08: 1, 0x09: 2, 0x0A: 4, 0x10: 2, 0x20: 4}
+ARRAY_FORMAT_NAMES = {0x01: "u8", 0x02: "u16", 0x03: "u32", 0x08: "s8", 0x09: "s16",
+                      0x0A: "s32", 0x10: "f16", 0x20: "f32"}
+# CUDA_ARRAY3D_* flags an array may carry: LAYERED, SURFACE_LDST, CUBEMAP, TEXTURE_GATHER.
+# (Depth textures, color attachments, sparse, deferred-mapping and video arrays are refused.)
+ARRAY_FLAGS = 0x0F
+ARRAY_DIM_MAX = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayDesc:
+    """A CUDA array's shape (``CUDA_ARRAY3D_DESCRIPTOR``): ``height`` 0 for a 1D array, ``depth``
+    0 for 1D and 2D ones (layered and cubemap arrays: the layer count). Its contents are stored
+    packed: ``slices`` slices of ``rows`` rows of ``row_bytes``."""
+    format: int
+    channels: int
+    width: int
+    height: int = 0
+    depth: int = 0
+    flags: int = 0
+
+    @property
+    def element_bytes(self) -> int:
+        return ARRAY_FORMATS[self.format] * self.channels
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * self.element_bytes
+
+    @property
+    def rows(self) -> int:
+        return max(self.height, 1)
+
+    @property
+    def slices(self) -> int:
+        return max(self.depth, 1)
+
+    @property
+    def size(self) -> int:
+        return self.row_bytes * self.rows * self.slices
+
+    def position(self, offset: int) -> tuple:
+        """``(x in bytes, y, z)`` of a byte offset into the packed contents."""
+        row, x = divmod(offset, self.row_bytes) if self.row_bytes else (0, offset)
+        z, y = divmod(row, self.rows)
+        return x, y, z
+
+    def offset(self, x: int, y: int, z: int) -> int:
+        return (z * self.rows + y) * self.row_bytes + x
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) for d in (self.width, self.height, self.depth) if d) or "0"
+        return f"{dims} {ARRAY_FORMAT_NAMES.get(self.format, hex(self.format))}x{self.channels}" \
+            + (f" flags {self.flags:#x}" if self.flags else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +166,7 @@ class Region:
     # at restore, so memory that graphs share (torch's graph pool) stays shared exactly.
     parent: Optional[int] = None
     parent_offset: int = 0
+    array: Optional[ArrayDesc] = None   # ARRAY: the array's format and extent
     data: Any = None               # SAVED: contents (bytes-like, a BlobSource, or a blob index)
     origin: Optional[int] = None   # address in the capturing process (never saved; merges snapshots)
     # Schema 3. Pointers stored in the saved contents: packed little-endian u64 triples (offset
@@ -393,6 +453,10 @@ def _region_out(r: Region, add_blob) -> dict:
             out["view_offset"] = r.view_offset
     if r.refs:
         out["refs"] = bytes(r.refs)
+    if r.array is not None:
+        a = r.array
+        out["array"] = {"format": a.format, "channels": a.channels, "width": a.width,
+                        "height": a.height, "depth": a.depth, "flags": a.flags}
     if r.policy is Policy.SAVED:
         out["blob"] = add_blob(r.data)
     return out
@@ -458,6 +522,7 @@ def toposort(g: Graph, where: str) -> list:
 
 
 # The node types, specified in cgsnap.format.nodes, are part of the model's namespace.
-from .nodes import (NODE_TYPES, ChildGraphNode, EmptyNode, EventRecordNode,  # noqa: E402,F401 (re-exported)
-                    EventWaitNode, HostNode, KernelNode, MemAllocNode, MemcpyNode, MemFreeNode,
-                    MemsetNode, node_regions, pack_args, param_buffer_size, unpack_args)
+from .nodes import (NODE_TYPES, BatchMemOpNode, ChildGraphNode,  # noqa: E402,F401 (re-exported)
+                    ConditionalNode, EmptyNode, EventRecordNode, EventWaitNode, HostNode,
+                    KernelNode, MemAllocNode, MemcpyNode, MemFreeNode, MemOp, MemsetNode,
+                    node_regions, pack_args, param_buffer_size, unpack_args)

@@ -5,8 +5,8 @@ Each node type is one class: its fields (the dataclass), its manifest form (``to
 (``describe``), and its conversion from and to the *raw* parameters that the driver layer reads
 and writes (``from_live`` / ``to_live``; the driver calls themselves are in
 :mod:`cgsnap.cuda.graphs`). The validator, capture, restore and the tools dispatch on
-:data:`NODE_TYPES` and never on a type name: adding a node type is one class here plus its
-driver calls.
+:data:`NODE_TYPES`; only what nests graphs (child graphs, conditional bodies) is named where
+graphs are walked as a tree. Adding a node type is one class here plus its driver calls.
 
 Raw parameters are plain dicts of ints, the same shape in both directions (see each class).
 ``from_live(index, raw, rec)`` turns addresses into :class:`Ref` through the recording context
@@ -28,6 +28,11 @@ from ..errors import UnsupportedNodeError
 from .model import Arg, Ref, RegionKind
 
 REF_DTYPE = np.dtype([("pos", "<u8"), ("region", "<u8"), ("offset", "<u8")])
+
+# The schema version from which each node type, and each field added to an older node type or
+# region, is read; a manifest of an older schema that carries one is refused.
+NODE_TYPES_SINCE = {"conditional": 3, "batch_mem_op": 3}
+FIELDS_SINCE = {"kernel.handles": 3, "region.array": 3}
 DIM_MAX = (1 << 31) - 1
 SIZE_MAX = 1 << 48
 
@@ -49,11 +54,12 @@ def _ref_out(ref: Ref) -> list:
 class Renumbering:
     """Old -> new ids for :meth:`remap` (missing maps keep ids as they are)."""
 
-    __slots__ = ("regions", "kernels", "event_offset", "graphs")
+    __slots__ = ("regions", "kernels", "event_offset", "graphs", "handle_offset")
 
-    def __init__(self, regions=None, kernels=None, event_offset: int = 0, graphs=None):
+    def __init__(self, regions=None, kernels=None, event_offset: int = 0, graphs=None,
+                 handle_offset: int = 0):
         self.regions, self.kernels, self.graphs = regions, kernels, graphs
-        self.event_offset = event_offset
+        self.event_offset, self.handle_offset = event_offset, handle_offset
 
     def region(self, rid: int) -> int:
         return rid if self.regions is None else self.regions[rid]
@@ -100,7 +106,9 @@ class KernelNode(_Spec):
     """A kernel launch. ``params`` is the kernel's whole parameter buffer (arguments at the
     offsets of ``Kernel.params``); ``refs`` the pointer table: little-endian u64 triples (byte
     position in ``params``, region, offset), positions 8-aligned and increasing, each inside one
-    argument. Restore writes ``base(region) + offset`` at each position."""
+    argument. Restore writes ``base(region) + offset`` at each position. ``handles``: u64 pairs
+    (position, conditional handle id), each the whole of an 8-byte argument: restore writes
+    the value of the handle it created there (:class:`ConditionalNode`)."""
     id: int
     kernel: int
     grid: tuple
@@ -109,9 +117,10 @@ class KernelNode(_Spec):
     params: bytes
     refs: bytes = b""
     attrs: dict = field(default_factory=dict)   # cluster_dim (x,y,z), priority, cooperative
+    handles: bytes = b""
     TYPE: ClassVar[str] = "kernel"
     REQUIRED: ClassVar[tuple] = ("kernel", "grid", "block", "smem", "params", "refs")
-    OPTIONAL: ClassVar[tuple] = ("attrs",)
+    OPTIONAL: ClassVar[tuple] = ("attrs", "handles")
 
     @classmethod
     def from_args(cls, id: int, kernel: int, grid: tuple, block: tuple, shared_mem: int, args,
@@ -133,6 +142,10 @@ class KernelNode(_Spec):
         """The per-argument view (:class:`Arg`) for tools: ``layout`` is ``Kernel.params``."""
         return unpack_args(self.params, self.refs, layout)
 
+    def handle_refs(self) -> list:
+        """``[(position in params, conditional handle id), ...]``."""
+        return [tuple(r) for r in np.frombuffer(self.handles, dtype="<u8").reshape(-1, 2).tolist()]
+
     def regions(self) -> list:
         return np.frombuffer(self.refs, dtype="<u8")[1::3].tolist()
 
@@ -142,7 +155,12 @@ class KernelNode(_Spec):
             table = np.frombuffer(refs, dtype="<u8").reshape(-1, 3).copy()
             table[:, 1] = [m.regions[r] for r in table[:, 1].tolist()]
             refs = table.tobytes()
-        return replace(self, kernel=m.kernel(self.kernel), refs=refs)
+        handles = self.handles
+        if m.handle_offset and handles:
+            table = np.frombuffer(handles, dtype="<u8").reshape(-1, 2).copy()
+            table[:, 1] += np.uint64(m.handle_offset)
+            handles = table.tobytes()
+        return replace(self, kernel=m.kernel(self.kernel), refs=refs, handles=handles)
 
     def to_manifest(self, out: dict, layouts) -> None:
         out.update(kernel=self.kernel, grid=list(self.grid), block=list(self.block),
@@ -150,6 +168,8 @@ class KernelNode(_Spec):
         if self.attrs:
             out["attrs"] = {k: list(v) if isinstance(v, tuple) else v
                             for k, v in self.attrs.items()}
+        if self.handles:
+            out["handles"] = bytes(self.handles)
 
     def describe(self, d) -> list:
         k = d.snap.kernels[self.kernel]
@@ -159,6 +179,9 @@ class KernelNode(_Spec):
         for i, a in enumerate(self.arguments(k.params)):
             for off, ref in a.refs:
                 lines.append(f"arg{i}+{off:#x} → {d.ref(ref)}")
+        starts = {off: i for i, (off, _) in enumerate(k.params)}
+        for pos, hid in self.handle_refs():
+            lines.append(f"arg{starts.get(pos, '?')} → conditional handle {hid}")
         for key, value in sorted(self.attrs.items()):
             lines.append(f"{key} = {value}")
         return lines
@@ -188,6 +211,12 @@ class KernelNode(_Spec):
             if key in raw_attrs:
                 attrs[key] = v.int(raw_attrs[key], f"{where}.attrs.{key}", -(1 << 31),
                                    (1 << 31) - 1)
+        if "handles" in n:
+            # Kernel nodes of schema 3 live in the kernel table (cgsnap.format.tables), whose
+            # nhandles / handles columns carry these; a node map never does.
+            since = FIELDS_SINCE["kernel.handles"]
+            v.fail(f"{where}.handles", f"conditional handle arguments need schema {since} (this "
+                                       f"manifest is schema {v.schema})")
         node = cls(nid, kid, v.dims(n["grid"], f"{where}.grid"), v.dims(n["block"], f"{where}.block"),
                    v.int(n["smem"], f"{where}.smem", 0, 1 << 24), params, refs, attrs)
         if v.schema != 1:
@@ -346,9 +375,14 @@ class MemcpyNode(_Spec):
     """A copy of a ``width`` x ``height`` x ``depth`` box; pitches are the row strides, the
     heights the number of rows per slice (0: tightly packed). A 1D copy has height = depth = 1.
 
+    A side in an ARRAY region (a CUDA array) addresses the array's packed contents: its offset
+    is ``(z * rows + y) * row_bytes + x``, its pitch and height are the array's row bytes and
+    rows, and the box must lie inside the array.
+
     Raw form: ``{"width", "height", "depth", "src": side, "dst": side}`` with ``side`` =
-    ``{"kind": "device" | "host" | "array", "addr", "pitch", "height"}`` (``addr`` already
-    includes the x/y/z offsets of the box)."""
+    ``{"kind": "device" | "host", "addr", "pitch", "height"}`` (``addr`` already includes the
+    x/y/z offsets of the box) or ``{"kind": "array", "array": CUarray, "x", "y", "z"}`` (``x``
+    in bytes; when read, also ``"lod"``)."""
     id: int
     src: Ref
     dst: Ref
@@ -392,8 +426,24 @@ class MemcpyNode(_Spec):
         node = cls(nid, v.ref(n["src"], f"{where}.src", ctx), v.ref(n["dst"], f"{where}.dst", ctx),
                    **geo)
         for side in ("src", "dst"):
-            v.span_fits(ctx, getattr(node, side), node.span(side), f"{where}.{side}")
+            ref = getattr(node, side)
+            v.span_fits(ctx, ref, node.span(side), f"{where}.{side}")
+            array = ctx.regions[ref.region].array
+            if array is not None:
+                node._check_array_side(v, side, ref, array, f"{where}.{side}")
         return node
+
+    def _check_array_side(self, v, side: str, ref: Ref, a, where: str) -> None:
+        pitch, height = getattr(self, f"{side}_pitch"), getattr(self, f"{side}_height")
+        if pitch != a.row_bytes or height != a.rows:
+            v.fail(where, f"a side in CUDA array region {ref.region} must have the array's pitch "
+                          f"{a.row_bytes} and height {a.rows} (found {pitch}, {height})")
+        x, y, z = a.position(ref.offset)
+        if x + self.width > a.row_bytes or y + self.height > a.rows or \
+                z + self.depth > a.slices or x % a.element_bytes or self.width % a.element_bytes:
+            v.fail(where, f"the box {self.width} B x {self.height} x {self.depth} at (x {x} B, "
+                          f"y {y}, z {z}) is not whole elements inside CUDA array region "
+                          f"{ref.region} ({a.describe()})")
 
     @classmethod
     def from_live(cls, index: int, raw: dict, rec, where: str):
@@ -401,15 +451,19 @@ class MemcpyNode(_Spec):
         ends = []
         for side in ("src", "dst"):
             s = raw[side]
+            if s["kind"] == "array":
+                if s.get("lod"):
+                    raise UnsupportedNodeError(f"{where}: a copy to or from mipmap level "
+                                               f"{s['lod']} of a CUDA array cannot be carried")
+                ref, a = rec.array_ref(s["array"], s["x"], s["y"], s["z"], f"{where} {side}")
+                ends.append((ref, a.row_bytes, a.rows))
+                continue
             pitch, slice_h = s["pitch"] or width, s["height"] or height
             span = pitched_span(width, height, depth, pitch, slice_h)
             if s["kind"] == "host":
                 ref = rec.host_ref(s["addr"], span, side == "src")
-            elif s["kind"] == "device":
-                ref = rec.device_ref(s["addr"], f"{where} {side}", span)
             else:
-                raise UnsupportedNodeError(f"{where}: copies to or from CUDA arrays are not "
-                                           "supported")
+                ref = rec.device_ref(s["addr"], f"{where} {side}", span)
             ends.append((ref, pitch if height > 1 or depth > 1 else 0,
                          slice_h if depth > 1 else 0))
         (src, sp, sh), (dst, dp, dh) = ends
@@ -419,6 +473,11 @@ class MemcpyNode(_Spec):
         raw = {"width": self.width, "height": self.height, "depth": self.depth}
         for side, ref, pitch, height in (("src", self.src, self.src_pitch, self.src_height),
                                          ("dst", self.dst, self.dst_pitch, self.dst_height)):
+            found = ctx.array(ref.region)       # (CUarray, ArrayDesc) of an ARRAY region
+            if found is not None:
+                x, y, z = found[1].position(ref.offset)
+                raw[side] = {"kind": "array", "array": found[0], "x": x, "y": y, "z": z}
+                continue
             raw[side] = {"kind": "host" if ctx.is_host(ref.region) else "device",
                          "addr": ctx.addr(ref), "pitch": pitch or self.width,
                          "height": height or self.height}
@@ -669,13 +728,291 @@ class HostNode(_Spec):
         return {"callback": ctx.host_callback(self.callback)}
 
 
+# ---- stream memory operations --------------------------------------------------------------------
+
+# CUstreamBatchMemOpType -> name, and back.
+MEMOP_NAMES = {1: "wait32", 2: "write32", 3: "flush", 4: "wait64", 5: "write64", 6: "barrier"}
+MEMOP_CODES = {name: code for code, name in MEMOP_NAMES.items()}
+MEMOP_WIDTH = {"wait32": 4, "write32": 4, "wait64": 8, "write64": 8}
+# Flags each operation may carry: waits GEQ 0 / EQ 1 / AND 2 / NOR 3, optionally with FLUSH
+# (1 << 30); writes DEFAULT 0 / NO_MEMORY_BARRIER 1; barriers SYS 0 / GPU 1; flushes 0.
+_WAIT_FLAGS = frozenset(f | x for f in range(4) for x in (0, 1 << 30))
+MEMOP_FLAGS = {"wait32": _WAIT_FLAGS, "wait64": _WAIT_FLAGS, "write32": frozenset((0, 1)),
+               "write64": frozenset((0, 1)), "barrier": frozenset((0, 1)),
+               "flush": frozenset((0,))}
+MAX_MEMOPS = 4096
+_WAIT_TESTS = {0: ">=", 1: "==", 2: "&", 3: "nor"}
+
+
+@dataclass(frozen=True, slots=True)
+class MemOp:
+    """One stream memory operation: ``op`` a :data:`MEMOP_NAMES` value; ``addr`` the word waited
+    on or written (None for flush and barrier); ``value`` the value compared or written."""
+    op: str
+    addr: Optional[Ref] = None
+    value: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class BatchMemOpNode(_Spec):
+    """Stream memory operations (``cuStreamWaitValue32/64``, ``cuStreamWriteValue32/64``,
+    ``cuStreamBatchMemOp``): waits on and writes of device words, barriers, flushes. Raw form:
+    ``{"ops": [{"operation", "addr", "value", "flags"}, ...], "flags"}`` (CUstreamBatchMemOpType
+    codes; ``addr`` 0 for flush and barrier)."""
+    id: int
+    ops: tuple
+    flags: int = 0
+    TYPE: ClassVar[str] = "batch_mem_op"
+    REQUIRED: ClassVar[tuple] = ("ops", "flags")
+
+    def regions(self) -> list:
+        return [op.addr.region for op in self.ops if op.addr is not None]
+
+    def remap(self, m: Renumbering):
+        return replace(self, ops=tuple(replace(op, addr=m.ref(op.addr)) if op.addr is not None
+                                       else op for op in self.ops))
+
+    def to_manifest(self, out: dict, layouts) -> None:
+        ops = []
+        for op in self.ops:
+            o = {"op": op.op, "value": op.value, "flags": op.flags}
+            if op.addr is not None:
+                o["addr"] = _ref_out(op.addr)
+            ops.append(o)
+        out.update(ops=ops, flags=self.flags)
+
+    def describe(self, d) -> list:
+        lines = []
+        for op in self.ops:
+            if op.op.startswith("wait"):
+                test = _WAIT_TESTS[op.flags & 3]
+                lines.append(f"{op.op} until {test} {op.value:#x}"
+                             + (" (flush)" if op.flags & (1 << 30) else "")
+                             + f" at {d.ref(op.addr)}")
+            elif op.op.startswith("write"):
+                lines.append(f"{op.op} {op.value:#x} → {d.ref(op.addr)}")
+            else:
+                lines.append(f"{op.op}" + (f" flags {op.flags:#x}" if op.flags else ""))
+        return lines
+
+    @classmethod
+    def parse(cls, v, n: dict, where: str, ctx, nid: int):
+        raw = v.list(n["ops"], f"{where}.ops", MAX_MEMOPS)
+        if not raw:
+            v.fail(f"{where}.ops", "a batch_mem_op node holds at least one operation")
+        ops = []
+        for j, o in enumerate(raw):
+            ow = f"{where}.ops[{j}]"
+            name = v.str(v.map(o, ow, ("op", "value", "flags"), ("addr",))["op"], f"{ow}.op",
+                         MEMOP_CODES)
+            width = MEMOP_WIDTH.get(name)
+            value = v.int(o["value"], f"{ow}.value", 0,
+                          (1 << (8 * width)) - 1 if width else 0)
+            flags = v.int(o["flags"], f"{ow}.flags", 0, (1 << 32) - 1)
+            if flags not in MEMOP_FLAGS[name]:
+                v.fail(f"{ow}.flags", f"{flags:#x} is not a flag set of a {name} operation")
+            addr = None
+            if width:
+                if "addr" not in o:
+                    v.fail(ow, f"a {name} operation needs addr")
+                addr = v.ref(o["addr"], f"{ow}.addr", ctx)
+                v.span_fits(ctx, addr, width, f"{ow}.addr")
+                if addr.offset % width or ctx.regions[addr.region].kind is RegionKind.ARRAY:
+                    v.fail(f"{ow}.addr", f"a {name} operation needs a {width}-byte aligned word "
+                                         "of device memory")
+            elif "addr" in o:
+                v.fail(f"{ow}.addr", f"a {name} operation takes no address")
+            ops.append(MemOp(name, addr, value, flags))
+        return cls(nid, tuple(ops), v.int(n["flags"], f"{where}.flags", 0, (1 << 32) - 1))
+
+    @classmethod
+    def from_live(cls, index: int, raw: dict, rec, where: str):
+        ops = []
+        for j, o in enumerate(raw["ops"]):
+            name = MEMOP_NAMES.get(o["operation"])
+            if name is None:
+                raise UnsupportedNodeError(f"{where}: memory operation {j} has type "
+                                           f"{o['operation']}, which cgsnap does not know")
+            width = MEMOP_WIDTH.get(name)
+            if width:
+                ref = rec.device_ref(o["addr"], f"{where} operation {j} ({name})", width)
+                ops.append(MemOp(name, ref, o["value"] & ((1 << (8 * width)) - 1), o["flags"]))
+            else:
+                ops.append(MemOp(name, None, 0, o["flags"]))
+        return cls(index, tuple(ops), raw["flags"])
+
+    def to_live(self, ctx) -> dict:
+        return {"flags": self.flags,
+                "ops": [{"operation": MEMOP_CODES[op.op],
+                         "addr": ctx.addr(op.addr) if op.addr is not None else 0,
+                         "value": op.value, "flags": op.flags} for op in self.ops]}
+
+
+# ---- conditional nodes ------------------------------------------------------------------------------
+
+COND_KINDS = ("if", "while", "switch")          # CUgraphConditionalNodeType 0, 1, 2
+COND_ASSIGN_DEFAULT = 1                          # CU_GRAPH_COND_ASSIGN_DEFAULT
+MAX_BODIES = 1 << 12
+MAX_NESTING = 64
+
+
+@dataclass(slots=True)
+class ConditionalNode(_Spec):
+    """An IF (1 or 2 bodies: then, else), WHILE (1 body) or SWITCH (body ``n`` runs when the
+    condition is ``n``) node. Its condition is a *conditional handle*: ``handle`` is its id in
+    the snapshot (one handle per conditional node, ids 0..H-1 over the whole snapshot), made
+    for graph ``handle_graph`` (this node's graph or one whose body holds it, transitively) with
+    ``default`` and ``flags`` (1: the default is assigned at each launch). Kernels set the
+    condition through the handle passed as an 8-byte argument (``KernelNode.handles``).
+    ``value`` is the handle's value at save time; ``exact``: the restore must obtain that same
+    value, because the capture could not prove where every use of it lies.
+
+    Each body is a graph of the snapshot (not top-level) that only this node runs: at restore
+    it is built into the body graph the driver creates with the node.
+
+    Raw form: ``{"type", "size", "handle"}`` to add, the driver returning ``{"bodies": [CUgraph]}``;
+    when read, whatever the driver could give (:func:`cgsnap.cuda.graphs.read_node`)."""
+    id: int
+    kind: str
+    bodies: tuple
+    handle: int
+    handle_graph: str
+    default: int = 0
+    flags: int = 0
+    value: int = 0
+    exact: bool = False
+    TYPE: ClassVar[str] = "conditional"
+    REQUIRED: ClassVar[tuple] = ("kind", "bodies", "handle", "handle_graph", "default", "flags",
+                                 "value", "exact")
+
+    def body_labels(self) -> list:
+        if self.kind == "if":
+            return ["then", "else"][:len(self.bodies)]
+        if self.kind == "while":
+            return ["body"]
+        return [f"case {i}" for i in range(len(self.bodies))]
+
+    def remap(self, m: Renumbering):
+        return replace(self, bodies=tuple(m.graph(b) for b in self.bodies),
+                       handle=self.handle + m.handle_offset, handle_graph=m.graph(self.handle_graph))
+
+    def to_manifest(self, out: dict, layouts) -> None:
+        out.update(kind=self.kind, bodies=list(self.bodies), handle=self.handle,
+                   handle_graph=self.handle_graph, default=self.default, flags=self.flags,
+                   value=self.value, exact=self.exact)
+
+    def describe(self, d) -> list:
+        lines = [f"{self.kind} on handle {self.handle} (of graph {self.handle_graph!r}, default "
+                 f"{self.default}{', assigned at each launch' if self.flags else ''})"]
+        lines += [f"{label} → graph {body!r}" for label, body in zip(self.body_labels(),
+                                                                       self.bodies)]
+        return lines
+
+    @classmethod
+    def parse(cls, v, n: dict, where: str, ctx, nid: int):
+        kind = v.str(n["kind"], f"{where}.kind", COND_KINDS)
+        bodies = tuple(v.str(b, f"{where}.bodies[{i}]")
+                       for i, b in enumerate(v.list(n["bodies"], f"{where}.bodies", MAX_BODIES)))
+        most = {"if": 2, "while": 1, "switch": MAX_BODIES}[kind]
+        if not 1 <= len(bodies) <= most:
+            v.fail(f"{where}.bodies", f"an {kind} node has 1 to {most} bodies, not {len(bodies)}")
+        for i, b in enumerate(bodies):
+            if b not in ctx.graph_names:
+                v.fail(f"{where}.bodies[{i}]", f"unknown graph {b!r}")
+        handle_graph = v.str(n["handle_graph"], f"{where}.handle_graph")
+        if handle_graph not in ctx.graph_names:
+            v.fail(f"{where}.handle_graph", f"unknown graph {handle_graph!r}")
+        flags = v.int(n["flags"], f"{where}.flags", 0, COND_ASSIGN_DEFAULT)
+        node = cls(nid, kind, bodies, v.int(n["handle"], f"{where}.handle", 0, (1 << 32) - 1),
+                   handle_graph, v.int(n["default"], f"{where}.default", 0, (1 << 32) - 1),
+                   flags, v.int(n["value"], f"{where}.value"), v.bool(n["exact"], f"{where}.exact"))
+        ctx.conditionals.append((node, where, ctx.graph_name))
+        return node
+
+    @staticmethod
+    def check_snapshot(v, graphs: list, ctx) -> None:
+        """What needs every graph (``ctx``: the conditional nodes and the kernel tables with
+        handle columns that the parsers met): handle ids 0..H-1, each once; each body run by
+        exactly one conditional node, not top-level and no child graph; a graph holding
+        conditional nodes is no child graph (the driver refuses one); bodies nest without a
+        cycle; each handle made for the node's graph or one it nests in; and kernels pass a
+        handle only inside the graphs it was made for (``handle_graph`` and the bodies nested
+        in it)."""
+        conds, users = ctx.conditionals, ctx.handle_users
+        if not conds and not users:
+            return
+        by_name = {g.name: g for g in graphs}
+        children = {n.graph for g in graphs for n in g.other_nodes() if n.TYPE == "graph"}
+        seen: dict = {}
+        owner: dict = {}
+        for n, w, graph in conds:
+            if n.handle >= len(conds) or n.handle in seen:
+                v.fail(f"{w}.handle", f"handle ids must be 0..{len(conds) - 1}, each used by one "
+                                      f"conditional node (found {n.handle})")
+            seen[n.handle] = n
+            if graph in children:
+                v.fail(w, f"graph {graph!r} holds a conditional node and is used as a child "
+                          "graph, which CUDA does not allow")
+            for i, b in enumerate(n.bodies):
+                bw = f"{w}.bodies[{i}]"
+                if b in owner or b == graph:
+                    v.fail(bw, f"graph {b!r} is the body of more than one conditional node")
+                if by_name[b].top_level or b in children:
+                    v.fail(bw, f"body graph {b!r} must be run only by its conditional node (not "
+                               "top-level, no child graph)")
+                owner[b] = graph
+
+        def ancestry(name: str, w: str) -> list:
+            """``name`` and the graphs whose bodies hold it, innermost first."""
+            chain = [name]
+            while chain[-1] in owner:
+                chain.append(owner[chain[-1]])
+                if len(chain) > MAX_NESTING:
+                    v.fail(w, "conditional bodies contain themselves or nest too deeply")
+            return chain
+        for n, w, graph in conds:
+            if n.handle_graph not in ancestry(graph, w):
+                v.fail(f"{w}.handle_graph", f"graph {n.handle_graph!r} neither is nor holds the "
+                                            f"graph of this node ({graph!r})")
+        for graph, w, table in users:         # kernel tables: one vectorised check each
+            chain = ancestry(graph, w)
+            allowed = np.array(sorted(h for h, n in seen.items() if n.handle_graph in chain),
+                               dtype=np.uint64)
+            ids = table.handles[:, 1]
+            ok = np.isin(ids, allowed)
+            if ok.all():
+                continue
+            j = int(np.argmin(ok))
+            hid = int(ids[j])
+            hw = f"{w}.handles[{j}]"
+            if hid not in seen:
+                v.fail(hw, f"handle {hid} does not exist ({len(conds)} handles)")
+            v.fail(hw, f"handle {hid} belongs to graph {seen[hid].handle_graph!r}, which does "
+                       f"not hold graph {graph!r}")
+
+    @classmethod
+    def from_live(cls, index: int, raw: dict, rec, where: str):
+        return cls(index, **rec.conditional(raw, index, where))
+
+    def to_live(self, ctx) -> dict:
+        return {"type": COND_KINDS.index(self.kind), "size": len(self.bodies),
+                "handle": ctx.handle(self.handle)}
+
+    def on_added(self, ctx, result) -> None:
+        ctx.fill_bodies(self, result["bodies"])
+
+
 # ---- the registry ---------------------------------------------------------------------------------
 
 NODE_CLASSES = (KernelNode, MemcpyNode, MemsetNode, EmptyNode, ChildGraphNode, EventRecordNode,
-                EventWaitNode, MemAllocNode, MemFreeNode, HostNode)
+                EventWaitNode, MemAllocNode, MemFreeNode, HostNode, BatchMemOpNode,
+                ConditionalNode)
 NODE_TYPES = {cls.TYPE: cls for cls in NODE_CLASSES}
 _KERNEL_REQUIRED = frozenset(("id", "t") + KernelNode.REQUIRED)
-_KERNEL_ALLOWED = _KERNEL_REQUIRED | frozenset(KernelNode.OPTIONAL)
+# The inline path takes no handle table: a node map carrying one (refused: handle tables exist
+# from schema 3 on, in the kernel table) goes to the strict path, which names the problem.
+_KERNEL_ALLOWED = _KERNEL_REQUIRED | frozenset(("attrs",))
 _ABSENT = object()
 
 

@@ -16,10 +16,11 @@ import numpy as np
 
 from ..errors import FormatError
 from .hashing import is_hash
-from .model import (DTYPE_ITEMSIZE, READ_SCHEMAS, REGION_REF_DTYPE, U64, Edge, Graph, Kernel,
-                    KernelImage, Policy, Ref, Region, RegionKind, RngState, Snapshot, toposort,
-                    view_span)
-from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+from .model import (ARRAY_DIM_MAX, ARRAY_FLAGS, ARRAY_FORMATS, DTYPE_ITEMSIZE, READ_SCHEMAS,
+                    REGION_REF_DTYPE, U64, ArrayDesc, Edge, Graph, Kernel, KernelImage, Policy,
+                    Ref, Region, RegionKind, RngState, Snapshot, toposort, view_span)
+from .nodes import (DIM_MAX, FIELDS_SINCE, NODE_TYPES, NODE_TYPES_SINCE, ConditionalNode,
+                    KernelNode, param_buffer_size)
 from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
 from .trace import parse_trace
 
@@ -27,8 +28,8 @@ _IDENT_MAX = 4096          # longest name / string field accepted
 _REGION_REQUIRED = ("id", "kind", "size", "policy", "alignment")
 _REGION_OPTIONAL = ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool", "blob",
                     "parent", "parent_offset")
-# Schema 3: pointers stored in the contents, strided views.
-_REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset")
+# Schema 3: pointers stored in the contents, strided views, CUDA arrays.
+_REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "array")
 _STRIDE_MAX = 1 << 48
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
 
@@ -184,6 +185,7 @@ class Validator:
         ctx = GraphContext(regions, kernels, events, set(graph_names))
         graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
         self.child_graphs_acyclic(graphs)
+        ConditionalNode.check_snapshot(self, graphs, ctx)
         return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
                         events=events, device=device, versions=versions, meta=meta)
 
@@ -196,6 +198,11 @@ class Validator:
                 seen.add(r.name)
 
     def region(self, r, where, index) -> Region:
+        since = FIELDS_SINCE["region.array"]
+        if self.schema < since and type(r) is dict and \
+                ("array" in r or r.get("kind") == RegionKind.ARRAY.value):
+            self.fail(where, f"CUDA array regions need schema {since} (this manifest is schema "
+                             f"{self.schema})")
         r = self.map(r, where, _REGION_REQUIRED,
                      _REGION_OPTIONAL_3 if self.schema >= 3 else _REGION_OPTIONAL)
         if self.int(r["id"], f"{where}.id") != index:
@@ -227,6 +234,8 @@ class Validator:
                         image=self.hash(r["image"], f"{where}.image") if "image" in r else None,
                         symbol=self.opt_str(r.get("symbol"), f"{where}.symbol"),
                         pool=self.opt_str(r.get("pool"), f"{where}.pool"))
+        if kind is RegionKind.ARRAY or "array" in r:
+            region.array = self.array(r, where, kind, policy, size)
         region.data = r.get("blob")          # blob index; the loader reads it lazily
         if "parent" in r:
             # Parents come first (ids are in order), so the parent is already validated.
@@ -318,6 +327,31 @@ class Validator:
             self.fail(w, f"region {t} is a graph_alloc region: its address is known only once "
                          "its graph is built")
 
+    def array(self, r, where, kind, policy, size) -> ArrayDesc:
+        if kind is not RegionKind.ARRAY or "array" not in r:
+            self.fail(where, "an array region needs its array descriptor, and only it has one")
+        aw = f"{where}.array"
+        a = self.map(r["array"], aw, ("format", "channels", "width", "height", "depth", "flags"))
+        fmt = self.int(a["format"], f"{aw}.format", 0, 0xFFFF)
+        if fmt not in ARRAY_FORMATS:
+            self.fail(f"{aw}.format", f"array format {fmt:#x} is not one cgsnap carries")
+        channels = self.int(a["channels"], f"{aw}.channels", 1, 4)
+        if channels == 3:
+            self.fail(f"{aw}.channels", "an array element has 1, 2 or 4 channels")
+        dims = [self.int(a[k], f"{aw}.{k}", 0, ARRAY_DIM_MAX) for k in ("width", "height",
+                                                                          "depth")]
+        if dims[0] == 0 or (dims[2] and not dims[1]):
+            self.fail(aw, f"width x height x depth {dims} is not a 1D, 2D or 3D extent")
+        flags = self.int(a["flags"], f"{aw}.flags", 0, (1 << 32) - 1)
+        if flags & ~ARRAY_FLAGS:
+            self.fail(f"{aw}.flags", f"array flags {flags:#x} are not ones cgsnap carries")
+        desc = ArrayDesc(fmt, channels, *dims, flags)
+        if desc.size != size:
+            self.fail(f"{where}.size", f"{size} bytes, the array holds {desc.size}")
+        if policy is Policy.BOUND or "parent" in r or "name" in r:
+            self.fail(where, "an array region is neither bound, named nor a view")
+        return desc
+
     def image(self, im, where) -> KernelImage:
         im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))
         names = tuple(self.str(n, f"{where}.names[{i}]")
@@ -371,6 +405,7 @@ class Validator:
         if self.schema >= 3:
             return self.graph_tables(g, where, ctx)
         ctx.tables = []
+        ctx.graph_name = g["name"]
         nodes = []
         fast = KernelNode.parse_fast if self.schema >= 2 else None
         for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
@@ -416,7 +451,10 @@ class Validator:
     def graph_tables(self, g, where, ctx) -> Graph:
         """A schema-3 graph: kernel nodes and edges as columns (cgsnap.format.tables), every
         other node a map of its own."""
+        ctx.graph_name = g["name"]
         ktable = KernelTable.parse(self, g["kernels"], f"{where}.kernels", ctx)
+        if ktable.has_handles():
+            ctx.handle_users.append((g["name"], f"{where}.kernels", ktable))
         others = []
         for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
             if isinstance(n, dict) and n.get("t") == "kernel":
@@ -451,6 +489,10 @@ class Validator:
             self.fail(where, "expected a map")
         t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
         spec = NODE_TYPES[t]
+        since = NODE_TYPES_SINCE.get(t, 1)
+        if self.schema < since:
+            self.fail(f"{where}.t", f"{t} nodes need schema {since} (this manifest is schema "
+                                    f"{self.schema})")
         if t == "kernel" and self.schema == 1:
             self.map(n, where, ("id", "t", "kernel", "grid", "block", "smem", "args"), ("attrs",))
         else:
@@ -464,13 +506,16 @@ class Validator:
                              f"of {ctx.regions[ref.region].size} bytes")
 
     def child_graphs_acyclic(self, graphs):
-        children = {g.name: [n.graph for n in g.other_nodes() if n.TYPE == "graph"]
+        # Child graphs and conditional bodies: both are built inside their parent at restore.
+        children = {g.name: [n.graph for n in g.other_nodes() if n.TYPE == "graph"] +
+                    [b for n in g.other_nodes() if n.TYPE == "conditional" for b in n.bodies]
                     for g in graphs}
         state: dict = {}
 
         def visit(name, depth=0):
             if state.get(name) == 1 or depth > 64:
-                self.fail("graphs", f"child graph {name!r} contains itself or nests too deeply")
+                self.fail("graphs", f"child or body graph {name!r} contains itself or nests too "
+                                    "deeply")
             if state.get(name) == 2:
                 return
             state[name] = 1
@@ -552,4 +597,14 @@ class GraphContext:
         rows = sorted((k.id << 32 | off, off + size, k.id)
                       for k in self.kernels for off, size in k.params)
         self.arg_table = tuple(np.array([r[i] for r in rows], dtype=np.uint64) for i in range(3))
+        # The 8-byte arguments (kernel << 32 | start), sorted: where a conditional handle may lie.
+        self.eight_byte_args = np.array(sorted(k.id << 32 | off for k in self.kernels
+                                               for off, size in k.params if size == 8),
+                                        dtype=np.uint64)
         self.tables: list = []
+        # Met while parsing, checked once every graph is read (ConditionalNode.check_snapshot):
+        # (node, where, graph name) of conditional nodes, and (graph name, where, kernel table)
+        # of the kernel tables with conditional-handle columns.
+        self.conditionals: list = []
+        self.handle_users: list = []
+        self.graph_name = ""

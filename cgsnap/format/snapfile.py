@@ -41,7 +41,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
         raise CaptureError(f"snapshots of different GPU archs cannot share a file: {sorted(archs)}")
     regions, region_ids = [], {}
     images, kernels, kernel_ids = {}, [], {}
-    graphs, names, events = [], set(), 0
+    graphs, names, events, handles = [], set(), 0, 0
     for snap in snaps:
         rmap, added = {}, []
         for r in snap.regions:     # parents precede their children, so rmap has them
@@ -69,11 +69,15 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                                    "snapshot(..., name=...) a different name")
             names.add(g.name)
             graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
-                                nodes=[remap_node(n, rmap, kmap, events) for n in g.nodes],
+                                nodes=[remap_node(n, rmap, kmap, events, handles)
+                                       for n in g.nodes],
                                 checks={rmap[rid]: data for rid, data in g.checks.items()},
                                 rng=[e.remap(rmap) for e in g.rng],
                                 trace=remap_trace(g.trace, rmap)))
         events += snap.events
+        # Conditional handle ids run over the whole snapshot: one per conditional node.
+        handles += sum(1 for g in snap.graphs for n in g.other_nodes()
+                       if n.TYPE == "conditional")
     first = snaps[0]
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}
     ambiguous = [line for s in snaps for line in s.meta.get("ambiguous_words", ())]
@@ -85,10 +89,11 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                     meta=meta)
 
 
-def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0):
-    """``n`` with its regions, kernel and events renumbered (``rmap`` / ``kmap``: old -> new id;
-    no ``kmap``: kernels keep their ids)."""
-    return n.remap(Renumbering(rmap, kmap, event_offset))
+def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0,
+               handle_offset: int = 0):
+    """``n`` with its regions, kernel, events and conditional handles renumbered (``rmap`` /
+    ``kmap``: old -> new id; no ``kmap``: kernels keep their ids)."""
+    return n.remap(Renumbering(rmap, kmap, event_offset, handle_offset=handle_offset))
 
 
 # A pruned image is kept only when it is at most this fraction of the whole one: a small gain

@@ -14,7 +14,10 @@ Kernel table (``graph["kernels"]``), N nodes, little-endian:
   each padded with zeros to a multiple of 8 bytes;
 - ``nrefs`` u32[N] and ``refs`` u64[3*R]: each node's pointer table in node order, entries
   (byte position in the node's buffer, region, offset) as in schema 2's per-node ``refs``;
-- ``attrs``: the distinct launch-attribute maps; ``attr`` i32[N]: index into ``attrs`` or -1.
+- ``attrs``: the distinct launch-attribute maps; ``attr`` i32[N]: index into ``attrs`` or -1;
+- optional, together (written only when a node has one): ``nhandles`` u32[N] and ``handles``
+  u64[2*H]: each node's conditional-handle table in node order, entries (byte position in the
+  node's buffer, conditional handle id) as in ``KernelNode.handles``.
 
 Edge table (``graph["edges"]``): u32[3*E]: source id, destination id, and
 ``from_port | to_port << 8 | type << 16``.
@@ -30,6 +33,7 @@ from .model import Edge, Ref
 from .nodes import DIM_MAX, REF_DTYPE, KernelNode, param_buffer_size
 
 KERNEL_FIELDS = ("ids", "kernel", "dims", "params", "nrefs", "refs", "attrs", "attr")
+HANDLE_FIELDS = ("nhandles", "handles")
 MAX_NODES = 1 << 24
 _ATTR_KEYS = ("cluster_dim", "priority", "cooperative")
 
@@ -51,6 +55,8 @@ class KernelTable:
     refs: np.ndarray           # uint64[R, 3]: position in the node's buffer, region, offset
     attrs: list = field(default_factory=list)
     attr: Optional[np.ndarray] = None     # int64[N], -1 for none
+    nhandles: Optional[np.ndarray] = None  # int64[N]; None: no node passes a handle
+    handles: Optional[np.ndarray] = None   # uint64[H, 2]: position in the node's buffer, handle id
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,18 +83,21 @@ class KernelTable:
         dims = np.array([[*x.grid, *x.block, x.shared_mem] for x in nodes],
                         dtype=np.int64).reshape(n, 7)
         refs = np.frombuffer(b"".join(x.refs for x in nodes), dtype="<u8").reshape(-1, 3)
+        nhandles = handles = None
+        if any(x.handles for x in nodes):
+            nhandles = np.array([len(x.handles) // 16 for x in nodes], dtype=np.int64)
+            handles = np.frombuffer(b"".join(x.handles for x in nodes),
+                                    dtype="<u8").reshape(-1, 2)
         return cls(np.array([x.id for x in nodes], dtype=np.int64),
                    np.array([x.kernel for x in nodes], dtype=np.int64), dims, params, starts,
                    sizes, np.array([len(x.refs) // 24 for x in nodes], dtype=np.int64), refs,
-                   attrs, attr)
+                   attrs, attr, nhandles, handles)
 
     def ref_starts(self) -> np.ndarray:
-        out = np.zeros(len(self.ids), dtype=np.int64)
-        if len(self.ids) > 1:
-            out[1:] = np.cumsum(self.nrefs[:-1])
-        return out
+        return _starts(self.nrefs)
 
-    def node(self, i: int, first_ref: Optional[int] = None) -> KernelNode:
+    def node(self, i: int, first_ref: Optional[int] = None,
+             first_handle: Optional[int] = None) -> KernelNode:
         """Row ``i`` as a :class:`KernelNode` (tools; the restore works on the columns)."""
         if first_ref is None:
             first_ref = int(self.nrefs[:i].sum())
@@ -96,18 +105,30 @@ class KernelTable:
         refs = self.refs[first_ref:first_ref + int(self.nrefs[i])]
         a = int(self.attr[i]) if self.attr is not None else -1
         d = self.dims[i].tolist()
+        handles = b""
+        if self.nhandles is not None and self.nhandles[i]:
+            if first_handle is None:
+                first_handle = int(self.nhandles[:i].sum())
+            handles = np.ascontiguousarray(
+                self.handles[first_handle:first_handle + int(self.nhandles[i])],
+                dtype="<u8").tobytes()
         return KernelNode(int(self.ids[i]), int(self.kernel[i]), tuple(d[0:3]), tuple(d[3:6]),
                           d[6], self.params[start:start + size],
                           np.ascontiguousarray(refs, dtype="<u8").tobytes(),
-                          dict(self.attrs[a]) if a >= 0 else {})
+                          dict(self.attrs[a]) if a >= 0 else {}, handles)
 
     def nodes(self) -> list:
         firsts = self.ref_starts().tolist()
-        return [self.node(i, firsts[i]) for i in range(len(self.ids))]
+        hfirsts = _starts(self.nhandles).tolist() if self.nhandles is not None else None
+        return [self.node(i, firsts[i], hfirsts[i] if hfirsts is not None else None)
+                for i in range(len(self.ids))]
+
+    def has_handles(self) -> bool:
+        return self.handles is not None and len(self.handles) > 0
 
     def to_manifest(self) -> dict:
         attr = self.attr if self.attr is not None else np.full(len(self.ids), -1)
-        return {"ids": self.ids.astype("<u4").tobytes(),
+        out = {"ids": self.ids.astype("<u4").tobytes(),
                 "kernel": self.kernel.astype("<u4").tobytes(),
                 "dims": self.dims.astype("<u4").tobytes(), "params": bytes(self.params),
                 "nrefs": self.nrefs.astype("<u4").tobytes(),
@@ -115,11 +136,15 @@ class KernelTable:
                 "attrs": [{k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}
                           for a in self.attrs],
                 "attr": attr.astype("<i4").tobytes()}
+        if self.has_handles():
+            out["nhandles"] = self.nhandles.astype("<u4").tobytes()
+            out["handles"] = np.ascontiguousarray(self.handles, dtype="<u8").tobytes()
+        return out
 
     @classmethod
     def parse(cls, v, raw, where: str, ctx) -> "KernelTable":
         """Validate a kernel table completely (vectorised); errors name the column and row."""
-        raw = v.map(raw, where, KERNEL_FIELDS)
+        raw = v.map(raw, where, KERNEL_FIELDS, HANDLE_FIELDS)
         ids = _column(v, raw["ids"], f"{where}.ids", "<u4", 1)
         n = len(ids)
         if n > MAX_NODES:
@@ -170,7 +195,67 @@ class KernelTable:
         if bad.size:
             v.fail(f"{where}.attr[{bad[0]}]", f"attribute set {attr[bad[0]]} does not exist "
                                              f"({len(attrs)} sets)")
-        return cls(ids, kernel, dims, params, starts, sizes, nrefs, refs, attrs, attr)
+        nhandles = handles = None
+        if "nhandles" in raw or "handles" in raw:
+            nhandles, handles = _parse_handles(v, raw, where, kernel, sizes, refs, nrefs, ctx)
+        return cls(ids, kernel, dims, params, starts, sizes, nrefs, refs, attrs, attr, nhandles,
+                   handles)
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each row's entries start in a table of ``counts[i]`` entries per row."""
+    out = np.zeros(len(counts), dtype=np.int64)
+    if len(counts) > 1:
+        out[1:] = np.cumsum(counts[:-1])
+    return out
+
+
+def _parse_handles(v, raw, where: str, kernel: np.ndarray, sizes: np.ndarray, refs: np.ndarray,
+                   nrefs: np.ndarray, ctx) -> tuple:
+    """``(nhandles, handles)``: every entry a whole 8-byte argument of its node's kernel (its
+    start, 8-aligned), increasing within its node and no pointer of the node's pointer table.
+    Handle ids are checked once every graph is read (``ConditionalNode.check_snapshot``)."""
+    if "nhandles" not in raw or "handles" not in raw:
+        v.fail(where, "nhandles and handles come together")
+    n = len(kernel)
+    nhandles = _column(v, raw["nhandles"], f"{where}.nhandles", "<u4", 1, n)
+    bad = np.flatnonzero(nhandles > sizes // 8)
+    if bad.size:
+        v.fail(f"{where}.nhandles[{bad[0]}]", f"{nhandles[bad[0]]} handles in a "
+                                             f"{sizes[bad[0]]}-byte parameter buffer")
+    data = raw["handles"]
+    total = int(nhandles.sum())
+    if type(data) is not bytes or len(data) != 16 * total:
+        v.fail(f"{where}.handles", f"expected {16 * total} bytes: one 16-byte entry per "
+                                   "conditional handle that nhandles counts")
+    handles = np.frombuffer(data, dtype="<u8").reshape(-1, 2)
+    if not total:
+        return nhandles, handles
+    owner = np.repeat(np.arange(n), nhandles)
+    kid = kernel[owner].astype(np.uint64)
+    pos = handles[:, 0]
+    ok = ((pos & np.uint64(7)) == 0) & (pos <= np.uint64(0xFFFFFFFF))
+    ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
+    key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
+    eight = ctx.eight_byte_args
+    at = np.minimum(np.searchsorted(eight, key), max(len(eight) - 1, 0))
+    ok &= (eight[at] == key) if len(eight) else False
+    if len(refs):
+        ref_owner = np.repeat(np.arange(n), nrefs).astype(np.uint64)
+        mask = np.uint64(0xFFFFFFFF)
+        ok &= ~np.isin((owner.astype(np.uint64) << np.uint64(32)) | (key & mask),
+                       (ref_owner << np.uint64(32)) | (refs[:, 0] & mask))
+    ok &= handles[:, 1] < np.uint64(1 << 32)
+    if not ok.all():
+        bad = int(np.argmin(ok))
+        row = int(owner[bad])
+        p, hid = (int(x) for x in handles[bad].tolist())
+        w = f"{where}.handles[{bad}] (row {row})"
+        if hid >= 1 << 32:
+            v.fail(w, f"handle id {hid} is out of range")
+        v.fail(w, f"position {p} is not an 8-byte argument of kernel "
+                  f"{ctx.kernels[int(kernel[row])].name} (in increasing order, not a pointer)")
+    return nhandles, handles
 
 
 def _column(v, raw, where: str, dtype: str, width: int, rows: Optional[int] = None) -> np.ndarray:

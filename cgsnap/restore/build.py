@@ -14,18 +14,33 @@ import numpy as np
 
 from ..cuda import graphs
 from ..cuda.driver import KERNEL_NODE_PARAMS
+from ..errors import RestoreError
 from ..format.model import RegionKind
 
 
 class BuildState:
     """What building needs from the restore, and what node specs ask while converting their
-    fields to raw parameters (``to_live``): addresses, events, child graphs, callbacks."""
+    fields to raw parameters (``to_live``): addresses, CUDA arrays, events, child graphs,
+    callbacks, conditional handles and bodies."""
 
     def __init__(self, snapshot, bases, func_handles, builder, node_loop, events: list,
-                 built: dict, host_callbacks: dict, env: graphs.AddEnv):
+                 built: dict, host_callbacks: dict, env: graphs.AddEnv, plans: dict = None,
+                 arrays: dict = None):
         self.snapshot, self.bases, self.func_handles = snapshot, bases, func_handles
         self.builder, self.node_loop, self.events, self.built = builder, node_loop, events, built
         self.host_callbacks, self.env = host_callbacks, env
+        self.plans, self.arrays = plans or {}, arrays or {}
+        # Conditional handles, made per graph in the order of their recorded values (the driver
+        # numbers a graph's handles in creation order), before any node of that graph.
+        self.handle_defs: dict = {}
+        count = 0
+        for plan in self.plans.values():
+            for n in plan.conditionals:
+                self.handle_defs.setdefault(n.handle_graph, []).append((plan.name, n))
+                count += 1
+        for defs in self.handle_defs.values():
+            defs.sort(key=lambda d: d[1].value)
+        self.handle_values = np.zeros(count, dtype=np.uint64)
 
     def addr(self, ref) -> int:
         return int(self.bases[ref.region]) + ref.offset
@@ -48,16 +63,47 @@ class BuildState:
     def host_callback(self, name: str):
         return self.host_callbacks[name]
 
+    def array(self, rid: int):
+        """``(CUarray, ArrayDesc)`` of an ARRAY region, else None."""
+        arr = self.arrays.get(rid)
+        return None if arr is None else (arr, self.snapshot.regions[rid].array)
+
+    def handle(self, hid: int) -> int:
+        return int(self.handle_values[hid])
+
+    def create_handles(self, name: str, graph) -> None:
+        """The conditional handles made for graph ``name``; RestoreError when one the capture
+        marked ``exact`` does not get its recorded value."""
+        for node_graph, n in self.handle_defs.get(name, ()):
+            value = graphs.conditional_handle_create(graph, self.env.context, n.default, n.flags)
+            if value != n.value and n.exact:
+                raise RestoreError(
+                    f"graph {node_graph!r} node {n.id} (conditional): the driver gave its handle "
+                    f"the value {value:#x}, the snapshot recorded {n.value:#x}, and the capture "
+                    "could not prove where every use of the handle lies (docs/RELIABILITY.md, "
+                    "Conditional handles)")
+            self.handle_values[n.handle] = value
+
+    def fill_bodies(self, node, bodies: list) -> None:
+        """Build the bodies of a conditional node just added into the graphs the driver made."""
+        for name, body in zip(node.bodies, bodies):
+            add_nodes(self, name, self.plans[name], body)
+
 
 def add_nodes(state, name: str, plan, graph) -> None:
-    """Every node of ``plan`` into the empty ``graph``, in topological order."""
+    """Every node of ``plan`` into the empty ``graph`` (a new graph, or a conditional body
+    the driver made), in topological order, after the conditional handles made for it."""
     graph_int = int(graph)
     fast = state.builder
+    if state.handle_defs:
+        state.create_handles(name, graph)
     # Arguments: one buffer for the graph, every pointer patched in one vectorised step.
     args = np.frombuffer(bytearray(plan.arg_bytes), dtype=np.uint8)
     words = args.view(np.uint64) if args.nbytes else np.zeros(0, dtype=np.uint64)
     if len(plan.patch_pos):
         words[plan.patch_pos] = state.bases[plan.patch_region] + plan.patch_off
+    if len(plan.handle_pos):
+        words[plan.handle_pos] = state.handle_values[plan.handle_id]
     ptrs = np.uint64(args.ctypes.data) + plan.param_rel
     params = plan.params.copy()
     if len(params):

@@ -1,7 +1,7 @@
 """The resource ledger of a restore: every GPU object it made, freed exactly once.
 
-Whatever a restore creates (device and pinned host memory, loaded libraries, events, graphs,
-executable graphs, a staging ring) is entered here as it is made. :meth:`Ledger.release` frees
+Whatever a restore creates (device and pinned host memory, CUDA arrays, loaded libraries, events,
+graphs, executable graphs, a staging ring) is entered here as it is made. :meth:`Ledger.release` frees
 everything in the reverse order of the kinds' dependencies (executables before graphs, graphs
 before the memory and functions they name), attempts every step even after one fails, and then
 raises a :class:`~cgsnap.errors.RestoreError` naming what failed. A restore that nobody closes
@@ -15,7 +15,7 @@ from ..cuda import driver, graphs
 from ..errors import CgsnapError, RestoreError
 
 # Release order: what refers to something is released before what it refers to.
-_KINDS = ("exec", "graph", "event", "stager", "library", "device", "host")
+_KINDS = ("exec", "graph", "event", "stager", "library", "array", "device", "host")
 
 
 class Ledger:
@@ -75,6 +75,7 @@ _RELEASE = {
     "event": graphs.event_destroy,
     "stager": lambda s: s.close(),
     "library": driver.library_unload,
+    "array": driver.array_destroy,
     "device": driver.mem_free,
     "host": driver.host_free,
 }

@@ -118,8 +118,19 @@ class GraphPlan:
                 p = int(pos[owner_row[idx]])
                 self.late_refs.setdefault(p, []).append(
                     (int(word[idx]), int(region[idx]), int(kt.refs[idx, 2])))
-        self.children = [self.others[p].graph for p in sorted(self.others)
-                         if self.others[p].TYPE == "graph"]
+        other_order = [self.others[p] for p in sorted(self.others)]
+        self.children = [n.graph for n in other_order if n.TYPE == "graph"]
+        # Conditional nodes (their bodies are built when the node is added), and the kernel
+        # argument words that pass a conditional handle: written once the handles exist.
+        self.conditionals = [n for n in other_order if n.TYPE == "conditional"]
+        hkt = kt.handles if kt.handles is not None else np.zeros((0, 2), dtype=np.uint64)
+        if len(hkt):
+            howner = np.repeat(np.arange(nk), kt.nhandles)
+            self.handle_pos = ((kt.starts[howner].astype(np.uint64) + hkt[:, 0]) //
+                               np.uint64(8)).astype(np.int64)
+            self.handle_id = hkt[:, 1].astype(np.int64)
+        else:
+            self.handle_pos = self.handle_id = np.zeros(0, dtype=np.int64)
         simple = np.zeros(n, dtype=bool)
         simple[kpos] = True
         simple &= (ndeps == 0) | consecutive

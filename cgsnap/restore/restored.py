@@ -212,7 +212,11 @@ class Restored:
         self._patches = region_patches(snap)      # pointers stored in region contents
         self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
-        missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
+        # Conditional bodies are built inside their node's graph, never on their own.
+        self._bodies = {b for g in snap.graphs for n in g.other_nodes() if n.TYPE == "conditional"
+                        for b in n.bodies}
+        missing = sorted({n.callback for g in snap.graphs for n in g.other_nodes()
+                          if n.TYPE == "host"}
                          - set(self._host_callbacks))
         if missing:
             raise RestoreError(f"{self.path}: the graphs call host callback(s) "
@@ -251,9 +255,14 @@ class Restored:
                                       self._allow_jit, self.path)
         snap = self.snapshot
         self._bases = np.zeros(len(snap.regions), dtype=np.uint64)
+        self._arrays = {}            # ARRAY region id -> CUarray (no address: base stays 0)
         for r in snap.regions:
             if r.id in self._bound:
                 self._bases[r.id] = self._bound[r.id]
+            elif r.kind is RegionKind.ARRAY:
+                a = r.array
+                self._arrays[r.id] = self._ledger.add("array", driver.array_create(
+                    a.format, a.channels, a.width, a.height, a.depth, a.flags))
             elif r.kind in (RegionKind.MODULE_GLOBAL, RegionKind.GRAPH_ALLOC) or \
                     r.parent is not None:
                 continue    # placed by the library load / by the graph / inside its parent
@@ -276,7 +285,9 @@ class Restored:
         self.timings["kernels"] = time.perf_counter() - t
         t = time.perf_counter()
         for r in snap.regions:
-            if r.policy is Policy.SAVED and r.id not in self._bound and \
+            if r.kind is RegionKind.ARRAY:
+                self._write_array(r)
+            elif r.policy is Policy.SAVED and r.id not in self._bound and \
                     r.kind is not RegionKind.MODULE_GLOBAL:       # (written by _load_kernels)
                 self._write_region(r)
         if self._verify_bound:
@@ -289,7 +300,8 @@ class Restored:
         self._state = BuildState(snap, self._bases, self._func_handles, self._builder,
                                  self._node_loop, self._events, self._cu_graphs,
                                  self._host_callbacks,
-                                 graphs.AddEnv(dev.context, dev.ordinal, self._keepalive))
+                                 graphs.AddEnv(dev.context, dev.ordinal, self._keepalive),
+                                 plans=self._plans, arrays=self._arrays)
 
     def _alloc(self, size: int, alignment: int) -> int:
         # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
@@ -341,6 +353,14 @@ class Restored:
         if patches is not None:     # uploaded as stored: the words rewritten after, per run
             for off, chunk in patches.chunks(self._bases):
                 driver.htod(dst + off, chunk, len(chunk))
+
+    def _write_array(self, r) -> None:
+        """A CUDA array's saved contents (packed slices of rows), or zeros for scratch."""
+        a = r.array
+        data = self._file.blob(r.data, verify=self._verify_blobs) if r.policy is Policy.SAVED \
+            else np.zeros(r.size, dtype=np.uint8)
+        driver.array_copy(self._arrays[r.id], driver.buffer_address(data), a.row_bytes, a.rows,
+                          a.slices, to_host=False)
 
     def _close_stager(self) -> None:
         if self._stager is not None:
@@ -441,6 +461,9 @@ class Restored:
         if name not in self._plans:
             raise KeyError(f"{self.path} has no graph {name!r} (it has: "
                            f"{', '.join(self.graph_names)})")
+        if name in self._bodies:
+            raise RestoreError(f"{self.path}: graph {name!r} is the body of a conditional node: "
+                               "it runs only inside its node's graph")
         g = self._graphs.get(name)
         if g is None:
             g = self._graphs[name] = RestoredGraph(self, name)
@@ -478,7 +501,9 @@ class Restored:
         """Write the saved contents back into every saved region (the state at save time)."""
         self._check_open()
         for r in self.snapshot.regions:
-            if r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
+            if r.kind is RegionKind.ARRAY:
+                self._write_array(r)
+            elif r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
                     RegionKind.GRAPH_ALLOC:
                 self._write_region(r)
         driver.ctx_sync()
@@ -490,7 +515,11 @@ class Restored:
         r = self.snapshot.regions[rid]
         out = np.empty(r.size, dtype=np.uint8)
         if r.size:
-            if r.kind is RegionKind.HOST:
+            if r.kind is RegionKind.ARRAY:
+                a = r.array
+                driver.array_copy(self._arrays[rid], int(out.ctypes.data), a.row_bytes, a.rows,
+                                  a.slices, to_host=True)
+            elif r.kind is RegionKind.HOST:
                 out[:] = driver.host_view(int(self._bases[rid]), r.size)
             else:
                 driver.dtoh(int(out.ctypes.data), int(self._bases[rid]), r.size)

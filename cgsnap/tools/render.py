@@ -283,47 +283,110 @@ def memory_ref_lines(snap: Snapshot, limit: int = SHOW_MEMORY_REFS) -> list:
     return out
 
 
+MAX_NESTING = 64           # conditional bodies drawn inside one another at most this deep
+
+
+def _bodies(snap: Snapshot) -> dict:
+    """Body graph name -> (conditional node, body label) for every conditional body."""
+    out = {}
+    for g in snap.graphs:
+        for n in g.other_nodes():
+            if n.TYPE == "conditional":
+                for label, body in zip(n.body_labels(), n.bodies):
+                    out[body] = (n, label)
+    return out
+
+
+def _show_graph(snap: Snapshot, g, width: int, by_name: dict, depth: int) -> list:
+    """A graph's boxes; each conditional node's bodies drawn nested (indented) under it."""
+    out = []
+    preds: dict = {}
+    for e in g.edges:
+        preds.setdefault(e.dst, []).append(e.src)
+    for n in g.topological_order():
+        title = f" node {n.id} · {n.TYPE} "
+        out.append("┌─" + title + "─" * max(0, width - len(title) - 3) + "┐")
+        body = node_lines(snap, n)
+        if preds.get(n.id):
+            body.append("after " + ", ".join(f"node {p}" for p in sorted(preds[n.id])))
+        for line in body:
+            line = printable(line)
+            line = line if len(line) <= width - 4 else line[:width - 5] + "…"
+            out.append("│ " + line.ljust(width - 4) + " │")
+        out.append("└" + "─" * (width - 2) + "┘")
+        if n.TYPE == "conditional" and depth < MAX_NESTING:
+            for label, name in zip(n.body_labels(), n.bodies):
+                sub = by_name.get(name)
+                if sub is None:
+                    continue
+                count = sub.node_count()
+                out.append(printable(f"  ╰ {label}: graph {name!r}: {count} nodes, "
+                                     f"{len(sub.edges)} edges" + ("" if count else " (empty)")))
+                out.extend("    " + line for line in
+                           _show_graph(snap, sub, max(width - 4, 24), by_name, depth + 1))
+    return out
+
+
 def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
     out = []
+    bodies = _bodies(snap)
+    by_name = {g.name: g for g in snap.graphs}
     for g in snap.graphs:
         if graph_name is not None and g.name != graph_name:
             continue
-        preds: dict = {}
-        for e in g.edges:
-            preds.setdefault(e.dst, []).append(e.src)
+        if graph_name is None and g.name in bodies:
+            continue            # drawn under its conditional node
         out.append(printable(f"graph {g.name!r}: {len(g.nodes)} nodes, {len(g.edges)} edges"))
-        for n in g.topological_order():
-            title = f" node {n.id} · {n.TYPE} "
-            out.append("┌─" + title + "─" * max(0, width - len(title) - 3) + "┐")
-            body = node_lines(snap, n)
-            if preds.get(n.id):
-                body.append("after " + ", ".join(f"node {p}" for p in sorted(preds[n.id])))
-            for line in body:
-                line = printable(line)
-                line = line if len(line) <= width - 4 else line[:width - 5] + "…"
-                out.append("│ " + line.ljust(width - 4) + " │")
-            out.append("└" + "─" * (width - 2) + "┘")
+        out.extend(_show_graph(snap, g, width, by_name, 0))
         out.append("")
     refs = memory_ref_lines(snap)
     if refs:
         out.append("pointers stored in region contents (rewritten at restore)")
-        out.extend(refs)
+        out.extend(printable(line) for line in refs)
         out.append("")
     return "\n".join(out)
 
 
 def dot_text(snap: Snapshot) -> str:
     out = ["digraph cgsnap {", '  node [shape=box, fontname="monospace", fontsize=10];']
-    for gi, g in enumerate(snap.graphs):
-        out.append(f"  subgraph cluster_{gi} {{")
-        out.append(f"    label={json.dumps(g.name)};")
+    bodies = _bodies(snap)
+    index = {g.name: gi for gi, g in enumerate(snap.graphs)}
+    by_name = {g.name: g for g in snap.graphs}
+    links = []
+
+    def cluster(gi: int, g, indent: str, depth: int) -> None:
+        out.append(f"{indent}subgraph cluster_{gi} {{")
+        label = g.name if g.name not in bodies else f"{bodies[g.name][1]}: {g.name}"
+        out.append(f"{indent}  label={json.dumps(label)};")
+        if g.name in bodies:
+            out.append(f"{indent}  style=dashed;")
+            if not g.node_count():
+                out.append(f'{indent}  g{gi}empty [label="(empty body)", shape=plaintext];')
         for n in g.nodes:
             label = "\\n".join([f"{n.id}: {n.TYPE}"] + [
                 printable(line).replace("\\", "\\\\").replace('"', "'")
                 for line in node_lines(snap, n)[:2]])
-            out.append(f'    g{gi}n{n.id} [label="{label}"];')
+            out.append(f'{indent}  g{gi}n{n.id} [label="{label}"];')
         for e in g.edges:
-            out.append(f"    g{gi}n{e.src} -> g{gi}n{e.dst};")
-        out.append("  }")
+            out.append(f"{indent}  g{gi}n{e.src} -> g{gi}n{e.dst};")
+        for n in g.other_nodes():
+            if n.TYPE != "conditional" or depth >= MAX_NESTING:
+                continue
+            for lab, name in zip(n.body_labels(), n.bodies):
+                bi, sub = index.get(name), by_name.get(name)
+                if sub is None:
+                    continue
+                cluster(bi, sub, indent + "  ", depth + 1)
+                has_pred = {e.dst for e in sub.edges}
+                roots = [m.id for m in sub.nodes if m.id not in has_pred] or ["empty"]
+                for r in roots:
+                    target = f"g{bi}n{r}" if r != "empty" else f"g{bi}empty"
+                    links.append(f'  g{gi}n{n.id} -> {target} [style=dashed, '
+                                 f'label={json.dumps(lab)}];')
+        out.append(f"{indent}}}")
+    for gi, g in enumerate(snap.graphs):
+        if g.name not in bodies:
+            cluster(gi, g, "  ", 0)
+    out.extend(links)
     out.append("}")
     return "\n".join(out) + "\n"
