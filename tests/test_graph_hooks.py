@@ -165,3 +165,90 @@ def test_setter_evidence_from_other_images():
     assert calls.sets_conditionals("cubin", b"not an elf", "k") is None
     with pytest.raises(BinaryFormatError, match="no function"):
         calls.kernel_externals(FIXTURE.read_bytes(), "missing")
+
+
+# ---- the recorder's CUPTI dispatcher (cgsnap.kernels.cupti) ----------------------------------
+
+def _driver_event(rec, cbid: int, call: Call) -> None:
+    """What CUPTI does: the subscriber's callback, domain DRIVER_API, with the CallbackData."""
+    rec._on_event(None, gh.CUPTI_CB_DOMAIN_DRIVER_API, cbid, call.address)
+
+
+def test_the_recorder_dispatches_graph_calls_to_the_hooks(registry):
+    from cgsnap.kernels import cupti
+    rec = cupti.ModuleRecorder()
+    out = ctypes.c_uint64(5)
+    p = gh.ConditionalHandleCreateParams(pHandle_out=ctypes.addressof(out), hGraph=0x1000,
+                                         ctx=0xC0, defaultLaunchValue=1, flags=1)
+    with rec.suppressed():          # cgsnap's own work on this thread: still recorded
+        _driver_event(rec, gh.CBID_GRAPH_CONDITIONAL_HANDLE_CREATE, Call(p))
+    _driver_event(rec, gh.CBID_GRAPH_CONDITIONAL_HANDLE_CREATE,
+                  Call(p, site=gh.CUPTI_API_ENTER))          # no handler at entry: nothing
+    assert registry.handle(0x1000, 5).default == 1 and len(registry) == 1
+    node = ctypes.c_void_p(0xA0)
+    np_ = gh.GraphNodeParams(type=gh.CU_GRAPH_NODE_TYPE_CONDITIONAL)
+    bodies = (ctypes.c_void_p * 1)(0x2000)
+    cond = gh.ConditionalNodeParams.from_address(ctypes.addressof(np_) + gh.UNION_OFFSET)
+    cond.handle, cond.type, cond.size, cond.phGraph_out = 5, 1, 1, ctypes.addressof(bodies)
+    add = gh.AddNodeV2Params(phGraphNode=ctypes.addressof(node), hGraph=0x1000,
+                             nodeParams=ctypes.addressof(np_))
+    _driver_event(rec, gh.CBID_GRAPH_ADD_NODE_V2, Call(add))
+    assert registry.conditional(0x1000, 0xA0).bodies == (0x2000,)
+    _driver_event(rec, gh.CBID_GRAPH_DESTROY, Call(gh.GraphDestroyParams(hGraph=0x1000),
+                                                   site=gh.CUPTI_API_ENTER))
+    assert len(registry) == 0
+    assert rec.calls == {} and rec.callback_errors == 0 and registry.errors == 0
+    assert not rec._journal             # the module journal saw none of it
+
+
+class FakeCuptiLib:
+    """libcupti as start() / stop() use it; ``refuse``: cbids whose enabling fails."""
+
+    def __init__(self, refuse=()):
+        self.enabled: set = set()
+        self.refuse = set(refuse)
+        self.subscribed = False
+
+    def cuptiGetVersion(self, ref):
+        ref._obj.value = 130000
+        return 0
+
+    def cuptiSubscribe(self, sub, callback, userdata):
+        self.subscribed = True
+        return 0
+
+    def cuptiEnableCallback(self, enable, sub, domain, cbid):
+        if enable and cbid in self.refuse:
+            return 1
+        (self.enabled.add if enable else self.enabled.discard)((domain, cbid))
+        return 0
+
+    def cuptiUnsubscribe(self, sub):
+        self.subscribed = False
+        self.enabled.clear()
+        return 0
+
+
+def test_start_enables_the_graph_callbacks_and_stop_forgets_what_they_saw(registry, monkeypatch):
+    from cgsnap.kernels import cupti
+    monkeypatch.setattr(cupti.atexit, "register", lambda fn: None)
+    rec = cupti.ModuleRecorder()
+    rec._lib = lib = FakeCuptiLib()
+    rec.start()
+    graph_cbids = {(gh.CUPTI_CB_DOMAIN_DRIVER_API, c) for c in (517, 522, 712, 722, 723)}
+    assert graph_cbids <= lib.enabled and rec.graph_hooks and registry.enabled
+    handle_create(0x1000, 1, 0, 0)
+    assert len(registry) == 1
+    rec.stop()
+    assert not registry.enabled and len(registry) == 0 and not rec.graph_hooks
+
+
+def test_graph_callbacks_are_all_on_or_all_off(registry, monkeypatch):
+    from cgsnap.kernels import cupti
+    monkeypatch.setattr(cupti.atexit, "register", lambda fn: None)
+    rec = cupti.ModuleRecorder()
+    rec._lib = lib = FakeCuptiLib(refuse={gh.CBID_GRAPH_DESTROY_NODE})
+    rec.start()
+    assert not {c for _, c in lib.enabled} & set(gh.handlers())
+    assert rec.active and rec.tracking and not rec.graph_hooks and not registry.enabled
+    rec.stop()

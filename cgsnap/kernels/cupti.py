@@ -16,6 +16,11 @@ handle the call names. Launches are not tracked unless asked for (``start(launch
 ``CGSNAP_RECORD_LAUNCHES=1``): a Python callback on every launch would double the cost of eager
 launches. :mod:`cgsnap.kernels.identity` turns the events into handle associations.
 
+The same subscriber takes the five driver-API calls that make and destroy conditional nodes and
+handles (:data:`GRAPH_CALLS`: ``cuGraphConditionalHandleCreate``, ``cuGraphAddNode(_v2)``,
+``cuGraphDestroy``, ``cuGraphDestroyNode``), handed to :mod:`cgsnap.kernels.graph_hooks` on any
+thread -- also inside cgsnap's own suppressed work, so that no destruction is missed.
+
 We call libcupti through ctypes: the structures we read have had this layout since CUPTI 4 (the
 ``*_params`` structs are generated_cuda_meta.h's) and the callback signature is part of the
 stable C API, so any libcupti of API version >= 13 (CUDA 13; the version we check) is binary-safe
@@ -47,6 +52,7 @@ from typing import Optional
 
 from ..errors import RecorderError
 from ..format.hashing import content_hash
+from . import graph_hooks
 from .identity import ImageInput, LoadTable, image_extent
 
 log = logging.getLogger("cgsnap")
@@ -104,6 +110,10 @@ LAUNCHES = tuple(n for n in CBIDS if n.startswith("cuLaunch"))
 LOAD_CALLS = {CBIDS[n] for n in LOADS}
 TRACKED_CALLS = tuple(CBIDS[n] for n in (*LOADS, *UNLOADS, *NAMING))
 LAUNCH_CALLS = tuple(CBIDS[n] for n in LAUNCHES)
+# The calls that make and destroy conditional nodes and handles (cgsnap.kernels.graph_hooks):
+# dispatched to its handlers, on every thread, also inside cgsnap's own (suppressed) work.
+GRAPH_CALLS = tuple(sorted(graph_hooks.handlers()))
+assert not set(GRAPH_CALLS) & set(NAMES)
 
 MAX_DEPTH = 8                 # tracked calls in flight on one thread
 MAX_NAME = 1 << 16            # a kernel name read from a call's parameters
@@ -200,11 +210,21 @@ class ModuleRecorder:
         self.active = False
         self.tracking = False                  # driver-API callbacks enabled
         self.track_launches = False
+        self.graph_hooks = False               # conditional-node callbacks enabled
+        self._graph_handlers = graph_hooks.handlers()   # cbid -> (on_enter, on_exit)
         self._atexit = False
 
     # ---- the callback (any thread, inside driver calls: never raises, never blocks long) ------
     def _on_event(self, _userdata, domain, cbid, cbdata):
         try:
+            if domain == CUPTI_CB_DOMAIN_DRIVER_API:
+                h = self._graph_handlers.get(cbid)
+                if h is not None:       # conditional nodes and handles (graph_hooks)
+                    site = _CallbackData.from_address(cbdata).callbackSite
+                    fn = h[0] if site == CUPTI_API_ENTER else h[1]
+                    if fn is not None:
+                        fn(cbdata)          # never raises
+                    return
             tid = threading.get_ident()
             if self._suppressed.get(tid):
                 return
@@ -445,6 +465,7 @@ class ModuleRecorder:
                 self._lib.cuptiEnableCallback(0, self._subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid)
             log.warning("cgsnap: CUPTI refused driver-API callbacks; kernels will be found by "
                         "name only")
+        self._enable_graph_hooks()
         self.active = True
         if launches or os.environ.get("CGSNAP_RECORD_LAUNCHES", "") not in ("", "0"):
             self._enable_launches()
@@ -457,6 +478,19 @@ class ModuleRecorder:
     def _enable(self, domain: int, cbid: int) -> bool:
         return self._lib.cuptiEnableCallback(1, self._subscriber, domain, cbid) == 0
 
+    def _enable_graph_hooks(self) -> None:
+        """The conditional-node callbacks: all of them or none (a registry that misses
+        destructions could take a new graph at a reused address for an old one)."""
+        reg = graph_hooks.registry()
+        reg.clear()
+        self.graph_hooks = all([self._enable(CUPTI_CB_DOMAIN_DRIVER_API, c) for c in GRAPH_CALLS])
+        if not self.graph_hooks:
+            for cbid in GRAPH_CALLS:
+                self._lib.cuptiEnableCallback(0, self._subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid)
+            log.warning("cgsnap: CUPTI refused the graph callbacks; conditional nodes cannot be "
+                        "recorded")
+        reg.enabled = self.graph_hooks
+
     def _enable_launches(self) -> None:
         if self.tracking and all([self._enable(CUPTI_CB_DOMAIN_DRIVER_API, c)
                                   for c in LAUNCH_CALLS]):
@@ -465,7 +499,11 @@ class ModuleRecorder:
     def stop(self) -> None:
         if self.active:
             self._lib.cuptiUnsubscribe(self._subscriber)
-            self.active = self.tracking = self.track_launches = False
+            self.active = self.tracking = self.track_launches = self.graph_hooks = False
+            # Destructions are no longer seen either: forget every conditional node and handle.
+            reg = graph_hooks.registry()
+            reg.enabled = False
+            reg.clear()
             self._inflight.clear()
             # Unloads are no longer seen, so handles may be reused behind our back: forget
             # every association (the cubins stay, for the search by name).
