@@ -122,6 +122,10 @@ def _node(m, graph, nid):
     return next(n for n in _graph(m, graph)["nodes"] if n["id"] == nid)
 
 
+def _set_column(m, graph, column, values, dtype="<u8"):
+    _graph(m, graph)["kernels"][column] = np.array(values, dtype).tobytes()
+
+
 def _set_handles(m, graph, rows, nhandles=None):
     """Replace the conditional-handle columns of a graph's kernel table (schema 3): ``rows``
     (position, handle id) pairs, by default all belonging to the table's first node."""
@@ -217,6 +221,17 @@ CORRUPTIONS = [
      "not a 1D, 2D or 3D extent"),
     ("bound array", lambda m: _region(m, 3).update(policy="bound") or _region(m, 3).pop("blob"),
      "neither bound"),
+    ("kernel pointer into an array", lambda m: _set_column(m, "main", "refs", [8, 3, 0]),
+     r"kernels.refs\[0\] \(row 0\): region 3 is a CUDA array"),
+    ("stored pointer into an array", lambda m: _region(m, 2).__setitem__(
+        "refs", np.array([0, 3, 0], "<u8").tobytes()), r"regions\[2\].refs\[0\]: region 3 is a CUDA array"),
+    ("memset into an array", lambda m: _graph(m, "main")["nodes"].append(
+        {"id": 9, "t": "memset", "dst": [3, 0], "value": 0, "element_size": 1, "width": 8,
+         "height": 1, "pitch": 0}), r"nodes\[4\].dst: a memset writes device memory"),
+    ("freeing an array", lambda m: _graph(m, "main")["nodes"].append(
+        {"id": 9, "t": "mem_free", "ptr": [3, 0]}), r"nodes\[4\].ptr: a CUDA array"),
+    ("strided array", lambda m: _region(m, 3).update(shape=[8, 16], dtype="float32",
+                                                      strides=[16, 1]), "neither bound"),
     ("array copy with another height", lambda m: _node(m, "main", 3).__setitem__("dst_height", 4),
      r"must have the array's pitch 128 and height 8 \(found 128, 4\)"),
     ("array copy past the row", lambda m: _node(m, "main", 4).__setitem__("src", [3, 128 * 2 + 72]),
@@ -617,6 +632,52 @@ def test_nodes_convert_to_raw_parameters(monkeypatch):
                         lambda st, name, plan, graph: filled.append((name, graph)))
     snap.graph("main").nodes[1].on_added(state, {"bodies": ["B0", "B1"]})
     assert filled == [("main/cond1.0", "B0"), ("main/cond1.1", "B1")]
+
+
+def test_child_graphs_inside_bodies_are_built_before_their_body(monkeypatch):
+    """build_graph over stand-in driver calls: a child graph held by a conditional body exists
+    before the body is filled in (the body is built inside its node, after the handles)."""
+    from cgsnap.format.model import ChildGraphNode
+    from cgsnap.restore import build
+    snap = make_snapshot()
+    body = snap.graph("main/cond1.1/cond1.1")                 # the empty case 1
+    body.nodes = [ChildGraphNode(0, "main/cond1.1/cond1.1/child0")]
+    snap.graphs.append(Graph("main/cond1.1/cond1.1/child0", [EmptyNode(0)], [],
+                             top_level=False))
+    manifest, sizes = manifest_and_sizes(snap)
+    snap = Snapshot.from_manifest(manifest, sizes, "t.cgsnap")          # validated as such
+    events, made = [], iter(range(100, 1000))
+
+    def add_node(graph, type_name, deps, raw, env):
+        events.append((type_name, graph, raw.get("graph")))
+        if type_name == "conditional":
+            return next(made), {"bodies": [next(made) for _ in range(raw["size"])]}
+        return next(made), None
+
+    class Builder:
+        add_kernel = staticmethod(lambda *a: 0)
+    monkeypatch.setattr(graphs, "graph_create", lambda: next(made))
+    monkeypatch.setattr(graphs, "add_node", add_node)
+    monkeypatch.setattr(graphs, "add_dependencies", lambda graph, edges: None)
+    per_graph: dict = {}
+
+    def handle_create(graph, ctx, default, flags):      # the driver numbers them per graph
+        per_graph[graph] = per_graph.get(graph, 0) + 1
+        return per_graph[graph]
+    monkeypatch.setattr(graphs, "conditional_handle_create", handle_create)
+    monkeypatch.setattr(graphs, "graph_destroy", lambda g: None)
+    state, plans = _state(snap)
+    state.builder, state.func_handles = Builder(), np.zeros(len(snap.kernels), dtype=np.uint64)
+
+    class Ledger:
+        def add(self, kind, obj):
+            return obj
+    build.build_graph(state, "main", plans, Ledger())
+    child = state.built["main/cond1.1/cond1.1/child0"]
+    uses = [e for e in events if e[0] == "graph"]
+    assert uses == [("graph", uses[0][1], child)]
+    assert events.index(uses[0]) > next(i for i, e in enumerate(events) if e[0] == "empty"), \
+        "the child graph's own node is added before the body that uses it"
 
 
 def test_deepcopy_of_the_model_is_independent():

@@ -43,6 +43,16 @@ def test_release_order_and_once(freed):
     assert len(freed) == 7
 
 
+def test_cuda_arrays_are_released_after_the_graphs_that_copy_through_them(freed):
+    led = Ledger("f.cgsnap")
+    led.add("array", 7)
+    led.add("device", 1)
+    led.add("graph", 3)
+    led.add("exec", 4)
+    led.release()
+    assert freed == [("sync", None), ("exec", 4), ("graph", 3), ("array", 7), ("device", 1)]
+
+
 def test_a_failed_step_does_not_stop_the_others_and_is_raised(freed):
     led = Ledger("f.cgsnap")
     led.add("device", 1)

@@ -397,7 +397,7 @@ class MemoryPointers:
         exactly; unknown words are asked of the driver only inside the widened device windows."""
         device, host = [], []
         for r in self.regions:
-            if r.origin is None:
+            if r.origin is None or r.kind is RegionKind.ARRAY:     # (a CUarray: no address)
                 continue
             (host if r.kind is RegionKind.HOST else device).append((r.origin, r.origin + r.size))
         lookup = []

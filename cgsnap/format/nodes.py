@@ -527,6 +527,8 @@ class MemsetNode(_Spec):
         if node.element_size not in (1, 2, 4):
             v.fail(f"{where}.element_size", "must be 1, 2 or 4")
         v.span_fits(ctx, node.dst, node.span(), f"{where}.dst")
+        if ctx.regions[node.dst.region].kind is RegionKind.ARRAY:
+            v.fail(f"{where}.dst", "a memset writes device memory, not a CUDA array")
         return node
 
     @classmethod
@@ -688,7 +690,10 @@ class MemFreeNode(_Spec):
 
     @classmethod
     def parse(cls, v, n: dict, where: str, ctx, nid: int):
-        return cls(nid, v.ref(n["ptr"], f"{where}.ptr", ctx))
+        ptr = v.ref(n["ptr"], f"{where}.ptr", ctx)
+        if ctx.regions[ptr.region].kind is RegionKind.ARRAY:
+            v.fail(f"{where}.ptr", "a CUDA array is no graph allocation to free")
+        return cls(nid, ptr)
 
     @classmethod
     def from_live(cls, index: int, raw: dict, rec, where: str):

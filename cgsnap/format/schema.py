@@ -296,6 +296,7 @@ class Validator:
         no graph_alloc target (its address exists only once its graph is built)."""
         sizes = np.array([r.size for r in regions], dtype=np.uint64)
         late = np.array([r.kind is RegionKind.GRAPH_ALLOC for r in regions], dtype=bool)
+        no_address = np.array([r.kind is RegionKind.ARRAY for r in regions], dtype=bool)
         for r in regions:
             if not r.refs:
                 continue
@@ -309,7 +310,7 @@ class Validator:
             ok &= exists
             safe = np.where(exists, target, 0).astype(np.int64)
             ok &= toff <= sizes[safe]
-            ok &= ~late[safe]
+            ok &= ~late[safe] & ~no_address[safe]
             if ok.all():
                 continue
             j = int(np.argmin(ok))
@@ -324,6 +325,8 @@ class Validator:
             if to > regions[t].size:
                 self.fail(w, f"offset {to} is beyond the end of region {t} "
                              f"({regions[t].size} bytes)")
+            if no_address[t]:
+                self.fail(w, f"region {t} is a CUDA array, which has no address to point at")
             self.fail(w, f"region {t} is a graph_alloc region: its address is known only once "
                          "its graph is built")
 
@@ -348,8 +351,10 @@ class Validator:
         desc = ArrayDesc(fmt, channels, *dims, flags)
         if desc.size != size:
             self.fail(f"{where}.size", f"{size} bytes, the array holds {desc.size}")
-        if policy is Policy.BOUND or "parent" in r or "name" in r:
-            self.fail(where, "an array region is neither bound, named nor a view")
+        if policy is Policy.BOUND or "parent" in r or "name" in r or "strides" in r or \
+                "refs" in r:
+            self.fail(where, "an array region is neither bound, named nor a view, and holds no "
+                             "stored pointers")
         return desc
 
     def image(self, im, where) -> KernelImage:
@@ -591,6 +596,8 @@ class GraphContext:
 
     def __post_init__(self):
         self.region_sizes = [r.size for r in self.regions]
+        # Regions without a device address (CUDA arrays): no pointer may target one.
+        self.no_address = np.array([r.kind is RegionKind.ARRAY for r in self.regions], dtype=bool)
         self.buffer_sizes = [param_buffer_size(k.params) for k in self.kernels]
         # Every kernel argument as a sorted key (kernel << 32 | start) with its end: where a
         # pointer table entry may lie (KernelNode.check_tables).

@@ -294,8 +294,10 @@ def _check_pointer_rows(v, refs: np.ndarray, nrefs: np.ndarray, kernel: np.ndarr
     nregions = len(ctx.region_sizes)
     ok &= region < np.uint64(nregions)
     sizes = np.array(ctx.region_sizes, dtype=np.uint64)
-    ok &= offset <= sizes[np.minimum(region, np.uint64(max(nregions - 1, 0)))] if nregions \
-        else False
+    safe_region = np.minimum(region, np.uint64(max(nregions - 1, 0)))
+    ok &= offset <= sizes[safe_region] if nregions else False
+    if nregions:
+        ok &= ~ctx.no_address[safe_region]          # a CUDA array: no address to point at
     starts, ends, arg_kid = ctx.arg_table
     key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
     at = np.searchsorted(starts, key, side="right") - 1
@@ -314,6 +316,8 @@ def _check_pointer_rows(v, refs: np.ndarray, nrefs: np.ndarray, kernel: np.ndarr
         v.fail(w, f"region {r} does not exist ({nregions} regions)")
     if o > ctx.region_sizes[r]:
         v.fail(w, f"offset {o} is beyond the end of region {r} ({ctx.region_sizes[r]} bytes)")
+    if ctx.no_address[r]:
+        v.fail(w, f"region {r} is a CUDA array, which has no address to point at")
     v.fail(w, f"position {p} is not an 8-byte word inside one argument of kernel "
               f"{ctx.kernels[int(kernel[row])].name}")
 

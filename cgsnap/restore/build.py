@@ -194,14 +194,27 @@ def add_nodes(state, name: str, plan, graph) -> None:
                                     for a, b, ports in plan.special_edges])
 
 
+def _children(plans: dict, name: str) -> list:
+    """The child graphs of graph ``name`` and of the conditional bodies it holds (bodies are
+    built in place, inside their node; the child graphs they hold must exist by then). The
+    validator bounds the nesting and refuses cycles."""
+    plan = plans[name]
+    out = list(plan.children)
+    for n in plan.conditionals:
+        for body in n.bodies:
+            out.extend(_children(plans, body))
+    return out
+
+
 def build_graph(state, name: str, plans: dict, ledger):
-    """The CUgraph for ``name`` (its child graphs first, each once), entered in ``ledger``;
-    a graph whose build fails is destroyed, never kept half-built for a retry."""
+    """The CUgraph for ``name`` (its child graphs first, each once, also those inside its
+    conditional bodies), entered in ``ledger``; a graph whose build fails is destroyed, never
+    kept half-built for a retry."""
     built = state.built.get(name)
     if built is not None:
         return built
     plan = plans[name]
-    for child in plan.children:
+    for child in _children(plans, name):
         build_graph(state, child, plans, ledger)
     graph = graphs.graph_create()
     try:

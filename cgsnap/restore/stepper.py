@@ -86,7 +86,11 @@ class Stepper:
         if not reg.size:
             return
         base = int(r._bases[rid])
-        if reg.kind is RegionKind.HOST:
+        if reg.kind is RegionKind.ARRAY:
+            a = reg.array
+            driver.array_copy(r._arrays[rid], int(arr.ctypes.data), a.row_bytes, a.rows,
+                              a.slices, to_host=False)
+        elif reg.kind is RegionKind.HOST:
             driver.host_view(base, reg.size)[:] = arr.tobytes()
         else:
             driver.htod(base, arr, reg.size)
