@@ -66,7 +66,8 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     saved state; the original graph and its memory are untouched), run node by node, and after
     each node a digest of every region it may write is kept, with the bytes it changed while
     the budget (default 64 MiB) lasts. It needs every region's contents (no bound buffers) and
-    nodes that run one at a time (no graph-memory or host-callback nodes)."""
+    nodes that run one at a time (no graph-memory, host-callback, conditional or stream
+    memory-operation nodes)."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
     if not (isinstance(trace, bool) or (isinstance(trace, int) and trace >= 0)):

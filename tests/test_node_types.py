@@ -757,3 +757,59 @@ def test_any_byte_of_the_handle_columns_changed_is_a_model_or_a_format_error(gra
         for pos, hid in n.handle_refs():
             assert pos in args and pos % 8 == 0 and pos not in pointers and hid in visible
 
+
+def test_diff_compares_memory_operations_through_the_regions(tmp_path):
+    """``cgsnap diff`` of two files with batch mem-op and conditional nodes: the same file is
+    the same; a changed written value and a changed condition default are named, in JSON too."""
+    import json
+
+    from cgsnap.tools.diff import diff_files, diff_text
+    a, b = make_snapshot(), make_snapshot()
+    g = b.graph("main")
+    ops = list(g.nodes[2].ops)
+    ops[0] = MemOp("write32", Ref(2, 0), 8)
+    g.nodes = [dataclasses.replace(n, ops=tuple(ops)) if n.id == 2 else n for n in g.nodes]
+    b.graph("main/cond1.0").nodes[0].default = 0
+    a.save(tmp_path / "a.cgsnap", prune=False)
+    b.save(tmp_path / "b.cgsnap", prune=False)
+    assert diff_files(str(tmp_path / "a.cgsnap"), str(tmp_path / "a.cgsnap"))["same"]
+    d = diff_files(str(tmp_path / "a.cgsnap"), str(tmp_path / "b.cgsnap"))
+    text = diff_text(d)
+    assert 'ops[0] write32 0x7 flags 0x0 → region 2 (allocation) + 0x0 vs write32 0x8' in text
+    assert "default 1 vs 0" in text
+    json.dumps(d, allow_nan=False)
+
+
+def test_node_by_node_replay_refuses_conditional_and_memop_graphs():
+    from cgsnap.restore.trace import check_steppable
+    snap = make_snapshot()
+    with pytest.raises(UnsupportedNodeError, match=r"graph 'main' node 1 \(conditional\): "
+                                                   r"stepping runs nodes one at a time, and a "
+                                                   r"conditional node runs its bodies"):
+        check_steppable(snap, snap.graph("main"))
+    g = snap.graph("main")
+    g.nodes = [n for n in g.nodes if n.TYPE != "conditional"]
+    g.edges = [e for e in g.edges if 1 not in (e.src, e.dst)]
+    with pytest.raises(UnsupportedNodeError, match=r"node 2 \(batch_mem_op\): .* its waits"):
+        check_steppable(snap, g)
+
+
+def test_show_and_dot_escape_the_names_of_bodies():
+    """A body graph's name is file data: drawn nested, it is escaped like every other name."""
+    snap = make_snapshot()
+    old, new = "main/cond1.0", "main/\x1b[2Jthen\u202e"
+    renames = {}
+    for g in snap.graphs:
+        if g.name.startswith(old):
+            renames[g.name] = new + g.name[len(old):]
+    m = Renumbering(graphs=renames)
+    for g in snap.graphs:
+        g.nodes = [n.remap(m) for n in g.nodes]
+        g.name = renames.get(g.name, g.name)
+    manifest, sizes = manifest_and_sizes(snap)
+    back = Snapshot.from_manifest(manifest, sizes, "t.cgsnap")
+    show, dot = render.show_text(back), render.dot_text(back)
+    for text in (show, dot):
+        assert "\x1b" not in text and "\u202e" not in text
+    assert "╰ then: graph 'main/\\x1b[2Jthen\\u202e': 1 nodes" in show
+    assert "main/\\x1b[2Jthen\\u202e/cond0.0" in show       # nested two deep, escaped too

@@ -34,6 +34,10 @@ _WHY = {
     "mem_free": "graph memory lives from its allocation node to its free node, so such a graph "
                 "only runs whole",
     "host": "host callbacks are not run one node at a time",
+    "conditional": "a conditional node runs its bodies on a value that kernels set while the "
+                   "graph runs, so such a graph only runs whole",
+    "batch_mem_op": "its waits are on values that other work writes while the graph runs, so "
+                    "such a graph only runs whole",
 }
 DEFAULT_BUDGET = 64 << 20        # bytes of changed contents a trace keeps
 

@@ -159,6 +159,8 @@ def _node_refs(n) -> list:
     """``[(key, Ref)]`` of the places a node points at (key: where in the node)."""
     if n.TYPE == "kernel":
         return [(("param", pos), ref) for pos, ref in n.pointers()]
+    if n.TYPE == "batch_mem_op":
+        return [(("op", j), op.addr) for j, op in enumerate(n.ops) if op.addr is not None]
     out = []
     for f in dataclasses.fields(n):
         value = getattr(n, f.name)
@@ -222,6 +224,8 @@ class _Differ:
                     out.add({"kind": "node_field", "node": [na.id, nb.id], "field": f.name,
                              "a": a.ref(va), "b": b.ref(vb),
                              "text": f"{label}: {f.name} {a.ref(va)} vs {b.ref(vb)}"})
+            elif f.name == "ops" and na.TYPE == "batch_mem_op":
+                self._compare_ops(na, nb, label, out)
             elif f.name == "region" and na.TYPE == "mem_alloc":
                 if not self.regions.same(va, vb):
                     out.add({"kind": "node_field", "node": [na.id, nb.id], "field": f.name,
@@ -231,6 +235,28 @@ class _Differ:
                 out.add({"kind": "node_field", "node": [na.id, nb.id], "field": f.name,
                          "a": _plain(va), "b": _plain(vb),
                          "text": f"{label}: {f.name} {_plain(va)} vs {_plain(vb)}"})
+
+    def _compare_ops(self, na, nb, label: str, out: _List) -> None:
+        """Stream memory operations one by one, their words compared through the regions."""
+        a, b = self.a, self.b
+
+        def text(side, op) -> str:
+            where = f" {side.ref(op.addr)}" if op.addr is not None else ""
+            return f"{op.op} {op.value:#x} flags {op.flags:#x}{where}"
+        if len(na.ops) != len(nb.ops):
+            out.add({"kind": "node_field", "node": [na.id, nb.id], "field": "ops",
+                     "a": len(na.ops), "b": len(nb.ops),
+                     "text": f"{label}: {len(na.ops)} vs {len(nb.ops)} operations"})
+            return
+        for j, (x, y) in enumerate(zip(na.ops, nb.ops)):
+            same_addr = (x.addr is None and y.addr is None) or (
+                x.addr is not None and y.addr is not None and
+                self.regions.same(x.addr.region, y.addr.region) and x.addr.offset == y.addr.offset)
+            if (x.op, x.value, x.flags) == (y.op, y.value, y.flags) and same_addr:
+                continue
+            ta, tb = text(a, x), text(b, y)
+            out.add({"kind": "node_field", "node": [na.id, nb.id], "field": f"ops[{j}]",
+                     "a": ta, "b": tb, "text": f"{label}: ops[{j}] {ta} vs {tb}"})
 
     def _compare_arguments(self, na, nb, layout, label: str, out: _List) -> None:
         a, b = self.a, self.b
