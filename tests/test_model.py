@@ -103,12 +103,12 @@ def _as_schema_1(m):
 
 def test_schema_1_files_still_read():
     manifest, sizes, _ = manifest_and_sizes()
-    assert manifest["schema"] == 2
+    assert manifest["schema"] == 3
     new = Snapshot.from_manifest(manifest, sizes, "new.cgsnap")
     old = Snapshot.from_manifest(_as_schema_1(manifest), sizes, "old.cgsnap")
     # The same model: both read into the packed form.
     assert [n for g in old.graphs for n in g.nodes] == [n for g in new.graphs for n in g.nodes]
-    # Written again, a schema-1 model becomes the same schema-2 manifest.
+    # Written again, a schema-1 model becomes the same schema-3 manifest.
     assert old.to_manifest()[0] == manifest
 
 
@@ -186,12 +186,14 @@ CORRUPTIONS = [
      "duplicate node id"),
     ("blob index out of range", lambda m: m["regions"][0].__setitem__("blob", 1000),
      "out of range"),
-    ("blob used twice", lambda m: m["regions"][2].__setitem__("blob", m["regions"][0]["blob"]),
-     "used twice"),
+    ("blob shared by contents of other sizes", lambda m: m["regions"][2].__setitem__(
+        "blob", m["regions"][0]["blob"]), r"regions\[2\].blob: blob 0 holds 1024 bytes, expected 4096"),
+    ("image blob shared with a region", lambda m: m["images"][0].__setitem__(
+        "blob", m["regions"][0]["blob"]), r"images\[0\].blob: blob 0 is used twice"),
     ("bad hash", lambda m: m["images"][0].__setitem__("hash", "zz"), "hex content hash"),
     ("kernel of unknown image", lambda m: m["kernels"][0].__setitem__("image", "0" * 32),
      "unknown image"),
-    ("schema from the future", lambda m: m.__setitem__("schema", 3), "schema 3 is not supported"),
+    ("schema from the future", lambda m: m.__setitem__("schema", 4), "schema 4 is not supported"),
     ("non-scalar metadata", lambda m: m["meta"].__setitem__("x", {"y": {"z": {"a": {"b": {"c": {
         "d": {"e": {"f": {"g": 1}}}}}}}}}), "nested too deeply"),
     ("bound region with a blob", lambda m: m["regions"][5].__setitem__("blob", 0), "carries no"),

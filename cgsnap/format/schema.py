@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import FormatError
 from .hashing import is_hash
-from .model import (READ_SCHEMAS, U64, Edge, Graph, Kernel, KernelImage, Policy, Ref, Region,
-                    RegionKind, Snapshot, toposort)
+from .model import (READ_SCHEMAS, U64, Edge, Extent, Graph, Kernel, KernelImage, Policy, Ref,
+                    Region, RegionKind, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
 
 _IDENT_MAX = 4096          # longest name / string field accepted
@@ -31,7 +31,8 @@ class Validator:
         self.path = path
         self.blob_sizes = blob_sizes
         self.blob_getter = blob_getter
-        self.used_blobs: set = set()
+        self.used_blobs: dict = {}        # blob index -> "image" | "contents"
+        self.schema = 0
 
     # primitive checks -------------------------------------------------------------------
     def fail(self, where: str, msg: str):
@@ -124,14 +125,46 @@ class Validator:
             self.fail(where, f"expected a map, found {type(v).__name__}")
         return self.plain(v, where)
 
-    def blob(self, v, where, size: Optional[int] = None) -> int:
+    def blob(self, v, where, size: Optional[int] = None, use: str = "contents") -> int:
+        """A blob index. From schema 3 on, region contents, extents and checks may share a
+        blob (identical bytes stored once; the sizes checked here make every use exact); an
+        image's blob is its own. Before schema 3 every blob had one use."""
         i = self.int(v, where, 0, len(self.blob_sizes) - 1 if self.blob_sizes else -1)
-        if i in self.used_blobs:
+        before = self.used_blobs.get(i)
+        if before is not None and (self.schema < 3 or use == "image" or before == "image"):
             self.fail(where, f"blob {i} is used twice")
-        self.used_blobs.add(i)
+        self.used_blobs[i] = use
         if size is not None and self.blob_sizes[i] != size:
             self.fail(where, f"blob {i} holds {self.blob_sizes[i]} bytes, expected {size}")
         return i
+
+    def extents(self, v, where, region_size: int) -> list:
+        """A region's sparse contents (schema 3): ``[[offset, length, blob], ...]``, sorted,
+        non-overlapping (adjacent allowed), each at least one byte and inside the region, each
+        blob holding exactly its length."""
+        out = []
+        end = 0
+        for j, e in enumerate(self.list(v, where)):
+            ew = f"{where}[{j}]"
+            if type(e) is not list or len(e) != 3:
+                self.fail(ew, "expected [offset, length, blob]")
+            offset = self.int(e[0], f"{ew}[0]", 0, region_size)
+            length = self.int(e[1], f"{ew}[1]", 1, region_size)
+            if offset < end:
+                self.fail(ew, f"starts at {offset}, inside the previous extent (ends at {end}): "
+                              "extents must be sorted and must not overlap")
+            if offset + length > region_size:
+                self.fail(ew, f"{length} bytes at offset {offset} overrun the region "
+                              f"({region_size} bytes)")
+            end = offset + length
+            out.append(Extent(offset, length, self.blob(e[2], f"{ew}[2]", length)))
+        return out
+
+    def all_blobs_used(self) -> None:
+        """Schema 3: every blob is some field's (a file holds no dead bytes)."""
+        if self.schema >= 3 and len(self.used_blobs) != len(self.blob_sizes):
+            unused = next(i for i in range(len(self.blob_sizes)) if i not in self.used_blobs)
+            self.fail("", f"blob {unused} is used by no region, extent, check or image")
 
     # the snapshot -----------------------------------------------------------------------
     def snapshot(self, m) -> Snapshot:
@@ -173,6 +206,7 @@ class Validator:
         ctx = GraphContext(regions, kernels, events, set(graph_names))
         graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
         self.child_graphs_acyclic(graphs)
+        self.all_blobs_used()
         return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
                         events=events, device=device, versions=versions, meta=meta)
 
@@ -187,7 +221,7 @@ class Validator:
     def region(self, r, where, index) -> Region:
         r = self.map(r, where, ("id", "kind", "size", "policy", "alignment"),
                      ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool",
-                      "blob", "parent", "parent_offset"))
+                      "blob", "parent", "parent_offset", "extents"))
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
         kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
@@ -202,9 +236,22 @@ class Validator:
                           for i, x in enumerate(self.list(r["shape"], f"{where}.shape", 64)))
         content_hash = (self.hash(r["content_hash"], f"{where}.content_hash")
                         if "content_hash" in r else None)
-        if policy is Policy.SAVED:
+        extents = None
+        if "extents" in r:
+            if self.schema < 3:
+                self.fail(f"{where}.extents", f"unknown field in schema {self.schema}")
+            if policy is not Policy.SAVED:
+                self.fail(f"{where}.extents", f"a {policy.value} region carries no contents")
+            if kind not in (RegionKind.ALLOCATION, RegionKind.NAMED):
+                self.fail(f"{where}.extents", f"a {kind.value} region is saved whole (extents "
+                                              "are for allocation and named regions)")
+            if "blob" in r:
+                self.fail(where, "a region has a blob or extents, not both")
+            extents = self.extents(r["extents"], f"{where}.extents", size)
+        elif policy is Policy.SAVED:
             if "blob" not in r:
-                self.fail(where, "a saved region needs a blob")
+                self.fail(where, "a saved region needs a blob" +
+                          (" or extents" if self.schema >= 3 else ""))
             self.blob(r["blob"], f"{where}.blob", size)
         elif "blob" in r:
             self.fail(f"{where}.blob", f"a {policy.value} region carries no contents")
@@ -218,6 +265,7 @@ class Validator:
                         symbol=self.opt_str(r.get("symbol"), f"{where}.symbol"),
                         pool=self.opt_str(r.get("pool"), f"{where}.pool"))
         region.data = r.get("blob")          # blob index; the loader reads it lazily
+        region.extents = extents
         if "parent" in r:
             # Parents come first (ids are in order), so the parent is already validated.
             region.parent = self.int(r["parent"], f"{where}.parent", 0, index - 1)
@@ -238,7 +286,7 @@ class Validator:
         im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))
         names = tuple(self.str(n, f"{where}.names[{i}]")
                       for i, n in enumerate(self.list(im["names"], f"{where}.names")))
-        blob = self.blob(im["blob"], f"{where}.blob")
+        blob = self.blob(im["blob"], f"{where}.blob", use="image")
         image = KernelImage(hash=self.hash(im["hash"], f"{where}.hash"),
                             kind=self.str(im["kind"], f"{where}.kind", {"cubin", "fatbin", "ptx"}),
                             arch=self.int(im["arch"], f"{where}.arch", 0, 10_000), names=names,
