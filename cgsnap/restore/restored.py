@@ -202,15 +202,10 @@ class Restored:
                 self._bases[r.id] = self._ledger.add("host", driver.host_alloc(r.size))
             else:
                 self._bases[r.id] = self._alloc(r.size, r.alignment)
-        for r in snap.regions:
-            # Scratch starts zeroed, not with whatever the allocator returns: some library
-            # kernels keep self-resetting counters in their workspace, valid when zero.
-            if r.policy is Policy.SCRATCH and r.parent is None and r.id not in self._bound \
-                    and r.kind in (RegionKind.ALLOCATION, RegionKind.NAMED):
-                driver.memset_d8(int(self._bases[r.id]), 0, r.size)
         for r in snap.regions:              # views: at their offset in the parent's memory
             if r.parent is not None and r.id not in self._bound:
                 self._bases[r.id] = self._bases[r.parent] + np.uint64(r.parent_offset)
+        self._zero_fill()
         self.timings["alloc"] = time.perf_counter() - t
         t = time.perf_counter()
         self._load_kernels(choice)
@@ -218,7 +213,7 @@ class Restored:
         t = time.perf_counter()
         for r in snap.regions:
             if r.policy is Policy.SAVED and r.id not in self._bound:
-                self._write_blob(r.data, int(self._bases[r.id]), r.size, host=r.kind is RegionKind.HOST)
+                self._write_contents(r)
         if self._verify_bound:
             self._verify_bound_hashes()
         driver.ctx_sync()
@@ -230,6 +225,32 @@ class Restored:
                                  self._node_loop, self._events, self._cu_graphs,
                                  self._host_callbacks,
                                  graphs.AddEnv(dev.context, dev.ordinal, self._keepalive))
+
+    def _zero_fill(self, scratch: bool = True) -> None:
+        """Memory no saved byte covers starts zeroed: scratch (not whatever the allocator
+        returns: some library kernels keep self-resetting counters in their workspace, valid
+        when zero) and the parts of sparse regions between their extents. The zeroing ends
+        before any contents are copied (copies run on another stream)."""
+        zeroed = False
+        for r in self.snapshot.regions:
+            if r.id in self._bound or r.kind not in (RegionKind.ALLOCATION, RegionKind.NAMED):
+                continue
+            if (scratch and r.policy is Policy.SCRATCH and r.parent is None) or \
+                    (r.policy is Policy.SAVED and r.extents is not None):
+                driver.memset_d8(int(self._bases[r.id]), 0, r.size)
+                zeroed = True
+        if zeroed:
+            driver.ctx_sync()
+
+    def _write_contents(self, r) -> None:
+        """Region ``r``'s saved contents into its memory (parents before the views inside
+        them: region order), each extent at its offset."""
+        base = int(self._bases[r.id])
+        if r.extents is None:
+            self._write_blob(r.data, base, r.size, host=r.kind is RegionKind.HOST)
+            return
+        for e in r.extents:
+            self._write_blob(e.data, base + e.offset, e.length)
 
     def _alloc(self, size: int, alignment: int) -> int:
         # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
@@ -401,11 +422,11 @@ class Restored:
     def reset(self) -> None:
         """Write the saved contents back into every saved region (the state at save time)."""
         self._check_open()
+        self._zero_fill(scratch=False)      # scratch is left as the graphs left it
         for r in self.snapshot.regions:
             if r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
                     RegionKind.GRAPH_ALLOC:
-                self._write_blob(r.data, int(self._bases[r.id]), r.size,
-                                 host=r.kind is RegionKind.HOST)
+                self._write_contents(r)
         driver.ctx_sync()
         self._close_stager()
 
