@@ -41,7 +41,8 @@ def capture(stream=None, mode: str = "thread_local"):
 
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
-             host_callbacks=None, meta=None, suspect_regions: str = "keep") -> Snapshot:
+             host_callbacks=None, meta=None, suspect_regions: str = "keep",
+             hold: str = "copy") -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
@@ -54,16 +55,26 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     ``suspect_regions="error"`` refuses (:class:`CaptureError`, naming node and argument) to
     save an allocation of 1 MiB or more that only words inside struct arguments point at --
     usually stale addresses in padding that would drag unrelated memory into the file; the
-    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect."""
+    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect.
+
+    ``hold``: where the saved contents wait for :meth:`Snapshot.save`. ``"copy"`` (default) is
+    a device-side copy made now (the snapshot keeps the state it saw; the copy is freed with
+    the snapshot), or host memory for small totals and when the copy would take more than a
+    quarter of the free device memory; ``"live"`` reads the memory itself when saving (for a
+    save that follows at once; memory that changed in between fails the save); ``"host"``
+    copies into host memory now."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
     return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
-                          suspect_regions=suspect_regions)
+                          suspect_regions=suspect_regions, hold=hold)
 
 
-def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:
+def save(path, snaps, *, compress="auto", prune: bool = True) -> None:
     """Write one snapshot or a list of them (stored once where they share memory) atomically.
+    Identical region contents are stored once. ``compress``: ``"auto"`` (default) compresses a
+    region's contents when a sample of them shrinks well (zeros, small integers; not fp16 /
+    bf16 / fp32 values), ``True`` always, ``False`` never; kernel images are always compressed.
     ``prune``: cut library cubins down to the kernels the graphs launch (checked on the GPU
     first; faster restores, smaller files); ``False`` keeps them whole."""
     from .format.snapfile import save as _save

@@ -15,7 +15,10 @@ Restoring (new process; build the model and the KV cache first, at any addresses
     graphs["bs8"].replay()
 
 Memory of torch's graph pool (``graph_pool_handle``) that no named tensor covers becomes shared
-scratch: not saved, and the restored graphs share it the way the originals did.
+scratch: not saved, and the restored graphs share it the way the originals did. Of the caching
+allocator's other segments only the live blocks the graphs reach are saved (the allocator's own
+block map, :func:`allocator_map`); a segment stays one region, so graphs that share it still
+share it after the restore.
 """
 from __future__ import annotations
 
@@ -24,28 +27,61 @@ from typing import Optional
 import torch
 
 from .capture import buffers as _buffers
+from .capture.blocks import AllocatorMap, Block, Segment
 from .capture.record import check_suspect_choice, snapshot_graph
 from .capture.stream_capture import graph_handle
 from .format.model import Policy
 from .format.snapfile import save as _save_file
 
 
-def _graph_pool_segments() -> dict:
-    """``{segment base: pool id}`` of the caching allocator's segments that belong to a graph
-    pool (pool id (0, 0) is the ordinary pool)."""
-    out = {}
+GRANULARITIES = ("block", "segment")
+
+
+def allocator_map(device: Optional[int] = None, granularity: str = "block") -> AllocatorMap:
+    """The caching allocator's segments on ``device`` (default: the current one) from
+    ``torch.cuda.memory.memory_snapshot()``: graph-pool segments (pool id other than (0, 0))
+    become shared scratch; the others carry their blocks -- live ones (``active_allocated``,
+    ``active_pending_free``) with their requested size, free ones (``inactive``) empty -- so
+    that only the live blocks the graphs reach are saved. ``granularity="segment"`` leaves the
+    blocks out: segments are then saved whole (bounds still from the allocator, which matters
+    for expandable segments)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+    dev = torch.cuda.current_device() if device is None else device
+    segments = []
     for seg in torch.cuda.memory.memory_snapshot():
+        if int(seg.get("device", dev)) != dev:
+            continue
+        base, size = int(seg["address"]), int(seg["total_size"])
         pool = tuple(seg.get("segment_pool_id", (0, 0)))
         if pool != (0, 0):
-            out[int(seg["address"])] = "torch-pool-%d-%d" % pool
-    return out
+            segments.append(Segment(base, size, (), Policy.SCRATCH, "torch-pool-%d-%d" % pool))
+            continue
+        blocks = ()
+        if granularity == "block":
+            blocks = tuple(_block(b, base) for b in seg.get("blocks", ()))
+        segments.append(Segment(base, size, blocks))
+    return AllocatorMap(segments)
+
+
+def _block(b: dict, base: int) -> Block:
+    size = int(b["size"])
+    live = 0
+    if b.get("state") != "inactive":
+        requested = int(b.get("requested_size") or size)
+        live = min(requested, size)
+    return Block(int(b["address"]) - base, size, live)
 
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
-             suspect_regions: str = "keep") -> list:
+             suspect_regions: str = "keep", granularity: str = "block",
+             hold: str = "copy") -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
-    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own."""
+    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own.
+    ``granularity``: ``"block"`` saves only the live allocator blocks the graphs reach,
+    ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"`` keeps a
+    device copy of the saved contents until the snapshots are saved and dropped."""
     check_suspect_choice(suspect_regions)     # before any work, even with no graphs
     named: dict = {}
     if model is not None:
@@ -55,26 +91,24 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     for name, t in (tensors or {}).items():
         named[name] = t if isinstance(t, _buffers._PolicyWrapper) else _buffers.Saved(t)
     torch.cuda.synchronize()
-    pools = _graph_pool_segments()
-
-    def allocation_policy(base: int, size: int):
-        pool = pools.get(base)
-        return (Policy.SCRATCH, pool) if pool is not None else None
-
+    amap = allocator_map(granularity=granularity)
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
+    contents: dict = {}         # and memory several graphs save is read once
     return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocation_policy=allocation_policy, bound_hashes=bound_hashes,
-                           suspect_regions=suspect_regions)
+                           allocator_map=amap, bound_hashes=bound_hashes,
+                           suspect_regions=suspect_regions, hold=hold, contents_cache=contents)
             for name, g in graphs.items()]
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
-         suspect_regions: str = "keep"):
-    """Snapshot every graph and write them to one file; returns the merged snapshot."""
+         bound: Optional[dict] = None, compress="auto", prune: bool = True,
+         suspect_regions: str = "keep", granularity: str = "block"):
+    """Snapshot every graph and write them to one file; returns the merged snapshot. The
+    contents are read from the live memory while the file is written (nothing runs in
+    between), each blob checked against what the snapshot scanned."""
     from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
-                     suspect_regions=suspect_regions)
+                     suspect_regions=suspect_regions, granularity=granularity, hold="live")
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged

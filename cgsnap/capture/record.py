@@ -20,13 +20,15 @@ from .._version import __version__
 from ..binary import elf
 from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
-from ..format.hashing import region_hash
-from ..format.model import (MAX_DECISIONS_KEPT, Edge, Graph, Kernel, KernelImage, Policy, Ref,
-                            Region, RegionKind,
-                            Snapshot)
+from ..format.contents import Contents, is_zero
+from ..format.hashing import extents_hash, region_hash
+from ..format.model import (MAX_DECISIONS_KEPT, Edge, Extent, Graph, Kernel, KernelImage, Policy,
+                            Ref, Region, RegionKind, Snapshot)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
+from .blocks import AllocatorMap, reached_extents
 from .buffers import BufferSpec, expand_buffers
+from .contents import DeviceContents, hold_contents, reader_for
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 
@@ -42,7 +44,7 @@ class Recording:
     (:mod:`cgsnap.format.nodes`) call back into it to turn addresses and handles into refs."""
 
     def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict],
-                 allocation_policy=None):
+                 allocation_policy=None, allocator_map: Optional[AllocatorMap] = None):
         self.device = device
         self.resolver = resolver
         # {name: function} (ctypes function objects are unhashable) -> {address: name}
@@ -51,6 +53,13 @@ class Recording:
         # (base, size) -> (Policy, pool name) or None: lets an integration mark allocations it
         # knows (torch's graph memory pool becomes shared scratch).
         self.allocation_policy = allocation_policy
+        # An allocator's own records (cgsnap.capture.blocks): segment bounds (expandable
+        # segments span several driver handles), policies, and which blocks are live.
+        self.allocator_map = allocator_map
+        self.segments: dict = {}          # ALLOCATION region id -> its blocks.Segment
+        # Extra (region, offset, span) accesses for the reach of blocks: in-memory pointers
+        # (pointer tables in device memory) belong here -- span 0 for a pointer.
+        self.extra_accesses: list = []
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -83,7 +92,7 @@ class Recording:
         if spec.policy is not Policy.BOUND:
             # A named buffer carved out of a larger allocation (a caching allocator's segment)
             # is restored as a view of that allocation: other graphs may use the same memory.
-            rng = driver.address_range(spec.ptr)
+            rng = self._allocation_range(spec.ptr)
             if rng is not None and rng != (spec.ptr, spec.nbytes):
                 parent = self._allocation_region(*rng)
         region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
@@ -92,18 +101,36 @@ class Recording:
             region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
         return region
 
+    def _allocation_range(self, addr: int) -> Optional[tuple]:
+        """``(base, size)`` of the allocation holding ``addr``: the allocator map's segment
+        where there is one (with expandable segments the driver reports only the 2 or 20 MiB
+        handle holding ``addr``), else the driver's allocation."""
+        if self.allocator_map is not None:
+            seg = self.allocator_map.segment_at(addr)
+            if seg is not None:
+                return seg.address, seg.size
+        return driver.address_range(addr)
+
     def _allocation_region(self, base: int, size: int) -> Region:
         for r in self.regions:
             if r.kind is RegionKind.ALLOCATION and r.origin == base:
                 return r
         policy, pool = Policy.SAVED, None
-        if self.allocation_policy is not None:
+        seg = self.allocator_map.segment_at(base) if self.allocator_map is not None else None
+        if seg is not None and (seg.address, seg.size) != (base, size):
+            seg = None
+        if seg is not None:
+            policy, pool = seg.policy or policy, seg.pool
+        elif self.allocation_policy is not None:
             policy, pool = self.allocation_policy(base, size) or (policy, pool)
-        return self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
-                               pool=pool)
+        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
+                                 pool=pool)
+        if seg is not None and seg.blocks:
+            self.segments[region.id] = seg
+        return region
 
     def _find_allocation(self, addr: int) -> Optional[Ref]:
-        rng = driver.address_range(addr)
+        rng = self._allocation_range(addr)
         if rng is None:
             return None
         region = self._allocation_region(*rng)
@@ -324,6 +351,9 @@ def _keep_regions(rec: Recording, keep: list) -> None:
     rec.regions = [dataclasses.replace(r, id=rmap[r.id],
                                        parent=None if r.parent is None else rmap[r.parent])
                    for r in keep]
+    rec.segments = {rmap[rid]: seg for rid, seg in rec.segments.items() if rid in rmap}
+    rec.extra_accesses = [(rmap[rid], off, span) for rid, off, span in rec.extra_accesses
+                          if rid in rmap]
     for g in rec.graphs:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
@@ -371,6 +401,143 @@ def _read_region(region: Region, stager=None) -> np.ndarray:
         else:
             driver.dtoh(int(out.ctypes.data), region.origin, region.size)
     return out
+
+
+# ---- which blocks of a segment the graphs reach -----------------------------------------------
+
+def _accesses(rec: Recording) -> dict:
+    """``{region id: ([pointer offsets], [(offset, length)] spans)}`` of every place the
+    graphs address; an access to a view counts in its parent too (same memory). A node type
+    that says only which regions it uses reaches all of them."""
+    out: dict = {}
+
+    def add(rid: int, offset: int, span: Optional[int]) -> None:
+        while True:
+            ptrs, spans = out.setdefault(rid, ([], []))
+            if span is None:
+                spans.append((0, rec.regions[rid].size))
+            elif span == 0:
+                ptrs.append(offset)
+            else:
+                spans.append((offset, span))
+            parent = rec.regions[rid].parent
+            if parent is None:
+                return
+            offset += rec.regions[rid].parent_offset
+            rid = parent
+    for g in rec.graphs:
+        for n in g.nodes:
+            if n.TYPE == "kernel":
+                for _, rid, off in np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).tolist():
+                    add(rid, off, 0)
+            elif n.TYPE == "memcpy":
+                add(n.src.region, n.src.offset, n.span("src"))
+                add(n.dst.region, n.dst.offset, n.span("dst"))
+            elif n.TYPE == "memset":
+                add(n.dst.region, n.dst.offset, n.span())
+            elif n.TYPE == "mem_free":
+                add(n.ptr.region, n.ptr.offset, 0)
+            else:
+                for rid in n.regions():
+                    add(rid, 0, None)
+    for r in rec.regions:          # a named view reaches the blocks it overlaps
+        if r.parent is not None:
+            add(r.parent, r.parent_offset, r.size)
+    for rid, off, span in rec.extra_accesses:
+        add(rid, off, span)
+    return out
+
+
+def _plan_extents(rec: Recording) -> None:
+    """Saved allocations of the allocator map get ``extents``: the live blocks the graphs
+    reach, less the views inside them that are saved or scratch on their own."""
+    if not rec.segments:
+        return
+    accesses = _accesses(rec)
+    views: dict = {}
+    for r in rec.regions:
+        if r.parent is not None and r.policy in (Policy.SAVED, Policy.SCRATCH):
+            views.setdefault(r.parent, []).append((r.parent_offset, r.size))
+    for rid, seg in rec.segments.items():
+        r = rec.regions[rid]
+        if r.policy is not Policy.SAVED:
+            continue
+        ptrs, spans = accesses.get(rid, ((), ()))
+        r.extents = [Extent(o, n) for o, n in
+                     reached_extents(seg, ptrs, spans, views.get(rid, ()))]
+
+
+# ---- reading the contents -----------------------------------------------------------------------
+
+def _read_contents(rec: Recording, hold: str, contents_cache: Optional[dict]) -> str:
+    """Every saved region's (and extent's) contents as they are now: device ranges held as
+    ``hold`` says (:func:`cgsnap.capture.contents.hold_contents`), then scanned; host and
+    module-global regions read into host memory. Sets content hashes and drops all-zero
+    extents (zero is what the restore leaves there). Returns the hold used."""
+    targets, spans = [], []
+    for r in rec.regions:
+        if r.policy is not Policy.SAVED:
+            continue
+        if r.kind in (RegionKind.HOST, RegionKind.MODULE_GLOBAL):
+            r.data = _read_region(r)
+            r.content_hash = region_hash(r.data)
+        elif r.extents is not None:
+            for e in r.extents:
+                targets.append(e)
+                spans.append((r.origin + e.offset, e.length))
+        else:
+            targets.append(r)
+            spans.append((r.origin, r.size))
+    cache = contents_cache if contents_cache is not None else {}
+    todo = [i for i, sp in enumerate(spans) if sp not in cache]
+    how = "none"
+    if todo:
+        big = sum(spans[i][1] for i in todo) >= transfer.THRESHOLD
+        with (transfer.Stager() if big and hold == "host" else contextlib.nullcontext()) as st:
+            held, how = hold_contents([spans[i] for i in todo], hold, st)
+        for i, c in zip(todo, held):
+            cache[spans[i]] = c
+    data = [cache[sp] for sp in spans]
+    device = [c for c in data if isinstance(c, Contents)]
+    if device:
+        device[0].reader.scan(device)
+    for t, c in zip(targets, data):
+        t.data = c
+    for r in rec.regions:
+        if r.policy is not Policy.SAVED or r.kind in (RegionKind.HOST, RegionKind.MODULE_GLOBAL):
+            continue
+        if r.extents is None:
+            r.content_hash = _digest(r.data).hex()
+            continue
+        r.extents = [e for e in r.extents if not _zero(e.data)]
+        r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+    return how
+
+
+def _digest(data) -> bytes:
+    if isinstance(data, Contents):
+        return data.digest
+    return bytes.fromhex(region_hash(data))
+
+
+def _zero(data) -> bool:
+    return data.zero if isinstance(data, Contents) else is_zero(memoryview(data).cast("B"))
+
+
+def _bound_hashes(rec: Recording, bound_hashes: Optional[dict]) -> None:
+    """``content_hash`` of bound named regions, for load(verify_bound=True): read and hashed
+    through the staging pipeline, once per range for all the graphs of a file."""
+    cache = bound_hashes if bound_hashes is not None else {}
+    bound = [r for r in rec.regions if r.policy is Policy.BOUND and r.kind is RegionKind.NAMED]
+    todo = [r for r in bound if (r.origin, r.size) not in cache]
+    if todo:
+        reader = reader_for(driver.context_current())
+        live = [DeviceContents(r.origin, r.size, reader) for r in todo]
+        reader.scan(live)
+        for r, c in zip(todo, live):
+            cache[(r.origin, r.size)] = c.digest.hex()
+    for r in bound:
+        r.content_hash = cache[(r.origin, r.size)]
 
 
 def _write_region(region: Region, data: np.ndarray) -> None:
@@ -454,14 +621,22 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
                    allocation_policy=None, bound_hashes: Optional[dict] = None,
-                   suspect_regions: str = "keep") -> Snapshot:
-    """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
+                   suspect_regions: str = "keep", allocator_map: Optional[AllocatorMap] = None,
+                   hold: str = "copy", contents_cache: Optional[dict] = None) -> Snapshot:
+    """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form).
+    ``allocator_map``: the allocator's segments and blocks (only reached live blocks are
+    saved); ``hold``: where saved contents wait for the save
+    (:func:`cgsnap.capture.contents.hold_contents`); ``bound_hashes`` / ``contents_cache``
+    let the snapshots of several graphs read shared memory once."""
     check_suspect_choice(suspect_regions)
+    from .contents import HOLD_CHOICES
+    if hold not in HOLD_CHOICES:
+        raise CaptureError(f"hold={hold!r}: expected one of {', '.join(HOLD_CHOICES)}")
     device = driver.current_device()
     if resolver is None:
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
-    rec = Recording(device, resolver, host_callbacks, allocation_policy)
+    rec = Recording(device, resolver, host_callbacks, allocation_policy, allocator_map)
     for spec in expand_buffers(buffers or {}):
         rec.add_named(spec)
     driver.ctx_sync()      # contents must be read after the work that produced them
@@ -470,21 +645,9 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     _drop_unused_allocations(rec)
     if suspect_regions == "error":
         _refuse_suspect_regions(rec, name)
-    big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
-    with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
-        for r in rec.regions:     # contents as they are now, before any check launch
-            if r.policy is Policy.SAVED:
-                r.data = _read_region(r, stager)
-                r.content_hash = region_hash(r.data, stager.pool if stager else None)
-            elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
-                # For load(verify_bound=True). ``bound_hashes`` lets the snapshots of several
-                # graphs over the same weights read and hash them once.
-                cache = bound_hashes if bound_hashes is not None else {}
-                key = (r.origin, r.size)
-                if key not in cache:
-                    cache[key] = region_hash(_read_region(r, stager),
-                                             stager.pool if stager else None)
-                r.content_hash = cache[key]
+    _plan_extents(rec)
+    _read_contents(rec, hold, contents_cache)    # as they are now, before any check launch
+    _bound_hashes(rec, bound_hashes)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

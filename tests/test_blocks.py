@@ -1,0 +1,228 @@
+"""Block granularity on CPU: which live blocks of a segment the graphs reach
+(cgsnap.capture.blocks, record._plan_extents), and the staging ring that reads them in order
+(cgsnap.cuda.transfer.ChunkRing) with the scan and stream built on it
+(cgsnap.capture.contents), driven by a fake DMA engine over host memory."""
+from __future__ import annotations
+
+import random
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from cgsnap.capture import contents as device_contents
+from cgsnap.capture import record
+from cgsnap.capture.blocks import AllocatorMap, Block, Segment, reached_extents
+from cgsnap.cuda import transfer
+from cgsnap.format import contents, hashing
+from cgsnap.format.model import (Arg, Graph, KernelNode, MemcpyNode, MemsetNode, Policy, Ref,
+                                 Region, RegionKind)
+
+KiB = 1024
+
+
+def segment():
+    """A 64 KiB segment: live, free, live (requested 3000 of 4096), live, free, live."""
+    return Segment(0x10000, 64 * KiB, (
+        Block(0, 8 * KiB, 8 * KiB),
+        Block(8 * KiB, 8 * KiB, 0),
+        Block(16 * KiB, 4 * KiB, 3000),
+        Block(20 * KiB, 12 * KiB, 12 * KiB),
+        Block(32 * KiB, 16 * KiB, 0),
+        Block(48 * KiB, 16 * KiB, 16 * KiB)))
+
+
+def test_a_pointer_reaches_the_live_block_it_lands_in():
+    seg = segment()
+    assert reached_extents(seg, pointers=[100]) == [(0, 8 * KiB)]
+    assert reached_extents(seg, pointers=[16 * KiB + 5]) == [(16 * KiB, 3000)]   # requested size
+    assert reached_extents(seg, pointers=[9 * KiB]) == []                         # a free block
+    assert reached_extents(seg, pointers=[64 * KiB, 1 << 40]) == []              # past the end
+    # The start of the next block is the next block (not the end of the previous one).
+    assert reached_extents(seg, pointers=[20 * KiB]) == [(20 * KiB, 12 * KiB)]
+    assert reached_extents(seg, pointers=[100, 200, 300]) == [(0, 8 * KiB)]     # once
+
+
+def test_a_span_reaches_every_block_it_overlaps():
+    seg = segment()
+    assert reached_extents(seg, spans=[(7 * KiB, 10 * KiB)]) == [(0, 8 * KiB), (16 * KiB, 3000)]
+    assert reached_extents(seg, spans=[(0, 64 * KiB)]) == [
+        (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 16 * KiB)]
+    assert reached_extents(seg, spans=[(33 * KiB, 1 * KiB)]) == []             # inside a free block
+    assert reached_extents(seg, spans=[(20 * KiB, 0)]) == [(20 * KiB, 12 * KiB)]  # empty: a pointer
+
+
+def test_excluded_views_are_cut_out_of_the_blocks():
+    seg = segment()
+    got = reached_extents(seg, pointers=[20 * KiB], exclude=[(22 * KiB, 2 * KiB), (30 * KiB, 8 * KiB)])
+    assert got == [(20 * KiB, 2 * KiB), (24 * KiB, 6 * KiB)]
+    # Overlapping and nested exclusions, one covering the block entirely.
+    assert reached_extents(seg, pointers=[0], exclude=[(0, 4 * KiB), (1 * KiB, 1 * KiB)]) == \
+        [(4 * KiB, 4 * KiB)]
+    assert reached_extents(seg, pointers=[0], exclude=[(0, 1 * KiB), (0, 9 * KiB)]) == []
+
+
+def test_reach_agrees_with_a_brute_force_model():
+    """Random segments, pointers, spans and exclusions against a byte-by-byte model."""
+    rng = random.Random(7)
+    for _ in range(300):
+        sizes = [rng.choice([512, 1024, 4096]) for _ in range(rng.randint(1, 8))]
+        blocks, off = [], 0
+        for n in sizes:
+            live = rng.choice([0, n, rng.randint(1, n)])
+            blocks.append(Block(off, n, live))
+            off += n
+        seg = Segment(0, off, tuple(blocks))
+        ptrs = [rng.randrange(0, off + 600) for _ in range(rng.randint(0, 3))]
+        spans = [(rng.randrange(0, off), rng.randint(0, 3000)) for _ in range(rng.randint(0, 2))]
+        excl = [(rng.randrange(0, off), rng.randint(0, 2000)) for _ in range(rng.randint(0, 2))]
+        want = np.zeros(off, dtype=bool)
+        for b in blocks:
+            hit = any(b.offset <= p < b.offset + b.size for p in ptrs) or any(
+                (n == 0 and b.offset <= o < b.offset + b.size) or
+                (n > 0 and o < b.offset + b.size and b.offset < o + n) for o, n in spans)
+            if hit:
+                want[b.offset:b.offset + b.live] = True
+        for o, n in excl:
+            want[o:o + n] = False
+        got = np.zeros(off, dtype=bool)
+        extents = reached_extents(seg, ptrs, spans, excl)
+        assert extents == sorted(extents)
+        for o, n in extents:
+            assert n > 0 and not got[o:o + n].any()
+            got[o:o + n] = True
+        assert (got == want).all(), (blocks, ptrs, spans, excl, extents)
+
+
+def test_allocator_map_finds_segments():
+    amap = AllocatorMap([Segment(0x2000, 0x1000), Segment(0x1000, 0x800)])
+    assert amap.segment_at(0x1000).address == 0x1000
+    assert amap.segment_at(0x17ff).address == 0x1000
+    assert amap.segment_at(0x1800) is None                       # between segments
+    assert amap.segment_at(0x2fff).address == 0x2000
+    assert amap.segment_at(0x3000) is None and amap.segment_at(0) is None
+
+
+def _kernel(i, refs):
+    return KernelNode(i, 0, (1, 1, 1), (1, 1, 1), 0, bytes(8 * max(1, len(refs))),
+                      np.array([(8 * j, r, o) for j, (r, o) in enumerate(refs)],
+                               dtype="<u8").reshape(-1, 3).tobytes())
+
+
+def test_plan_extents_from_the_graphs_refs():
+    """The recorder's reach: kernel pointers, memcpy and memset boxes, named views (saved
+    ones cut out of the parent's extents, scratch ones too), and extra in-memory pointers."""
+    seg = segment()
+    regions = [
+        Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address),
+        Region(1, RegionKind.NAMED, 1 * KiB, Policy.SAVED, name="out", parent=0,
+               parent_offset=49 * KiB, origin=seg.address + 49 * KiB),
+        Region(2, RegionKind.ALLOCATION, 4096, Policy.SAVED, origin=0x900000),   # plain
+        Region(3, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=0x800000),
+    ]
+    nodes = [
+        _kernel(0, [(0, 100), (2, 0)]),                       # block 0; the plain allocation
+        MemcpyNode(1, Ref(2, 0), Ref(0, 17 * KiB), 4 * KiB),  # blocks 2 and 3
+        MemsetNode(2, Ref(1, 0), 0, 1, 16),                   # the view: block 5 (cut out)
+    ]
+    rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
+                                segments={0: seg, 3: segment()}, extra_accesses=[(3, 20 * KiB, 0)])
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in regions[0].extents] == [
+        (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 1 * KiB),
+        (50 * KiB, 14 * KiB)]
+    assert regions[2].extents is None          # no map: saved whole
+    assert [(e.offset, e.length) for e in regions[3].extents] == [(20 * KiB, 12 * KiB)]
+
+
+# ---- the staging ring, with a fake DMA engine --------------------------------------------------
+
+class FakeEngine:
+    """Copies host "device" memory into slots at start() (a DMA may land at any time after
+    it is started) and checks that no slot is started twice before it was waited for."""
+
+    def __init__(self, memory: np.ndarray, chunk: int, slots: int):
+        self.mem, self.slots = memory, [bytearray(chunk) for _ in range(slots)]
+        self.started, self.log = set(), []
+
+    def start(self, slot, copies):
+        assert slot not in self.started, "slot restarted before its chunk was consumed"
+        self.started.add(slot)
+        for at, src, n in copies:
+            self.slots[slot][at:at + n] = self.mem[src:src + n].tobytes()
+        self.log.append(("start", slot))
+
+    def wait(self, slot):
+        self.started.discard(slot)
+        self.log.append(("wait", slot))
+
+    def view(self, slot, at, n):
+        return memoryview(self.slots[slot])[at:at + n]
+
+    def drain(self):
+        self.started.clear()
+
+
+class FakeStager:
+    def __init__(self, memory, chunk, slots):
+        self.memory, self.chunk, self.slots = memory, chunk, slots
+        self.hashers = ThreadPoolExecutor(4)
+
+    def read_chunks(self, spans):
+        return transfer.ChunkRing(FakeEngine(self.memory, self.chunk, self.slots), spans,
+                                  self.chunk, self.slots)
+
+
+def test_plan_chunks_packs_small_items_and_aligns_large_ones():
+    plan = transfer.plan_chunks([100, 300, 0, 1000, 2500, 10], 1024)
+    assert plan == [
+        [(0, 0, 100, 0), (1, 0, 300, 256)],
+        [(3, 0, 1000, 0)],
+        [(4, 0, 1024, 0)], [(4, 1024, 1024, 0)], [(4, 2048, 452, 0), (5, 0, 10, 512)]]
+    assert transfer.plan_chunks([1024, 1], 1024) == [[(0, 0, 1024, 0)], [(1, 0, 1, 0)]]
+    assert transfer.plan_chunks([], 1024) == []
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 8])
+def test_ring_yields_every_byte_in_order(slots):
+    rng = np.random.default_rng(slots)
+    mem = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    spans = [(0, 5000), (6000, 1), (7000, 300), (8000, 2048), (12000, 0), (20000, 9000)]
+    ring = transfer.ChunkRing(FakeEngine(mem, 2048, slots), spans, 2048, slots)
+    got = {i: bytearray() for i in range(len(spans))}
+    for chunk in ring:
+        for i, off, view in chunk.pieces:
+            assert off == len(got[i])
+            got[i] += view
+    for i, (a, n) in enumerate(spans):
+        assert bytes(got[i]) == mem[a:a + n].tobytes()
+
+
+def test_ring_reuses_a_slot_only_after_its_held_jobs(monkeypatch):
+    """The scan hashes chunks on threads and holds them; the ring must wait for those jobs
+    before a slot is overwritten (the fake copies eagerly, so a premature reuse would change
+    the bytes a job hashes)."""
+    chunk = 4096
+    monkeypatch.setattr(transfer, "CHUNK", chunk)
+    monkeypatch.setattr(hashing, "BLOB_PIECE", chunk)
+    rng = np.random.default_rng(3)
+    mem = rng.integers(0, 256, 1 << 18, dtype=np.uint8)
+    mem[100_000:140_000] = 0
+    items_spec = [(0, 10_000), (10_000, 50), (20_000, 4096), (100_000, 40_000), (150_000, 100_000)]
+    reader = types.SimpleNamespace()
+    items = [device_contents.DeviceContents(a, n, reader) for a, n in items_spec]
+    st = FakeStager(mem, chunk, 3)
+    device_contents._scan_staged(st, items)
+    for c, (a, n) in zip(items, items_spec):
+        data = mem[a:a + n]
+        assert c.digest == hashing.blob_checksum(data)
+        assert c.zero == (not data.any())
+        assert c.ratio == (0.0 if c.zero else contents.sample_ratio(data))
+    # And the stream the writer reads gives the same bytes, item by item, in order.
+    st = FakeStager(mem, chunk, 2)
+    out = []
+    for item, views in device_contents._stream_staged(st, items):
+        out.append((item, b"".join(bytes(v) for v in views)))
+    assert [i for i, _ in out] == items
+    assert [b for _, b in out] == [mem[a:a + n].tobytes() for a, n in items_spec]
