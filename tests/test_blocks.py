@@ -16,8 +16,8 @@ from cgsnap.capture import record
 from cgsnap.capture.blocks import AllocatorMap, Block, Segment, reached_extents
 from cgsnap.cuda import transfer
 from cgsnap.format import contents, hashing
-from cgsnap.format.model import (Arg, Graph, KernelNode, MemcpyNode, MemsetNode, Policy, Ref,
-                                 Region, RegionKind)
+from cgsnap.format.model import (Graph, KernelNode, MemcpyNode, MemsetNode, Policy, Ref, Region,
+                                 RegionKind)
 
 KiB = 1024
 
@@ -226,3 +226,110 @@ def test_ring_reuses_a_slot_only_after_its_held_jobs(monkeypatch):
         out.append((item, b"".join(bytes(v) for v in views)))
     assert [i for i, _ in out] == items
     assert [b for _, b in out] == [mem[a:a + n].tobytes() for a, n in items_spec]
+
+
+# ---- contents kept elsewhere until the file is written (the reader protocol) -------------------
+
+class FakeReader:
+    """A reader over host "device" memory, with the device reader's contract: scan in one
+    batch, stream items in the order given, each view valid until the next is asked for."""
+
+    def __init__(self, memory: np.ndarray, chunk: int = 1000):
+        self.mem, self.chunk, self.streams, self.scans = memory, chunk, [], 0
+
+    def scan(self, items):
+        self.scans += 1
+        for c in items:
+            device_contents._scan_host(c, self.read(c))
+
+    def stream(self, items):
+        import contextlib
+        items = list(items)
+        self.streams.append(items)
+        scratch = bytearray(self.chunk)
+
+        def views(c):
+            for off in range(0, c.nbytes, self.chunk):
+                n = min(self.chunk, c.nbytes - off)
+                scratch[:n] = self.mem[c.addr + off:c.addr + off + n].tobytes()   # reused
+                yield memoryview(scratch)[:n]
+        return contextlib.nullcontext(((c, views(c)) for c in items))
+
+    def equal(self, a, b):
+        return np.array_equal(self.read(a), self.read(b))
+
+    def read(self, c):
+        return self.mem[c.addr:c.addr + c.nbytes].copy()
+
+
+def _fake_device_snapshot(mem, reader):
+    from synthetic import make_snapshot
+    from cgsnap.format.model import Extent
+    snap = make_snapshot()
+    r = snap.regions[2]                                  # 4096-byte allocation
+    r.data, r.content_hash = None, None
+    r.extents = [Extent(0, 1024, device_contents.DeviceContents(0, 1024, reader)),
+                 Extent(2048, 2048, device_contents.DeviceContents(5000, 2048, reader))]
+    snap.regions[0].data = device_contents.DeviceContents(0, 1024, reader)   # same bytes
+    return snap
+
+
+def test_save_streams_device_contents_in_file_order(tmp_path):
+    from cgsnap.format import fileformat, snapfile
+    rng = np.random.default_rng(4)
+    mem = rng.integers(0, 256, 1 << 14, dtype=np.uint8)
+    reader = FakeReader(mem)
+    snap = _fake_device_snapshot(mem, reader)
+    path = tmp_path / "d.cgsnap"
+    snapfile.save(path, snap, prune=False)
+    assert reader.scans == 1, "every item is scanned in one batch"
+    assert len(reader.streams) == 1 and [c.nbytes for c in reader.streams[0]] == [1024, 2048], \
+        "one stream, in blob order, the shared bytes once"
+    m = fileformat.read_manifest(path)
+    assert m["regions"][0]["blob"] == m["regions"][2]["extents"][0][2]
+    with fileformat.open_file(path, verify_blobs=True) as f:
+        assert bytes(f.blob(m["regions"][0]["blob"])) == mem[:1024].tobytes()
+        assert bytes(f.blob(m["regions"][2]["extents"][1][2])) == mem[5000:7048].tobytes()
+    back = snapfile.read(path)[0]
+    assert back.regions[2].content_hash == hashing.extents_hash(
+        [(0, 1024, hashing.blob_checksum(mem[:1024])),
+         (2048, 2048, hashing.blob_checksum(mem[5000:7048]))])
+
+
+def test_memory_changed_after_the_scan_fails_the_save(tmp_path):
+    from cgsnap.errors import FormatError
+    from cgsnap.format import snapfile
+    mem = np.random.default_rng(5).integers(0, 256, 1 << 14, dtype=np.uint8)
+    reader = FakeReader(mem)
+    snap = _fake_device_snapshot(mem, reader)
+    contents.scan_all([snap.regions[0].data] + [e.data for e in snap.regions[2].extents])
+    mem[6000] ^= 0xFF                       # the program ran on between snapshot and save
+    with pytest.raises(FormatError, match="other bytes than it was scanned with"):
+        snapfile.save(tmp_path / "x.cgsnap", snap, prune=False)
+    assert not (tmp_path / "x.cgsnap").exists()
+
+
+def test_read_contents_hashes_and_drops_zero_extents(monkeypatch):
+    """The recorder's last step over held contents: whole regions and extents get their
+    contents and hashes; extents that are all zero are left out (the restore zero-fills)."""
+    from cgsnap.format.model import Extent
+    mem = np.random.default_rng(6).integers(0, 256, 1 << 16, dtype=np.uint8)
+    mem[8192:12288] = 0
+    reader = FakeReader(mem)
+    monkeypatch.setattr(record, "hold_contents", lambda spans, hold, st=None: (
+        [device_contents.DeviceContents(a, n, reader) for a, n in spans], hold))
+    regions = [Region(0, RegionKind.ALLOCATION, 1 << 14, Policy.SAVED, origin=4096,
+                      extents=[Extent(0, 1024), Extent(4096, 4096), Extent(9000, 100)]),
+               Region(1, RegionKind.NAMED, 512, Policy.SAVED, name="x", origin=30000),
+               Region(2, RegionKind.ALLOCATION, 64, Policy.SCRATCH, origin=40000)]
+    rec = types.SimpleNamespace(regions=regions)
+    cache: dict = {}
+    record._read_contents(rec, "live", cache)
+    r0 = regions[0]
+    assert [(e.offset, e.length) for e in r0.extents] == [(0, 1024), (9000, 100)]
+    assert r0.content_hash == hashing.extents_hash(
+        [(0, 1024, hashing.blob_checksum(mem[4096:5120])),
+         (9000, 100, hashing.blob_checksum(mem[13096:13196]))])
+    assert regions[1].content_hash == hashing.blob_checksum(mem[30000:30512]).hex()
+    assert regions[2].data is None and regions[2].content_hash is None
+    assert set(cache) == {(4096, 1024), (8192, 4096), (13096, 100), (30000, 512)}

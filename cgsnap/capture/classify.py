@@ -241,7 +241,7 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
     A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
     "Known problems"); real pointers usually reach an allocation some other way too."""
     candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
-                  and r.policy is Policy.SAVED and r.size >= min_size}
+                  and r.policy is Policy.SAVED and r.saved_bytes() >= min_size}
     candidates -= {r.parent for r in snap.regions if r.parent is not None}
     weak: dict = {}
     strong: set = set()
@@ -262,6 +262,6 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
 
 
 def weakly_reached_regions(snap, min_size: int = WEAK_REGION_MIN) -> list:
-    """``[(region id, size, number of words), ...]`` of :func:`weak_region_words`."""
-    return [(rid, snap.regions[rid].size, len(words))
+    """``[(region id, saved bytes, number of words), ...]`` of :func:`weak_region_words`."""
+    return [(rid, snap.regions[rid].saved_bytes(), len(words))
             for rid, words in weak_region_words(snap, min_size).items()]

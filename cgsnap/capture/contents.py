@@ -37,7 +37,7 @@ class DeviceHold:
     the last :class:`DeviceContents` in it is collected."""
 
     def __init__(self, nbytes: int):
-        self.ctx = driver.context_current()
+        self.ctx = driver.current_context()
         self.nbytes = nbytes
         self.ptr = driver.mem_alloc(nbytes)
         fin = weakref.finalize(self, _free_quietly, self.ptr, self.ctx)
@@ -101,7 +101,7 @@ class DeviceReader:
                 for c in items:           # a few small ranges: plain copies
                     _scan_host(c, self.read(c))
                 return
-            with transfer.Stager(ring=READ_RING) as st:
+            with transfer.Stager(ring=_slots(items, READ_RING)) as st:
                 _scan_staged(st, items)
 
     @contextlib.contextmanager
@@ -111,8 +111,17 @@ class DeviceReader:
             if sum(c.nbytes for c in items) < transfer.THRESHOLD:
                 yield ((c, iter((self.read(c),))) for c in items)
                 return
-            with transfer.Stager(ring=WRITE_RING) as st:
-                yield _stream_staged(st, items)
+            with transfer.Stager(ring=_slots(items, WRITE_RING)) as st:
+                ring = iter(st.read_chunks([(c.addr, c.nbytes) for c in items]))
+                try:
+                    yield _stream_items(ring, items)
+                finally:
+                    ring.close()      # the ring waits for its copies before the stager goes
+
+
+def _slots(items, most: int) -> int:
+    """Staging slots worth allocating: no more than the chunks the items fill."""
+    return max(1, min(most, len(transfer.plan_chunks([c.nbytes for c in items], transfer.CHUNK))))
 
 
 def _scan_host(c: Contents, data) -> None:
@@ -154,7 +163,11 @@ def _scan_staged(st, items: list) -> None:
 
 def _stream_staged(st, items: list):
     """``(item, iterator of its views)`` in order, the views straight from the ring."""
-    pieces = iter(st.read_chunks([(c.addr, c.nbytes) for c in items]))
+    return _stream_items(iter(st.read_chunks([(c.addr, c.nbytes) for c in items])), items)
+
+
+def _stream_items(pieces, items: list):
+    """``(item, iterator of its views)`` of ``items`` in order, from the chunks ``pieces``."""
     state = {"chunk": None, "at": 0}
 
     def next_view():
@@ -203,7 +216,7 @@ def hold_contents(spans: list, hold: str, stager_for_host=None) -> list:
     if hold not in HOLD_CHOICES:
         raise ValueError(f"hold={hold!r}: expected one of {', '.join(HOLD_CHOICES)}")
     total = sum(_round(n) for _, n in spans)
-    ctx = driver.context_current()
+    ctx = driver.current_context()
     reader = reader_for(ctx)
     if hold == "live":
         return [DeviceContents(a, n, reader) for a, n in spans], "live"

@@ -20,7 +20,7 @@ from .._version import __version__
 from ..binary import elf
 from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
-from ..format.contents import Contents, is_zero
+from ..format.contents import Contents, checksum, is_zero
 from ..format.hashing import extents_hash, region_hash
 from ..format.model import (MAX_DECISIONS_KEPT, Edge, Extent, Graph, Kernel, KernelImage, Policy,
                             Ref, Region, RegionKind, Snapshot)
@@ -493,7 +493,7 @@ def _read_contents(rec: Recording, hold: str, contents_cache: Optional[dict]) ->
     how = "none"
     if todo:
         big = sum(spans[i][1] for i in todo) >= transfer.THRESHOLD
-        with (transfer.Stager() if big and hold == "host" else contextlib.nullcontext()) as st:
+        with (transfer.Stager() if big else contextlib.nullcontext()) as st:
             held, how = hold_contents([spans[i] for i in todo], hold, st)
         for i, c in zip(todo, held):
             cache[spans[i]] = c
@@ -517,7 +517,7 @@ def _read_contents(rec: Recording, hold: str, contents_cache: Optional[dict]) ->
 def _digest(data) -> bytes:
     if isinstance(data, Contents):
         return data.digest
-    return bytes.fromhex(region_hash(data))
+    return checksum(memoryview(data).cast("B"))
 
 
 def _zero(data) -> bool:
@@ -531,7 +531,7 @@ def _bound_hashes(rec: Recording, bound_hashes: Optional[dict]) -> None:
     bound = [r for r in rec.regions if r.policy is Policy.BOUND and r.kind is RegionKind.NAMED]
     todo = [r for r in bound if (r.origin, r.size) not in cache]
     if todo:
-        reader = reader_for(driver.context_current())
+        reader = reader_for(driver.current_context())
         live = [DeviceContents(r.origin, r.size, reader) for r in todo]
         reader.scan(live)
         for r, c in zip(todo, live):
@@ -608,7 +608,7 @@ def _refuse_suspect_regions(rec: Recording, name: str) -> None:
     for rid, words in list(weak.items())[:3]:
         r = rec.regions[rid]
         where = ", ".join(f"graph {g!r} node {n} argument {a} byte {o}" for g, n, a, o in words[:2])
-        lines.append(f"region {rid}: {r.size} bytes of device memory at {r.origin:#x}, reached "
+        lines.append(f"region {rid}: {r.saved_bytes()} bytes of device memory at {r.origin:#x}, reached "
                      f"only by {len(words)} word(s) inside struct arguments ({where}"
                      f"{', ...' if len(words) > 2 else ''})")
     raise CaptureError(f"snapshot {name!r}: {len(weak)} allocation(s) would be saved only because "
@@ -643,9 +643,9 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
     _drop_unused_allocations(rec)
+    _plan_extents(rec)
     if suspect_regions == "error":
         _refuse_suspect_regions(rec, name)
-    _plan_extents(rec)
     _read_contents(rec, hold, contents_cache)    # as they are now, before any check launch
     _bound_hashes(rec, bound_hashes)
     note = None

@@ -193,7 +193,7 @@ def dtod(dst: int, src: int, size: int, stream) -> None:
     call(cu.cuMemcpyDtoDAsync, dst, src, size, stream)
 
 
-def context_current():
+def current_context():
     """The current context (None if there is none)."""
     res = cu.cuCtxGetCurrent()
     return res[1] if res[0] == SUCCESS and int(res[1]) else None

@@ -390,7 +390,8 @@ class _DeviceEngine:
         return driver.host_view(self.stager.buffers[slot] + at, n)
 
     def drain(self) -> None:
-        driver.stream_sync(self.stager.stream)
+        if self.stager.stream is not None:
+            driver.stream_sync(self.stager.stream)
 
 
 # ---- pinned staging buffers, kept for the process --------------------------------------------

@@ -136,7 +136,7 @@ class _HostReader:
     def scan(self, items) -> None:
         for c in items:
             if c.digest is None:
-                c.digest = blob_checksum(c.view)
+                c.digest = checksum(c.view)
             if c.zero is None:
                 c.zero = is_zero(c.view)
             if c.ratio is None:
@@ -155,6 +155,18 @@ class _HostReader:
 
 
 HOST = _HostReader()
+_PARALLEL_HASH = 256 << 20
+
+
+def checksum(view) -> bytes:
+    """blob_checksum, its 64 MiB pieces on threads for large buffers (xxhash drops the GIL)."""
+    if len(view) < _PARALLEL_HASH:
+        return blob_checksum(view)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .fileformat import io_threads
+    with ThreadPoolExecutor(io_threads()) as pool:
+        return blob_checksum(view, pool)
 
 
 def as_contents(data) -> Contents:

@@ -73,7 +73,7 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                                    for rid, size, count in weakly_reached_regions(snap)],
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
-                  "saved_regions": sum(r.size for r in snap.regions if r.policy is Policy.SAVED),
+                  "saved_regions": sum(r.saved_bytes() for r in snap.regions),
                   "bound_regions": sum(r.size for r in snap.regions if r.policy is Policy.BOUND)},
     }
 
