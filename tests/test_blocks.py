@@ -95,6 +95,15 @@ def test_reach_agrees_with_a_brute_force_model():
         assert (got == want).all(), (blocks, ptrs, spans, excl, extents)
 
 
+def test_the_span_covers_reached_blocks_free_ones_too_and_every_pointer():
+    from cgsnap.capture.blocks import reached_span
+    seg = segment()
+    assert reached_span(seg, pointers=[9 * KiB]) == (8 * KiB, 16 * KiB)      # a free block
+    assert reached_span(seg, pointers=[17 * KiB], spans=[(40 * KiB, 100)]) == (16 * KiB, 48 * KiB)
+    assert reached_span(seg, pointers=[100, 64 * KiB]) == (0, 64 * KiB)   # one past the end
+    assert reached_span(seg) == (0, 0)
+
+
 def test_allocator_map_finds_segments():
     amap = AllocatorMap([Segment(0x2000, 0x1000), Segment(0x1000, 0x800)])
     assert amap.segment_at(0x1000).address == 0x1000
@@ -132,8 +141,9 @@ def test_plan_extents_from_the_graphs_refs():
     assert [(e.offset, e.length) for e in regions[0].extents] == [
         (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 1 * KiB),
         (50 * KiB, 14 * KiB)]
-    assert regions[2].extents is None          # no map: saved whole
+    assert regions[2].extents is None and regions[2].span is None     # no map: saved whole
     assert [(e.offset, e.length) for e in regions[3].extents] == [(20 * KiB, 12 * KiB)]
+    assert regions[0].span == (0, 64 * KiB) and regions[3].span == (20 * KiB, 32 * KiB)
 
 
 # ---- the staging ring, with a fake DMA engine --------------------------------------------------

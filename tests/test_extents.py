@@ -269,3 +269,81 @@ def test_parallel_chunked_writes_hash_like_the_reader(tmp_path, monkeypatch):
             assert bytes(f.blob(1)) == data.tobytes()
             assert f.blobs[1].checksum == hashing.blob_checksum(data)
             assert bytes(f.blob(2)) == b"tail"
+
+
+def _spanned_snapshot():
+    """make_snapshot() whose allocation (region 2, 4096 bytes at 0x7000_2000) is a segment the
+    graphs use only from byte 512 to 3584: refs, a view and extents inside that part."""
+    from cgsnap.format.model import KernelNode, MemcpyNode, MemsetNode, Ref
+    snap = make_snapshot()
+    for r in snap.regions:
+        r.origin = 0x7000_0000 + r.id * 0x2000
+    r = snap.regions[2]
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 255, 512, dtype=np.uint8).tobytes()
+    r.extents, r.data, r.content_hash = [Extent(1024, 512, a)], None, None
+    r.span = (512, 3584)
+    snap.regions.append(Region(6, RegionKind.NAMED, 256, Policy.SAVED, name="view", parent=2,
+                               parent_offset=2048, data=bytes(range(256)), alignment=256,
+                               origin=r.origin + 2048))
+    g = snap.graphs[0]
+    refs = np.array([[0, 2, 512], [16, 4, 64], [32, 2, 3584]], dtype="<u8").tobytes()
+    g.nodes[1] = KernelNode(1, 1, (1, 1, 1), (256, 1, 1), 128, g.nodes[1].params, refs,
+                            dict(g.nodes[1].attrs))
+    g.nodes[2] = MemcpyNode(2, Ref(1, 0), Ref(2, 1000), 1024)
+    g.nodes[3] = MemcpyNode(3, Ref(2, 600), Ref(2, 2100), 64, 4, 1, 128, 0, 64, 0)
+    g.nodes[4] = MemsetNode(4, Ref(2, 3000), 0, 4, 16)
+    return snap
+
+
+def _addresses(snap):
+    """Every address a node names, as (origin of its region + offset)."""
+    out = []
+    for g in snap.graphs:
+        for n in g.nodes:
+            if n.TYPE == "kernel":
+                for _, rid, off in np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).tolist():
+                    out.append(snap.regions[rid].origin + off)
+            for side in ("src", "dst", "ptr"):
+                ref = getattr(n, side, None)
+                if ref is not None:
+                    out.append(snap.regions[ref.region].origin + ref.offset)
+    return out
+
+
+def test_trim_keeps_every_address_and_only_the_used_part():
+    snap = _spanned_snapshot()
+    before = _addresses(snap)
+    trimmed = snapfile.trim_regions(snap)
+    r = trimmed.regions[2]
+    assert (r.origin, r.size, r.span) == (0x7000_4000 + 512, 3072, None)
+    assert r.alignment == 512 and snap.regions[2].size == 4096     # the input is not changed
+    assert [(e.offset, e.length) for e in r.extents] == [(512, 512)]
+    assert trimmed.regions[6].parent_offset == 2048 - 512
+    assert _addresses(trimmed) == before
+    m, blobs = trimmed.to_manifest()
+    Snapshot.from_manifest(m, [len(memoryview(b).cast("B")) for b in blobs], "t.cgsnap")
+    assert [list(x) for x in
+            np.frombuffer(m["graphs"][0]["nodes"][1]["refs"], dtype="<u8").reshape(-1, 3)] == \
+        [[0, 2, 0], [16, 4, 64], [32, 2, 3072]]          # one past the end stays valid
+
+
+def test_save_trims_and_merge_takes_the_union_of_spans(tmp_path):
+    s1, s2 = _spanned_snapshot(), _spanned_snapshot()
+    s2.graphs[0].name, s2.graphs[1].name = "step2", "step2/child6"
+    s2.graphs[0].nodes[6].graph = "step2/child6"
+    s2.regions[2].span = (0, 1024)
+    merged = snapfile.merge([s1, s2])
+    assert merged.regions[2].span == (0, 3584)
+    s3 = _spanned_snapshot()
+    s3.graphs[0].name, s3.graphs[1].name = "step3", "step3/child6"
+    s3.graphs[0].nodes[6].graph = "step3/child6"
+    s3.regions[2].span = None                 # a snapshot that does not know: the whole region
+    assert snapfile.merge([s1, s3]).regions[2].span is None
+    path = tmp_path / "t.cgsnap"
+    snapfile.save(path, [s1, s2], prune=False)
+    back = cgsnap.read(path)
+    r = back.regions[2]
+    assert r.size == 3584 and [(e.offset, e.length) for e in r.extents] == [(1024, 512)]
+    assert r.content_hash == hashing.extents_hash(
+        [(1024, 512, hashing.blob_checksum(s1.regions[2].extents[0].data))])

@@ -75,12 +75,7 @@ class AllocatorMap:
         return len(self.segments)
 
 
-def reached_extents(segment: Segment, pointers=(), spans=(), exclude=()) -> list:
-    """``[(offset, length)]``: the live bytes of the blocks of ``segment`` that ``pointers``
-    (segment offsets) land in or ``spans`` (``(offset, length)``) overlap, minus the
-    ``exclude`` ranges (``(offset, length)``, e.g. named views saved on their own), sorted and
-    non-overlapping, one entry per piece of a block. Free blocks are never in it; a pointer at
-    or past the end of the segment reaches nothing."""
+def _reached_blocks(segment: Segment, pointers, spans) -> set:
     reached = set()
     for p in pointers:
         i = segment.block_at(p)
@@ -101,6 +96,35 @@ def reached_extents(segment: Segment, pointers=(), spans=(), exclude=()) -> list
             if segment.blocks[i].offset >= off + n:
                 break
             reached.add(i)
+    return reached
+
+
+def reached_span(segment: Segment, pointers=(), spans=()) -> tuple:
+    """``(lo, hi)``: the part of ``segment`` the graphs use -- every block a pointer lands in
+    or a span overlaps (live or free: a kernel may use all of a block it is given), and every
+    pointer and span itself (a pointer one past the end of a block still has to point inside
+    the region). A restore needs only this much memory, at the same relative layout;
+    ``(0, 0)`` when nothing is used."""
+    lo, hi = segment.size, 0
+    for i in _reached_blocks(segment, pointers, spans):
+        b = segment.blocks[i]
+        lo, hi = min(lo, b.offset), max(hi, b.offset + b.size)
+    for p in pointers:
+        lo, hi = min(lo, p), max(hi, p)
+    for off, n in spans:
+        lo, hi = min(lo, off), max(hi, off + max(n, 0))
+    if hi <= lo:
+        return (0, 0)
+    return (max(lo, 0), min(hi, segment.size))
+
+
+def reached_extents(segment: Segment, pointers=(), spans=(), exclude=()) -> list:
+    """``[(offset, length)]``: the live bytes of the blocks of ``segment`` that ``pointers``
+    (segment offsets) land in or ``spans`` (``(offset, length)``) overlap, minus the
+    ``exclude`` ranges (``(offset, length)``, e.g. named views saved on their own), sorted and
+    non-overlapping, one entry per piece of a block. Free blocks are never in it; a pointer at
+    or past the end of the segment reaches nothing."""
+    reached = _reached_blocks(segment, pointers, spans)
     cuts = sorted((o, o + n) for o, n in exclude if n > 0)
     out = []
     for i in sorted(reached):

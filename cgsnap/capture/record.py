@@ -26,7 +26,7 @@ from ..format.model import (MAX_DECISIONS_KEPT, Edge, Extent, Graph, Kernel, Ker
                             Ref, Region, RegionKind, Snapshot)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
-from .blocks import AllocatorMap, reached_extents
+from .blocks import AllocatorMap, reached_extents, reached_span
 from .buffers import BufferSpec, expand_buffers
 from .contents import DeviceContents, hold_contents, reader_for
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
@@ -450,7 +450,8 @@ def _accesses(rec: Recording) -> dict:
 
 def _plan_extents(rec: Recording) -> None:
     """Saved allocations of the allocator map get ``extents``: the live blocks the graphs
-    reach, less the views inside them that are saved or scratch on their own."""
+    reach, less the views inside them that are saved or scratch on their own; and every
+    allocation of the map its ``span``, the part of it the graphs use."""
     if not rec.segments:
         return
     accesses = _accesses(rec)
@@ -460,9 +461,12 @@ def _plan_extents(rec: Recording) -> None:
             views.setdefault(r.parent, []).append((r.parent_offset, r.size))
     for rid, seg in rec.segments.items():
         r = rec.regions[rid]
+        ptrs, spans = accesses.get(rid, ((), ()))
+        used = reached_span(seg, ptrs, spans)
+        if used[1] > used[0]:
+            r.span = used
         if r.policy is not Policy.SAVED:
             continue
-        ptrs, spans = accesses.get(rid, ((), ()))
         r.extents = [Extent(o, n) for o, n in
                      reached_extents(seg, ptrs, spans, views.get(rid, ()))]
 

@@ -81,6 +81,9 @@ class Region:
     # SAVED, sparse (schema 3): only these bytes are stored; the rest of the region is zero at
     # restore. Sorted by offset, non-overlapping. None: the whole region is in ``data``.
     extents: Optional[list] = None
+    # In memory only (never saved): the part ``(lo, hi)`` of the region that the graphs use,
+    # when an allocator map says so. A save keeps only that part (snapfile.trim_regions).
+    span: Optional[tuple] = None
 
     def saved_bytes(self) -> int:
         """Bytes of contents this region stores (its extents', or its size)."""

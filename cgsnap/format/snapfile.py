@@ -10,6 +10,8 @@ import dataclasses
 import os
 from typing import Iterable, Optional, Union
 
+import numpy as np
+
 
 from ..errors import CaptureError, FormatError
 from . import contents as _contents
@@ -85,8 +87,12 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
 
 def _merge_contents(kept: Region, other: Region) -> None:
     """The same memory saved by two snapshots: each graph saved the blocks it reaches, so the
-    merged region holds the union. Where both saved the same bytes the first snapshot's are
-    kept (as for whole regions); a whole region covers every extent."""
+    merged region holds the union (and uses the union of the parts each one uses). Where both
+    saved the same bytes the first snapshot's are kept (as for whole regions); a whole region
+    covers every extent."""
+    if kept.span is not None:
+        kept.span = None if other.span is None else \
+            (min(kept.span[0], other.span[0]), max(kept.span[1], other.span[1]))
     if kept.policy is not Policy.SAVED or other.policy is not Policy.SAVED:
         return
     if kept.extents is None:
@@ -115,6 +121,64 @@ def union_extents(first: list, second: list) -> list:
                 _contents.as_contents(e.data).slice(a - e.offset, b - a)
             out.append(Extent(a, b - a, data))
     return sorted(out, key=lambda e: e.offset)
+
+
+class _Shift(Renumbering):
+    """Refs into trimmed regions move down by the part cut off the region's start."""
+
+    __slots__ = ("lo",)
+
+    def __init__(self, lo: dict):
+        super().__init__()
+        self.lo = lo
+
+    def ref(self, ref):
+        lo = self.lo.get(ref.region)
+        return ref if lo is None else type(ref)(ref.region, ref.offset - lo)
+
+
+def trim_regions(snap: Snapshot) -> Snapshot:
+    """``snap`` with each allocation that knows the part the graphs use (``Region.span``, set
+    from an allocator map) cut down to that part: same relative layout, less memory at
+    restore (an expandable segment can be a whole pool). Refs, views, extents and pointer
+    tables move with it; the address every ref names stays the same."""
+    lo: dict = {}
+    regions = []
+    for r in snap.regions:
+        span = r.span
+        if span is None or r.kind is not RegionKind.ALLOCATION or r.parent is not None or \
+                not (0 <= span[0] < span[1] <= r.size) or span == (0, r.size) or \
+                (r.policy is Policy.SAVED and r.extents is None):
+            regions.append(dataclasses.replace(r, span=None) if span is not None else r)
+            continue
+        a, b = span
+        lo[r.id] = a
+        fields = dict(size=b - a, span=None,
+                      alignment=min(r.alignment, a & -a) if a else r.alignment,
+                      origin=None if r.origin is None else r.origin + a)
+        if r.extents is not None:
+            fields["extents"] = [Extent(e.offset - a, e.length, e.data) for e in r.extents]
+            fields["content_hash"] = None        # the offsets are part of it: recomputed
+        regions.append(dataclasses.replace(r, **fields))
+    if not lo:
+        return dataclasses.replace(snap, regions=regions)
+    regions = [dataclasses.replace(r, parent_offset=r.parent_offset - lo[r.parent])
+               if r.parent in lo else r for r in regions]
+    shift = _Shift(lo)
+    graphs = []
+    for g in snap.graphs:
+        nodes = []
+        for n in g.nodes:
+            n = n.remap(shift)
+            if n.TYPE == "kernel" and n.refs:
+                table = np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).copy()
+                for rid, a in lo.items():
+                    table[table[:, 1] == rid, 2] -= np.uint64(a)
+                n = dataclasses.replace(n, refs=table.tobytes())
+            nodes.append(n)
+        graphs.append(Graph(name=g.name, nodes=nodes, edges=list(g.edges),
+                            top_level=g.top_level, checks=dict(g.checks)))
+    return dataclasses.replace(snap, regions=regions, graphs=graphs)
 
 
 def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0):
@@ -233,7 +297,7 @@ def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress="auto",
     kernels the graphs launch, checked on the GPU first (:func:`prune_images`); ``prune=False``
     (or ``CGSNAP_PRUNE=0`` in the environment, for comparisons) keeps library images whole."""
     _contents.check_compress(compress)
-    snap = merge([snaps] if isinstance(snaps, Snapshot) else list(snaps))
+    snap = trim_regions(merge([snaps] if isinstance(snaps, Snapshot) else list(snaps)))
     if prune and os.environ.get("CGSNAP_PRUNE", "1") != "0":
         snap = prune_images(snap)
     table = BlobTable(snap)
