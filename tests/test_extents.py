@@ -347,3 +347,15 @@ def test_save_trims_and_merge_takes_the_union_of_spans(tmp_path):
     assert r.size == 3584 and [(e.offset, e.length) for e in r.extents] == [(1024, 512)]
     assert r.content_hash == hashing.extents_hash(
         [(1024, 512, hashing.blob_checksum(s1.regions[2].extents[0].data))])
+
+
+def test_parallel_chunked_writes_split_each_chunk_over_the_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileformat, "PARALLEL_WRITE", 1 << 20)
+    monkeypatch.setenv("CGSNAP_IO_THREADS", "3")
+    data = np.random.default_rng(8).integers(0, 256, (7 << 20) + 5, dtype=np.uint8)
+    chunks = [data[o:o + (3 << 20)] for o in range(0, len(data), 3 << 20)]
+    path = tmp_path / "c.cgsnap"
+    fileformat.write_file(path, {"a": 1}, [b"x", fileformat.BlobSource(
+        chunks=chunks, raw_length=len(data), digest=hashing.blob_checksum(data))])
+    with fileformat.open_file(path, verify_blobs=True) as f:
+        assert bytes(f.blob(1)) == data.tobytes()

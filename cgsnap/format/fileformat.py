@@ -367,14 +367,22 @@ def _write_parallel(f, source: BlobSource, index: int, path: str) -> tuple:
         while done < len(view):
             done += os.pwrite(fd, view[done:], at + done)
     pos = 0
-    with ThreadPoolExecutor(io_threads()) as pool:
+    threads = io_threads()
+    with ThreadPoolExecutor(threads) as pool:
         hasher = _PieceHasher(pool)
         for view in source._views():
             if pos + len(view) > source.raw_length:
                 raise FormatError(f"blob {index}: source produced more than its raw_length of "
                                   f"{source.raw_length} bytes", path=path)
-            jobs = [pool.submit(put, view[o:o + _PIECE], start + pos + o)
-                    for o in range(0, len(view), _PIECE)]
+            # A chunk is written by all the threads at once (the next one is asked for only
+            # when this one is written); a whole buffer in pieces of _PIECE.
+            if source._chunks is None:
+                step = _PIECE
+            else:
+                per_thread = -(-len(view) // threads)
+                step = max(1 << 20, -(-per_thread // (1 << 20)) * (1 << 20))
+            jobs = [pool.submit(put, view[o:o + step], start + pos + o)
+                    for o in range(0, len(view), step)]
             # Whole 64 MiB pieces hash in parallel; the rest of the data (a ragged tail, or one
             # buffer given whole) is split at piece boundaries first.
             if source._chunks is None:
