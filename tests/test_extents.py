@@ -359,3 +359,16 @@ def test_parallel_chunked_writes_split_each_chunk_over_the_threads(tmp_path, mon
         chunks=chunks, raw_length=len(data), digest=hashing.blob_checksum(data))])
     with fileformat.open_file(path, verify_blobs=True) as f:
         assert bytes(f.blob(1)) == data.tobytes()
+
+
+def test_info_reports_sparse_regions(tmp_path):
+    from cgsnap.tools import render
+    path = tmp_path / "s.cgsnap"
+    sparse_snapshot().save(path, prune=False)
+    snap, f = snapfile.read(path)
+    with f:
+        d = render.info_dict(snap, f.blobs, f.version, str(path))
+    assert d["regions"][2]["saved_bytes"] == 1536 and d["regions"][2]["extents"] == 2
+    assert d["bytes"]["saved_regions"] == 1024 + 1536 + 16
+    assert "sparse    1 allocator segment(s) saved as 2 extents: 1.5 KiB of 4.0 KiB" in \
+        render.info_text(d)

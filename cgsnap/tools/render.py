@@ -68,7 +68,9 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
         "regions": [{"id": r.id, "kind": r.kind.value, "name": r.name, "size": r.size,
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
-                     "symbol": r.symbol} for r in snap.regions],
+                     "symbol": r.symbol, "saved_bytes": r.saved_bytes(),
+                     "extents": None if r.extents is None else len(r.extents)}
+                    for r in snap.regions],
         "weakly_reached_regions": [{"id": rid, "size": size, "words": count}
                                    for rid, size, count in weakly_reached_regions(snap)],
         "events": snap.events,
@@ -111,6 +113,12 @@ def info_text(d: dict) -> str:
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
                    f"({_size(b['saved_regions'])} of saved regions, {_size(b['bound_regions'])} bound)")
+    sparse = [r for r in d["regions"] if r.get("extents") is not None]
+    if sparse:
+        out.append(f"sparse    {len(sparse)} allocator segment(s) saved as "
+                   f"{sum(r['extents'] for r in sparse)} extents: "
+                   f"{_size(sum(r['saved_bytes'] for r in sparse))} of "
+                   f"{_size(sum(r['size'] for r in sparse))}")
     out.append("")
     out.append(f"graphs ({len(d['graphs'])})")
     for g in d["graphs"]:
