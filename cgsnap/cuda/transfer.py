@@ -13,6 +13,7 @@ import ctypes
 import logging
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -265,7 +266,6 @@ class Stager:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
     # ---- reading device memory in order, through the ring -------------------------------
     def read_chunks(self, spans: list) -> "ChunkRing":
         """The bytes of device ranges ``spans`` (``[(address, nbytes)]``), in order, as chunks
@@ -397,32 +397,36 @@ class _DeviceEngine:
 # ---- pinned staging buffers, kept for the process --------------------------------------------
 
 _pinned_free: list = []          # (size, address) of cached pinned buffers
+_pinned_lock = threading.Lock()
 MAX_PINNED_CACHED = 8
 
 
 def _take_pinned(size: int) -> int:
-    for i, (n, addr) in enumerate(_pinned_free):
-        if n == size:
-            del _pinned_free[i]
-            return addr
+    with _pinned_lock:
+        for i, (n, addr) in enumerate(_pinned_free):
+            if n == size:
+                del _pinned_free[i]
+                return addr
     return driver.host_alloc(size)
 
 
 def _give_pinned(addr: int, size: int) -> None:
-    if os.environ.get("CGSNAP_PINNED_CACHE", "1") != "0" and len(_pinned_free) < MAX_PINNED_CACHED:
-        _pinned_free.append((size, addr))
-    else:
-        driver.host_free(addr)
+    with _pinned_lock:
+        if os.environ.get("CGSNAP_PINNED_CACHE", "1") != "0" and \
+                len(_pinned_free) < MAX_PINNED_CACHED:
+            _pinned_free.append((size, addr))
+            return
+    driver.host_free(addr)
 
 
 def release_pinned_cache() -> int:
-    """Free the pinned staging buffers kept for later transfers; returns the bytes freed."""
-    freed = 0
-    while _pinned_free:
-        n, addr = _pinned_free.pop()
+    """Free the pinned staging buffers kept for later transfers (``CGSNAP_PINNED_CACHE=0``
+    keeps none); returns the bytes freed."""
+    with _pinned_lock:
+        cached, _pinned_free[:] = list(_pinned_free), []
+    for _, addr in cached:
         driver.host_free(addr)
-        freed += n
-    return freed
+    return sum(n for n, _ in cached)
 
 
 def _lock_budget() -> int:
