@@ -20,8 +20,10 @@ from ._version import __version__
 from .capture.buffers import Bound, Saved, Scratch
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
                      CompatibilityError, DriverError, FormatError, KernelNotFoundError,
-                     RecorderError, RestoreError, SignatureError, UnsupportedNodeError)
+                     LimitError, RecorderError, RestoreError, SignatureError,
+                     UnsupportedNodeError)
 from .format.model import Snapshot
+from .limits import Limits
 from .kernels.registry import register_image, start_recorder, start_recorder_from_env
 
 __all__ = [
@@ -29,7 +31,7 @@ __all__ = [
     "Bound", "Saved", "Scratch", "Snapshot", "CgsnapError", "FormatError", "BinaryFormatError",
     "KernelNotFoundError", "AmbiguousKernelError", "UnsupportedNodeError", "CompatibilityError",
     "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "SignatureError",
-    "sign", "__version__",
+    "LimitError", "Limits", "sign", "__version__",
 ]
 
 
@@ -42,7 +44,7 @@ def capture(stream=None, mode: str = "thread_local"):
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
              host_callbacks=None, meta=None, suspect_regions: str = "keep",
-             hold: str = "copy") -> Snapshot:
+             hold: str = "copy", trace=False) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
@@ -62,12 +64,26 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     the snapshot), or host memory for small totals and when the copy would take more than a
     quarter of the free device memory; ``"live"`` reads the memory itself when saving (for a
     save that follows at once; memory that changed in between fails the save); ``"host"``
-    copies into host memory now."""
+    copies into host memory now.
+
+    ``trace=True`` (or a byte budget: an int) also records a per-node trace for
+    ``cgsnap bisect``: the snapshot is restored in this process on fresh memory (copies of the
+    saved state; the original graph and its memory are untouched), run node by node, and after
+    each node a digest of every region it may write is kept, with the bytes it changed while
+    the budget (default 64 MiB) lasts. It needs every region's contents (no bound buffers) and
+    nodes that run one at a time (no graph-memory or host-callback nodes)."""
     from .capture.record import snapshot_graph
     from .capture.stream_capture import graph_handle
-    return snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
+    if not (isinstance(trace, bool) or (isinstance(trace, int) and trace >= 0)):
+        raise CaptureError(f"trace={trace!r}: expected True, False or a byte budget >= 0")
+    snap = snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
                           suspect_regions=suspect_regions, hold=hold)
+    if trace is not False:
+        from .restore.stepper import trace_snapshot
+        from .restore.trace import DEFAULT_BUDGET
+        snap = trace_snapshot(snap, DEFAULT_BUDGET if trace is True else trace)
+    return snap
 
 
 def save(path, snaps, *, compress="auto", prune: bool = True) -> None:
@@ -82,33 +98,36 @@ def save(path, snaps, *, compress="auto", prune: bool = True) -> None:
 
 
 def load(path, device: int = 0, *, bind=None, instantiate: str = "lazy", verify_bound=False,
-         allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None):
+         allow_jit=False, require_signature=None, verify: bool = True, host_callbacks=None,
+         limits=None):
     """Restore a snapshot file in this process; see :class:`cgsnap.restore.restored.Restored`.
     The whole file is validated before any GPU work. ``require_signature``: a key (HMAC secret
-    bytes, or a PEM Ed25519 public key) whose signature ``path.sig`` must match the file.
+    bytes, or an Ed25519 public key: PEM, DER, OpenSSH) whose signature ``path.sig`` must match
+    the file; it is checked over the one open descriptor the restore then reads (a file others
+    can write is read from a sealed private copy; docs/RELIABILITY.md, "Integrity and trust").
     ``verify=False`` skips the checksums of region contents (kernel images and the manifest
     are always checked) for trusted local files, where hashing would bound the copy speed.
-    ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name."""
+    ``host_callbacks``: ``{name: callable}`` for the host-callback nodes recorded by name.
+    ``limits``: reading budgets (:class:`cgsnap.Limits`; the defaults fit real files)."""
     from .restore.restored import Restored
-    if require_signature is not None:
-        from .format.signing import verify
-        verify(path, require_signature)
     return Restored(path, device=device, bind=bind, instantiate=instantiate,
                     verify_bound=verify_bound, allow_jit=allow_jit, verify_blobs=verify,
-                    host_callbacks=host_callbacks)
+                    host_callbacks=host_callbacks, limits=limits,
+                    require_signature=require_signature)
 
 
-def sign(path, key: bytes) -> str:
-    """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret, or Ed25519 with a
-    PEM private key); returns its path."""
+def sign(path, key) -> str:
+    """Write the detached signature ``path.sig`` (HMAC-SHA256 with a secret of >= 16 bytes, or
+    Ed25519 with a private key); returns its path."""
     from .format.signing import sign as _sign
     return _sign(path, key)
 
 
-def read(path):
-    """The validated :class:`Snapshot` model of a file, without a GPU."""
+def read(path, *, limits=None, require_signature=None):
+    """The validated :class:`Snapshot` model of a file, without a GPU (kernel images loaded,
+    within ``limits``; ``require_signature`` as for :func:`load`)."""
     from .format.snapfile import read as _read
-    snap, f = _read(path)
+    snap, f = _read(path, limits=limits, signature_key=require_signature)
     f.close()
     return snap
 

@@ -65,3 +65,16 @@ class RecorderError(CgsnapError):
 
 class SignatureError(CgsnapError):
     """A signature is missing, malformed, made with another key, or does not match the file."""
+
+
+class LimitError(FormatError, BinaryFormatError):
+    """A file asks for more work or memory than a reading budget allows (:class:`cgsnap.Limits`).
+
+    ``budget`` is the name of the :class:`~cgsnap.limits.Limits` field that refused it; raise that
+    field explicitly (``limits=cgsnap.Limits(field=...)``, ``--limit field=...``) to read such a
+    file. It is both a :class:`FormatError` and a :class:`BinaryFormatError`, so that code which
+    handles a malformed snapshot file or GPU binary handles an over-budget one the same way."""
+
+    def __init__(self, message: str, budget: str, path: str | None = None):
+        self.budget = budget
+        FormatError.__init__(self, message, path)

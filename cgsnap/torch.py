@@ -19,18 +19,27 @@ scratch: not saved, and the restored graphs share it the way the originals did. 
 allocator's other segments only the live blocks the graphs reach are saved (the allocator's own
 block map, :func:`allocator_map`); a segment stays one region, so graphs that share it still
 share it after the restore.
+
+Graphs that draw random numbers (dropout, sampling) record where their kernels read the Philox
+seed and offset and how far a replay advances the generator; a restored ``replay()`` writes the
+live generator's state there and advances it, as torch's does (see "random numbers" below).
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .capture import buffers as _buffers
+from .capture import philox
 from .capture.blocks import AllocatorMap, Block, Segment
-from .capture.record import check_suspect_choice, snapshot_graph
+from .capture.record import check_suspect_choice, patch_saved_bytes, snapshot_graph
 from .capture.stream_capture import graph_handle
-from .format.model import Policy
+from .cuda import driver
+from .cuda import graphs as cuda_graphs
+from .errors import CaptureError, DriverError, RestoreError
+from .format.model import Policy, RngState
 from .format.snapfile import save as _save_file
 
 
@@ -76,12 +85,15 @@ def _block(b: dict, base: int) -> Block:
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
              suspect_regions: str = "keep", granularity: str = "block",
-             hold: str = "copy") -> list:
+             hold: str = "copy", generators: Optional[dict] = None) -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
     ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own.
     ``granularity``: ``"block"`` saves only the live allocator blocks the graphs reach,
     ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"`` keeps a
-    device copy of the saved contents until the snapshots are saved and dropped."""
+    device copy of the saved contents until the snapshots are saved and dropped.
+    Graphs that draw random numbers carry their generator's state (see :func:`_record_rng`);
+    ``generators``: ``{name: torch.Generator}`` for graphs that draw from generators of their
+    own (registered with ``register_generator_state`` before capture), besides the default."""
     check_suspect_choice(suspect_regions)     # before any work, even with no graphs
     named: dict = {}
     if model is not None:
@@ -94,24 +106,166 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     amap = allocator_map(granularity=granularity)
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     contents: dict = {}         # and memory several graphs save is read once
-    return [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                           allocator_map=amap, bound_hashes=bound_hashes,
-                           suspect_regions=suspect_regions, hold=hold, contents_cache=contents)
-            for name, g in graphs.items()]
+    snaps = [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
+                            allocator_map=amap, bound_hashes=bound_hashes,
+                            suspect_regions=suspect_regions, hold=hold, contents_cache=contents)
+             for name, g in graphs.items()]
+    _record_rng(snaps, list(graphs.values()), generators)
+    return snaps
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
          bound: Optional[dict] = None, compress="auto", prune: bool = True,
-         suspect_regions: str = "keep", granularity: str = "block"):
+         suspect_regions: str = "keep", granularity: str = "block",
+         generators: Optional[dict] = None):
     """Snapshot every graph and write them to one file; returns the merged snapshot. The
     contents are read from the live memory while the file is written (nothing runs in
-    between), each blob checked against what the snapshot scanned."""
+    between but the RNG probe, whose two words are patched into saved copies), each blob
+    checked against what the snapshot scanned."""
     from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
-                     suspect_regions=suspect_regions, granularity=granularity, hold="live")
+                     suspect_regions=suspect_regions, granularity=granularity, hold="live",
+                     generators=generators)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
     return merged
+
+
+# ---- random numbers: torch's Philox state in the graphs ----------------------------------------
+#
+# ATen's RNG kernels in a captured graph read the seed and base offset from two 8-byte device
+# words (cgsnap.capture.philox); torch's replay fills them from the generator before each launch
+# and then advances the generator's offset by the graph's whole increment (C++ only: neither the
+# words nor the increment are visible to Python). Torch 2.11 keeps one pair of words per
+# generator, shared by every graph of that generator; 2.12 and later one pair per capture. Both
+# are found the same way: the graph's kernels that take such a struct name the words, and one
+# replay of torch's own executable graph with every kernel, memset and memcpy node disabled --
+# it changes no memory but the two words -- confirms them and measures the increment: the
+# generator is set to a probe state first, the replay writes exactly that state into the words
+# and advances the offset by the increment, and the generator is put back afterwards.
+
+def _record_rng(snaps: list, graph_objs: list, generators: Optional[dict]) -> None:
+    """Set ``graphs[0].rng`` of each snapshot (the graph it was made of) and write the
+    generator's state at save time into the saved copies of the words, so that a plain
+    ``launch()`` of the restored graph draws what the original's next replay would have."""
+    device = torch.cuda.current_device()
+    gens = _save_generators(generators, device)
+    for snap, g in zip(snaps, graph_objs):
+        top = snap.graphs[0]
+        top.rng = _probe_rng(snap, top.name, g, philox.find_states(snap), gens, device)
+        _write_saved_words(snap, top.rng)
+
+
+def _save_generators(generators: Optional[dict], device: int) -> list:
+    torch.cuda.init()
+    out = [(None, torch.cuda.default_generators[device])]
+    for name, gen in (generators or {}).items():
+        if not isinstance(name, str) or not isinstance(gen, torch.Generator):
+            raise CaptureError(f"generators: expected {{name: torch.Generator}}, got "
+                               f"{type(name).__name__}: {type(gen).__name__}")
+        if gen.device.type != "cuda" or (gen.device.index or 0) != device:
+            raise CaptureError(f"generators[{name!r}] is a generator of {gen.device}; the graphs "
+                               f"are on cuda:{device}")
+        out.append((name, gen))
+    return out
+
+
+def _torch_exec(g) -> Optional[int]:
+    """The CUgraphExec torch replays ``g`` with (instantiated now if torch has not yet)."""
+    raw = getattr(g, "raw_cuda_graph_exec", None)
+    if raw is None:
+        return None
+    try:
+        return int(raw())
+    except RuntimeError:          # keep_graph=True and never replayed
+        g.instantiate()
+        return int(raw())
+
+
+def _probe_rng(snap, name: str, g, uses: list, gens: list, device: int) -> list:
+    """The :class:`RngState` of each generator graph ``g`` draws from (see above)."""
+    where = f"graph {name!r}"
+    nodes = cuda_graphs.graph_nodes(graph_handle(g))
+    types = [cuda_graphs.node_type(n) for n in nodes]
+    others = sorted({t for t in types if t not in cuda_graphs.DISABLEABLE | cuda_graphs.INERT})
+    exe = _torch_exec(g)
+    if exe is None or others:
+        if not uses:
+            return []          # no sign of RNG, and no replay of it would be harmless
+        why = f"its {', '.join(others)} node(s) cannot be disabled" if others else \
+            "it is not a torch.cuda.CUDAGraph"
+        raise CaptureError(f"{where} draws random numbers (kernel node {uses[0].node} takes "
+                           "torch's RNG state), and measuring how far a replay advances the "
+                           f"generator needs one replay that runs no node, but {why}")
+    words = {}
+    for u in uses:
+        words.setdefault((u.seed, u.offset),
+                         tuple(snap.regions[r.region].origin + r.offset for r in (u.seed, u.offset)))
+    probes = philox.probe_states(len(gens))
+    views = [_state_view(gen) for _, gen in gens]
+    saved = [(v.get_state(), v.initial_seed(), v.get_offset()) for v in views]
+    try:
+        for v, (seed, offset) in zip(views, probes):
+            v.manual_seed(seed)
+            v.set_offset(offset)
+        torch.cuda.synchronize()
+        with cuda_graphs.nodes_disabled(exe, [n for n, t in zip(nodes, types)
+                                              if t in cuda_graphs.DISABLEABLE]):
+            g.replay()
+            torch.cuda.synchronize()
+        increments = [v.get_offset() - offset for v, (_, offset) in zip(views, probes)]
+        read = {key: (_read_u64(a), _read_u64(b)) for key, (a, b) in words.items()}
+    except (RuntimeError, DriverError) as exc:
+        if not uses:
+            return []
+        raise CaptureError(f"{where}: the replay measuring its RNG use failed: {exc}") from exc
+    finally:
+        for v, (state, _, _) in zip(views, saved):
+            v.set_state(state)
+    blocks = _rng_tensor_blocks() if any(v not in probes for v in read.values()) else set()
+    return [RngState(seed=key[0], offset=key[1], increment=increment, device=device,
+                     saved_seed=saved[i][1], saved_offset=saved[i][2], generator=gens[i][0])
+            for i, key, increment in philox.match_probe(where, uses, read, increments,
+                                                        [n for n, _ in gens], blocks, words)]
+
+
+def _state_view(gen):
+    """A generator sharing ``gen``'s state (seed and offset). Setting the state or the offset
+    through ``gen`` itself also marks cuDNN's cached RNN dropout state for re-seeding, which
+    torch's own replay never does; through this view it does not."""
+    view = getattr(gen, "graphsafe_get_state", None)
+    return view() if view is not None else gen
+
+
+def _read_u64(addr: int) -> int:
+    out = np.zeros(1, dtype="<u8")
+    driver.dtoh(int(out.ctypes.data), addr, 8)
+    return int(out[0])
+
+
+def _rng_tensor_blocks() -> set:
+    """Addresses of the caching allocator's live blocks of 8 requested bytes: torch's seed and
+    offset words are such blocks (one-element int64 tensors)."""
+    return {int(b["address"]) for seg in torch.cuda.memory.memory_snapshot()
+            for b in seg.get("blocks", ())
+            if b.get("requested_size") == 8 and b.get("state") == "active_allocated"}
+
+
+def _write_saved_words(snap, states: list) -> None:
+    """Each entry's generator state at save time into the saved contents of its words (a
+    scratch or bound region keeps no contents: its words start as zeros or the caller's). The
+    innermost saved region holding a word is patched (a view's contents are written after its
+    parent's); an allocator block saved as an extent is patched in host memory, or added
+    where it was left out for being zero."""
+    for e in states:
+        for ref, value in ((e.seed, e.saved_seed), (e.offset, e.saved_offset)):
+            rid, off = ref.region, ref.offset
+            while rid is not None:
+                r = snap.regions[rid]
+                if r.policy is Policy.SAVED and (r.data is not None or r.extents is not None):
+                    patch_saved_bytes(r, off, value.to_bytes(8, "little"))
+                    break
+                rid, off = r.parent, r.parent_offset + off
 
 
 def as_tensor(buf) -> torch.Tensor:
@@ -132,14 +286,27 @@ class _ByteView:
 
 
 class TorchGraph:
-    """A restored graph with ``torch.cuda.CUDAGraph``'s ``replay()``, on torch's current stream."""
+    """A restored graph with ``torch.cuda.CUDAGraph``'s ``replay()``, on torch's current stream.
 
-    def __init__(self, restored, name: str):
+    A graph that draws random numbers draws them from the live generator, as torch's replay
+    does: before each launch its seed and offset are written into the graph's RNG words on the
+    launch stream, then the generator's offset advances by the graph's increment. So a sequence
+    of replays from a generator state draws what the original's replays drew from that state,
+    and eager random ops in between interleave as they would with the original graph."""
+
+    def __init__(self, restored, name: str, generators: Optional[dict] = None):
         self._graph = restored.graph(name)
         self.name = name
+        self._rng = [(e.generator, e.increment, _load_generator(restored, name, e, generators))
+                     for e in self._graph.rng]
 
     def replay(self) -> None:
-        self._graph.launch(torch.cuda.current_stream().cuda_stream)
+        stream = torch.cuda.current_stream().cuda_stream
+        for gname, increment, gen in self._rng:
+            offset = gen.get_offset()     # torch's replay_prologue: write, then advance
+            self._graph.set_rng(gen.initial_seed(), offset, generator=gname, stream=stream)
+            _state_view(gen).set_offset(offset + increment)
+        self._graph.launch(stream)
 
     def instantiate(self) -> "TorchGraph":
         self._graph.instantiate()
@@ -149,9 +316,14 @@ class TorchGraph:
 class TorchGraphs:
     """All graphs of a file, restored; ``graphs[name].replay()``, ``graphs.tensor(name)``."""
 
-    def __init__(self, restored):
+    def __init__(self, restored, generators: Optional[dict] = None):
         self.restored = restored
-        self._graphs = {n: TorchGraph(restored, n) for n in restored.graph_names}
+        names = {e.generator for g in restored.snapshot.graphs for e in g.rng} - {None}
+        extra = sorted(set(generators or {}) - names)
+        if extra:
+            raise RestoreError(f"{restored.path}: generators {', '.join(map(repr, extra))} are "
+                               "drawn from by no graph of the file")
+        self._graphs = {n: TorchGraph(restored, n, generators) for n in restored.graph_names}
         self._tensors: dict = {}
 
     def __getitem__(self, name: str) -> TorchGraph:
@@ -182,11 +354,37 @@ class TorchGraphs:
         self.close()
 
 
+def _load_generator(restored, graph: str, e, generators: Optional[dict]):
+    """The live generator an RNG entry draws from: the restore device's default generator, or
+    the one passed under the entry's name."""
+    if e.generator is None:
+        torch.cuda.init()
+        return torch.cuda.default_generators[restored.device.ordinal]
+    gen = (generators or {}).get(e.generator)
+    if not isinstance(gen, torch.Generator):
+        raise RestoreError(f"{restored.path}: graph {graph!r} draws from generator "
+                           f"{e.generator!r}: pass it, load(..., generators={{{e.generator!r}: "
+                           "torch.Generator(device='cuda')}})")
+    if gen.device.type != "cuda" or (gen.device.index or 0) != restored.device.ordinal:
+        raise RestoreError(f"{restored.path}: generator {e.generator!r} is a generator of "
+                           f"{gen.device}; the graphs are restored on cuda:"
+                           f"{restored.device.ordinal}")
+    return gen
+
+
 def load(path, *, bind: Optional[dict] = None, device: Optional[int] = None,
-         instantiate: str = "lazy", verify_bound: bool = False) -> TorchGraphs:
+         instantiate: str = "lazy", verify_bound: bool = False,
+         generators: Optional[dict] = None) -> TorchGraphs:
+    """Restore a file saved by :func:`save`. ``generators``: ``{name: torch.Generator}`` for
+    graphs saved with ``save(..., generators=...)`` (the default generator needs none)."""
     from . import load as _load
     if device is None:
         device = torch.cuda.current_device()
     torch.cuda.init()
-    return TorchGraphs(_load(path, device=device, bind=bind, instantiate=instantiate,
-                             verify_bound=verify_bound))
+    restored = _load(path, device=device, bind=bind, instantiate=instantiate,
+                     verify_bound=verify_bound)
+    try:
+        return TorchGraphs(restored, generators)
+    except BaseException:
+        restored.close()
+        raise

@@ -13,9 +13,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache CGSNAP_TEST_ARTIFACTS="$OUT"
+# The recorder starts at `import cgsnap` in every test process, before any kernel loads.
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache \
+  CGSNAP_TEST_ARTIFACTS="$OUT" CGSNAP_RECORD=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pytest -q --junitxml="$OUT/junit.xml" -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log"
+# Tests run in parallel processes (pytest-xdist, on the device image) sharing the GPU.
+WORKERS=${PYTEST_WORKERS:-8}
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && [ "$WORKERS" != 0 ] && XDIST="-n $WORKERS"
+python3 -m pytest -q $XDIST --junitxml="$OUT/junit.xml" -p no:cacheprovider -rfEs ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log"
 suite=${PIPESTATUS[0]}
 python3 -m cgsnap demo --keep "$OUT" 2>&1 | tee "$OUT/demo.log"
 demo=${PIPESTATUS[0]}

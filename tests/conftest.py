@@ -5,8 +5,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,3 +36,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class _Zygote:
+    """tests/zygote.py, started once: ``measured("module:function", *args)`` runs the call in a
+    fresh child process and returns how it ended with its peak RSS (MiB) and time (s)."""
+
+    def __init__(self):
+        import subprocess
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=ROOT, env=env)
+
+    def __call__(self, call: str, *args, timeout: int = 30) -> dict:
+        import json
+        self.proc.stdin.write(json.dumps({"call": call, "args": list(args),
+                                          "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the zygote died")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def measured():
+    zygote = _Zygote()
+    yield zygote
+    zygote.close()

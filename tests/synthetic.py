@@ -73,3 +73,42 @@ def make_snapshot() -> Snapshot:
                                       "driver": 13000, "total_memory": 150754820096},
                     versions={"cgsnap": "0.1.0", "cuda-bindings": "13.3.1"},
                     meta={"name": "step", "created": "2026-11-26T00:00:00+00:00"})
+
+
+def schema2_manifest(snap: Snapshot) -> tuple:
+    """``(manifest, blobs)`` as cgsnap wrote schema 2: one map per node (kernel nodes too) and
+    one list per edge -- the reader still reads it."""
+    from cgsnap.format.nodes import node_to_manifest
+    manifest, blobs = snap.to_manifest()
+    manifest["schema"] = 2
+    layouts = [k.params for k in snap.kernels]
+    for g, gm in zip(snap.graphs, manifest["graphs"]):
+        del gm["kernels"]
+        gm["nodes"] = [node_to_manifest(n, layouts) for n in g.nodes]
+        gm["edges"] = [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges]
+    return manifest, blobs
+
+
+def edit_kernel_params(manifest: dict, graph: int, node_id: int, edit) -> None:
+    """``edit(bytearray)`` the parameter buffer of kernel node ``node_id`` of graph ``graph``
+    in a manifest, schema 3 (the kernel table's ``params`` column) or schema 1-2 (node maps)."""
+    import numpy as np
+    from cgsnap.format.nodes import param_buffer_size
+    g = manifest["graphs"][graph]
+    if "kernels" not in g:
+        node = next(n for n in g["nodes"] if n["id"] == node_id)
+        p = bytearray(node["params"])
+        edit(p)
+        node["params"] = bytes(p)
+        return
+    t = g["kernels"]
+    ids = np.frombuffer(t["ids"], dtype="<u4").tolist()
+    kernels = np.frombuffer(t["kernel"], dtype="<u4").tolist()
+    sizes = [param_buffer_size([tuple(p) for p in manifest["kernels"][k]["params"]]) for k in kernels]
+    row = ids.index(node_id)
+    start = sum((s + 7) & ~7 for s in sizes[:row])
+    params = bytearray(t["params"])
+    p = params[start:start + sizes[row]]
+    edit(p)
+    params[start:start + sizes[row]] = p
+    t["params"] = bytes(params)

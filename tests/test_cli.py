@@ -149,3 +149,108 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
     from cgsnap.capture.classify import weak_region_words
     assert weak_region_words(snap) == {0: [("g", 0, 0, 0)]}
     assert weak_region_words(snap, min_size=4 << 20) == {}
+
+
+def test_info_says_which_kernels_the_recorder_tied_to_their_load():
+    import cgsnap
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import Graph, Kernel, KernelImage, Snapshot
+    from cgsnap.tools import render
+    a, b = b"\x7fELF" + bytes(64), b"\x7fELF" + bytes(65)
+    ha, hb = content_hash(a), content_hash(b)
+    snap = Snapshot(graphs=[Graph("g", [], [])], regions=[],
+                    images=[KernelImage(ha, "cubin", 90, ("k",), a, "recorder: module load"),
+                            KernelImage(hb, "cubin", 90, ("j",), b, "scan:/lib.so [by attributes]")],
+                    kernels=[Kernel(0, "k", ha, ((0, 16),)), Kernel(1, "j", hb, ((0, 8),))],
+                    device={"arch": 90})
+    d = render.info_dict(snap)
+    out = render.info_text(d)
+    assert "identity  1 of 2 kernels tied by the recorder to the image they were loaded from" in out
+    assert "(cubin sm_90, recorder: module load)" in out and "[by attributes]" in out
+    assert [im["exact"] for im in d["images"]] == [True, False]
+    assert "identity" not in render.info_text(render.info_dict(cgsnap.read(SAMPLE)))
+
+
+# ---- hostile names and values (issue #19) ----------------------------------------------------
+
+ESCAPES = "\x1b[2J\x1b]0;owned\x07\x9b31m\u202e"
+
+
+def _hostile_file(tmp_path):
+    import math
+
+    import crafted
+
+    def edit(manifest, blobs):
+        manifest["graphs"][0]["name"] = "step" + ESCAPES
+        manifest["regions"][0]["name"] = "x" + ESCAPES
+        manifest["kernels"][1]["name"] = "pair" + ESCAPES + "\nkernel    fake"
+        manifest["meta"].update({"loss": math.nan, "best": math.inf, "worst": -math.inf,
+                                 "raw": b"\x00\x01", "host": ESCAPES,
+                                 "pruned_images": [1, 2], "unpruned_images": "whole"})
+    path = tmp_path / "hostile.cgsnap"
+    path.write_bytes(crafted.snapshot_bytes(edit))
+    return path
+
+
+def _no_control_characters(text: str) -> None:
+    import re
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text), repr(text)
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path, measured):
+    path = _hostile_file(tmp_path)
+    for command in ("info", "show", "dot"):
+        result = measured("zygote:cli", command, str(path))
+        assert result["value"] == 0, result
+        _no_control_characters(result["stdout"])
+        assert "\\x1b[2J" in result["stdout"], command
+    info = measured("zygote:cli", "info", str(path))["stdout"]
+    assert "pair\\x1b[2J" in info and "\\x0akernel    fake" in info
+    assert "meta      pruned_images is not in the form cgsnap writes" in info
+    err = measured("zygote:cli", "show", str(path), "--graph", "no" + ESCAPES)
+    assert err["value"] == 2 and "no graph named" in err["stderr"]
+    _no_control_characters(err["stderr"])
+
+
+def test_info_json_is_strict_json(tmp_path, measured):
+    path = _hostile_file(tmp_path)
+    result = measured("zygote:cli", "info", str(path), "--json")
+    assert result["value"] == 0, result
+
+    def refuse(name):
+        raise ValueError(f"{name} in the JSON")
+    d = json.loads(result["stdout"], parse_constant=refuse)
+    meta = d["meta"]
+    assert (meta["loss"], meta["best"], meta["worst"], meta["raw"]) == \
+        ("NaN", "Infinity", "-Infinity", "0001")
+
+
+def test_kernel_names_in_binaries_are_shown_escaped(tmp_path, measured):
+    cubin = bytearray(open(os.path.join(ROOT, "tests", "fixtures", "kernels.sm_90.cubin"),
+                           "rb").read())
+    patched = bytes(cubin).replace(b"axpy", b"\x1b[2J")      # same length: layout unchanged
+    path = tmp_path / "escape.cubin"
+    path.write_bytes(patched)
+    result = measured("zygote:cli", "kernels", str(path))
+    assert result["value"] == 0 and "kernel    \\x1b[2J" in result["stdout"], result
+    _no_control_characters(result["stdout"])
+    js = json.loads(measured("zygote:cli", "kernels", str(path), "--json")["stdout"])
+    assert "\x1b[2J" in js["entries"][0]["kernels"]
+
+
+def test_replay_of_an_unknown_graph_is_a_usage_error_before_any_gpu_work(measured):
+    result = measured("zygote:cli", "replay", SAMPLE, "--graph", "nope")
+    assert result["outcome"] == "ok" and result["value"] == 2, result
+    assert "no graph named 'nope' (graphs: demo)" in result["stderr"]
+    assert "Traceback" not in result["stderr"]
+
+
+def test_limits_on_the_command_line(measured, tmp_path):
+    result = measured("zygote:cli", "info", SAMPLE, "--limit", "manifest_objects=100")
+    assert result["value"] == 1 and "manifest_objects budget of 100" in result["stderr"]
+    result = measured("zygote:cli", "verify", SAMPLE, "--limit", "image_bytes=1M")
+    assert result["value"] == 1 and "image_bytes budget of 1048576" in result["stderr"]
+    assert measured("zygote:cli", "verify", SAMPLE, "--limit", "image_total=1G")["value"] == 0
+    bad = cgsnap("info", SAMPLE, "--limit", "nonsense=1")
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from synthetic import make_snapshot
+from synthetic import make_snapshot, schema2_manifest
 
 import cgsnap
 from cgsnap.errors import FormatError
@@ -113,17 +113,18 @@ def test_every_blob_must_be_used_from_schema_3_on():
     m, sizes = manifest_of(make_snapshot())
     with pytest.raises(FormatError, match=r"blob 5 is used by no region, extent, check or image"):
         Snapshot.from_manifest(m, sizes + [10], "x.cgsnap")
-    m["schema"] = 2           # older files are read as they were written
-    Snapshot.from_manifest(m, sizes + [10], "x.cgsnap")
+    old, _ = schema2_manifest(make_snapshot())   # older files are read as they were written
+    Snapshot.from_manifest(old, sizes + [10], "x.cgsnap")
 
 
 def test_sharing_a_blob_is_schema_3_only():
     m, sizes = manifest_of(make_snapshot())
     m["graphs"][0]["checks"].append([0, m["regions"][0]["blob"]])     # same size as region 0
     Snapshot.from_manifest(m, sizes, "x.cgsnap")
-    m["schema"] = 2
+    old, _ = schema2_manifest(make_snapshot())
+    old["graphs"][0]["checks"].append([0, old["regions"][0]["blob"]])
     with pytest.raises(FormatError, match=r"checks\[1\]\[1\]: blob 0 is used twice"):
-        Snapshot.from_manifest(m, sizes, "x.cgsnap")
+        Snapshot.from_manifest(old, sizes, "x.cgsnap")
 
 
 def test_schema_2_file_still_reads():
@@ -293,6 +294,9 @@ def _spanned_snapshot():
     g.nodes[2] = MemcpyNode(2, Ref(1, 0), Ref(2, 1000), 1024)
     g.nodes[3] = MemcpyNode(3, Ref(2, 600), Ref(2, 2100), 64, 4, 1, 128, 0, 64, 0)
     g.nodes[4] = MemsetNode(4, Ref(2, 3000), 0, 4, 16)
+    from cgsnap.format.model import RngState
+    g.rng = [RngState(seed=Ref(2, 1024), offset=Ref(2, 1032), increment=4, device=0,
+                      saved_seed=7, saved_offset=8)]
     return snap
 
 
@@ -308,6 +312,8 @@ def _addresses(snap):
                 ref = getattr(n, side, None)
                 if ref is not None:
                     out.append(snap.regions[ref.region].origin + ref.offset)
+        for e in g.rng:
+            out += [snap.regions[r.region].origin + r.offset for r in (e.seed, e.offset)]
     return out
 
 
@@ -322,10 +328,9 @@ def test_trim_keeps_every_address_and_only_the_used_part():
     assert trimmed.regions[6].parent_offset == 2048 - 512
     assert _addresses(trimmed) == before
     m, blobs = trimmed.to_manifest()
-    Snapshot.from_manifest(m, [len(memoryview(b).cast("B")) for b in blobs], "t.cgsnap")
-    assert [list(x) for x in
-            np.frombuffer(m["graphs"][0]["nodes"][1]["refs"], dtype="<u8").reshape(-1, 3)] == \
-        [[0, 2, 0], [16, 4, 64], [32, 2, 3072]]          # one past the end stays valid
+    back = Snapshot.from_manifest(m, [len(memoryview(b).cast("B")) for b in blobs], "t.cgsnap")
+    assert [list(x) for x in np.frombuffer(back.graphs[0].nodes[1].refs, dtype="<u8")
+            .reshape(-1, 3)] == [[0, 2, 0], [16, 4, 64], [32, 2, 3072]]   # one past the end
 
 
 def test_save_trims_and_merge_takes_the_union_of_spans(tmp_path):

@@ -262,14 +262,15 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, compress):
     assert os.listdir(tmp_path) == ["snap.cgs"]
 
 
-def test_temporary_file_name_and_replace(tmp_path, monkeypatch):
-    replaced = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(src), real_replace(src, dst)))
+def test_temporary_file_name_is_unpredictable_and_replaced(tmp_path, monkeypatch):
+    from cgsnap import _fs
+    seen = []
+    monkeypatch.setattr(_fs, "_fault", lambda step: seen.append((step, sorted(os.listdir(tmp_path)))))
     write_file(tmp_path / "snap.cgs", {}, [])
-    (src,) = replaced
-    assert os.path.dirname(src) == str(tmp_path)
-    assert re.fullmatch(rf"\.snap\.cgs\.tmp-{os.getpid()}-[0-9a-f]+", os.path.basename(src))
+    names = dict(seen)["rename"]
+    (tmp,) = names
+    assert re.fullmatch(rf"\.snap\.cgs\.tmp-{os.getpid()}-[0-9a-f]{{16}}", tmp)
+    assert os.listdir(tmp_path) == ["snap.cgs"]
 
 
 # --------------------------------------------------------------------------- corruption

@@ -156,22 +156,102 @@ def test_python_fallback_sets_the_same_attribute_blocks(monkeypatch):
         builder.set_attributes(0x1234, blob, 8, "node 0")
 
 
-def test_a_library_others_can_write_is_not_loaded(loop, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_a_library_others_can_write_is_not_loaded(loop, tmp_path, monkeypatch, mode):
     path = native.library_path(build=False)
-    os.chmod(path, 0o666)
+    os.chmod(path, mode)
     monkeypatch.setattr(native, "_loaded", {})
     assert native.library_path(build=False) is None
     assert native.node_loop() is None           # and no rebuild over someone else's file
+    assert os.stat(path).st_mode & 0o777 == mode
 
 
 def test_stale_half_written_builds_are_removed(tmp_path, monkeypatch):
+    """A build whose process died left ``.nodeloop-KEY.so.tmp-PID-RANDOM``: the next build
+    removes it (that pid is gone); a live writer's temporary stays."""
     monkeypatch.setenv("CGSNAP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", {})
     d = tmp_path / "native"
     d.mkdir(mode=0o700)
-    old, fresh = d / ".nodeloop-old.so", d / ".nodeloop-fresh.so"
+    name = native._library_name()[0]
+    dead = _dead_pid()
+    old, live = d / f".{name}.tmp-{dead}-0123", d / f".{name}.tmp-{os.getppid()}-4567"
     old.write_bytes(b"x")
-    fresh.write_bytes(b"x")
-    os.utime(old, (1, 1))
+    live.write_bytes(b"x")
     assert native.node_loop() is not None
-    assert not old.exists() and fresh.exists()
+    assert not old.exists() and live.exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _give_away(path, monkeypatch) -> None:
+    """Make ``path`` another user's: chown as root, else pretend to be someone else."""
+    if os.geteuid() == 0:
+        os.chown(path, 4242, 4242)
+    else:
+        monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
+
+
+def _fresh(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", {})
+
+
+def test_a_symlinked_library_is_not_loaded_nor_rebuilt_over(loop, tmp_path, monkeypatch):
+    path = native.library_path(build=False)
+    elsewhere = tmp_path / "elsewhere.so"
+    os.replace(path, elsewhere)
+    os.symlink(elsewhere, path)          # e.g. another account's library
+    _fresh(monkeypatch)
+    assert native.node_loop() is None
+    assert os.path.islink(path)
+
+
+def test_another_users_library_is_not_loaded(loop, tmp_path, monkeypatch):
+    _give_away(native.library_path(build=False), monkeypatch)
+    _fresh(monkeypatch)
+    assert native.node_loop() is None
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+def test_a_cache_directory_others_can_write_is_not_used(loop, tmp_path, monkeypatch, mode):
+    os.chmod(tmp_path / "native", mode)
+    _fresh(monkeypatch)
+    assert native.library_path(build=False) is None and native.node_loop() is None
+
+
+def test_a_symlinked_cache_directory_is_not_used(loop, tmp_path, monkeypatch):
+    os.replace(tmp_path / "native", tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "native")
+    _fresh(monkeypatch)
+    assert native.node_loop() is None
+
+
+def test_the_checked_file_is_what_is_loaded(loop, tmp_path, monkeypatch):
+    """The swap of the issue (a symlink exchanged between the check and dlopen) made
+    deterministic: right after the checks pass, the path is made to name something else. What
+    is loaded is the descriptor that was checked, so the loop still works; loading by path
+    would have read the replacement (not a library: dlopen fails)."""
+    from cgsnap import _fs
+    path = native.library_path(build=False)
+    real_open = _fs.open_private
+    swapped = []
+
+    def open_then_swap(name, dir_fd, flags=os.O_RDONLY):
+        fd = real_open(name, dir_fd, flags)
+        junk = tmp_path / "junk.so"
+        junk.write_bytes(b"not a library")
+        os.replace(path, tmp_path / "checked.so")
+        os.symlink(junk, path)
+        swapped.append(path)
+        return fd
+    monkeypatch.setattr(_fs, "open_private", open_then_swap)
+    _fresh(monkeypatch)
+    fn = native.node_loop()
+    assert swapped and fn is not None
+    code, _, calls, *_ = drive(fn, 5)
+    assert code == 0 and len(calls) == 5

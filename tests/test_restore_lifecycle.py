@@ -94,6 +94,7 @@ def test_a_closed_restore_refuses_every_public_call():
     r.path, r._closed = "f.cgsnap", True
     for call in (lambda: r.graph("g"), lambda: r.buffer("x"), lambda: r.buffers,
                  r.reset, lambda: r.read_region(0), lambda: r.expected("g", 0), r.synchronize,
-                 lambda: RestoredGraph(r, "g").launch(), lambda: RestoredGraph(r, "g").instantiate()):
+                 lambda: RestoredGraph(r, "g").launch(), lambda: RestoredGraph(r, "g").instantiate(),
+                 lambda: RestoredGraph(r, "g").set_rng(1, 0), lambda: RestoredGraph(r, "g").rng):
         with pytest.raises(RestoreError, match="closed"):
             call()

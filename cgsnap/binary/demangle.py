@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import re
 
 _demangle_fn = None
 _free = None
@@ -55,3 +56,19 @@ def short(name: str, width: int = 100) -> str:
     """Demangled and cut to ``width`` characters (templates make names very long)."""
     d = demangle(name)
     return d if len(d) <= width else d[:width - 1] + "…"
+
+
+# C0 and C1 controls, DEL, line / paragraph separators and the bidirectional overrides: a name
+# read from a file that holds them could move the cursor, recolour or rewrite the terminal, or
+# reorder what is shown ("Trojan source"), so they are shown escaped.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\u202e``)."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"

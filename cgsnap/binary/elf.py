@@ -4,7 +4,9 @@ Hand-written rather than pyelftools because cgsnap scans thousands of cubins (on
 entry, many per library) and must stay fast and dependency-free. Everything is zero-copy over
 the caller's ``bytes``/``memoryview``/``mmap``, parsed lazily, and every offset read from the
 file is checked before use: a malformed image raises :class:`BinaryFormatError`, never
-``IndexError`` or ``struct.error``.
+``IndexError`` or ``struct.error``. What a crafted image can make the reader do is bounded by
+:class:`cgsnap.Limits` (``elf_sections``, ``elf_symbols``, ``elf_name_bytes``): section and symbol
+counts are checked before their tables are read, and each distinct name is decoded once.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import BinaryFormatError
+from ..limits import Limits, resolve
 
 EM_CUDA = 190
 
@@ -121,10 +124,14 @@ class Symbol(NamedTuple):
 
 
 class ElfFile:
-    """A little-endian ELF64 image. Only the ELF header is read up front."""
+    """A little-endian ELF64 image. Only the ELF header is read up front. ``limits``: the
+    reading budgets (:class:`cgsnap.Limits`)."""
 
-    def __init__(self, data, name: str = "<bytes>"):
+    def __init__(self, data, name: str = "<bytes>", limits: Limits | None = None):
         self.name = name
+        self.limits = resolve(limits)
+        self._names: dict = {}          # (string table, offset) -> name, each decoded once
+        self._name_bytes = 0
         self._view = as_view(data)
         if bytes(self._view[:4]) != _ELF_MAGIC:
             raise BinaryFormatError("not an ELF file (bad magic)")
@@ -161,8 +168,10 @@ class ElfFile:
     def sections(self) -> list[Section]:
         headers = self._section_headers()
         names = self._section_names(headers)
+        table = self._name_table_index(len(headers), headers[0].sh_link) if headers else None
         return [
-            Section(_cstr(names, h.sh_name, "section name") if names is not None else "",
+            Section(self._string(table, names, h.sh_name, "section name")
+                    if names is not None else "",
                     h.sh_type, h.sh_offset, h.sh_size, h.sh_addr, h.sh_flags, h.sh_link, h.sh_info,
                     h.sh_entsize, index)
             for index, h in enumerate(headers)
@@ -195,19 +204,24 @@ class ElfFile:
             raise BinaryFormatError(f"symbol table {table.name!r} links to missing section {table.link}")
         link = sections[table.link]
         strings = self._strtab_bytes(table.link, link.type, link.offset, link.size)
-        entries = ELF64_SYM.read_array(self._view, table.offset, table.size // ELF64_SYM.size,
+        count = table.size // ELF64_SYM.size
+        self.limits.check("elf_symbols", count, self._where(f"symbol table {table.name!r}"))
+        entries = ELF64_SYM.read_array(self._view, table.offset, count,
                                        f"symbol table {table.name!r}")
         extended = self._extended_indices(table)
-        return tuple(self._symbol(i, e, strings, extended) for i, e in enumerate(entries))
+        return tuple(self._symbol(i, e, table.link, strings, extended)
+                     for i, e in enumerate(entries))
 
-    def _symbol(self, i: int, entry, strings: bytes, extended: memoryview | None) -> Symbol:
+    def _symbol(self, i: int, entry, link: int, strings: bytes,
+                extended: memoryview | None) -> Symbol:
         shndx, special = entry.st_shndx, entry.st_shndx == SHN_UNDEF or entry.st_shndx >= SHN_LORESERVE
         if shndx == SHN_XINDEX and extended is not None:
             check_range(extended, 4 * i, 4, "extended section index")
             shndx, special = int.from_bytes(extended[4 * i:4 * i + 4], "little"), False
         if not special and shndx >= len(self.sections):
             raise BinaryFormatError(f"symbol {i} refers to missing section {shndx}")
-        return Symbol(_cstr(strings, entry.st_name, "symbol name"), entry.st_value, entry.st_size,
+        return Symbol(self._string(link, strings, entry.st_name, "symbol name"), entry.st_value,
+                      entry.st_size,
                       entry.st_info & 0xF, entry.st_info >> 4, shndx,
                       None if special else self.sections[shndx].name, entry.st_other)
 
@@ -224,10 +238,11 @@ class ElfFile:
             return 0
         if h.e_shentsize != ELF64_SHDR.size:
             raise BinaryFormatError(f"section header size {h.e_shentsize}, expected {ELF64_SHDR.size}")
-        if h.e_shnum:
-            return h.e_shnum
-        # More than SHN_LORESERVE sections: the real count is in section 0.
-        return ELF64_SHDR.read(self._view, h.e_shoff, "section header 0").sh_size
+        count = h.e_shnum or \
+            ELF64_SHDR.read(self._view, h.e_shoff, "section header 0").sh_size
+        # (More than SHN_LORESERVE sections: the real count is in section 0.)
+        self.limits.check("elf_sections", count, self._where("the section header table"))
+        return count
 
     def _section_headers(self) -> list:
         count = self._section_count()
@@ -265,13 +280,27 @@ class ElfFile:
             self._strtabs[index] = bytes(self._view[offset:offset + size])
         return self._strtabs[index]
 
+    def _string(self, table_index, table: bytes, offset: int, what: str) -> str:
+        """The NUL-terminated name at ``offset`` of a string table, decoded once per offset and
+        charged to the ``elf_name_bytes`` budget (4096 headers naming one 1 MB string would
+        otherwise be 4 GB of names)."""
+        key = (table_index, offset)
+        name = self._names.get(key)
+        if name is None:
+            end = table.find(b"\0", offset)
+            if offset >= len(table) or end < 0:
+                raise BinaryFormatError(
+                    f"{what} at string table offset {offset} is out of range or unterminated")
+            self.charge_names(end - offset, what)
+            name = self._names[key] = table[offset:end].decode("utf-8", "replace")
+        return name
 
-def _cstr(table: bytes, offset: int, what: str) -> str:
-    end = table.find(b"\0", offset)
-    if offset >= len(table) or end < 0:
-        raise BinaryFormatError(
-            f"{what} at string table offset {offset} is out of range or unterminated")
-    return table[offset:end].decode("utf-8", "replace")
+    def charge_names(self, n: int, what: str) -> None:
+        self._name_bytes += n
+        self.limits.check("elf_name_bytes", self._name_bytes, self._where(f"{what}s"))
+
+    def _where(self, what: str) -> str:
+        return what if self.name == "<bytes>" else f"{self.name}: {what}"
 
 
 # --- CUDA architecture decoding ---------------------------------------------------------------
@@ -381,9 +410,9 @@ def _variable_space(section_name: str) -> str | None:
     return None
 
 
-def cubin_info(data) -> CubinInfo:
+def cubin_info(data, limits: Limits | None = None) -> CubinInfo:
     """Architecture, kernel entry points and module-scope variables of a CUDA cubin."""
-    elf = ElfFile(data)
+    elf = ElfFile(data, limits=limits)
     if elf.machine != EM_CUDA:
         raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
     kernels: list[str] = []
@@ -444,8 +473,8 @@ def check_cubin(data, kernels) -> list:
     ``kernels`` that have no ``.text.<name>`` section.
 
     Runs on every restore over tens of MB of library cubins with thousands of sections, so the
-    table is read as one numpy array and names are found in the string table with bytes.find
-    (at an offset some section's name field points to: string tables may share suffixes)."""
+    table is read as one numpy array and the section names are cut out of the string table
+    with numpy (at the offsets the sections' name fields point to)."""
     elf = ElfFile(data)
     if elf.machine != EM_CUDA:
         raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
@@ -462,16 +491,21 @@ def check_cubin(data, kernels) -> list:
     name_offsets = table["sh_name"]
     if len(name_offsets) and int(name_offsets.max()) >= len(strtab):
         raise BinaryFormatError("a section name is outside the section name table")
-    starts = set(name_offsets.tolist())
-    missing = []
-    for k in kernels:
-        needle = b".text." + k.encode() + b"\0"
-        pos = strtab.find(needle)
-        while pos >= 0 and pos not in starts:
-            pos = strtab.find(needle, pos + 1)
-        if pos < 0:
-            missing.append(k)
-    return missing
+    # The name at each offset some section points to (string tables may share suffixes),
+    # ending at the next NUL: their total length is bounded by elf_name_bytes before any is
+    # sliced, and a kernel is then one set lookup (a strtab.find per kernel would cost a scan
+    # of the table for each name the image lacks).
+    starts = np.unique(name_offsets)
+    zeros = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
+    ends_at = np.searchsorted(zeros, starts)
+    if len(starts) and (not len(zeros) or int(ends_at[-1]) >= len(zeros)):
+        raise BinaryFormatError("a section name is unterminated")
+    ends = zeros[ends_at]
+    elf.charge_names(int((ends - starts).sum()), "section name")
+    prefix = b".text."
+    names = {strtab[a + len(prefix):b] for a, b in zip(starts.tolist(), ends.tolist())
+             if strtab.startswith(prefix, a)}
+    return [k for k in kernels if k.encode() not in names]
 
 
 def arch_runs_on(image_arch: int, arch_name: str, device_arch: int) -> bool:

@@ -29,6 +29,13 @@ Entry header (64 bytes, then header_size - 64 bytes of optional data), then the 
    56  u64 uncompressed_size payload size after decompression (0 when uncompressed)
 
 A section can hold several containers back to back (one per linked object file).
+
+Budgets (:class:`cgsnap.Limits`, charged to one :class:`~cgsnap.limits.Meter` per file):
+``fatbin_entries`` entries in all; an entry is decompressed only if its declared size is at most
+``fatbin_entry_bytes`` and the file's total stays within ``binary_decompressed_bytes`` (checked
+before anything is allocated; a declared size is also refused when parsed if the compressed
+bytes cannot make it). Overlapping fatbin sections are refused (each would be parsed again:
+2048 of them cost quadratic time).
 """
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ import lz4.block
 import zstandard
 
 from ..errors import BinaryFormatError
-from .elf import ElfFile, StructLayout, as_view, check_range
+from ..limits import Meter
+from .elf import SHT_NOBITS, ElfFile, Section, StructLayout, as_view, check_range
 
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_VERSION = 1
@@ -61,8 +69,6 @@ FLAG_FAMILY_SPECIFIC = 0x200000  # sm_100f / compute_100f (the cubin itself cann
 
 KINDS = {1: "ptx", 2: "cubin", 8: "ltoir"}
 
-# Decompression-bomb guard: no real GPU image comes near this.
-MAX_UNCOMPRESSED = 1 << 30
 
 CONTAINER_HEADER = StructLayout("FatbinHeader", [
     ("I", "magic"), ("H", "version"), ("H", "header_size"), ("Q", "fat_size"),
@@ -75,7 +81,7 @@ ENTRY_HEADER = StructLayout("FatbinEntryHeader", [
 ])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)     # not frozen: a frozen init costs 3 us an entry, and files have 10^5
 class Entry:
     """One image of a container. ``offset`` is that of its header in the data given to the parser."""
 
@@ -90,6 +96,7 @@ class Entry:
     payload_size: int
     uncompressed_size: int
     _stored: memoryview = field(repr=False, compare=False)
+    _meter: Meter | None = field(default=None, repr=False, compare=False)
 
     @property
     def arch_name(self) -> str:
@@ -104,7 +111,15 @@ class Entry:
         if self.flags & FLAG_ENCODED:
             raise BinaryFormatError(
                 f"fatbin entry at offset {self.offset} has an encoded payload cgsnap cannot read")
-        data = _decompress(self) if self.compression != "none" else bytes(self._stored)
+        if self.compression != "none":
+            meter = self._meter if self._meter is not None else Meter()
+            what = f"fatbin entry at offset {self.offset}"
+            meter.limits.check("fatbin_entry_bytes", self.uncompressed_size,
+                               f"{what} (uncompressed size)")
+            meter.charge("binary_decompressed_bytes", self.uncompressed_size, what)
+            data = _decompress(self)
+        else:
+            data = bytes(self._stored)
         return data.rstrip(b"\0") if self.kind == "ptx" else data
 
 
@@ -114,30 +129,54 @@ class Container(NamedTuple):
     entries: list[Entry]
 
 
-def iter_containers(data) -> Iterator[Container]:
-    """Every container in ``data``, in order; zero padding between and after them is skipped."""
+def iter_containers(data, meter: Meter | None = None) -> Iterator[Container]:
+    """Every container in ``data``, in order; zero padding between and after them is skipped.
+    ``meter``: the file's budgets (:class:`cgsnap.limits.Meter`); by default those of
+    :data:`cgsnap.limits.DEFAULT_LIMITS` for ``data`` alone."""
     view = as_view(data)
+    meter = meter if meter is not None else Meter()
     offset = _skip_padding(view, 0)
     while offset < len(view):
-        container = _parse_container(view, offset)
+        container = _parse_container(view, offset, meter)
         yield container
         offset = _skip_padding(view, offset + container.size)
 
 
+def fatbin_section_headers(elf: ElfFile) -> list[Section]:
+    """A host ELF's fatbin sections (see FATBIN_SECTIONS) in section order, refused when two
+    overlap: no linker writes that, and each copy would be parsed again."""
+    sections = [sec for sec in elf.sections if sec.name in FATBIN_SECTIONS
+                and sec.type != SHT_NOBITS and sec.size]
+    spans = sorted((sec.offset, sec.offset + sec.size, sec.name) for sec in sections)
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise BinaryFormatError(f"fatbin sections overlap ({name} and {other} at offset "
+                                    f"{start})")
+    return sections
+
+
 def fatbin_sections(elf: ElfFile) -> list[memoryview]:
-    """Contents of a host ELF's fatbin sections (see FATBIN_SECTIONS), in section order."""
-    return [elf.section_data(sec) for sec in elf.sections if sec.name in FATBIN_SECTIONS]
+    """Contents of a host ELF's fatbin sections (see :func:`fatbin_section_headers`)."""
+    return [elf.section_data(sec) for sec in fatbin_section_headers(elf)]
+
+
+_PAD_STEP = 1 << 16
 
 
 def _skip_padding(view: memoryview, offset: int) -> int:
     # The linker aligns each object file's container inside .nv_fatbin; any gap is zeros.
+    # Scanned a block at a time (a byte-at-a-time loop took seconds over a large zero gap).
     end = len(view)
-    while offset < end and view[offset] == 0:
-        offset += 1
-    return offset
+    while offset < end:
+        block = bytes(view[offset:offset + _PAD_STEP])
+        rest = block.lstrip(b"\0")
+        if rest:
+            return offset + len(block) - len(rest)
+        offset += len(block)
+    return end
 
 
-def _parse_container(view: memoryview, offset: int) -> Container:
+def _parse_container(view: memoryview, offset: int, meter: Meter) -> Container:
     header = CONTAINER_HEADER.read(view, offset, "fatbin header")
     if header.magic != FATBIN_MAGIC:
         raise BinaryFormatError(f"bad fatbin magic {header.magic:#010x} at offset {offset}")
@@ -152,13 +191,14 @@ def _parse_container(view: memoryview, offset: int) -> Container:
     entries = []
     position = offset + header.header_size
     while position < end:
-        entry = _parse_entry(view, position, end)
+        meter.charge("fatbin_entries", 1, f"fatbin entry at offset {position}")
+        entry = _parse_entry(view, position, end, meter)
         entries.append(entry)
         position += entry.header_size + entry.payload_size
     return Container(offset, size, entries)
 
 
-def _parse_entry(view: memoryview, offset: int, end: int) -> Entry:
+def _parse_entry(view: memoryview, offset: int, end: int, meter: Meter) -> Entry:
     # Bounded by the container, not the data: an entry must not spill into the next container.
     h = ENTRY_HEADER.read(view[:end], offset, "fatbin entry header")
     if h.header_size < ENTRY_HEADER.size:
@@ -173,7 +213,12 @@ def _parse_entry(view: memoryview, offset: int, end: int) -> Entry:
         variant="a" if h.flags & FLAG_ARCH_SPECIFIC else "f" if h.flags & FLAG_FAMILY_SPECIFIC else "",
         flags=h.flags, compression=compression, header_size=h.header_size, payload_size=h.payload_size,
         uncompressed_size=h.uncompressed_size if compression != "none" else h.payload_size,
-        _stored=view[payload_offset:payload_offset + stored])
+        _stored=view[payload_offset:payload_offset + stored], _meter=meter)
+
+
+# The most each format can expand: an LZ4 sequence copies at most 255 bytes per input byte (plus
+# a few); a zstd RLE block makes 128 KiB of 4 bytes.
+_MAX_RATIO = {True: 256, False: 32768}
 
 
 def _compression(h, offset: int) -> str:
@@ -186,10 +231,12 @@ def _compression(h, offset: int) -> str:
         raise BinaryFormatError(
             f"fatbin entry at offset {offset}: compressed size {h.compressed_size} "
             f"does not fit its payload of {h.payload_size} bytes")
-    if not 0 < h.uncompressed_size <= MAX_UNCOMPRESSED:
+    ratio = _MAX_RATIO[lz4_flag]
+    if not 0 < h.uncompressed_size <= ratio * h.compressed_size:
         raise BinaryFormatError(
-            f"fatbin entry at offset {offset}: uncompressed size {h.uncompressed_size} "
-            f"is not in 1..{MAX_UNCOMPRESSED}")
+            f"fatbin entry at offset {offset}: uncompressed size {h.uncompressed_size} is not "
+            f"in 1..{ratio * h.compressed_size} ({'LZ4' if lz4_flag else 'zstd'} cannot expand "
+            f"{h.compressed_size} bytes more than {ratio}x)")
     return "lz4" if lz4_flag else "zstd"
 
 

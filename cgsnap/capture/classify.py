@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..format.model import Policy, Ref, RegionKind
+from .philox import state_regions
 
 # Device virtual addresses on x86-64 / aarch64 Linux lie in the user half below 2**48 (47 on most
 # kernels); words outside can never be pointers and are rejected without a lookup.
@@ -237,9 +238,10 @@ WEAK_REGION_MIN = 1 << 20     # smaller regions cost the file little: not worth 
 def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
     """``{region id: [(graph, node id, argument index, byte offset), ...]}`` for saved
     allocations of at least ``min_size`` bytes that only words *inside* by-value struct
-    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside.
-    A stale device address left in padding drags memory in that way (docs/RELIABILITY.md,
-    "Known problems"); real pointers usually reach an allocation some other way too."""
+    arguments point at: no whole pointer parameter, no memcpy / memset, no named buffer inside,
+    no PyTorch RNG state word. A stale device address left in padding drags memory in that way
+    (docs/RELIABILITY.md, "Known problems"); real pointers usually reach an allocation some
+    other way too."""
     candidates = {r.id for r in snap.regions if r.kind is RegionKind.ALLOCATION
                   and r.policy is Policy.SAVED and r.saved_bytes() >= min_size}
     candidates -= {r.parent for r in snap.regions if r.parent is not None}
@@ -258,7 +260,13 @@ def weak_region_words(snap, min_size: int = WEAK_REGION_MIN) -> dict:
                         strong.add(ref.region)
                     elif ref.region in candidates:
                         weak.setdefault(ref.region, []).append((g.name, n.id, index, offset))
-    return {rid: words for rid, words in sorted(weak.items()) if rid not in strong}
+    weak = {rid: words for rid, words in sorted(weak.items()) if rid not in strong}
+    if weak:
+        # The seed and offset words of torch's RNG kernels are real pointers inside a struct
+        # (cgsnap.capture.philox), in a caching-allocator segment nothing else may point at.
+        rng = state_regions(snap)
+        weak = {rid: words for rid, words in weak.items() if rid not in rng}
+    return weak
 
 
 def weakly_reached_regions(snap, min_size: int = WEAK_REGION_MIN) -> list:

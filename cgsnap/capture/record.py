@@ -154,15 +154,18 @@ class Recording:
         return ref
 
     # ---- kernels --------------------------------------------------------------------------
-    def kernel_for(self, func) -> int:
+    def kernel_for(self, func, kern=None) -> int:
         key = int(func)
         kid = self.kernel_by_func.get(key)
         if kid is not None:
             return kid
         name = driver.func_name(func)
         module = driver.func_module(func)
-        cand = self.resolver.resolve(
-            name, lambda: driver.module_function_names(module) if module is not None else frozenset())
+        if hasattr(self.resolver, "resolve_function"):   # the exact identity of this function
+            cand = self.resolver.resolve_function(name, func, kern=kern, module=module)
+        else:                                            # a resolver by name only
+            cand = self.resolver.resolve(name, lambda: driver.module_function_names(module)
+                                         if module is not None else frozenset())
         self._add_image(cand)
         ptx_hash = None
         if cand.ptx is not None:
@@ -260,7 +263,7 @@ class Recording:
 
     def kernel_node(self, i, n, where) -> KernelNode:
         kp = graphs.read_kernel(n)
-        kid = self.kernel_for(kp.func)
+        kid = self.kernel_for(kp.func, kp.kern)
         kernel = self.kernels[kid]
         raw = kp.argument_bytes(kernel.params, where)
         return self.classified_node(
@@ -358,6 +361,7 @@ def _keep_regions(rec: Recording, keep: list) -> None:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
         g.checks = {rmap[rid]: data for rid, data in g.checks.items()}
+        g.rng = [e.remap(rmap) for e in g.rng]
 
 
 def _drop_unused_allocations(rec: Recording) -> None:
@@ -526,6 +530,42 @@ def _digest(data) -> bytes:
 
 def _zero(data) -> bool:
     return data.zero if isinstance(data, Contents) else is_zero(memoryview(data).cast("B"))
+
+
+def patch_saved_bytes(r: Region, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` into the saved contents of region ``r`` -- its whole
+    contents, or the extent holding those bytes (a new extent where none does and ``data`` is
+    not all zero: an all-zero block is left out at snapshot time). What is patched is kept in
+    host memory from then on (no longer read from the device at save time); ``content_hash``
+    follows."""
+    n = len(data)
+    patch = np.frombuffer(data, dtype=np.uint8)
+    if r.extents is None:
+        r.data = _writable(r.data)
+        r.data[offset:offset + n] = patch
+        r.content_hash = region_hash(r.data)
+        return
+    for e in r.extents:
+        if e.offset <= offset and offset + n <= e.offset + e.length:
+            e.data = _writable(e.data)
+            e.data[offset - e.offset:offset - e.offset + n] = patch
+            break
+        if e.offset < offset + n and offset < e.offset + e.length:
+            raise CaptureError(f"bytes {offset}..{offset + n} of region {r.id} straddle the "
+                               f"saved extent at {e.offset} ({e.length} bytes)")
+    else:
+        if not patch.any():
+            return
+        r.extents = sorted(r.extents + [Extent(offset, n, patch.copy())], key=lambda e: e.offset)
+    r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+
+
+def _writable(data) -> np.ndarray:
+    if isinstance(data, np.ndarray) and data.flags.writeable and data.dtype == np.uint8:
+        return data
+    if isinstance(data, Contents):
+        return np.array(np.asarray(data), dtype=np.uint8)
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8).copy()
 
 
 def _bound_hashes(rec: Recording, bound_hashes: Optional[dict]) -> None:

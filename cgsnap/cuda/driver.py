@@ -220,6 +220,14 @@ def free_in_context(ptr: int, ctx) -> None:
         mem_free(ptr)
 
 
+def write_u64_async(dst: int, value: int, stream) -> None:
+    """Write the little-endian 8-byte word ``value`` at ``dst`` (4-aligned), ordered on
+    ``stream``: two 32-bit memsets, whose values travel in the call itself, so no host buffer
+    has to outlive the copy however many writes are queued."""
+    call(cu.cuMemsetD32Async, dst, value & 0xFFFF_FFFF, 1, stream)
+    call(cu.cuMemsetD32Async, dst + 4, (value >> 32) & 0xFFFF_FFFF, 1, stream)
+
+
 def mem_get_info() -> tuple:
     """``(free, total)`` bytes of the current device."""
     free, total = call(cu.cuMemGetInfo)
@@ -351,6 +359,23 @@ IMAGE_FUNC_ATTRS = {name.lower(): getattr(cu.CUfunction_attribute, "CU_FUNC_ATTR
                     if hasattr(cu.CUfunction_attribute, "CU_FUNC_ATTRIBUTE_" + name)}
 
 
+# Of those, the ones nothing can change after load: what tells two same-named kernels apart
+# (cgsnap.kernels.identity). REQUIRED_CLUSTER_* and MAX_DYNAMIC_SHARED_SIZE_BYTES can be set at
+# run time; a JIT-compiled function's PTX_VERSION need not be its cubin's.
+IDENTITY_FUNC_ATTRS = {name: IMAGE_FUNC_ATTRS[name]
+                       for name in ("num_regs", "shared_size_bytes", "const_size_bytes",
+                                    "local_size_bytes", "max_threads_per_block", "binary_version",
+                                    "cache_mode_ca", "cluster_size_must_be_set")
+                       if name in IMAGE_FUNC_ATTRS}
+
+
+def function_identity(func) -> dict:
+    """The :data:`IDENTITY_FUNC_ATTRS` of a function, and its parameter layout as ``params``."""
+    out = func_attrs(func, IDENTITY_FUNC_ATTRS)
+    out["params"] = func_params(func)
+    return out
+
+
 def func_set_attrs(func, attrs: dict) -> None:
     for key, value in attrs.items():
         attr = FUNC_ATTRS.get(key)
@@ -376,6 +401,20 @@ def module_global(module, name: str) -> Optional[tuple]:
     if res[0] != SUCCESS:
         return None
     return int(res[1]), int(res[2])
+
+
+def kernel_library(kern) -> Optional[int]:
+    """``cuKernelGetLibrary``: the library handle of a CUkernel (an int or a CUkernel)."""
+    kern = kern if isinstance(kern, cu.CUkernel) else cu.CUkernel(int(kern))
+    lib = attempt(cu.cuKernelGetLibrary, kern)
+    return int(lib) if lib is not None else None
+
+
+def library_module(lib) -> Optional[int]:
+    """``cuLibraryGetModule``: the module handle of a library in the current context."""
+    lib = lib if isinstance(lib, cu.CUlibrary) else cu.CUlibrary(int(lib))
+    mod = attempt(cu.cuLibraryGetModule, lib)
+    return int(mod) if mod is not None else None
 
 
 def library_load(image: bytes, allow_jit: bool = True):

@@ -7,7 +7,9 @@ is one reader and one adder here plus its spec class there.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+
 from ..errors import CaptureError, UnsupportedNodeError
 from . import driver
 from .driver import MemType, NodeType, attempt, call, cu
@@ -340,6 +342,31 @@ def exec_destroy(exe) -> None:
 
 def launch(exe, stream) -> None:
     call(cu.cuGraphLaunch, exe, stream)
+
+
+# The node types cuGraphNodeSetEnabled can switch off, and those whose launch changes no memory.
+DISABLEABLE = frozenset({"kernel", "memset", "memcpy"})
+INERT = frozenset({"empty", "event_record", "event_wait", "mem_alloc", "mem_free"})
+
+
+@contextlib.contextmanager
+def nodes_disabled(exe, nodes):
+    """Every node of ``nodes`` (of the graph ``exe`` was instantiated from; kernel, memset or
+    memcpy nodes) disabled in ``exe`` for the duration: a launch meanwhile runs none of them.
+    Those that were enabled are enabled again afterwards, whatever happened; each is
+    attempted, and the first that fails is then raised."""
+    exe = cu.CUgraphExec(int(exe)) if isinstance(exe, int) else exe
+    off = []
+    try:
+        for n in nodes:
+            if call(cu.cuGraphNodeGetEnabled, exe, n):
+                call(cu.cuGraphNodeSetEnabled, exe, n, 0)
+                off.append(n)
+        yield
+    finally:
+        failed = [n for n in off if attempt(cu.cuGraphNodeSetEnabled, exe, n, 1) is None]
+        if failed:
+            call(cu.cuGraphNodeSetEnabled, exe, failed[0], 1)
 
 
 # ---- stream capture -------------------------------------------------------------------------------

@@ -4,8 +4,15 @@ slower (one ctypes call per node instead of one per run of nodes).
 
 Plain C with no Python or CUDA headers, so one build serves every Python version. Set
 ``CGSNAP_NATIVE=0`` to never build or use it. The cache key is the source's hash and the
-compiler's path, so an upgraded cgsnap builds afresh; the build goes to a temporary name and is
-renamed into place, so concurrent first uses never load a half-written library."""
+compiler's path, so an upgraded cgsnap builds afresh.
+
+The library runs inside this process, so it must be ours: the cache directory is private
+(:func:`cgsnap._fs.private_dir`: 0700, owned by us, not a symlink, checked on its descriptor),
+the library is opened in it with ``O_NOFOLLOW`` and checked on that descriptor (a regular file
+of ours that no one else can write), and what ``dlopen`` loads is that descriptor
+(``/proc/self/fd/N``), not the path again: a file swapped in after the check is never loaded.
+The build happens in a private temporary directory and is moved into the cache by
+:func:`cgsnap._fs.atomic_write`, so concurrent first uses never load a half-written library."""
 from __future__ import annotations
 
 import ctypes
@@ -18,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import Optional
+
+from .. import _fs
 
 log = logging.getLogger("cgsnap")
 
@@ -29,9 +37,7 @@ _loaded: dict = {}
 
 
 def cache_dir() -> str:
-    base = os.environ.get("CGSNAP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cgsnap")
-    return os.path.join(base, "native")
+    return os.path.join(_fs.cache_root(), "native")
 
 
 def _compiler() -> Optional[str]:
@@ -43,34 +49,8 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _private(path: str) -> bool:
-    """Only a library (and folder) of this user that nobody else can write is loaded: a shared
-    or world-writable cache must not hand this process someone else's code."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    ok = st.st_uid == os.getuid() and not st.st_mode & 0o022
-    if not ok:
-        log.warning("cgsnap: not using %s (owned by another user or writable by others)", path)
-    return ok
-
-
-def _remove_stale_temporaries(directory: str) -> None:
-    """Half-written builds of a process that died mid-compile (older than ten minutes)."""
-    now = time.time()
-    for entry in os.listdir(directory):
-        if entry.startswith(".nodeloop-"):
-            full = os.path.join(directory, entry)
-            try:
-                if now - os.stat(full).st_mtime > 600:
-                    os.unlink(full)
-            except OSError:
-                pass
-
-
-def library_path(build: bool = True) -> Optional[str]:
-    """The cached shared library, built now if missing and ``build``; None when it cannot be."""
+def _library_name() -> Optional[tuple]:
+    """``(file name, compiler)`` of this source's build, or None (no source, no compiler)."""
     try:
         with open(_SOURCE, "rb") as f:
             source = f.read()
@@ -82,31 +62,68 @@ def library_path(build: bool = True) -> Optional[str]:
     # The machine is part of the key: a home directory shared by x86-64 and aarch64 hosts.
     key = hashlib.blake2b(b"|".join([source, cc.encode(), sys.platform.encode(),
                                      platform.machine().encode()]), digest_size=10).hexdigest()
-    directory = cache_dir()
-    path = os.path.join(directory, f"nodeloop-{key}.so")
-    if os.path.exists(path) or not build:
-        return path if os.path.exists(path) and _private(path) else None
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _private(directory):
-            return None
-        _remove_stale_temporaries(directory)
-        fd, tmp = tempfile.mkstemp(prefix=".nodeloop-", suffix=".so", dir=directory)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, _SOURCE],
-                                  capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                log.info("cgsnap: native node loop not built (%s): %s", cc, proc.stderr.strip())
-                return None
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("cgsnap: native node loop not built: %s", exc)
+    return f"nodeloop-{key}.so", cc
+
+
+def _build(cc: str, dir_fd: int, name: str) -> bool:
+    with tempfile.TemporaryDirectory(prefix="cgsnap-build-") as tmp:    # 0700, ours
+        out = os.path.join(tmp, "nodeloop.so")
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", out, _SOURCE],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            log.info("cgsnap: native node loop not built (%s): %s", cc, proc.stderr.strip())
+            return False
+        with open(out, "rb") as f:
+            data = f.read()
+    with _fs.atomic_write(name, dir_fd=dir_fd, mode=0o700) as f:
+        f.write(data)
+    return True
+
+
+def open_library(build: bool = True) -> Optional[int]:
+    """A descriptor of the cached library after the checks above (built now if missing and
+    ``build``), or None when there is none that may be used."""
+    found = _library_name()
+    if found is None:
         return None
-    return path
+    name, cc = found
+    try:
+        dir_fd = _fs.cache_dir("native", create=build)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cgsnap: not using the native cache %s: %s", cache_dir(),
+                    getattr(exc, "why", exc))
+        return None
+    try:
+        try:
+            return _fs.open_private(name, dir_fd)
+        except FileNotFoundError:
+            if not build:
+                return None
+        except OSError as exc:      # no rebuild over a file we did not make
+            log.warning("cgsnap: not using %s: %s", os.path.join(cache_dir(), name),
+                        getattr(exc, "why", exc))
+            return None
+        try:
+            if not _build(cc, dir_fd, name):
+                return None
+            return _fs.open_private(name, dir_fd)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("cgsnap: native node loop not built: %s", exc)
+            return None
+    finally:
+        os.close(dir_fd)
+
+
+def library_path(build: bool = True) -> Optional[str]:
+    """The cached shared library's path when it passes the checks (built now if missing and
+    ``build``); None when it cannot be. Loading goes through :func:`open_library`, not this."""
+    fd = open_library(build)
+    if fd is None:
+        return None
+    os.close(fd)
+    return os.path.join(cache_dir(), _library_name()[0])
 
 
 def node_loop():
@@ -118,8 +135,9 @@ def node_loop():
         if "fn" in _loaded:
             return _loaded["fn"]
         fn = None
-        path = library_path()
-        if path is not None:
+        fd = open_library()
+        if fd is not None:
+            path = _fs.fd_path(fd)      # the checked file itself, whatever the path holds now
             try:
                 fn = ctypes.CDLL(path).cgsnap_add_kernel_nodes
                 p = ctypes.c_void_p
@@ -128,6 +146,8 @@ def node_loop():
             except (OSError, AttributeError) as exc:
                 log.info("cgsnap: native node loop not loaded from %s: %s", path, exc)
                 fn = None
+            finally:
+                os.close(fd)
         _loaded["fn"] = fn
         return fn
 

@@ -13,7 +13,6 @@ import contextlib
 import enum
 import mmap
 import os
-import secrets
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
@@ -22,7 +21,9 @@ import msgpack
 import xxhash
 import zstandard as zstd
 
+from .. import _fs
 from ..errors import FormatError
+from ..limits import Limits, over_budget, resolve
 from .hashing import BLOB_PIECE, BlobHasher, blob_checksum, combine, piece_digest
 
 MAGIC = b"\x89CGSNAP\n"
@@ -152,24 +153,67 @@ def pack_manifest(manifest: dict) -> bytes:
     return _pack_manifest(manifest, None)
 
 
-def _unique_map(pairs):
-    mapping = dict(pairs)
-    if len(mapping) != len(pairs):
-        raise ValueError("a map has a duplicate key")
-    return mapping
+class OverBudget(Exception):
+    """:func:`unpackb_bounded` stopped: the data holds more than its item budget."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.count = count
 
 
-def _unpack_manifest(data: bytes, path: str, check_types: bool = True) -> dict:
+def unpackb_bounded(data: bytes, max_items: int):
+    """``msgpack.unpackb`` of untrusted bytes, building at most about ``2 * max_items`` items
+    (maps, lists, keys, values, elements): raises :class:`OverBudget` past ``max_items``, and the
+    msgpack / ValueError family for malformed data. Maps are checked for duplicate keys,
+    extension types refused, map keys must be str.
+
+    The hooks see each map and list as soon as it is complete, so building stops once the
+    budget is spent; with max_array_len / max_map_len below it, no more than about twice the
+    budget is ever built. (Without it, 64 MiB of empty maps become 4.9 GB of dicts.)"""
     limit = len(data)  # no string, array or map can hold more items than there are bytes
+    count = 0
+
+    def pairs(items):
+        nonlocal count
+        count += 2 * len(items) + 1
+        if count > max_items:
+            raise OverBudget(count)
+        mapping = dict(items)
+        if len(mapping) != len(items):
+            raise ValueError("a map has a duplicate key")
+        return mapping
+
+    def elements(items):
+        nonlocal count
+        count += len(items) + 1
+        if count > max_items:
+            raise OverBudget(count)
+        return items
     try:
         # The C unpacker nests on its own bounded stack (StackError past 1024 levels); the
-        # pure-Python fallback recurses, hence RecursionError. MAX_DEPTH is enforced below.
-        obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=_unique_map,
+        # pure-Python fallback recurses, hence RecursionError.
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=pairs,
+            list_hook=elements,
             # max_ext_len=0 also stops the timestamp ext, which bypasses ext_hook; an empty ext
             # still decodes to an ExtType, which _canonical_manifest refuses.
-            max_ext_len=0, max_str_len=limit, max_bin_len=limit, max_array_len=limit,
-            max_map_len=limit // 2, ext_hook=_refuse_ext)
+            max_ext_len=0, max_str_len=limit, max_bin_len=limit,
+            max_array_len=min(limit, max_items), max_map_len=min(limit, max_items) // 2,
+            ext_hook=_refuse_ext)
+    except ValueError as e:
+        if "exceeds max" in str(e) and max_items < limit:
+            raise OverBudget(max_items + 1) from None   # one map or list over the budget
+        raise
+
+
+def _unpack_manifest(data: bytes, path: str, check_types: bool = True,
+                     limits: Limits | None = None) -> dict:
+    budget = resolve(limits).manifest_objects
+    try:
+        # MAX_DEPTH is enforced below.
+        obj = unpackb_bounded(data, budget)
+    except OverBudget as e:
+        raise over_budget("manifest_objects", e.count, budget, "the manifest", path) from None
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError, MemoryError,
             RecursionError) as e:
         raise FormatError(f"manifest is not valid msgpack: {str(e) or type(e).__name__}", path=path) from None
@@ -360,6 +404,7 @@ def _write_parallel(f, source: BlobSource, index: int, path: str) -> tuple:
     hashed on the same threads alongside (xxhash drops the GIL). A chunked source's chunks are
     written one after another, each released only when its writes and hashes are done."""
     f.flush()
+    _fs.step("write")
     fd, start = f.fileno(), f.tell()
 
     def put(view, at):
@@ -401,55 +446,6 @@ def _write_parallel(f, source: BlobSource, index: int, path: str) -> tuple:
     return pos, digest
 
 
-def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Temporary files of earlier saves of ``name`` whose writer died (SIGKILL, power loss):
-    ``.{name}.tmp-{pid}-{random}`` with no live process ``pid``."""
-    prefix = f".{name}.tmp-"
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.startswith(prefix):
-            continue
-        pid = entry[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                    # its writer may still be running
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue                    # alive, owned by someone else
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, entry))
-
-
-@contextlib.contextmanager
-def _atomic_output(path: str):
-    """A new file that replaces ``path`` only once it is complete and durable."""
-    directory, name = os.path.split(os.path.abspath(path))
-    _remove_stale_temporaries(directory, name)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    f = open(tmp, "xb")  # outside the try: if creation fails, there is no file of ours to remove
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # must not mask the original error
-            os.unlink(tmp)
-        raise
-    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> None:
     """Writes a snapshot file atomically; ``blobs`` are :class:`BlobSource` or bytes-like
     (stored uncompressed). The same inputs always give the same bytes. The file is written
@@ -471,7 +467,7 @@ def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> Non
             compressors[level] = zstd.ZstdCompressor(level=level, write_content_size=True,
                                                      write_checksum=False, threads=0)
         return compressors[level]
-    with _atomic_output(path) as f:
+    with _fs.atomic_write(path) as f:
         # Header and table are placeholders until the blobs' stored sizes are known.
         f.write(bytes(HEADER_SIZE))
         f.write(manifest_bytes)
@@ -565,21 +561,28 @@ def _parse_table(table: bytes, blobs_offset: int, size: int, path: str) -> list[
     return blobs
 
 
-def _parse(buf, path: str, check_types: bool = True):
+def _parse(buf, path: str, check_types: bool = True, limits: Limits | None = None):
     """Validates everything but the blob bytes; returns (version, manifest, blobs)."""
+    limits = resolve(limits)
     header = _read_header(buf, path)
+    limits.check("blobs", header.blob_count, "the blob table", path)
     manifest_end = header.manifest_offset + header.manifest_length
-    manifest_bytes = buf[header.manifest_offset:manifest_end]
     table_end = header.blob_table_offset + _ENTRY.size * header.blob_count
-    table = buf[header.blob_table_offset:table_end]
-    if _checksum(buf[:_CHECKED_HEADER], manifest_bytes, table) != header.checksum:
-        raise FormatError("header checksum mismatch (header, manifest or blob table is corrupt)",
-                          path=path)
-    _check_layout(header, len(buf), path)
-    if buf[table_end:header.blobs_offset].strip(b"\0"):
-        raise FormatError("padding after the blob table is not zero", path=path)
-    blobs = _parse_table(table, header.blobs_offset, len(buf), path)
-    return (header.major, header.minor), _unpack_manifest(manifest_bytes, path, check_types), blobs
+    # Views, not copies: the manifest may be 64 MiB and the table tens of MB.
+    with memoryview(buf) as view, view[header.manifest_offset:manifest_end] as manifest_bytes, \
+            view[header.blob_table_offset:table_end] as table, view[:_CHECKED_HEADER] as fields:
+        if _checksum(fields, manifest_bytes, table) != header.checksum:
+            raise FormatError("header checksum mismatch (header, manifest or blob table is "
+                              "corrupt)", path=path)
+        _check_layout(header, len(buf), path)
+        if buf[table_end:header.blobs_offset].strip(b"\0"):
+            raise FormatError("padding after the blob table is not zero", path=path)
+        blobs = _parse_table(table, header.blobs_offset, len(buf), path)
+        limits.check("decompressed_bytes", sum(b.raw_length for b in blobs
+                                               if b.compression == Compression.ZSTD),
+                     "the zstd blobs, decompressed", path)
+        manifest = _unpack_manifest(manifest_bytes, path, check_types, limits)
+    return (header.major, header.minor), manifest, blobs
 
 
 def _address_of(mm: mmap.mmap) -> int:
@@ -588,35 +591,62 @@ def _address_of(mm: mmap.mmap) -> int:
     return int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
 
 
-def _map_file(path: str) -> tuple:
-    """``(mapping, fd)``: the fd stays open so that reads with ``pread`` see the very file that
-    was mapped and validated, even if ``path`` is replaced meanwhile."""
+def _open_fd(path: str) -> int:
+    """One descriptor of the file at ``path``: everything read from the file goes through it."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < HEADER_SIZE:  # also keeps mmap from refusing an empty file
-                raise FormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}",
-                                  path=path)
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), os.dup(f.fileno())
+        return _fs.open_regular(path)
+    except _fs.UnsafePathError as e:
+        raise FormatError(f"cannot read: {e.why}", path=path) from None
     except OSError as e:
         raise FormatError(f"cannot read: {e.strerror or e}", path=path) from e
 
 
+def _map(fd: int, path: str) -> mmap.mmap:
+    try:
+        size = os.fstat(fd).st_size
+        if size < HEADER_SIZE:  # also keeps mmap from refusing an empty file
+            raise FormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}",
+                              path=path)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path=path) from e
+
+
+# Decoded zstd data is checked (verify) through a buffer of this size: bounded memory however
+# large a blob claims to be.
+VERIFY_CHUNK = 16 << 20
+
+
 class SnapshotFile:
-    """An open, validated snapshot file backed by a read-only mmap.
+    """An open, validated snapshot file backed by a read-only mmap of one descriptor.
 
     Blob data is read lazily from the mapping. Views returned by :meth:`blob` and
     :meth:`iter_chunks` stay valid after :meth:`close`; the mapping goes away with the last one.
     The file must not be truncated while it is mapped (the OS would fault on access).
+
+    ``fd``: an open descriptor to read instead of opening ``path`` (the file takes it over).
+    ``limits``: the reading budgets (:class:`cgsnap.Limits`). ``signature``: what
+    :func:`open_file` verified (a :class:`cgsnap.format.signing.SignatureInfo`), else None;
+    ``private_copy``: the file is read from a sealed private copy (see :func:`open_file`).
     """
 
-    def __init__(self, path, check_types: bool = True):
+    signature = None
+    private_copy = False
+
+    def __init__(self, path, check_types: bool = True, *, limits: Limits | None = None,
+                 fd: int | None = None):
         self.path = os.fspath(path)
-        self._mm, self._fd = _map_file(self.path)
+        self.limits = resolve(limits)
+        self._meter = self.limits.meter(self.path)
+        self._mm = None
+        self._fd = _open_fd(self.path) if fd is None else fd
         try:
-            self.version, self.manifest, self.blobs = _parse(self._mm, self.path, check_types)
+            self._mm = _map(self._fd, self.path)
+            self.version, self.manifest, self.blobs = _parse(self._mm, self.path, check_types,
+                                                             self.limits)
         except BaseException:
-            self._mm.close()
+            if self._mm is not None:
+                self._mm.close()
             os.close(self._fd)
             raise
 
@@ -627,7 +657,7 @@ class SnapshotFile:
         return _address_of(self._mm), len(self._mm)
 
     def fileno(self) -> int:
-        """A descriptor of the mapped file, for reading blobs with ``pread`` (see
+        """The descriptor of the mapped file, for reading blobs with ``pread`` (see
         :class:`BlobInfo`: offsets are absolute)."""
         if self._fd is None:
             raise ValueError("I/O operation on a closed snapshot file")
@@ -659,6 +689,15 @@ class SnapshotFile:
         if info.compression == Compression.NONE:
             return stored
         return self._decompress(info, stored)
+
+    def image(self, i: int) -> bytes:
+        """A kernel image's bytes (verified), to be held in memory: refused before anything is
+        decompressed when it is over the ``image_bytes`` budget, or when the images read from
+        this file so far would pass ``image_total``."""
+        info, _ = self._locate(i)
+        self.limits.check("image_bytes", info.raw_length, f"blob {i} (a kernel image)", self.path)
+        self._meter.charge("image_total", info.raw_length, f"blob {i} (kernel images)")
+        return bytes(self.blob(i, verify=True))
 
     def read_into(self, i: int, dest, *, verify: bool = True) -> None:
         """Fills ``dest`` (a writable buffer of exactly raw_length bytes, e.g. pinned host
@@ -700,17 +739,56 @@ class SnapshotFile:
             yield chunk
         self._expect_end(info, reader)
 
-    def verify(self) -> None:
-        """Checks every blob's checksum and that the padding between blobs is zero."""
+    def verify(self, content: dict | None = None) -> None:
+        """Checks every blob's checksum and that the padding between blobs is zero, and decodes
+        every zstd blob -- through one buffer of ``VERIFY_CHUNK`` bytes, whatever it claims --
+        checking that it is valid zstd of exactly raw_length bytes.
+
+        ``content``: ``{blob index: hex}`` -- the blob's decoded bytes must have that content
+        hash (:func:`cgsnap.format.hashing.content_hash` or ``region_hash``: files of either
+        era)."""
+        content = content or {}
         previous_end = self.blobs[0].offset if self.blobs else 0  # the first padding is checked on open
+        buffer = None
         for i in range(len(self.blobs)):
             info, stored = self._locate(i)
             if self._mm[previous_end:info.offset].strip(b"\0"):
                 raise FormatError(f"padding before blob {i} is not zero", path=self.path)
             self._check_stored(info, stored)
             previous_end = info.offset + info.stored_length
+            expected = content.get(i)
+            if info.compression == Compression.NONE:
+                if expected is not None and expected != info.checksum.hex():   # region_hash
+                    self._check_content(info, expected, [stored])
+                continue
+            if buffer is None:
+                buffer = memoryview(bytearray(min(VERIFY_CHUNK, max(
+                    (b.raw_length for b in self.blobs if b.compression == Compression.ZSTD),
+                    default=0))))
+            self._check_content(info, expected, self._decoded(info, stored, buffer))
 
     # --- helpers
+
+    def _decoded(self, info: BlobInfo, stored: memoryview, buffer: memoryview) -> Iterator:
+        """The blob's decoded bytes, one buffer-full at a time (the same buffer each time)."""
+        reader = self._zstd_reader(info, stored)
+        left = info.raw_length
+        while left:
+            chunk = buffer[:min(left, len(buffer))]
+            self._fill(info, reader, chunk)
+            left -= len(chunk)
+            yield chunk
+        self._expect_end(info, reader)
+
+    def _check_content(self, info: BlobInfo, expected: str | None, chunks) -> None:
+        whole, pieces = xxhash.xxh3_128(), BlobHasher()
+        for chunk in chunks:
+            if expected is not None:
+                whole.update(chunk)
+                pieces.update(chunk)
+        if expected is not None and expected not in (whole.hexdigest(), pieces.digest().hex()):
+            raise FormatError(f"blob {info.index}: its contents do not have the content hash "
+                              f"{expected} the manifest records", path=self.path)
 
     def _locate(self, i: int) -> tuple[BlobInfo, memoryview]:
         if self._mm is None:
@@ -785,13 +863,43 @@ class SnapshotFile:
                               f"decompress it", path=self.path) from None
 
 
-def open_file(path, *, verify_blobs: bool = False, check_types: bool = True) -> SnapshotFile:
+def open_file(path, *, verify_blobs: bool = False, check_types: bool = True,
+              limits: Limits | None = None, signature_key=None) -> SnapshotFile:
     """Opens and fully validates a snapshot file's header, manifest and blob table; blob
     bytes are read only if ``verify_blobs``. ``check_types=False`` skips the generic walk over
     the manifest's key types and depth, for callers that validate it against a schema anyway
     (:meth:`cgsnap.format.model.Snapshot.from_manifest` does: it is stricter, and the walk costs a
-    third of opening a large file)."""
-    snapshot = SnapshotFile(path, check_types)
+    third of opening a large file). ``limits``: the reading budgets (:class:`cgsnap.Limits`).
+
+    ``signature_key``: the file's signature (``path.sig``) must match this key
+    (:mod:`cgsnap.format.signing`) before anything else is read. The file is opened once and the
+    signature checked over that descriptor's bytes, which are then the bytes parsed and
+    returned: replacing ``path`` after the check changes nothing. A file that anyone but this
+    user or root could change in place (owned by another user, or group/world-writable) is
+    first copied into sealed private memory, and the copy is what is verified and read
+    (``private_copy`` is then True): an in-place edit after the check cannot reach the reader.
+    """
+    path = os.fspath(path)
+    fd = _open_fd(path)
+    signature, copied = None, False
+    try:
+        if signature_key is not None:
+            from . import signing
+            if not _fs.stable(os.fstat(fd)):
+                try:
+                    copy = _fs.private_copy(fd)
+                except OSError as e:
+                    raise FormatError(f"others can change this file, and it cannot be copied "
+                                      f"into private memory to be verified: {e.strerror or e}",
+                                      path=path) from e
+                os.close(fd)
+                fd, copied = copy, True
+            signature = signing.verify_fd(fd, path, signature_key)
+    except BaseException:
+        os.close(fd)
+        raise
+    snapshot = SnapshotFile(path, check_types, limits=limits, fd=fd)
+    snapshot.signature, snapshot.private_copy = signature, copied
     if verify_blobs:
         try:
             snapshot.verify()
@@ -801,7 +909,7 @@ def open_file(path, *, verify_blobs: bool = False, check_types: bool = True) -> 
     return snapshot
 
 
-def read_manifest(path) -> dict:
+def read_manifest(path, *, limits: Limits | None = None) -> dict:
     """The manifest alone; maps the file but reads only header, manifest and blob table."""
-    with SnapshotFile(path) as snapshot:
+    with SnapshotFile(path, limits=limits) as snapshot:
         return snapshot.manifest

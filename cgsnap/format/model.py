@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from ..errors import FormatError
@@ -23,8 +23,10 @@ from ..errors import FormatError
 SCHEMA_VERSION = 3
 # Schema 1 stored each kernel argument as its own map ({"d": bytes, "r": [[off, region, off]]});
 # schema 2 stores a node's whole parameter buffer and one packed table of its pointers, which
-# validates and restores without a Python object per argument. Schema 3 adds sparse region
-# contents (Region.extents) and lets identical contents share one blob. All three are read.
+# validates and restores without a Python object per argument; schema 3 stores a graph's kernel
+# nodes and edges as columns (cgsnap.format.tables), without a map per node or edge, sparse
+# region contents (Region.extents), and lets identical contents share one blob. All three are
+# read.
 READ_SCHEMAS = (1, 2, 3)
 U64 = (1 << 64) - 1
 MAX_DECISIONS_KEPT = 64       # ambiguous-word decision lines kept in Snapshot.meta; the count stays exact
@@ -128,30 +130,143 @@ class Edge:
     type: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class RngState:
+    """The random-number state a graph's kernels read at launch (PyTorch's Philox RNG).
+
+    A captured ATen RNG kernel takes its seed and base offset from two 8-byte device words
+    (``seed``, ``offset``); torch's replay writes the generator's seed and offset there before
+    each launch and then advances the generator's offset by ``increment``. ``device`` and
+    ``generator`` name the generator (``generator`` None: the device's default generator;
+    otherwise a name the caller passes a ``torch.Generator`` under); ``saved_seed`` and
+    ``saved_offset`` are its state when the graph was saved."""
+    seed: Ref
+    offset: Ref
+    increment: int
+    device: int
+    saved_seed: int
+    saved_offset: int
+    generator: Optional[str] = None
+
+    def remap(self, regions: dict) -> "RngState":
+        return replace(self, seed=Ref(regions[self.seed.region], self.seed.offset),
+                       offset=Ref(regions[self.offset.region], self.offset.offset))
+
+
 class Graph:
-    name: str
-    nodes: list
-    edges: list
-    top_level: bool = True         # False for graphs only reachable as a child graph
-    # region id -> its contents after one launch from the saved state (for `replay --check`)
-    checks: dict = field(default_factory=dict)
-    # The order the validator found, with the node and edge lists it was found for: a graph
-    # read from a file is sorted once, not again by the restore's plan.
-    _order: Optional[tuple] = field(default=None, repr=False, compare=False)
+    """One graph: its nodes and edges, either as objects (``nodes``, ``edges``) or, for a graph
+    read from a file, as the validated columns of :mod:`cgsnap.format.tables` -- a restore
+    plans straight from those and never makes an object per node; tools asking for ``nodes``
+    or ``edges`` get them made (once) from the columns."""
+
+    __slots__ = ("name", "top_level", "checks", "rng", "trace", "_nodes", "_edges", "_ktable",
+                 "_others", "_edge_array", "_order")
+
+    def __init__(self, name: str, nodes: Optional[list] = None, edges: Optional[list] = None,
+                 top_level: bool = True, checks: Optional[dict] = None,
+                 rng: Optional[list] = None, trace: Optional[tuple] = None):
+        self.name = name
+        self.top_level = top_level       # False for graphs only reachable as a child graph
+        # region id -> its contents after one launch from the saved state (replay --check)
+        self.checks = {} if checks is None else checks
+        self.rng = [] if rng is None else rng    # RngState per generator the graph draws from
+        # The per-node trace (cgsnap.format.trace): a TraceStep per node in the order they
+        # ran, or None
+        self.trace = trace
+        self._nodes = [] if nodes is None else nodes
+        self._edges = [] if edges is None else edges
+        self._ktable = self._others = self._edge_array = None
+        # The order the validator found, with the node and edge lists it was found for: a
+        # graph read from a file is sorted once, not again by the restore's plan.
+        self._order = None
+
+    @classmethod
+    def from_tables(cls, name: str, ktable, others: list, edge_array, top_level: bool,
+                    checks: dict, rng: Optional[list] = None) -> "Graph":
+        g = cls(name, None, None, top_level, checks, rng)
+        g._nodes = g._edges = None
+        g._ktable, g._others, g._edge_array = ktable, others, edge_array
+        return g
+
+    # nodes and edges, as objects
+    @property
+    def nodes(self) -> list:
+        if self._nodes is None:
+            self._nodes = sorted(self._ktable.nodes() + self._others, key=lambda n: n.id)
+        return self._nodes
+
+    @nodes.setter
+    def nodes(self, value: list) -> None:
+        self._nodes, self._ktable, self._others, self._order = value, None, None, None
+        if self._edges is None:
+            self._edges = self.edges
+
+    @property
+    def edges(self) -> list:
+        if self._edges is None:
+            from .tables import array_to_edges
+            self._edges = array_to_edges(self._edge_array)
+        return self._edges
+
+    @edges.setter
+    def edges(self, value: list) -> None:
+        self._edges, self._edge_array, self._order = value, None, None
+
+    # the same as columns (what the restore and the writer use)
+    def kernel_table(self, layouts):
+        """The kernel nodes as a :class:`cgsnap.format.tables.KernelTable`."""
+        if self._ktable is not None:
+            return self._ktable
+        from .tables import KernelTable
+        return KernelTable.from_nodes([n for n in self._nodes if n.TYPE == "kernel"], layouts)
+
+    def other_nodes(self) -> list:
+        """Every node but the kernel nodes."""
+        if self._others is not None:
+            return self._others
+        return [n for n in self._nodes if n.TYPE != "kernel"]
+
+    def edge_array(self):
+        """``int64[E, 5]``: src, dst, from_port, to_port, type."""
+        if self._edge_array is not None:
+            return self._edge_array
+        from .tables import edges_to_array
+        return edges_to_array(self._edges)
+
+    def node_count(self) -> int:
+        if self._nodes is not None:
+            return len(self._nodes)
+        return len(self._ktable) + len(self._others)
 
     def topological_order(self) -> list:
         """Nodes ordered so that every edge points forward (ties keep recorded order)."""
         cached = self._order
-        if cached is not None and cached[0] is self.nodes and cached[1] is self.edges:
-            return [self.nodes[i] for i in cached[2]]
-        return [self.nodes[i] for i in toposort(self, where=f"graph {self.name!r}")]
+        nodes = self.nodes
+        if cached is not None and cached[0] is nodes and cached[1] is self.edges:
+            return [nodes[i] for i in cached[2]]
+        return [nodes[i] for i in toposort(self, where=f"graph {self.name!r}")]
 
     def counts(self) -> dict:
         out: dict = {}
-        for n in self.nodes:
+        if self._nodes is None:
+            if len(self._ktable):
+                out["kernel"] = len(self._ktable)
+            nodes = self._others
+        else:
+            nodes = self._nodes
+        for n in nodes:
             out[n.TYPE] = out.get(n.TYPE, 0) + 1
         return out
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Graph):
+            return NotImplemented
+        return (self.name, self.top_level, self.checks, self.rng, self.trace, self.nodes,
+                self.edges) == (other.name, other.top_level, other.checks, other.rng,
+                                other.trace, other.nodes, other.edges)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.name!r}, {self.node_count()} nodes)"
 
 
 @dataclass(slots=True)
@@ -319,10 +434,26 @@ def _kernel_out(k: Kernel) -> dict:
 
 
 def _graph_out(g: Graph, add_blob, layouts, node_to_manifest) -> dict:
-    return {"name": g.name, "top_level": g.top_level,
-            "nodes": [node_to_manifest(n, layouts) for n in g.nodes],
-            "edges": [[e.src, e.dst, e.from_port, e.to_port, e.type] for e in g.edges],
-            "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    from .tables import edges_to_manifest
+    out = {"name": g.name, "top_level": g.top_level,
+           "kernels": g.kernel_table(layouts).to_manifest(),
+           "nodes": [node_to_manifest(n, layouts) for n in g.other_nodes()],
+           "edges": edges_to_manifest(g.edge_array()),
+           "checks": [[rid, add_blob(data)] for rid, data in sorted(g.checks.items())]}
+    if g.rng:
+        out["rng"] = [_rng_out(e) for e in g.rng]
+    if g.trace is not None:
+        from .trace import trace_to_manifest
+        out["trace"] = trace_to_manifest(g.trace, add_blob)
+    return out
+
+
+def _rng_out(e: RngState) -> dict:
+    gen = {"device": e.device, "seed": e.saved_seed, "offset": e.saved_offset}
+    if e.generator is not None:
+        gen["name"] = e.generator
+    return {"seed": _ref_out(e.seed), "offset": _ref_out(e.offset), "increment": e.increment,
+            "generator": gen}
 
 
 def toposort(g: Graph, where: str) -> list:

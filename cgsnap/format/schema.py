@@ -17,8 +17,10 @@ import numpy as np
 from ..errors import FormatError
 from .hashing import is_hash
 from .model import (READ_SCHEMAS, U64, Edge, Extent, Graph, Kernel, KernelImage, Policy, Ref,
-                    Region, RegionKind, Snapshot, toposort)
+                    Region, RegionKind, RngState, Snapshot, toposort)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
+from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
+from .trace import parse_trace
 
 _IDENT_MAX = 4096          # longest name / string field accepted
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
@@ -199,7 +201,8 @@ class Validator:
         raw_graphs = self.list(m["graphs"], "graphs")
         graph_names = []
         for i, g in enumerate(raw_graphs):
-            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks"))
+            self.map(g, f"graphs[{i}]", ("name", "top_level", "nodes", "edges", "checks")
+                     + (("kernels",) if self.schema >= 3 else ()), ("rng", "trace"))
             graph_names.append(self.str(g["name"], f"graphs[{i}].name"))
         if len(set(graph_names)) != len(graph_names):
             self.fail("graphs", "duplicate graph name")
@@ -332,6 +335,8 @@ class Validator:
         return Ref(region, offset)
 
     def graph(self, g, where, ctx) -> Graph:
+        if self.schema >= 3:
+            return self.graph_tables(g, where, ctx)
         ctx.tables = []
         nodes = []
         fast = KernelNode.parse_fast if self.schema >= 2 else None
@@ -360,8 +365,45 @@ class Validator:
                 self.fail(f"{where}.edges[{i}]", f"edge {src}->{dst} names no pair of nodes")
             edges.append(Edge(src, dst, *(self.int(x, f"{where}.edges[{i}]", 0, 255)
                                           for x in e[2:])))
+        checks = self.checks(g["checks"], where, ctx)
+        top_level = self.bool(g["top_level"], f"{where}.top_level")
+        graph = Graph(name=g["name"], nodes=nodes, edges=edges, top_level=top_level,
+                      checks=checks, rng=self.graph_rng(g, where, ctx, top_level))
+        graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
+        return self.graph_trace(g, graph, where, ctx)
+
+    def graph_trace(self, g, graph, where, ctx) -> Graph:
+        if "trace" in g:
+            graph.trace = parse_trace(self, g["trace"], graph, ctx, f"{where}.trace")
+        return graph
+
+    def graph_rng(self, g, where, ctx, top_level) -> list:
+        return parse_rng(self, g["rng"], f"{where}.rng", ctx, top_level) if "rng" in g else []
+
+    def graph_tables(self, g, where, ctx) -> Graph:
+        """A schema-3 graph: kernel nodes and edges as columns (cgsnap.format.tables), every
+        other node a map of its own."""
+        ktable = KernelTable.parse(self, g["kernels"], f"{where}.kernels", ctx)
+        others = []
+        for i, n in enumerate(self.list(g["nodes"], f"{where}.nodes")):
+            if isinstance(n, dict) and n.get("t") == "kernel":
+                self.fail(f"{where}.nodes[{i}]", "kernel nodes belong in the kernel table")
+            others.append(self.node(n, f"{where}.nodes[{i}]", ctx))
+        ids = np.concatenate([ktable.ids, np.array([n.id for n in others], dtype=np.int64)])
+        if len(np.unique(ids)) != len(ids):
+            self.fail(f"{where}.nodes", "duplicate node id")
+        edges = parse_edges(self, g["edges"], f"{where}.edges", ids)
+        if topological_positions(ids, edges) is None:
+            toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
+        top_level = self.bool(g["top_level"], f"{where}.top_level")
+        return self.graph_trace(g, Graph.from_tables(g["name"], ktable, others, edges, top_level,
+                                                     self.checks(g["checks"], where, ctx),
+                                                     self.graph_rng(g, where, ctx, top_level)),
+                                where, ctx)
+
+    def checks(self, raw, where, ctx) -> dict:
         checks = {}
-        for i, c in enumerate(self.list(g["checks"], f"{where}.checks")):
+        for i, c in enumerate(self.list(raw, f"{where}.checks")):
             c = self.list(c, f"{where}.checks[{i}]", 2)
             if len(c) != 2:
                 self.fail(f"{where}.checks[{i}]", "expected [region, blob]")
@@ -369,10 +411,7 @@ class Validator:
             if rid in checks:
                 self.fail(f"{where}.checks[{i}]", f"region {rid} checked twice")
             checks[rid] = self.blob(c[1], f"{where}.checks[{i}][1]", ctx.regions[rid].size)
-        graph = Graph(name=g["name"], nodes=nodes, edges=edges,
-                      top_level=self.bool(g["top_level"], f"{where}.top_level"), checks=checks)
-        graph._order = (graph.nodes, graph.edges, toposort(graph, f"manifest {where}"))
-        return graph
+        return checks
 
     def node(self, n, where, ctx):
         if not isinstance(n, dict):
@@ -392,7 +431,8 @@ class Validator:
                              f"of {ctx.regions[ref.region].size} bytes")
 
     def child_graphs_acyclic(self, graphs):
-        children = {g.name: [n.graph for n in g.nodes if n.TYPE == "graph"] for g in graphs}
+        children = {g.name: [n.graph for n in g.other_nodes() if n.TYPE == "graph"]
+                    for g in graphs}
         state: dict = {}
 
         def visit(name, depth=0):
@@ -407,6 +447,60 @@ class Validator:
 
         for name in children:
             visit(name)
+
+
+# ---- a graph's RNG state (optional field ``rng``) -------------------------------------------
+
+RNG_MAX = 16                 # entries per graph: one per generator the graph draws from
+_I64 = (1 << 63) - 1         # torch keeps the Philox offset as an int64
+_RNG_WORD_KINDS = (RegionKind.ALLOCATION, RegionKind.NAMED)
+
+
+def parse_rng(v: Validator, raw, where: str, ctx, top_level: bool) -> list:
+    """The :class:`RngState` list of a graph: two distinct 8-aligned 8-byte words in ordinary
+    device memory per entry (written before each launch), offsets and increments multiples of
+    4 (torch's rule), one entry per generator, on top-level graphs only (a child graph is never
+    launched by itself)."""
+    entries = v.list(raw, where, RNG_MAX)
+    if entries and not top_level:
+        v.fail(where, "only a top-level graph is launched, so only it carries RNG state")
+    out, words, generators = [], set(), set()
+    for i, e in enumerate(entries):
+        w = f"{where}[{i}]"
+        e = v.map(e, w, ("seed", "offset", "increment", "generator"))
+        refs = {}
+        for key in ("seed", "offset"):
+            ref = v.ref(e[key], f"{w}.{key}", ctx)
+            region = ctx.regions[ref.region]
+            if region.kind not in _RNG_WORD_KINDS:
+                v.fail(f"{w}.{key}", f"region {ref.region} is a {region.kind.value} region; the "
+                                     "word is written before each launch, so it must be an "
+                                     "allocation or a named buffer")
+            if ref.offset % 8:
+                v.fail(f"{w}.{key}", f"offset {ref.offset} is not 8-aligned")
+            v.span_fits(ctx, ref, 8, f"{w}.{key}")
+            if (ref.region, ref.offset) in words:
+                v.fail(f"{w}.{key}", f"the word at region {ref.region} + {ref.offset} is "
+                                     "already another RNG word")
+            words.add((ref.region, ref.offset))
+            refs[key] = ref
+        increment = v.int(e["increment"], f"{w}.increment", 0, _I64)
+        if increment % 4:
+            v.fail(f"{w}.increment", f"{increment} is not a multiple of 4")
+        gen = v.map(e["generator"], f"{w}.generator", ("device", "seed", "offset"), ("name",))
+        device = v.int(gen["device"], f"{w}.generator.device", 0, 1 << 16)
+        name = v.str(gen["name"], f"{w}.generator.name") if "name" in gen else None
+        if (device, name) in generators:
+            v.fail(f"{w}.generator", "two entries for the same generator")
+        generators.add((device, name))
+        seed = v.int(gen["seed"], f"{w}.generator.seed")
+        offset = v.int(gen["offset"], f"{w}.generator.offset", 0, _I64)
+        if offset % 4:
+            v.fail(f"{w}.generator.offset", f"{offset} is not a multiple of 4")
+        out.append(RngState(seed=refs["seed"], offset=refs["offset"], increment=increment,
+                            device=device, saved_seed=seed, saved_offset=offset,
+                            generator=name))
+    return out
 
 
 @dataclass

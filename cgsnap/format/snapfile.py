@@ -18,6 +18,7 @@ from . import contents as _contents
 from . import fileformat
 from .model import MAX_DECISIONS_KEPT, BlobTable, Extent, Graph, Policy, Region, RegionKind, Snapshot
 from .nodes import Renumbering
+from .trace import remap_trace
 
 
 def _region_key(r: Region):
@@ -72,7 +73,9 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
             names.add(g.name)
             graphs.append(Graph(name=g.name, top_level=g.top_level, edges=list(g.edges),
                                 nodes=[remap_node(n, rmap, kmap, events) for n in g.nodes],
-                                checks={rmap[rid]: data for rid, data in g.checks.items()}))
+                                checks={rmap[rid]: data for rid, data in g.checks.items()},
+                                rng=[e.remap(rmap) for e in g.rng],
+                                trace=remap_trace(g.trace, rmap)))
         events += snap.events
     first = snaps[0]
     meta = {**first.meta, "name": ",".join(s.meta.get("name", "") for s in snaps)}
@@ -141,7 +144,8 @@ def trim_regions(snap: Snapshot) -> Snapshot:
     """``snap`` with each allocation that knows the part the graphs use (``Region.span``, set
     from an allocator map) cut down to that part: same relative layout, less memory at
     restore (an expandable segment can be a whole pool). Refs, views, extents and pointer
-    tables move with it; the address every ref names stays the same."""
+    tables move with it (and the RNG words' refs); the address every ref names stays the
+    same."""
     lo: dict = {}
     regions = []
     for r in snap.regions:
@@ -176,8 +180,13 @@ def trim_regions(snap: Snapshot) -> Snapshot:
                     table[table[:, 1] == rid, 2] -= np.uint64(a)
                 n = dataclasses.replace(n, refs=table.tobytes())
             nodes.append(n)
+        rng = [dataclasses.replace(e, seed=shift.ref(e.seed), offset=shift.ref(e.offset))
+               for e in g.rng]
+        # A trace stays as it is: trace_snapshot records it from a file this same trimming
+        # wrote, so its offsets and digests are already the trimmed regions'.
         graphs.append(Graph(name=g.name, nodes=nodes, edges=list(g.edges),
-                            top_level=g.top_level, checks=dict(g.checks)))
+                            top_level=g.top_level, checks=dict(g.checks), rng=rng,
+                            trace=g.trace))
     return dataclasses.replace(snap, regions=regions, graphs=graphs)
 
 
@@ -369,13 +378,17 @@ class _Streamed:
         return iter(chunks)
 
 
-def read(path, *, load_images: bool = True) -> tuple:
+def read(path, *, load_images: bool = True, limits=None, signature_key=None) -> tuple:
     """``(snapshot, file)``: the validated model and the open :class:`fileformat.SnapshotFile`
-    (regions' ``data`` are blob indices into it). Close the file when done."""
-    f = fileformat.open_file(str(path), check_types=False)
+    (regions' ``data`` are blob indices into it). Close the file when done. ``load_images``:
+    decompress the kernel images into the model (within the ``image_bytes`` / ``image_total``
+    budgets of ``limits``); otherwise images' ``data`` are blob indices too.
+    ``signature_key``: see :func:`fileformat.open_file`."""
+    f = fileformat.open_file(str(path), check_types=False, limits=limits,
+                             signature_key=signature_key)
     try:
         snap = Snapshot.from_manifest(f.manifest, [b.raw_length for b in f.blobs], str(path),
-                                      blob_getter=(lambda i: bytes(f.blob(i))) if load_images else None)
+                                      blob_getter=f.image if load_images else None)
     except BaseException:
         f.close()
         raise

@@ -16,20 +16,26 @@ settle it the lookup fails with :class:`AmbiguousKernelError` rather than guessi
 """
 from __future__ import annotations
 
-import glob
 import hashlib
+import logging
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import msgpack
 
+from .. import _fs
 from ..binary import elf, fatbin, ptx
 from ..binary.elf import arch_runs_on  # noqa: F401  (re-exported)
-from ..errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError
+from ..errors import AmbiguousKernelError, BinaryFormatError, KernelNotFoundError, LimitError
+from ..format.fileformat import OverBudget, unpackb_bounded
 from ..format.hashing import content_hash
+from ..limits import DEFAULT_LIMITS, Limits, Meter, resolve
+
+log = logging.getLogger("cgsnap")
 
 INDEX_VERSION = 1
 
@@ -96,10 +102,16 @@ class RecorderSource:
     def __init__(self, rec):
         self.rec = rec
         self.index = _NameIndex()
+        self._indexed = 0
+
+    def sync(self) -> None:
+        """Index the cubins recorded since the last call (and bring ``rec.loads`` up to date)."""
+        for h, data in self.rec.images_since(self._indexed):
+            self.index.add(cubin_candidate(data, "recorder", h))
+            self._indexed += 1
 
     def find(self, name: str) -> list:
-        for h, data in self.rec.take_new():
-            self.index.add(cubin_candidate(data, "recorder", h))
+        self.sync()
         return self.index.find(name)
 
 
@@ -131,14 +143,12 @@ class RegisteredSource:
         dirs = [os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"),
                 os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")]
         for d in dirs:
-            for path in glob.glob(os.path.join(d, "**", "*.cubin"), recursive=True):
+            for path in jit_cache_files(d, ".cubin"):
                 if path in self._seen_files:
                     continue
                 self._seen_files.add(path)
-                try:
-                    with open(path, "rb") as f:
-                        raw = f.read()
-                except OSError:
+                raw = read_jit_cache_file(path)
+                if raw is None:
                     continue
                 start = raw.find(b"\x7fELF")   # CuPy prefixes its cache files with a hash
                 if start >= 0:
@@ -154,7 +164,7 @@ class RegisteredSource:
 
 def _fatbin_candidates(data: memoryview, source: str, arch: Optional[int] = None) -> list:
     out = []
-    for container in fatbin.iter_containers(data):
+    for container in fatbin.iter_containers(data, Meter()):
         for entry in container.entries:
             if entry.kind not in ("cubin", "ptx") or (arch is not None and
                                                        entry.arch // 10 != arch // 10):
@@ -169,6 +179,60 @@ def _fatbin_candidates(data: memoryview, source: str, arch: Optional[int] = None
             if cand is not None:
                 out.append(cand)
     return out
+
+
+# ---- JIT caches (other tools' directories: walked without following links, bounded) ----------
+
+def jit_cache_files(root: str, suffix: str, limits: Optional[Limits] = None) -> Iterator[str]:
+    """Files ending in ``suffix`` under ``root``: symlinks are not followed (a ``..`` link made
+    the recursive glob loop forever), at most ``scan_entries`` directory entries are visited,
+    32 levels deep."""
+    budget = resolve(limits).scan_entries
+    stack, visited = [(root, 0)], 0
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            visited += 1
+            if visited > budget:
+                log.warning("cgsnap: stopped scanning %s after %d entries (the scan_entries "
+                            "budget)", root, budget)
+                return
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < 32:
+                        stack.append((entry.path, depth + 1))
+                elif entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                    yield entry.path
+            except OSError:
+                continue
+
+
+def read_jit_cache_file(path: str, limits: Optional[Limits] = None) -> Optional[bytes]:
+    """A JIT cache file's bytes, or None: never through a symlink, only a regular file that no
+    one but us (or root) can have written -- its kernels may end up in a snapshot -- and within
+    the ``image_bytes`` budget."""
+    limits = resolve(limits)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _fs.stable(st) or st.st_size > limits.image_bytes:
+            if stat.S_ISREG(st.st_mode) and not _fs.stable(st):
+                log.warning("cgsnap: not using JIT cache file %s (another user's, or writable by "
+                            "others)", path)
+            return None
+        return os.pread(fd, st.st_size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 # ---- scanning loaded objects ------------------------------------------------------------
@@ -197,9 +261,13 @@ def _file_identity(path: str, host) -> str:
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("CGSNAP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cgsnap")
-    return os.path.join(base, "index")
+    return os.path.join(_fs.cache_root(), "index")
+
+
+def holds_kernel(candidate: Optional[Candidate], name: str) -> bool:
+    """The image really defines kernel ``name`` (what a source returns for ``name`` must: an
+    index read from disk only says where to look)."""
+    return candidate is not None and name in candidate.kernels
 
 
 class LoadedObjectScan:
@@ -207,12 +275,17 @@ class LoadedObjectScan:
 
     For each file, an index (kernel name -> fatbin entry offsets, per arch family) is built once
     and cached on disk under a key of the file's identity (path, size, mtime, build-id), so a
-    later process looks a kernel up without decompressing anything but the entry it needs."""
+    later process looks a kernel up without decompressing anything but the entry it needs. The
+    cache is private (:mod:`cgsnap._fs`: a 0700 directory of ours, files of ours that no one
+    else can write, opened without following links); a cached index that is not exactly in the
+    form written is ignored and rebuilt, and an image it points to is used for a kernel only if
+    it defines that kernel."""
     name = "scan"
 
-    def __init__(self, arch: int, cache_dir: Optional[str] = None):
+    def __init__(self, arch: int, cache_dir: Optional[str] = None, limits: Optional[Limits] = None):
         self.arch = arch
         self.cache_dir = cache_dir or default_cache_dir()
+        self.limits = resolve(limits)
         # [(path, {name: [[section offset, section size, container offset, entry index], ...]})]
         self._indexes: list = []
         self._seen: set = set()
@@ -221,46 +294,59 @@ class LoadedObjectScan:
 
     def _index_file(self, path: str) -> Optional[dict]:
         try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < 64:
-                    return None
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = _fs.open_regular(path)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < 64:
+                return None
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
         # The mapping is not closed explicitly: parsed entries hold zero-copy views into it, and
         # it is unmapped when the last of them goes (on return).
         if mm[:4] != b"\x7fELF":
             return None
         try:
-            host = elf.ElfFile(mm, path)
-            sections = [sec for sec in host.sections if sec.name in fatbin.FATBIN_SECTIONS]
+            host = elf.ElfFile(mm, path, self.limits)
+            sections = fatbin.fatbin_section_headers(host)
         except BinaryFormatError:
             return None
         if not sections:
             return None
         key = _file_identity(path, host)
-        cache_path = os.path.join(self.cache_dir, f"{key}-sm{self.arch // 10}x.msgpack")
-        cached = _read_cache(cache_path)
+        cache_name = f"{key}-sm{self.arch // 10}x.msgpack"
+        cached = _read_cache(self.cache_dir, cache_name, self.limits)
         if cached is not None:
             return cached
         index: dict = {}
+        meter = self.limits.meter(path)
         for sec in sections:
             view = memoryview(mm)[sec.offset:sec.offset + sec.size]
             try:
-                for container in fatbin.iter_containers(view):
+                for container in fatbin.iter_containers(view, meter):
                     for j, entry in enumerate(container.entries):
                         if entry.kind != "cubin" or entry.arch // 10 != self.arch // 10:
                             continue
                         try:
-                            info = elf.cubin_info(entry.payload())
+                            info = elf.cubin_info(entry.payload(), self.limits)
+                        except LimitError as exc:
+                            _warn_once((path, exc.budget), "cgsnap: %s: an image is not "
+                                       "indexed: %s", path, exc)
+                            continue
                         except BinaryFormatError:
                             continue
                         where = [sec.offset, sec.size, container.offset, j]
                         for name in info.kernels:
                             index.setdefault(name, []).append(where)
-            except BinaryFormatError:
+            except BinaryFormatError as exc:
+                if isinstance(exc, LimitError):
+                    _warn_once((path, exc.budget), "cgsnap: %s: not all of its kernels are "
+                               "indexed: %s", path, exc)
                 continue    # keep what earlier containers gave
-        _write_cache(cache_path, index)
+        _write_cache(self.cache_dir, cache_name, index)
         return index
 
     def _ensure_indexes(self) -> list:
@@ -281,42 +367,94 @@ class LoadedObjectScan:
                 key = (path, tuple(where))
                 if key not in self._loaded:
                     self._loaded[key] = self._load_entry(path, *where)
-                if self._loaded[key] is not None:
+                if holds_kernel(self._loaded[key], name):
                     out.append(self._loaded[key])
         return out
 
     def _load_entry(self, path: str, sec_offset: int, sec_size: int, container_offset: int,
                     entry_index: int) -> Optional[Candidate]:
         try:
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = _fs.open_regular(path)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
             view = memoryview(mm)[sec_offset + container_offset:sec_offset + sec_size]
-            payload = next(fatbin.iter_containers(view)).entries[entry_index].payload()
+            container = next(fatbin.iter_containers(view, self.limits.meter(path)))
+            payload = container.entries[entry_index].payload()
         except (OSError, ValueError, IndexError, StopIteration, BinaryFormatError):
             return None
         return cubin_candidate(payload, f"scan:{path}")
 
 
-def _read_cache(path: str) -> Optional[dict]:
-    try:
-        with open(path, "rb") as f:
-            data = msgpack.unpackb(f.read(), raw=False, strict_map_key=True)
-        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-            return data
-    except (OSError, ValueError, msgpack.UnpackException):
-        pass
-    return None
+_U63 = (1 << 63) - 1
+_warned: set = set()
 
 
-def _write_cache(path: str, index: dict) -> None:
+def _warn_once(key, message: str, *args) -> None:
+    """One warning per cache directory or file: hundreds of mapped libraries hit the same one."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def _decode_index(raw: bytes, limits: Limits) -> Optional[dict]:
+    """A cached index exactly as :func:`_write_cache` writes it -- ``{kernel name: [[section
+    offset, section size, container offset, entry index], ...]}`` of non-negative ints -- or
+    None for anything else (a malformed index is rebuilt, never trusted in part)."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        data = unpackb_bounded(raw, limits.manifest_objects)
+    except (OverBudget, msgpack.UnpackException, ValueError, TypeError, OverflowError,
+            RecursionError):
+        return None
+    if type(data) is not dict:
+        return None
+    for name, places in data.items():
+        if type(name) is not str or type(places) is not list:
+            return None
+        for where in places:
+            if type(where) is not list or len(where) != 4 or \
+                    not all(type(v) is int and 0 <= v <= _U63 for v in where):
+                return None
+    return data
+
+
+def _read_cache(cache_dir: str, name: str, limits: Limits = DEFAULT_LIMITS) -> Optional[dict]:
+    try:
+        dir_fd = _fs.private_dir(cache_dir, create=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _warn_once(cache_dir, "cgsnap: not using the kernel-index cache %s: %s", cache_dir,
+                   getattr(exc, "why", exc))
+        return None
+    try:
+        raw = _fs.read_private(name, dir_fd, limits.cache_bytes)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _warn_once((cache_dir, name), "cgsnap: not using kernel index %s in %s: %s", name,
+                   cache_dir, getattr(exc, "why", exc))
+        return None
+    finally:
+        os.close(dir_fd)
+    return _decode_index(raw, limits)
+
+
+def _write_cache(cache_dir: str, name: str, index: dict) -> None:
+    try:
+        dir_fd = _fs.private_dir(cache_dir, create=True)
+    except OSError as exc:
+        _warn_once(cache_dir, "cgsnap: not using the kernel-index cache %s: %s", cache_dir,
+                   getattr(exc, "why", exc))
+        return
+    try:
+        with _fs.atomic_write(name, dir_fd=dir_fd, mode=0o600) as f:
             f.write(msgpack.packb(index, use_bin_type=True))
-        os.replace(tmp, path)
     except OSError:
         pass    # a read-only cache directory only costs speed
+    finally:
+        os.close(dir_fd)
 
 
 # ---- the resolver ---------------------------------------------------------------------------

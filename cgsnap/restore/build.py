@@ -67,9 +67,11 @@ def add_nodes(state, name: str, plan, graph) -> None:
                 np.uint64), 0)
     params_addr = params.ctypes.data
     param_size = KERNEL_NODE_PARAMS.itemsize
-    handles = np.zeros(len(plan.nodes), dtype=np.uint64)
+    n = len(plan.node_ids)
+    handles = np.zeros(n, dtype=np.uint64)
     handles_addr = handles.ctypes.data
-    dep_buf = np.zeros(max((len(d) for d in plan.deps), default=0) or 1, dtype=np.uint64)
+    dep_buf = np.zeros(max((len(d) for d in plan.dep_lists.values()), default=0) or 1,
+                       dtype=np.uint64)
     dep_addr = dep_buf.ctypes.data
     add_kernel, kernel_row = fast.add_kernel, plan.kernel_row
 
@@ -79,14 +81,13 @@ def add_nodes(state, name: str, plan, graph) -> None:
         code = add_kernel(handle_ptr, graph_int, dep_ptr, ndeps, param_ptr)
         if code:
             fast.raise_for(code, f"cuGraphAddKernelNode (graph {name!r} node "
-                                 f"{plan.nodes[i].id})")
+                                 f"{plan.node_ids[i]})")
         if plan.attr_rel[i] >= 0:
             fast.set_attributes(int(handles[i]), plan.attr_blob, int(plan.attr_rel[i]),
-                                f"graph {name!r} node {plan.nodes[i].id}")
+                                f"graph {name!r} node {plan.node_ids[i]}")
     # Every address the driver calls take, worked out for all nodes at once: a run of plain
     # kernel nodes is then one call of the native loop (cgsnap/nodeloop.c), or without it
     # one foreign call per node.
-    n = len(plan.nodes)
     handle_ptrs = handles_addr + 8 * np.arange(n, dtype=np.uint64)
     dep_ptrs = np.where(plan.dep_first >= 0,
                         np.uint64(handles_addr) + 8 * plan.dep_first.astype(np.uint64),
@@ -115,14 +116,14 @@ def add_nodes(state, name: str, plan, graph) -> None:
                     i = start + failed.value     # a handle was made: the attribute failed
                     what = "cuGraphKernelNodeSetAttribute" if handles[i] else \
                         "cuGraphAddKernelNode"
-                    fast.raise_for(code, f"{what} (graph {name!r} node {plan.nodes[i].id})")
+                    fast.raise_for(code, f"{what} (graph {name!r} node {plan.node_ids[i]})")
                 continue
             for i in range(start, stop):
                 add_kernel_node(i, dep_list[i] or None, plan.ndeps[i], handle_list[i],
                                 param_list[i])
             continue
         for i in range(start, stop):
-            deps = plan.deps[i]
+            deps = plan.deps_of(i)
             d = int(dep_ptrs[i])
             if not deps:
                 dep_ptr = None
@@ -133,7 +134,7 @@ def add_nodes(state, name: str, plan, graph) -> None:
                 dep_ptr = dep_addr
             k = kernel_row.get(i)
             if k is None:
-                node = plan.nodes[i]
+                node = plan.others[i]
                 h, result = graphs.add_node(graph, node.TYPE, handles[deps].tolist(),
                                             node.to_live(state), state.env)
                 node.on_added(state, result)
@@ -143,9 +144,8 @@ def add_nodes(state, name: str, plan, graph) -> None:
                 for pos_, region, off in plan.late_refs[i]:
                     words[pos_] = int(state.bases[region]) + off
             add_kernel_node(i, dep_ptr, len(deps), int(handle_ptrs[i]), int(param_ptrs[i]))
-    graphs.add_dependencies(graph, [(int(handles[a]), int(handles[b]),
-                                     (e.from_port, e.to_port, e.type))
-                                    for a, b, e in plan.special_edges])
+    graphs.add_dependencies(graph, [(int(handles[a]), int(handles[b]), ports)
+                                    for a, b, ports in plan.special_edges])
 
 
 def build_graph(state, name: str, plans: dict, ledger):

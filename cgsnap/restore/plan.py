@@ -1,8 +1,9 @@
 """Plans: everything about a graph's rebuild that can be worked out before touching the GPU.
 
-Per graph, once: node order, dependencies, every kernel node's launch parameters in one array,
-the argument bytes of all kernel nodes in one buffer, and where the pointers go in it. Plain
-numpy over the model; no driver calls (tested on CPU).
+Per graph, once, with numpy over the graph's columns (:mod:`cgsnap.format.tables`) -- no object
+per node: node order, dependencies, every kernel node's launch parameters in one array, where
+each node's arguments lie in the graph's one parameter buffer, and which words of it are
+pointers to patch. No driver calls (tested on CPU).
 """
 from __future__ import annotations
 
@@ -10,106 +11,145 @@ import numpy as np
 
 from ..cuda.driver import KERNEL_NODE_PARAMS, launch_attribute_block
 from ..format.model import Snapshot
+from ..format.tables import node_order
 
 
 class GraphPlan:
-    """Everything about one graph that can be worked out before touching the GPU: node order,
-    dependencies, every kernel node's launch parameters in one array, the argument bytes of
-    all kernel nodes in one buffer, and where the pointers go in it."""
+    """The address-independent part of rebuilding one graph.
+
+    Nodes are numbered by their position in a topological order. ``kernel_row`` maps a position
+    to its row in ``params`` (the prebuilt CUDA_KERNEL_NODE_PARAMS); ``others`` maps the other
+    positions to their node objects. Dependencies: ``ndeps[i]`` of them; when they are
+    consecutive positions (nearly always in a captured graph) ``dep_first[i]`` is the first,
+    else -1 and ``dep_lists[i]`` lists them."""
 
     def __init__(self, snap: Snapshot, graph, late_regions: set, offsets: list):
         self.name = graph.name
-        order = graph.topological_order()
-        pos = {n.id: i for i, n in enumerate(order)}
-        self.nodes = order
-        default = [(pos[e.src], pos[e.dst]) for e in graph.edges
-                   if (e.from_port, e.to_port, e.type) == (0, 0, 0)]
-        self.deps: list = [[] for _ in order]
-        for a, b in default:
-            self.deps[b].append(a)
-        # Dependencies are passed to the driver as a pointer into the array of node handles
-        # being built: nodes of a chain, or whose dependencies are consecutive in topological
-        # order (nearly all of a captured graph), need no per-node array at all.
-        self.dep_first = []
-        for d in self.deps:
-            d.sort()
-            consecutive = bool(d) and d[-1] - d[0] == len(d) - 1
-            self.dep_first.append(d[0] if consecutive else -1)
-        self.dep_first = np.array(self.dep_first, dtype=np.int64)
-        self.ndeps = [len(d) for d in self.deps]
-        self.special_edges = [(pos[e.src], pos[e.dst], e) for e in graph.edges
-                              if (e.from_port, e.to_port, e.type) != (0, 0, 0)]
-        kernel_nodes = [(i, n) for i, n in enumerate(order) if n.TYPE == "kernel"]
-        self.kernel_row = {i: k for k, (i, _) in enumerate(kernel_nodes)}
-        count = len(kernel_nodes)
-        self.params = np.zeros(count, dtype=KERNEL_NODE_PARAMS)
-        self.kernel_index = np.array([n.kernel for _, n in kernel_nodes], dtype=np.int64)
-        self.attrs = {i: n.attrs for i, n in kernel_nodes if n.attrs}
-        self.late_refs: dict = {}
-        if count:
-            self.params["grid"] = [n.grid for _, n in kernel_nodes]
-            self.params["block"] = [n.block for _, n in kernel_nodes]
-            self.params["shared_mem"] = [n.shared_mem for _, n in kernel_nodes]
-        # Arguments: every node's parameter buffer (as stored: schema 2), 8-byte aligned, one
-        # after another in one buffer; the pointer words to patch as arrays over the graph.
         layouts = [k.params for k in snap.kernels]
-        packs = [(n.params, n.refs) for _, n in kernel_nodes]
-        padded = [(len(p[0]) + 7) & ~7 for p in packs]
-        cursors = np.zeros(count, dtype=np.uint64)
-        if count > 1:
-            cursors[1:] = np.cumsum(padded[:-1], dtype=np.uint64)
-        self.arg_bytes = b"".join(p[0].ljust(size, b"\0") for p, size in zip(packs, padded))
-        counts = np.array([len(layouts[n.kernel]) for _, n in kernel_nodes], dtype=np.int64)
-        self.param_count = counts
+        kt = graph.kernel_table(layouts)
+        others = graph.other_nodes()
+        nk = len(kt)
+        ids = np.concatenate([kt.ids, np.array([n.id for n in others], dtype=np.int64)])
+        edges = graph.edge_array()
+        order = node_order(ids, edges, f"graph {graph.name!r}")      # index -> position
+        n = len(order)
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        self.node_ids = ids[order]
+        self.others = {int(pos[nk + j]): node for j, node in enumerate(others)}
+        # ---- dependencies ------------------------------------------------------------------
+        by_id = np.argsort(ids, kind="stable")
+        sorted_ids = ids[by_id]
+        src = pos[by_id[np.searchsorted(sorted_ids, edges[:, 0])]] if len(edges) else \
+            np.zeros(0, dtype=np.int64)
+        dst = pos[by_id[np.searchsorted(sorted_ids, edges[:, 1])]] if len(edges) else \
+            np.zeros(0, dtype=np.int64)
+        plain = (edges[:, 2:] == 0).all(axis=1) if len(edges) else np.zeros(0, dtype=bool)
+        d_src, d_dst = src[plain], dst[plain]
+        ndeps = np.bincount(d_dst, minlength=n).astype(np.int64)
+        lo = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        hi = np.full(n, -1, dtype=np.int64)
+        np.minimum.at(lo, d_dst, d_src)
+        np.maximum.at(hi, d_dst, d_src)
+        # Dependencies are passed to the driver as a pointer into the array of node handles
+        # being built: consecutive ones need no per-node array at all.
+        consecutive = (ndeps > 0) & (hi - lo == ndeps - 1)
+        self.dep_first = np.where(consecutive, lo, -1).astype(np.int64)
+        self.ndeps = ndeps.tolist()
+        self.ndeps_array = ndeps.astype(np.uint64)
+        self.dep_lists: dict = {}
+        scattered = np.flatnonzero((ndeps > 0) & ~consecutive)
+        if scattered.size:
+            by_dst = np.argsort(d_dst, kind="stable")
+            starts = np.searchsorted(d_dst[by_dst], scattered)
+            for i, s in zip(scattered.tolist(), starts.tolist()):
+                self.dep_lists[i] = sorted(d_src[by_dst[s:s + ndeps[i]]].tolist())
+        self.special_edges = [(int(a), int(b), tuple(int(x) for x in e[2:]))
+                              for a, b, e in zip(src[~plain], dst[~plain], edges[~plain])]
+        # ---- kernel nodes, in position order ---------------------------------------------------
+        kpos = np.flatnonzero(order < nk)              # positions holding kernel nodes
+        rows = order[kpos]                             # their rows in the kernel table
+        count = len(rows)
+        self.kernel_row = dict(zip(kpos.tolist(), range(count)))
+        self.node_row = np.zeros(n, dtype=np.int64)
+        self.node_row[kpos] = np.arange(count)
+        self.params = np.zeros(count, dtype=KERNEL_NODE_PARAMS)
+        kernels = kt.kernel[rows]
+        self.kernel_index = kernels
+        if count:
+            d = kt.dims[rows]
+            self.params["grid"] = d[:, 0:3]
+            self.params["block"] = d[:, 3:6]
+            self.params["shared_mem"] = d[:, 6]
+        # Arguments: the table's one parameter buffer (each node's at an 8-aligned start); per
+        # node, where its kernelParams pointers start, and each parameter's byte offset.
+        self.arg_bytes = kt.params
+        starts = kt.starts[rows].astype(np.uint64)
+        counts = np.array([len(layouts[k]) for k in range(len(layouts))], dtype=np.int64)
+        per_node = counts[kernels] if count else np.zeros(0, dtype=np.int64)
+        self.param_count = per_node
         self.param_first = np.zeros(count, dtype=np.int64)
         if count > 1:
-            self.param_first[1:] = np.cumsum(counts[:-1])
-        self.param_rel = (np.concatenate([offsets[n.kernel] for _, n in kernel_nodes])
-                          + np.repeat(cursors, counts)) if count else np.zeros(0, np.uint64)
-        table = np.frombuffer(b"".join(p[1] for p in packs), dtype="<u8").reshape(-1, 3)
-        ref_counts = [len(p[1]) // 24 for p in packs]
-        word = ((np.repeat(cursors, ref_counts) + table[:, 0]) // np.uint64(8)).astype(np.int64)
-        region = table[:, 1].astype(np.int64)
+            self.param_first[1:] = np.cumsum(per_node[:-1])
+        flat = np.concatenate([offsets[k] for k in range(len(layouts))]) if layouts else \
+            np.zeros(0, dtype=np.uint64)
+        kernel_first = np.zeros(len(layouts), dtype=np.int64)
+        if len(layouts) > 1:
+            kernel_first[1:] = np.cumsum(counts[:-1])
+        total = int(per_node.sum())
+        within = np.arange(total, dtype=np.int64) - np.repeat(self.param_first, per_node)
+        gather = np.repeat(kernel_first[kernels], per_node) + within
+        self.param_rel = (flat[gather] if total else np.zeros(0, dtype=np.uint64)) + \
+            np.repeat(starts, per_node)
+        # Pointer words: the table's refs belong to rows in table order.
+        owner_row = np.repeat(np.arange(nk), kt.nrefs)
+        word = ((kt.starts[owner_row].astype(np.uint64) + kt.refs[:, 0]) // np.uint64(8)
+                ).astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
+        region = kt.refs[:, 1].astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
         late = np.isin(region, sorted(late_regions)) if late_regions else \
             np.zeros(len(region), dtype=bool)
         self.patch_pos = word[~late]
         self.patch_region = region[~late]
-        self.patch_off = table[~late, 2].copy()
+        self.patch_off = kt.refs[~late, 2].copy() if len(kt.refs) else np.zeros(0, np.uint64)
+        self.late_refs: dict = {}
         if late.any():
-            owner = np.repeat(np.arange(count), ref_counts)
             for idx in np.flatnonzero(late).tolist():
-                i = kernel_nodes[int(owner[idx])][0]
-                self.late_refs.setdefault(i, []).append(
-                    (int(word[idx]), int(region[idx]), int(table[idx, 2])))
-        self.children = [n.graph for n in order if n.TYPE == "graph"]
-        # Per node: its row in ``params`` (0 for other nodes), and whether it is a plain kernel
-        # node that _build adds with a single call.
-        self.node_row = np.zeros(len(order), dtype=np.int64)
-        for i, k in self.kernel_row.items():
-            self.node_row[i] = k
-        simple = np.array([i in self.kernel_row and i not in self.late_refs
-                           and (not self.deps[i] or self.dep_first[i] >= 0)
-                           for i in range(len(order))], dtype=bool)
+                p = int(pos[owner_row[idx]])
+                self.late_refs.setdefault(p, []).append(
+                    (int(word[idx]), int(region[idx]), int(kt.refs[idx, 2])))
+        self.children = [self.others[p].graph for p in sorted(self.others)
+                         if self.others[p].TYPE == "graph"]
+        simple = np.zeros(n, dtype=bool)
+        simple[kpos] = True
+        simple &= (ndeps == 0) | consecutive
+        for p in self.late_refs:
+            simple[p] = False
         # Launch attributes (cluster dimensions of cuBLAS's Hopper kernels, ...) as blocks the
         # native loop sets right after adding the node: offset of node i's block, or -1.
-        blocks = []
-        self.attr_rel = np.full(len(order), -1, dtype=np.int64)
-        cursor = 0
-        made: dict = {}                # few distinct attribute sets (cluster shapes) per graph
-        for i in sorted(self.attrs):
-            key = tuple(sorted(self.attrs[i].items()))
-            block = made.get(key)
-            if block is None:
-                block = made[key] = launch_attribute_block(self.attrs[i])
-            self.attr_rel[i] = cursor
+        self.attr_rel = np.full(n, -1, dtype=np.int64)
+        blocks, cursor, block_at = [], 0, []
+        for a in kt.attrs:
+            block = launch_attribute_block(a)
+            block_at.append(cursor)
             blocks.append(block)
             cursor += len(block)
+        if count and kt.attr is not None:
+            sets = kt.attr[rows]
+            has = sets >= 0
+            self.attr_rel[kpos[has]] = np.array(block_at, dtype=np.int64)[sets[has]] \
+                if has.any() else []
         self.attr_blob = np.frombuffer(b"".join(blocks) or bytes(8), dtype=np.uint8)
         # Maximal runs of nodes that are all simple or all not: (start, stop, simple).
         cuts = (np.flatnonzero(np.diff(simple.astype(np.int8))) + 1).tolist()
-        bounds = [0] + cuts + [len(order)]
+        bounds = [0] + cuts + [n]
         self.runs = [(a, b, bool(simple[a])) for a, b in zip(bounds, bounds[1:]) if b > a]
-        self.ndeps_array = np.array(self.ndeps, dtype=np.uint64)
+
+    def deps_of(self, i: int) -> list:
+        """Positions node ``i`` depends on (plain edges)."""
+        first = int(self.dep_first[i])
+        if first >= 0:
+            return list(range(first, first + self.ndeps[i]))
+        return self.dep_lists.get(i, [])
 
 
 def param_offsets(kernels) -> list:

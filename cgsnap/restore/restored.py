@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -45,12 +46,57 @@ log = logging.getLogger("cgsnap.restore")
 
 class RestoredGraph:
     """One graph, built and instantiated on first launch (or by :meth:`instantiate`). Usable
-    while its restore is open; after ``close()`` every call raises RestoreError."""
+    while its restore is open; after ``close()`` every call raises RestoreError.
+
+    Random numbers (a torch graph with dropout or sampling): ``rng`` lists the generator state
+    the graph's kernels read (:class:`~cgsnap.format.model.RngState`). :meth:`launch` never
+    touches it: the kernels read the seed and offset words as device memory holds them -- at
+    first the generator's state at save time, so every launch draws the numbers the original's
+    next replay would have drawn, the same numbers each time. :meth:`set_rng` writes other
+    values before a launch; ``cgsnap.torch`` does that from the live generator on every
+    replay, as torch does."""
 
     def __init__(self, owner: "Restored", name: str):
         self._owner = owner
         self.name = name
         self.exec = None
+        self._rng = None
+        self._rng_words = None
+
+    @property
+    def rng(self) -> tuple:
+        """The graph's :class:`~cgsnap.format.model.RngState` entries (empty: no random numbers)."""
+        self._owner._check_open()
+        if self._rng is None:
+            self._rng = tuple(self._owner.snapshot.graph(self.name).rng)
+        return self._rng
+
+    def set_rng(self, seed: int, offset: int, *, generator: Optional[str] = None,
+                stream=None) -> None:
+        """Write ``seed`` and ``offset`` into the words the graph's RNG kernels read, ordered on
+        ``stream`` (default: the legacy default stream, as :meth:`launch`): launches after it on
+        the same stream draw from Philox (seed, offset) -- what a torch replay from a generator
+        with that seed and offset draws. ``generator``: the entry's name (None: the device's
+        default generator). Replay *k* (from 0) after saving, with no other draw from the
+        generator in between, used ``(rng[i].saved_seed, rng[i].saved_offset + k *
+        rng[i].increment)``."""
+        rng = self.rng
+        if self._rng_words is None:
+            bases = self._owner._bases
+            self._rng_words = {e.generator: (int(bases[e.seed.region]) + e.seed.offset,
+                                             int(bases[e.offset.region]) + e.offset.offset)
+                               for e in rng}
+        words = self._rng_words.get(generator)
+        if words is None:
+            which = "the default generator" if generator is None else f"generator {generator!r}"
+            have = ", ".join("the default generator" if e.generator is None else
+                             repr(e.generator) for e in rng) or "none"
+            raise RestoreError(f"{self._owner.path}: graph {self.name!r} does not draw from "
+                               f"{which} (it draws from: {have})")
+        seed, offset = _word(seed, "seed", 64), _word(offset, "offset", 63)
+        s = driver.as_stream(stream)
+        driver.write_u64_async(words[0], seed, s)
+        driver.write_u64_async(words[1], offset, s)
 
     def instantiate(self) -> "RestoredGraph":
         self._owner._check_open()
@@ -67,6 +113,15 @@ class RestoredGraph:
     replay = launch
 
 
+def _word(value, what: str, bits: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what} {value} is out of range [0, 2**{bits})")
+    return value
+
+
 class Restored:
     """What :func:`cgsnap.load` returns; a context manager that frees everything on exit.
 
@@ -76,7 +131,8 @@ class Restored:
 
     def __init__(self, path: str, device: int = 0, bind: Optional[dict] = None,
                  instantiate: str = "lazy", verify_bound: bool = False, allow_jit: bool = False,
-                 verify_blobs: bool = True, host_callbacks: Optional[dict] = None):
+                 verify_blobs: bool = True, host_callbacks: Optional[dict] = None,
+                 limits=None, require_signature=None):
         if instantiate not in ("lazy", "all"):
             raise ValueError("instantiate must be 'lazy' or 'all'")
         self.path = str(path)
@@ -96,7 +152,9 @@ class Restored:
         try:
             with _gc_paused():
                 t0 = time.perf_counter()
-                self._file = fileformat.open_file(self.path, check_types=False)
+                # One descriptor: the signature (if required) is checked over the bytes read.
+                self._file = fileformat.open_file(self.path, check_types=False, limits=limits,
+                                                  signature_key=require_signature)
                 self.timings["read.open"] = time.perf_counter() - t0
                 self._prepare(bind or {}, verify_bound, allow_jit, verify_blobs)
                 self.timings["read"] = time.perf_counter() - t0
@@ -126,7 +184,7 @@ class Restored:
         pool = ThreadPoolExecutor(8, thread_name_prefix="cgsnap-images")
         try:
             def decompress(i):
-                return bytes(f.blob(i, verify=True))
+                return f.image(i)       # verified, within the image budgets
             early = {}
             raw = f.manifest.get("images") if isinstance(f.manifest, dict) else None
             for im in raw if isinstance(raw, list) else ():

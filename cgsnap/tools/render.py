@@ -5,11 +5,13 @@ Pure functions of the model (and the file's blob table for byte counts); no GPU.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
-from ..binary.demangle import demangle, short
+from ..binary.demangle import demangle, printable, short
 from ..capture.classify import plausible_address, weakly_reached_regions
 from ..format.model import Policy, Snapshot
+from ..kernels.identity import EXACT_SOURCE_PREFIX
 
 INFO_SCHEMA = 1
 
@@ -52,6 +54,11 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                        "edges": len(g.edges), "node_types": g.counts(),
                        "checked_buffers": sorted(snap.regions[r].name or str(r) for r in g.checks),
                        **arg_word_stats(snap, g)})
+        if g.rng:      # random numbers: what each launch reads (see RestoredGraph.set_rng)
+            graphs[-1]["rng"] = [{"generator": e.generator, "device": e.device,
+                                  "increment": e.increment, "seed_word": [e.seed.region, e.seed.offset],
+                                  "offset_word": [e.offset.region, e.offset.offset],
+                                  "saved_state": [e.saved_seed, e.saved_offset]} for e in g.rng]
     return {
         "schema": INFO_SCHEMA,
         "file": path,
@@ -64,7 +71,8 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                      "params": len(k.params), "param_bytes": sum(s for _, s in k.params),
                      "ptx": bool(k.ptx_image)} for k in snap.kernels],
         "images": [{"hash": im.hash, "kind": im.kind, "arch": f"sm_{im.arch}",
-                    "kernels": len(im.names), "source": im.source} for im in snap.images],
+                    "kernels": len(im.names), "source": im.source,
+                    "exact": im.source.startswith(EXACT_SOURCE_PREFIX)} for im in snap.images],
         "regions": [{"id": r.id, "kind": r.kind.value, "name": r.name, "size": r.size,
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
@@ -80,6 +88,66 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
     }
 
 
+def json_text(d) -> str:
+    """Strict JSON of a document built from a file (:func:`json_safe`), indented, sorted."""
+    return json.dumps(json_safe(d), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def json_safe(obj):
+    """``obj`` with what JSON cannot hold made into strings: NaN and infinities (a file's
+    metadata may hold them; JSON has no such numbers) become ``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``; bytes become their hex."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "NaN" if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).hex()
+    return obj
+
+
+def _meta_lines(meta: dict) -> list:
+    """Summary lines of what cgsnap itself records in ``meta`` (a file's free-form map: any
+    of it may be malformed, which is then said instead of failing)."""
+    out = []
+    for key, line in (("ambiguous_words", _ambiguous_line), ("pruned_images", _pruned_line),
+                      ("unpruned_images", _unpruned_line)):
+        if meta.get(key):
+            try:
+                out.append(line(meta))
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                out.append(f"meta      {key} is not in the form cgsnap writes (info --json shows it)")
+    if meta.get("images_not_pruned"):
+        out.append(f"images    kept whole: {meta['images_not_pruned']}")
+    return out
+
+
+def _ambiguous_line(meta: dict) -> str:
+    # Words that could be an int beside 4 stale bytes (cgsnap.capture.classify): what was decided.
+    amb = meta["ambiguous_words"]
+    count = meta.get("ambiguous_word_count", len(amb))
+    kept = sum(1 for line in amb if str(line).endswith(": pointer"))
+    return (f"ambiguous {count} argument words decided by evidence "
+            f"({kept} of the {len(amb)} listed kept as pointers; info --json lists them)")
+
+
+def _pruned_line(meta: dict) -> str:
+    pruned = meta["pruned_images"]
+    before = sum(int(p["bytes"][0]) for p in pruned)
+    after = sum(int(p["bytes"][1]) for p in pruned)
+    return (f"images    {len(pruned)} cut down to the kernels used: {_size(before)} -> "
+            f"{_size(after)} (cgsnap.binary.cubin_prune)")
+
+
+def _unpruned_line(meta: dict) -> str:
+    whole = meta["unpruned_images"]
+    return f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}"
+
+
 def info_text(d: dict) -> str:
     dev = d["device"]
     out = [f"file      {d['file']}" + (f"  (format {d['format_version'][0]}.{d['format_version'][1]})"
@@ -91,24 +159,13 @@ def info_text(d: dict) -> str:
     if d["meta"].get("created"):
         out.append(f"created   {d['meta']['created']}" + (f" on {d['meta']['host']}"
                                                          if d["meta"].get("host") else ""))
-    amb = d["meta"].get("ambiguous_words")
-    if amb:
-        # Words that could be an int beside 4 stale bytes (cgsnap.capture.classify): what was decided.
-        count = d["meta"].get("ambiguous_word_count", len(amb))
-        kept = sum(1 for line in amb if str(line).endswith(": pointer"))
-        out.append(f"ambiguous {count} argument words decided by evidence "
-                   f"({kept} of the {len(amb)} listed kept as pointers; info --json lists them)")
-    pruned = d["meta"].get("pruned_images")
-    if pruned:
-        before = sum(int(p["bytes"][0]) for p in pruned)
-        after = sum(int(p["bytes"][1]) for p in pruned)
-        out.append(f"images    {len(pruned)} cut down to the kernels used: {_size(before)} -> "
-                   f"{_size(after)} (cgsnap.binary.cubin_prune)")
-    whole = d["meta"].get("unpruned_images")
-    if whole:
-        out.append(f"images    {len(whole)} kept whole, e.g. {str(whole[0].get('why', ''))[:80]}")
-    if d["meta"].get("images_not_pruned"):
-        out.append(f"images    kept whole: {d['meta']['images_not_pruned']}")
+    out += _meta_lines(d["meta"])
+    exact = {im["hash"] for im in d["images"] if im.get("exact")}
+    if exact:
+        # The recorder tied these kernels to the load they came from (cgsnap.kernels.identity).
+        tied = sum(1 for k in d["kernels"] if k["image"] in exact)
+        out.append(f"identity  {tied} of {len(d['kernels'])} kernels tied by the recorder to the "
+                   "image they were loaded from; the others found by name")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
@@ -129,6 +186,11 @@ def info_text(d: dict) -> str:
                    f"({g['address_like_literals']} address-like)")
         if g["checked_buffers"]:
             out.append(f"    replay --check compares: {', '.join(g['checked_buffers'])}")
+        for e in g.get("rng", ()):
+            which = f"generator {e['generator']!r}" if e["generator"] else "default generator"
+            out.append(f"    random numbers: {which} of cuda:{e['device']}, offset +{e['increment']} "
+                       f"per replay; seed and offset words in regions {e['seed_word'][0]} and "
+                       f"{e['offset_word'][0]}")
     out.append("")
     out.append(f"kernels ({len(d['kernels'])})")
     images = {im["hash"]: im for im in d["images"]}
@@ -160,8 +222,8 @@ def info_text(d: dict) -> str:
                    f"{w['words']} word(s) inside struct arguments -- a stale pointer may have "
                    "dragged it in (docs/RELIABILITY.md, Known problems)")
     if d["events"]:
-        out.append(f"\nevents    {d['events']}")
-    return "\n".join(out) + "\n"
+        out += ["", f"events    {d['events']}"]
+    return "".join(printable(line) + "\n" for line in out)
 
 
 def _driver(v) -> str:
@@ -212,7 +274,7 @@ def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
         preds: dict = {}
         for e in g.edges:
             preds.setdefault(e.dst, []).append(e.src)
-        out.append(f"graph {g.name!r}: {len(g.nodes)} nodes, {len(g.edges)} edges")
+        out.append(printable(f"graph {g.name!r}: {len(g.nodes)} nodes, {len(g.edges)} edges"))
         for n in g.topological_order():
             title = f" node {n.id} · {n.TYPE} "
             out.append("┌─" + title + "─" * max(0, width - len(title) - 3) + "┐")
@@ -220,6 +282,7 @@ def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
             if preds.get(n.id):
                 body.append("after " + ", ".join(f"node {p}" for p in sorted(preds[n.id])))
             for line in body:
+                line = printable(line)
                 line = line if len(line) <= width - 4 else line[:width - 5] + "…"
                 out.append("│ " + line.ljust(width - 4) + " │")
             out.append("└" + "─" * (width - 2) + "┘")
@@ -233,8 +296,9 @@ def dot_text(snap: Snapshot) -> str:
         out.append(f"  subgraph cluster_{gi} {{")
         out.append(f"    label={json.dumps(g.name)};")
         for n in g.nodes:
-            label = "\\n".join([f"{n.id}: {n.TYPE}"] + [line.replace('"', "'")
-                                                       for line in node_lines(snap, n)[:2]])
+            label = "\\n".join([f"{n.id}: {n.TYPE}"] + [
+                printable(line).replace("\\", "\\\\").replace('"', "'")
+                for line in node_lines(snap, n)[:2]])
             out.append(f'    g{gi}n{n.id} [label="{label}"];')
         for e in g.edges:
             out.append(f"    g{gi}n{e.src} -> g{gi}n{e.dst};")

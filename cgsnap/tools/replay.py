@@ -5,39 +5,33 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
 from ..format.model import Policy
-
-
-def first_difference(actual: np.ndarray, expected) -> int:
-    """Byte offset of the first difference, or -1 if equal."""
-    exp = np.frombuffer(expected, dtype=np.uint8)
-    if actual.nbytes != exp.nbytes:
-        return 0
-    diff = np.flatnonzero(actual != exp)
-    return int(diff[0]) if diff.size else -1
+from .compare import compare_arrays
 
 
 def check_graph(r, name: str) -> list:
-    """Reset the saved state, launch ``name`` once, return ``[(buffer, offset)]`` mismatches."""
+    """Reset the saved state, launch ``name`` once, and compare every recorded output:
+    ``[(buffer label, region id, Comparison)]`` for those that differ (expected = A, got = B)."""
     g = r.snapshot.graph(name)
     r.reset()
     r.graph(name).launch()
     r.synchronize()
     failures = []
     for rid in sorted(g.checks):
-        off = first_difference(r.read_region(rid), r.expected(name, rid))
-        if off >= 0:
-            failures.append((r.snapshot.regions[rid].name or f"region {rid}", off))
+        region = r.snapshot.regions[rid]
+        c = compare_arrays(r.expected(name, rid), r.read_region(rid), region.dtype)
+        if not c.equal:
+            label = f"buffer {region.name!r}" if region.name else f"region {rid}"
+            failures.append((label, rid, c))
     return failures
 
 
 def replay(path: str, check: bool = False, device: int = 0, allow_jit: bool = False,
-           graph=None, key=None) -> int:
+           graph=None, key=None, limits=None) -> int:
     from .. import load
     t0 = time.perf_counter()
-    with load(path, device=device, allow_jit=allow_jit, require_signature=key) as r:
+    with load(path, device=device, allow_jit=allow_jit, require_signature=key,
+              limits=limits) as r:
         names = [graph] if graph else r.graph_names
         bound = [x.name for x in r.snapshot.regions if x.policy is Policy.BOUND]
         if check and bound:
@@ -52,9 +46,10 @@ def replay(path: str, check: bool = False, device: int = 0, allow_jit: bool = Fa
                     continue
                 failures = check_graph(r, name)
                 if failures:
-                    buf, off = failures[0]
-                    print(f"FAIL  {name}: buffer {buf!r} differs first at byte offset {off:#x}"
-                          + (f" ({len(failures)} buffers differ)" if len(failures) > 1 else ""))
+                    total = len(r.snapshot.graph(name).checks)
+                    print(f"FAIL  {name}: {len(failures)} of {total} recorded output(s) differ")
+                    for label, _, c in failures:
+                        print(f"      {label}: {c.summary('expected', 'got')}")
                     status = 1
                 else:
                     print(f"PASS  {name}: {len(r.snapshot.graph(name).checks)} buffer(s) "

@@ -1,4 +1,20 @@
-import os
-import sys
+"""Fixtures of the GPU tests (helper modules such as workloads are importable through the
+pytest ``pythonpath`` setting in pyproject.toml)."""
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+
+@pytest.fixture
+def make_bindings():
+    """``make_bindings(**kw)``: a workloads.BindingsGraph freed (libraries, buffers, streams,
+    events, graphs) when the test ends."""
+    made = []
+
+    def make(**kw):
+        from workloads import BindingsGraph
+        wl = BindingsGraph(**kw)
+        made.append(wl)
+        return wl
+    yield make
+    for wl in made:
+        wl.close()

@@ -42,9 +42,8 @@ def assert_bit_equal(restored: dict, original: dict):
         assert diff.size == 0, f"buffer {k} differs first at byte {diff[0] if diff.size else -1}"
 
 
-def test_bindings_graph_roundtrip(tmp_path):
-    from workloads import BindingsGraph
-    wl = BindingsGraph()
+def test_bindings_graph_roundtrip(tmp_path, make_bindings):
+    wl = make_bindings()
     snap = cgsnap.snapshot(wl.capture, buffers=wl.buffers, name="bindings")
     counts = snap.graphs[0].counts()
     assert counts["kernel"] >= 4 and counts["memcpy"] >= 2 and counts["memset"] == 1
@@ -60,9 +59,8 @@ def test_bindings_graph_roundtrip(tmp_path):
     assert_bit_equal(restored, original)
 
 
-def test_graph_with_mem_alloc_nodes(tmp_path):
-    from workloads import BindingsGraph
-    wl = BindingsGraph(mem_nodes=True)
+def test_graph_with_mem_alloc_nodes(tmp_path, make_bindings):
+    wl = make_bindings(mem_nodes=True)
     snap = cgsnap.snapshot(wl.capture, buffers=wl.buffers, name="memnodes")
     counts = snap.graphs[0].counts()
     assert counts.get("mem_alloc") == 1 and counts.get("mem_free") == 1
@@ -74,9 +72,9 @@ def test_graph_with_mem_alloc_nodes(tmp_path):
     assert_bit_equal(restored, original)
 
 
-def test_original_untouched_by_snapshot():
-    from workloads import BindingsGraph, read, write_state
-    wl = BindingsGraph()
+def test_original_untouched_by_snapshot(make_bindings):
+    from workloads import read, write_state
+    wl = make_bindings()
     state = {k: read(v) for k, v in wl.buffers.items()}
     x = np.random.default_rng(9).standard_normal(wl.N, dtype=np.float32)
     before = wl.run(x)
@@ -143,9 +141,8 @@ def _cupy_graph_handle(graph) -> int:
     pytest.skip("this CuPy does not expose the captured cudaGraph_t")
 
 
-def test_replay_check_cli(tmp_path):
-    from workloads import BindingsGraph
-    wl = BindingsGraph()
+def test_replay_check_cli(tmp_path, make_bindings):
+    wl = make_bindings()
     snap = cgsnap.snapshot(wl.capture, buffers=wl.buffers, name="cli")
     assert snap.graphs[0].checks, "outputs are recorded by default for named buffers"
     path = tmp_path / "cli.cgsnap"

@@ -26,12 +26,17 @@ def run_example(script, out_dir, **extra_env):
 
 @pytest.fixture(scope="module")
 def example():
-    """The example's model module, at the tests' size."""
+    """The example's model module, at the tests' size: loaded from its file (no edit of
+    sys.path), with WARM_LAYERS set only while it is imported."""
     pytest.importorskip("torch")
-    os.environ["WARM_LAYERS"] = "4"
-    sys.path.insert(0, EXAMPLE)
-    import model
-    return model
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("warm_restart_model",
+                                                  os.path.join(EXAMPLE, "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WARM_LAYERS", "4")
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

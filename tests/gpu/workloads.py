@@ -91,6 +91,8 @@ class BindingsGraph:
         self.dev = driver.init(0)
         cubin, self.add_name = nvrtc_compile(KERNELS_CU, self.dev.arch)
         self.lib = driver.library_load(cubin)
+        self._made = []          # (release function, handle), released by close()
+        self._made.append((driver.library_unload, self.lib))
         f = {k: driver.library_function(self.lib, k) for k in ("affine", "pair_mul", "sum_rows")}
         f["add"] = driver.library_function(self.lib, self.add_name)
         # __constant__ coeff set at run time: the restore must carry this value.
@@ -100,6 +102,7 @@ class BindingsGraph:
         self.buf = {k: driver.mem_alloc(nb) for k in ("x", "y", "w", "z", "acc")}
         self.mat = driver.mem_alloc(self.ROWS * self.COLS * 4)
         self.rows = driver.mem_alloc(self.ROWS * 4)
+        self._made += [(driver.mem_free, p) for p in (*self.buf.values(), self.mat, self.rows)]
         rng = np.random.default_rng(1)
         for k in self.buf:
             driver.htod(self.buf[k], rng.standard_normal(n, dtype=np.float32), nb)
@@ -107,6 +110,9 @@ class BindingsGraph:
                     self.ROWS * self.COLS * 4)
         s1, s2 = driver.stream_create(), driver.stream_create()
         ev_fork, ev_join = call(cu.cuEventCreate, 0), call(cu.cuEventCreate, 0)
+        self._made += [(driver.stream_destroy, s1), (driver.stream_destroy, s2),
+                       (lambda e: call(cu.cuEventDestroy, e), ev_fork),
+                       (lambda e: call(cu.cuEventDestroy, e), ev_join)]
         b = self.buf
         grid = (n + 255) // 256
         with cgsnap.capture(stream=s1) as cap:
@@ -147,10 +153,24 @@ class BindingsGraph:
                                          ctypes.c_int(n)], s2)
         leaves = _leaf_nodes(self.graph)
         call(cu.cuGraphAddChildGraphNode, self.graph, leaves, len(leaves), child.graph)
+        self._made += [(lambda c: c.close(), child), (lambda c: c.close(), cap)]
         self.buffers = {"x": (b["x"], nb), "y": (b["y"], nb), "w": (b["w"], nb),
                         "z": (b["z"], nb), "acc": (b["acc"], nb),
                         "rows": (self.rows, self.ROWS * 4)}
         self.outputs = ["y", "w", "z", "acc", "rows"]
+
+    def close(self) -> None:
+        """Free every library, buffer, stream, event and graph this workload made."""
+        driver.ctx_sync()
+        while self._made:
+            release, handle = self._made.pop()
+            release(handle)
+
+    def __enter__(self) -> "BindingsGraph":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, x: np.ndarray) -> dict:
         """Replay the original graph with input x, from the state it had at capture."""
