@@ -343,3 +343,33 @@ def test_read_contents_hashes_and_drops_zero_extents(monkeypatch):
     assert regions[1].content_hash == hashing.blob_checksum(mem[30000:30512]).hex()
     assert regions[2].data is None and regions[2].content_hash is None
     assert set(cache) == {(4096, 1024), (8192, 4096), (13096, 100), (30000, 512)}
+
+
+def test_patching_saved_bytes_of_extents_and_whole_regions():
+    """torch's RNG words are patched into the saved contents after the probe replay: inside
+    an extent (held on the "device": patched in host memory from then on), as a new extent
+    where the word was left out for being zero, in whole contents; never across an extent."""
+    from cgsnap.errors import CaptureError
+    from cgsnap.format.model import Extent
+    mem = np.random.default_rng(11).integers(0, 256, 1 << 12, dtype=np.uint8)
+    reader = FakeReader(mem)
+    r = Region(0, RegionKind.ALLOCATION, 4096, Policy.SAVED, origin=0,
+               extents=[Extent(512, 8, device_contents.DeviceContents(512, 8, reader)),
+                        Extent(2048, 512, device_contents.DeviceContents(2048, 512, reader))])
+    record.patch_saved_bytes(r, 512, (42).to_bytes(8, "little"))
+    assert isinstance(r.extents[0].data, np.ndarray) and bytes(r.extents[0].data) == \
+        (42).to_bytes(8, "little")
+    record.patch_saved_bytes(r, 1024, (7).to_bytes(8, "little"))        # was a zero word
+    assert [(e.offset, e.length) for e in r.extents] == [(512, 8), (1024, 8), (2048, 512)]
+    record.patch_saved_bytes(r, 3000, bytes(8))          # zero where nothing is saved: nothing
+    assert len(r.extents) == 3
+    assert r.content_hash == hashing.extents_hash(
+        [(512, 8, hashing.blob_checksum((42).to_bytes(8, "little"))),
+         (1024, 8, hashing.blob_checksum((7).to_bytes(8, "little"))),
+         (2048, 512, hashing.blob_checksum(mem[2048:2560]))])
+    with pytest.raises(CaptureError, match="straddle"):
+        record.patch_saved_bytes(r, 2044, bytes(range(1, 9)))
+    whole = Region(1, RegionKind.NAMED, 64, Policy.SAVED, name="w", data=bytes(64))
+    record.patch_saved_bytes(whole, 8, (5).to_bytes(8, "little"))
+    assert bytes(whole.data[8:16]) == (5).to_bytes(8, "little")
+    assert whole.content_hash == hashing.blob_checksum(whole.data).hex()
