@@ -524,6 +524,8 @@ def _read_contents(rec: Recording, hold: str, contents_cache: Optional[dict]) ->
 
 def _digest(data) -> bytes:
     if isinstance(data, Contents):
+        if data.digest is None:
+            data.reader.scan([data])
         return data.digest
     return checksum(memoryview(data).cast("B"))
 
