@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .capture.buffers import Bound, Saved, Scratch
+from .capture.classify import DEFAULT_POINTER_BUDGET
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
                      CompatibilityError, DriverError, FormatError, KernelNotFoundError,
                      LimitError, RecorderError, RestoreError, SignatureError,
@@ -43,21 +44,23 @@ def capture(stream=None, mode: str = "thread_local"):
 
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
-             host_callbacks=None, meta=None, suspect_regions: str = "keep",
-             hold: str = "copy", trace=False) -> Snapshot:
+             host_callbacks=None, meta=None, memory_pointers: str = "follow",
+             pointer_budget: int = DEFAULT_POINTER_BUDGET, hold: str = "copy",
+             trace=False) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
-    ``buffers`` names device memory (torch tensors, CuPy arrays, objects with
-    ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` / :class:`Scratch`
-    to keep contents out of the file). ``record_outputs`` (default: when buffers are named)
-    launches the graph once to record the named buffers' outputs for ``cgsnap replay --check``,
-    then puts every region back as it was. ``host_callbacks``: ``{name: function}`` (the
-    ctypes function or address a host node calls) lets host-callback nodes travel by name.
-    ``suspect_regions="error"`` refuses (:class:`CaptureError`, naming node and argument) to
-    save an allocation of 1 MiB or more that only words inside struct arguments point at --
-    usually stale addresses in padding that would drag unrelated memory into the file; the
-    default ``"keep"`` saves it, and ``cgsnap info`` lists it as suspect.
+    ``buffers`` names device memory (torch tensors of any strides, CuPy arrays, objects with
+    ``__cuda_array_interface__``, or ``(ptr, nbytes)``; wrap in :class:`Bound` /
+    :class:`Scratch` to keep contents out of the file). ``record_outputs`` (default: when
+    buffers are named) launches the graph once to record the named buffers' outputs for
+    ``cgsnap replay --check``, then puts every region back as it was. ``host_callbacks``:
+    ``{name: function}`` (the ctypes function or address a host node calls) lets
+    host-callback nodes travel by name. ``memory_pointers="follow"`` (the default) finds the
+    pointers stored in saved memory (pointer arrays, structs of pointers, ``__device__ T*``
+    globals), brings in the device allocations they reach, up to ``pointer_budget`` bytes
+    (:class:`CaptureError` beyond, naming the region and offset), and has the restore rewrite
+    them; ``"off"`` leaves saved contents as they are.
 
     ``hold``: where the saved contents wait for :meth:`Snapshot.save`. ``"copy"`` (default) is
     a device-side copy made now (the snapshot keeps the state it saw; the copy is freed with
@@ -78,7 +81,8 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
         raise CaptureError(f"trace={trace!r}: expected True, False or a byte budget >= 0")
     snap = snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
-                          suspect_regions=suspect_regions, hold=hold)
+                          memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                          hold=hold)
     if trace is not False:
         from .restore.stepper import trace_snapshot
         from .restore.trace import DEFAULT_BUDGET

@@ -34,7 +34,8 @@ import torch
 from .capture import buffers as _buffers
 from .capture import philox
 from .capture.blocks import AllocatorMap, Block, Segment
-from .capture.record import check_suspect_choice, patch_saved_bytes, snapshot_graph
+from .capture.classify import DEFAULT_POINTER_BUDGET
+from .capture.record import check_memory_pointers, patch_saved_bytes, snapshot_graph
 from .capture.stream_capture import graph_handle
 from .cuda import driver
 from .cuda import graphs as cuda_graphs
@@ -84,17 +85,18 @@ def _block(b: dict, base: int) -> Block:
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
-             suspect_regions: str = "keep", granularity: str = "block",
-             hold: str = "copy", generators: Optional[dict] = None) -> list:
+             memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
+             granularity: str = "block", hold: str = "copy",
+             generators: Optional[dict] = None) -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
-    ``suspect_regions`` (see :func:`cgsnap.snapshot`) is applied to each graph on its own.
-    ``granularity``: ``"block"`` saves only the live allocator blocks the graphs reach,
-    ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"`` keeps a
-    device copy of the saved contents until the snapshots are saved and dropped.
+    ``memory_pointers`` / ``pointer_budget`` (see :func:`cgsnap.snapshot`) apply to each graph
+    on its own. ``granularity``: ``"block"`` saves only the live allocator blocks the graphs
+    reach, ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"``
+    keeps a device copy of the saved contents until the snapshots are saved and dropped.
     Graphs that draw random numbers carry their generator's state (see :func:`_record_rng`);
     ``generators``: ``{name: torch.Generator}`` for graphs that draw from generators of their
     own (registered with ``register_generator_state`` before capture), besides the default."""
-    check_suspect_choice(suspect_regions)     # before any work, even with no graphs
+    check_memory_pointers(memory_pointers, pointer_budget)   # before any work
     named: dict = {}
     if model is not None:
         named[model_name] = _buffers.Bound(model)
@@ -108,7 +110,8 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     contents: dict = {}         # and memory several graphs save is read once
     snaps = [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
                             allocator_map=amap, bound_hashes=bound_hashes,
-                            suspect_regions=suspect_regions, hold=hold, contents_cache=contents)
+                            memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                            hold=hold, contents_cache=contents)
              for name, g in graphs.items()]
     _record_rng(snaps, list(graphs.values()), generators)
     return snaps
@@ -116,15 +119,16 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
          bound: Optional[dict] = None, compress="auto", prune: bool = True,
-         suspect_regions: str = "keep", granularity: str = "block",
-         generators: Optional[dict] = None):
+         memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
+         granularity: str = "block", generators: Optional[dict] = None):
     """Snapshot every graph and write them to one file; returns the merged snapshot. The
     contents are read from the live memory while the file is written (nothing runs in
     between but the RNG probe, whose two words are patched into saved copies), each blob
     checked against what the snapshot scanned."""
     from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
-                     suspect_regions=suspect_regions, granularity=granularity, hold="live",
+                     memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                     granularity=granularity, hold="live",
                      generators=generators)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
@@ -269,11 +273,19 @@ def _write_saved_words(snap, states: list) -> None:
 
 
 def as_tensor(buf) -> torch.Tensor:
-    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy)."""
+    """A torch tensor viewing a restored :class:`cgsnap.restore.restored.Buffer` (zero-copy),
+    with the view the buffer was named with (shape, strides, offset)."""
     raw = torch.as_tensor(_ByteView(buf), device="cuda")
     dtype = getattr(torch, buf.dtype) if buf.dtype and hasattr(torch, buf.dtype) else torch.uint8
     t = raw.view(dtype)
-    return t.reshape(buf.shape) if buf.dtype else t
+    if not buf.dtype:
+        return t
+    if buf.strides is None:
+        return t.reshape(buf.shape)
+    if any(s < 0 for s in buf.strides):
+        raise ValueError(f"buffer {buf.name!r} has negative strides {buf.strides}: a torch "
+                         "tensor cannot view it (use its __cuda_array_interface__)")
+    return torch.as_strided(t, buf.shape, buf.strides, buf.view_offset)
 
 
 class _ByteView:

@@ -136,7 +136,8 @@ def test_plan_extents_from_the_graphs_refs():
         MemsetNode(2, Ref(1, 0), 0, 1, 16),                   # the view: block 5 (cut out)
     ]
     rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
-                                segments={0: seg, 3: segment()}, extra_accesses=[(3, 20 * KiB, 0)])
+                                segments={0: seg, 3: segment()}, extra_accesses=[(3, 20 * KiB, 0)],
+                                planned={})
     record._plan_extents(rec)
     assert [(e.offset, e.length) for e in regions[0].extents] == [
         (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 1 * KiB),
@@ -373,3 +374,48 @@ def test_patching_saved_bytes_of_extents_and_whole_regions():
     record.patch_saved_bytes(whole, 8, (5).to_bytes(8, "little"))
     assert bytes(whole.data[8:16]) == (5).to_bytes(8, "little")
     assert whole.content_hash == hashing.blob_checksum(whole.data).hex()
+
+
+def test_stored_pointers_reach_blocks_of_a_segment_saved_by_block(monkeypatch):
+    """A pointer array in a reached block points into a block no kernel names: following it
+    adds that block to the segment's extents (its contents read and scanned in a second
+    round), records the word in the segment's refs, and leaves the unreached block out."""
+    from cgsnap.capture.record import Recording
+    from cgsnap.format.model import Kernel
+    base = 0x7F00_1234_0000
+    mem = np.zeros(64 * KiB, dtype=np.uint8)
+    mem[0:8] = np.frombuffer((base + 4 * KiB + 16).to_bytes(8, "little"), np.uint8)
+    mem[8:4096] = 3                                          # the rest of the pointer block
+    mem[4 * KiB:8 * KiB] = np.arange(4 * KiB, dtype=np.uint8) % 200 + 1     # the target
+    mem[8 * KiB:12 * KiB] = 9                                # live, reached by nothing
+
+    class Reader(FakeReader):
+        def read(self, c):
+            return self.mem[c.addr - base:c.addr - base + c.nbytes].copy()
+
+        def stream(self, items):
+            raise AssertionError("not saved here")
+    reader = Reader(mem)
+    monkeypatch.setattr(record, "hold_contents", lambda spans, hold, st=None: (
+        [device_contents.DeviceContents(a, n, reader) for a, n in spans], hold))
+    seg = Segment(base, 64 * KiB, (Block(0, 4 * KiB, 4 * KiB), Block(4 * KiB, 4 * KiB, 4 * KiB),
+                                   Block(8 * KiB, 4 * KiB, 4 * KiB),
+                                   Block(12 * KiB, 52 * KiB, 0)))
+    rec = Recording(None, None, None, allocator_map=AllocatorMap([seg]))
+    region = rec._allocation_region(base, 64 * KiB)
+    rec.kernels = [Kernel(0, "k", "0" * 32, ((0, 8),))]
+    node = KernelNode(0, 0, (1, 1, 1), (1, 1, 1), 0, base.to_bytes(8, "little"),
+                      np.array([[0, region.id, 0]], dtype="<u8").tobytes())
+    rec.graphs = [Graph("g", [node], [])]
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in region.extents] == [(0, 4 * KiB)]
+    cache: dict = {}
+    record._read_contents(rec, "live", cache)
+    record._follow_memory_pointers(rec, "g", 1 << 30, "live", cache)
+    assert [(e.offset, e.length) for e in region.extents] == [(0, 4 * KiB), (4 * KiB, 4 * KiB)]
+    assert np.frombuffer(region.refs, dtype="<u8").reshape(-1, 3).tolist() == \
+        [[0, region.id, 4 * KiB + 16]]
+    assert region.span == (0, 8 * KiB)
+    assert region.content_hash == hashing.extents_hash(
+        [(0, 4096, hashing.blob_checksum(mem[:4096])),
+         (4096, 4096, hashing.blob_checksum(mem[4096:8192]))])

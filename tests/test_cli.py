@@ -40,7 +40,8 @@ def test_info_json_has_schema_and_counts():
     proc = cgsnap("info", SAMPLE, "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
-    assert d["schema"] == 1
+    assert d["schema"] == 2
+    assert d["memory_refs"] == {"words": 0, "regions": 0}
     g = d["graphs"][0]
     assert g["node_types"] == {"kernel": 5} and g["refs"] > 0
     assert d["device"]["arch"] == 90
@@ -117,9 +118,9 @@ def test_info_reports_ambiguous_words(tmp_path):
     assert "ambiguous" not in cgsnap("info", SAMPLE).stdout
 
 
-def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path):
-    """A saved allocation that only struct-interior words point at (how a stale address in
-    padding drags memory in) is listed; one a whole pointer parameter reaches is not."""
+def test_info_and_show_list_pointers_stored_in_memory(tmp_path):
+    """A saved allocation holding a pointer array: info counts the words (summary line, region
+    line, --json), show lists each with its target."""
     import numpy as np
 
     from cgsnap.format.hashing import content_hash
@@ -127,28 +128,32 @@ def test_info_flags_a_large_allocation_reached_only_from_inside_structs(tmp_path
                                      Region, RegionKind, Snapshot)
     image = b"\x7fELF" + bytes(64)
     h = content_hash(image)
-    big = np.zeros(2 << 20, np.uint8)
-    word = lambda v: v.to_bytes(8, "little")  # noqa: E731
+    ptrs = np.zeros(64, np.uint8)
     node = KernelNode.from_args(0, 0, (1, 1, 1), (32, 1, 1), 0, (
-        Arg(word(0x7F00_0000_0040) + word(0), ((0, Ref(0, 0x40)),)),     # inside a struct
-        Arg(word(0x7F10_0000_0000), ((0, Ref(1, 0)),))), ((0, 16), (16, 8)))  # a whole parameter
-    regions = [Region(i, RegionKind.ALLOCATION, big.size, Policy.SAVED, data=big,
-                      content_hash=content_hash(big)) for i in range(2)]
+        Arg((0x7F00_0000_0000).to_bytes(8, "little"), ((0, Ref(0, 0)),)),), ((0, 8),))
+    regions = [Region(0, RegionKind.ALLOCATION, 64, Policy.SAVED, data=ptrs,
+                      content_hash=content_hash(ptrs),
+                      refs=np.array([[0, 1, 0], [8, 1, 256], [16, 2, 4]], "<u8").tobytes()),
+               Region(1, RegionKind.ALLOCATION, 1024, Policy.SCRATCH),
+               Region(2, RegionKind.NAMED, 16, Policy.SCRATCH, name="t", dtype="float32",
+                      shape=(2, 2), strides=(1, 2))]
     snap = Snapshot(graphs=[Graph("g", [node], [])], regions=regions,
                     images=[KernelImage(h, "cubin", 90, ("k",), image, "test")],
-                    kernels=[Kernel(0, "k", h, ((0, 16), (16, 8)))], device={"arch": 90})
-    path = tmp_path / "weak.cgsnap"
+                    kernels=[Kernel(0, "k", h, ((0, 8),))], device={"arch": 90})
+    path = tmp_path / "ptrs.cgsnap"
     snap.save(path)
     out = cgsnap("info", str(path)).stdout
-    assert "suspect: region 0 (2.0 MiB saved) is reached only by 1 word(s) inside struct" in out
-    assert "region 1 (" not in out
+    assert "pointers  3 words stored in 1 saved region(s) point into regions" in out
+    assert "(3 stored pointers)" in out and "float32[2, 2] strides (1, 2)" in out
     d = json.loads(cgsnap("info", str(path), "--json").stdout)
-    assert d["weakly_reached_regions"] == [{"id": 0, "size": 2 << 20, "words": 1}]
-    assert json.loads(cgsnap("info", SAMPLE, "--json").stdout)["weakly_reached_regions"] == []
-    # Where the words are: what snapshot(..., suspect_regions="error") names.
-    from cgsnap.capture.classify import weak_region_words
-    assert weak_region_words(snap) == {0: [("g", 0, 0, 0)]}
-    assert weak_region_words(snap, min_size=4 << 20) == {}
+    assert d["memory_refs"] == {"words": 3, "regions": 1}
+    assert [r["memory_refs"] for r in d["regions"]] == [3, 0, 0]
+    assert d["regions"][2]["strides"] == [1, 2]
+    show = cgsnap("show", str(path)).stdout
+    assert "region 0 (allocation): 3 stored pointer(s)" in show
+    assert "  +0x8 → region 1 (allocation) + 0x100" in show
+    assert '  +0x10 → region 2 "t" + 0x4' in show
+    assert "stored pointer" not in cgsnap("show", SAMPLE).stdout
 
 
 def test_info_says_which_kernels_the_recorder_tied_to_their_load():

@@ -23,11 +23,11 @@ from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
 from ..format.contents import Contents, checksum, is_zero
 from ..format.hashing import extents_hash, region_hash
 from ..format.model import (MAX_DECISIONS_KEPT, Edge, Extent, Graph, Kernel, KernelImage, Policy,
-                            Ref, Region, RegionKind, Snapshot)
+                            Ref, Region, RegionKind, Snapshot, remap_region_refs)
 from ..format.nodes import NODE_TYPES, KernelNode, Renumbering
 from . import classify
 from .blocks import AllocatorMap, reached_extents, reached_span
-from .buffers import BufferSpec, expand_buffers
+from .buffers import expand_buffers
 from .contents import DeviceContents, hold_contents, reader_for
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
@@ -60,6 +60,7 @@ class Recording:
         # Extra (region, offset, span) accesses for the reach of blocks: in-memory pointers
         # (pointer tables in device memory) belong here -- span 0 for a pointer.
         self.extra_accesses: list = []
+        self.planned: dict = {}           # region id -> extents planned (zero ones included)
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -76,6 +77,7 @@ class Recording:
         # known: (node, position in params, Ref, word, where)
         self.pending: list = []
         self.decisions: list = []     # one line per decided word, for Snapshot.meta
+        self.initial_values: dict = {}    # image hash -> {symbol: bytes loading gives it}
 
     # ---- regions --------------------------------------------------------------------------
     def add_region(self, kind: RegionKind, base: int, size: int, priority: Optional[int],
@@ -87,19 +89,42 @@ class Recording:
             self.table.add(base, size, region.id, priority)
         return region
 
-    def add_named(self, spec: BufferSpec) -> Region:
-        parent = None
-        if spec.policy is not Policy.BOUND:
-            # A named buffer carved out of a larger allocation (a caching allocator's segment)
-            # is restored as a view of that allocation: other graphs may use the same memory.
-            rng = self._allocation_range(spec.ptr)
-            if rng is not None and rng != (spec.ptr, spec.nbytes):
-                parent = self._allocation_region(*rng)
-        region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED, name=spec.name,
-                                 dtype=spec.dtype, shape=spec.shape, policy=spec.policy)
-        if parent is not None:
-            region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
-        return region
+    def add_named(self, specs: list) -> None:
+        """Regions for the named buffers. A buffer carved out of a larger allocation (a caching
+        allocator's segment) is restored as a view of that allocation, so that memory graphs
+        share stays shared; so are several buffers of one allocation (two views of one
+        storage), also when one of them spans all of it. A bound buffer is the caller's memory:
+        one that overlaps a buffer that is not bound cannot keep sharing it and is refused."""
+        _refuse_bound_overlaps(specs)
+        ranges = {}
+        for spec in specs:
+            if spec.policy is not Policy.BOUND:
+                rng = self._allocation_range(spec.ptr)
+                if rng is not None and not (rng[0] <= spec.ptr and
+                                            spec.ptr + spec.nbytes <= rng[0] + rng[1]):
+                    rng = None      # (a view straddling two mappings: not one allocation)
+                ranges[spec.name] = rng
+        members: dict = {}
+        for spec in specs:
+            rng = ranges.get(spec.name)
+            if rng is not None:
+                members.setdefault(rng, []).append(spec)
+        _refuse_unshared_overlaps([s for s in specs if s.policy is not Policy.BOUND and
+                                   ranges.get(s.name) is None])
+        for spec in specs:
+            parent = None
+            rng = ranges.get(spec.name)
+            if rng is not None and (rng != (spec.ptr, spec.nbytes) or len(members[rng]) > 1):
+                # A buffer spanning the whole allocation carries all of its bytes: the
+                # allocation itself then needs none of its own.
+                whole = any((s.ptr, s.nbytes) == rng for s in members[rng])
+                parent = self._allocation_region(*rng, Policy.SCRATCH if whole else Policy.SAVED)
+            region = self.add_region(RegionKind.NAMED, spec.ptr, spec.nbytes, NAMED,
+                                     name=spec.name, dtype=spec.dtype, shape=spec.shape,
+                                     policy=spec.policy, strides=spec.strides,
+                                     view_offset=spec.view_offset)
+            if parent is not None:
+                region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
 
     def _allocation_range(self, addr: int) -> Optional[tuple]:
         """``(base, size)`` of the allocation holding ``addr``: the allocator map's segment
@@ -111,11 +136,11 @@ class Recording:
                 return seg.address, seg.size
         return driver.address_range(addr)
 
-    def _allocation_region(self, base: int, size: int) -> Region:
+    def _allocation_region(self, base: int, size: int, policy: Policy = Policy.SAVED) -> Region:
         for r in self.regions:
             if r.kind is RegionKind.ALLOCATION and r.origin == base:
                 return r
-        policy, pool = Policy.SAVED, None
+        pool = None
         seg = self.allocator_map.segment_at(base) if self.allocator_map is not None else None
         if seg is not None and (seg.address, seg.size) != (base, size):
             seg = None
@@ -330,6 +355,33 @@ class Recording:
         return Ref(region.id, 0)
 
 
+def _overlapping_pairs(specs: list):
+    """Pairs of buffers whose bytes overlap (each pair once)."""
+    spans = sorted((s.ptr, s.ptr + s.nbytes, i) for i, s in enumerate(specs) if s.nbytes)
+    active: list = []
+    for start, end, i in spans:
+        active = [(e, j) for e, j in active if e > start]
+        for _, j in active:
+            yield specs[j], specs[i]
+        active.append((end, i))
+
+
+def _refuse_bound_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        if (a.policy is Policy.BOUND) != (b.policy is Policy.BOUND):
+            bound, other = (a, b) if a.policy is Policy.BOUND else (b, a)
+            raise CaptureError(f"named buffer {other.name!r} overlaps bound buffer "
+                               f"{bound.name!r}: bound memory is the restoring process's, so a "
+                               "view of it must be bound too (bind both), or name neither")
+
+
+def _refuse_unshared_overlaps(specs: list) -> None:
+    for a, b in _overlapping_pairs(specs):
+        raise CaptureError(f"named buffers {a.name!r} and {b.name!r} overlap but lie in no "
+                           "device allocation the driver knows: they cannot share memory "
+                           "after restore")
+
+
 def _table_bytes(rows) -> bytes:
     """A pointer table (rows of position, region, offset) as stored: u64 triples."""
     return np.array(rows, dtype="<u8").reshape(-1, 3).tobytes()
@@ -339,6 +391,9 @@ def _table_bytes(rows) -> bytes:
 
 def _used_regions(rec: Recording) -> set:
     used = {r.parent for r in rec.regions if r.parent is not None}
+    for r in rec.regions:
+        if r.refs:
+            used.update(r.pointer_table()["region"].tolist())
     for g in rec.graphs:
         used.update(g.checks)
         for n in g.nodes:
@@ -352,11 +407,13 @@ def _keep_regions(rec: Recording, keep: list) -> None:
         return
     rmap = {r.id: i for i, r in enumerate(keep)}
     rec.regions = [dataclasses.replace(r, id=rmap[r.id],
-                                       parent=None if r.parent is None else rmap[r.parent])
+                                       parent=None if r.parent is None else rmap[r.parent],
+                                       refs=remap_region_refs(r.refs, rmap))
                    for r in keep]
     rec.segments = {rmap[rid]: seg for rid, seg in rec.segments.items() if rid in rmap}
-    rec.extra_accesses = [(rmap[rid], off, span) for rid, off, span in rec.extra_accesses
-                          if rid in rmap]
+    rec.extra_accesses = [(rmap[a[0]],) + tuple(a[1:]) for a in rec.extra_accesses
+                          if a[0] in rmap]
+    rec.planned = {rmap[rid]: p for rid, p in rec.planned.items() if rid in rmap}
     for g in rec.graphs:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
@@ -372,27 +429,217 @@ def _drop_unused_allocations(rec: Recording) -> None:
                         if r.kind is not RegionKind.ALLOCATION or r.id in used])
 
 
+def _unchanged_global(rec: Recording, r: Region) -> bool:
+    """Whether module global ``r`` still holds what loading its image gives it."""
+    cache = rec.initial_values
+    if r.image not in cache:
+        try:
+            cache[r.image] = elf.global_initial_values(rec.images[r.image].data)
+        except BinaryFormatError:
+            cache[r.image] = {}
+    value = cache[r.image].get(r.symbol)
+    return value is not None and len(value) == r.size and \
+        np.asarray(r.data, dtype=np.uint8).tobytes() == value
+
+
 def _drop_unchanged_globals(rec: Recording) -> None:
-    """Module globals that no node points at and that still hold what loading their image
-    gives them need not travel: the restore's library load recreates them. Library modules
-    (cuBLAS) define hundreds of such tables; carrying them made the file, its validation and
-    the restore's per-region driver calls several times larger than the graphs themselves."""
-    initial: dict = {}
+    """Module globals that no node or stored pointer points at and that still hold what
+    loading their image gives them need not travel: the restore's library load recreates them.
+    Library modules (cuBLAS) define hundreds of such tables; carrying them made the file, its
+    validation and the restore's per-region driver calls several times larger than the graphs
+    themselves."""
     used = _used_regions(rec)
-    keep = []
-    for r in rec.regions:
-        if r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED and r.id not in used:
-            if r.image not in initial:
-                try:
-                    initial[r.image] = elf.global_initial_values(rec.images[r.image].data)
-                except BinaryFormatError:
-                    initial[r.image] = {}
-            value = initial[r.image].get(r.symbol)
-            if value is not None and len(value) == r.size and \
-                    np.asarray(r.data, dtype=np.uint8).tobytes() == value:
+    _keep_regions(rec, [r for r in rec.regions
+                        if not (r.kind is RegionKind.MODULE_GLOBAL and r.policy is Policy.SAVED
+                                and r.id not in used and _unchanged_global(rec, r))])
+
+
+# ---- pointers stored in device memory ----------------------------------------------------------
+
+MEMORY_POINTER_CHOICES = ("follow", "off")
+
+
+def check_memory_pointers(value: str, budget: int) -> None:
+    """CaptureError unless ``value`` is a ``memory_pointers`` setting and ``budget`` a size."""
+    if value not in MEMORY_POINTER_CHOICES:
+        raise CaptureError(f"memory_pointers={value!r}: expected one of "
+                           f"{', '.join(MEMORY_POINTER_CHOICES)}")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise CaptureError(f"pointer_budget={budget!r}: expected a number of bytes")
+
+
+def _region_label(r: Region) -> str:
+    if r.kind is RegionKind.NAMED:
+        return f"buffer {r.name!r}"
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return f"module global {r.symbol}"
+    where = f" at {r.origin:#x}" if r.origin is not None else ""
+    return f"region {r.id} ({r.kind.value}{where})"
+
+
+def _scannable(rec: Recording, r: Region) -> bool:
+    """What is scanned for stored pointers: saved contents of allocations, of named buffers of
+    an integer (or no) dtype, of host memory copies read, and of module globals that no longer
+    hold their image's initial value (what still does cannot hold an address of this
+    process)."""
+    if r.policy is not Policy.SAVED or r.size < 8:
+        return False
+    if r.kind is RegionKind.NAMED:
+        return classify.holds_pointers(r.dtype)
+    if r.kind is RegionKind.MODULE_GLOBAL:
+        return not _unchanged_global(rec, r)
+    return r.kind in (RegionKind.ALLOCATION, RegionKind.HOST)
+
+
+def _strong_argument_values(rec: Recording) -> set:
+    """The values of the kernel arguments' strong pointers: evidence for ambiguous words."""
+    values = set()
+    for g in rec.graphs:
+        for n in g.nodes:
+            if n.TYPE != "kernel" or not n.refs:
                 continue
-        keep.append(r)
-    _keep_regions(rec, keep)
+            whole = {off for off, size in rec.kernels[n.kernel].params if size == 8}
+            for pos in n.pointer_table()["pos"].tolist():
+                word = int.from_bytes(n.params[pos:pos + 8], "little")
+                if classify.strong(word, pos in whole):
+                    values.add(word)
+    return values
+
+
+MAX_POINTER_ROUNDS = 64
+
+
+def _follow_memory_pointers(rec: Recording, name: str, budget: int, hold: str,
+                            contents_cache: Optional[dict]) -> None:
+    """Scan what is saved for stored pointers (classify.MemoryPointers), bring in the
+    allocations they reach (contents read now, like the others'), record each word in its
+    region's ``refs``.
+
+    Saved contents are scanned as a restore will write them: a whole region's bytes, or a
+    segment's extents with zeros between them. A stored pointer reaches the block it lands in
+    like any other ref (``Recording.extra_accesses``): where that adds blocks to a segment's
+    extents, their contents are read, and everything is scanned again, until no pointer adds
+    a block (their bytes may hold pointers too)."""
+    views: dict = {}
+
+    def read(region: Region):
+        """Contents of a region, read once it is within the budgets."""
+        if region.policy is Policy.SAVED and region.data is None and region.extents is None:
+            if region.id in rec.segments:          # a segment brought in: planned by block
+                _replan(rec, [region.id], hold, contents_cache)
+            else:
+                _read_whole(region, hold, contents_cache)
+        key = (region.id, len(region.extents) if region.extents is not None else -1)
+        hit = views.get(region.id)
+        if hit is None or hit[0] != key:
+            hit = views[region.id] = (key, _scan_bytes(region))
+        return hit[1]
+
+    for _ in range(MAX_POINTER_ROUNDS):
+        scan = classify.MemoryPointers(
+            rec.regions, rec.table, rec._allocation_range, rec._allocation_region, read,
+            lambda r: _scannable(rec, r), lambda rid: _region_label(rec.regions[rid]),
+            _strong_argument_values(rec), budget=budget, what=f"snapshot {name!r}")
+        result = scan.run()
+        for rid in result.added:
+            if rec.regions[rid].policy is Policy.SAVED:
+                read(rec.regions[rid])
+        touched = set()
+        rec.extra_accesses = [a for a in rec.extra_accesses if a[3:] != ("stored",)]
+        for rid, table in result.refs.items():
+            rec.regions[rid].refs = table.astype("<u8").tobytes()
+            for target, offset in table[:, 1:].tolist():
+                if target in rec.segments:
+                    rec.extra_accesses.append((target, offset, 0, "stored"))
+                    touched.add(target)
+        if not _replan(rec, sorted(touched), hold, contents_cache):
+            break
+    else:
+        raise CaptureError(f"snapshot {name!r}: pointers stored in device memory kept reaching "
+                           f"new blocks after {MAX_POINTER_ROUNDS} rounds")
+    rec.decisions.extend(result.decisions)
+
+
+def _scan_bytes(r: Region) -> np.ndarray:
+    """A saved region's bytes as a restore writes them (extents, zeros between them)."""
+    if r.extents is None:
+        return _host_bytes(r.data)
+    out = np.zeros(r.size, dtype=np.uint8)
+    for e in r.extents:
+        out[e.offset:e.offset + e.length] = _host_bytes(e.data)
+    return out
+
+
+def _host_bytes(data) -> np.ndarray:
+    if isinstance(data, Contents):
+        return np.asarray(data)
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+
+
+def _read_whole(r: Region, hold: str, contents_cache: Optional[dict]) -> None:
+    """The whole contents of a saved region that was brought in late (held as ``hold``)."""
+    if r.kind in (RegionKind.HOST, RegionKind.MODULE_GLOBAL):
+        r.data = _read_region(r)
+        r.content_hash = region_hash(r.data)
+        return
+    key = (r.origin, r.size)
+    cache = contents_cache if contents_cache is not None else {}
+    if key not in cache:
+        cache[key] = hold_contents([key], hold)[0][0]
+    r.data = cache[key]
+    if isinstance(r.data, Contents):
+        r.data.reader.scan([r.data])
+    r.content_hash = _digest(r.data).hex()
+
+
+def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict]) -> bool:
+    """Extents and spans of segments ``rids`` again, now that more refs reach them; the new
+    extents' contents read and scanned (all-zero ones left out). Whether any extent was
+    added."""
+    if not rids:
+        return False
+    accesses = _accesses(rec)
+    views = _views_by_parent(rec)
+    grew = False
+    for rid in rids:
+        r, seg = rec.regions[rid], rec.segments[rid]
+        ptrs, spans = accesses.get(rid, ((), ()))
+        used = reached_span(seg, ptrs, spans)
+        if used[1] > used[0]:
+            r.span = used
+        if r.policy is not Policy.SAVED:
+            continue
+        planned = rec.planned.setdefault(rid, set())
+        new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()))
+               if (o, n) not in planned]
+        if r.extents is None:
+            r.extents = []
+        if not new:
+            continue
+        planned.update(new)
+        extents = [Extent(o, n) for o, n in new]
+        _hold_extents(rec, r, extents, hold, contents_cache)
+        kept = [e for e in extents if not _zero(e.data)]
+        if kept:
+            grew = True
+            r.extents = sorted(r.extents + kept, key=lambda e: e.offset)
+        r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+    return grew
+
+
+def _hold_extents(rec: Recording, r: Region, extents: list, hold: str,
+                  contents_cache: Optional[dict]) -> None:
+    cache = contents_cache if contents_cache is not None else {}
+    spans = [(r.origin + e.offset, e.length) for e in extents]
+    todo = [sp for sp in dict.fromkeys(spans) if sp not in cache]
+    if todo:
+        for sp, c in zip(todo, hold_contents(todo, hold)[0]):
+            cache[sp] = c
+    device = [cache[sp] for sp in spans if isinstance(cache[sp], Contents)]
+    if device:
+        device[0].reader.scan(device)
+    for e, sp in zip(extents, spans):
+        e.data = cache[sp]
 
 
 def _read_region(region: Region, stager=None) -> np.ndarray:
@@ -447,9 +694,18 @@ def _accesses(rec: Recording) -> dict:
     for r in rec.regions:          # a named view reaches the blocks it overlaps
         if r.parent is not None:
             add(r.parent, r.parent_offset, r.size)
-    for rid, off, span in rec.extra_accesses:
-        add(rid, off, span)
+    for access in rec.extra_accesses:      # (region, offset, span[, why])
+        add(*access[:3])
     return out
+
+
+def _views_by_parent(rec: Recording) -> dict:
+    """``{parent id: [(offset, size)]}`` of the views that are saved or scratch on their own."""
+    views: dict = {}
+    for r in rec.regions:
+        if r.parent is not None and r.policy in (Policy.SAVED, Policy.SCRATCH):
+            views.setdefault(r.parent, []).append((r.parent_offset, r.size))
+    return views
 
 
 def _plan_extents(rec: Recording) -> None:
@@ -459,10 +715,7 @@ def _plan_extents(rec: Recording) -> None:
     if not rec.segments:
         return
     accesses = _accesses(rec)
-    views: dict = {}
-    for r in rec.regions:
-        if r.parent is not None and r.policy in (Policy.SAVED, Policy.SCRATCH):
-            views.setdefault(r.parent, []).append((r.parent_offset, r.size))
+    views = _views_by_parent(rec)
     for rid, seg in rec.segments.items():
         r = rec.regions[rid]
         ptrs, spans = accesses.get(rid, ((), ()))
@@ -471,8 +724,9 @@ def _plan_extents(rec: Recording) -> None:
             r.span = used
         if r.policy is not Policy.SAVED:
             continue
-        r.extents = [Extent(o, n) for o, n in
-                     reached_extents(seg, ptrs, spans, views.get(rid, ()))]
+        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()))
+        rec.planned[rid] = set(planned)
+        r.extents = [Extent(o, n) for o, n in planned]
 
 
 # ---- reading the contents -----------------------------------------------------------------------
@@ -632,49 +886,20 @@ def _versions() -> dict:
     return out
 
 
-SUSPECT_REGION_CHOICES = ("keep", "error")
-
-
-def check_suspect_choice(value: str) -> None:
-    """CaptureError unless ``value`` is a ``suspect_regions`` setting."""
-    if value not in SUSPECT_REGION_CHOICES:
-        raise CaptureError(f"suspect_regions={value!r}: expected one of "
-                           f"{', '.join(SUSPECT_REGION_CHOICES)}")
-
-
-def _refuse_suspect_regions(rec: Recording, name: str) -> None:
-    """CaptureError when a saved allocation of 1 MiB or more is reached only by words inside
-    struct arguments (likely stale addresses in padding: docs/RELIABILITY.md, "Known
-    problems"), before anything is read from the device."""
-    probe = Snapshot(graphs=rec.graphs, regions=rec.regions, images=[], kernels=rec.kernels)
-    weak = classify.weak_region_words(probe)
-    if not weak:
-        return
-    lines = []
-    for rid, words in list(weak.items())[:3]:
-        r = rec.regions[rid]
-        where = ", ".join(f"graph {g!r} node {n} argument {a} byte {o}" for g, n, a, o in words[:2])
-        lines.append(f"region {rid}: {r.saved_bytes()} bytes of device memory at {r.origin:#x}, reached "
-                     f"only by {len(words)} word(s) inside struct arguments ({where}"
-                     f"{', ...' if len(words) > 2 else ''})")
-    raise CaptureError(f"snapshot {name!r}: {len(weak)} allocation(s) would be saved only because "
-                       "struct arguments hold their addresses, usually stale bytes in padding: "
-                       + "; ".join(lines) + ". Name or bind the memory if the graph uses it, or "
-                       "pass suspect_regions='keep' to save it.")
-
-
 def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None,
                    record_outputs: Optional[bool] = None, host_callbacks: Optional[dict] = None,
                    resolver=None, meta: Optional[dict] = None,
                    allocation_policy=None, bound_hashes: Optional[dict] = None,
-                   suspect_regions: str = "keep", allocator_map: Optional[AllocatorMap] = None,
-                   hold: str = "copy", contents_cache: Optional[dict] = None) -> Snapshot:
+                   memory_pointers: str = "follow",
+                   pointer_budget: int = classify.DEFAULT_POINTER_BUDGET,
+                   allocator_map: Optional[AllocatorMap] = None, hold: str = "copy",
+                   contents_cache: Optional[dict] = None) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form).
     ``allocator_map``: the allocator's segments and blocks (only reached live blocks are
     saved); ``hold``: where saved contents wait for the save
     (:func:`cgsnap.capture.contents.hold_contents`); ``bound_hashes`` / ``contents_cache``
     let the snapshots of several graphs read shared memory once."""
-    check_suspect_choice(suspect_regions)
+    check_memory_pointers(memory_pointers, pointer_budget)
     from .contents import HOLD_CHOICES
     if hold not in HOLD_CHOICES:
         raise CaptureError(f"hold={hold!r}: expected one of {', '.join(HOLD_CHOICES)}")
@@ -683,17 +908,16 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
     rec = Recording(device, resolver, host_callbacks, allocation_policy, allocator_map)
-    for spec in expand_buffers(buffers or {}):
-        rec.add_named(spec)
+    rec.add_named(expand_buffers(buffers or {}))
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
     rec.decide_ambiguous()
     _drop_unused_allocations(rec)
     _plan_extents(rec)
-    if suspect_regions == "error":
-        _refuse_suspect_regions(rec, name)
     _read_contents(rec, hold, contents_cache)    # as they are now, before any check launch
     _bound_hashes(rec, bound_hashes)
+    if memory_pointers == "follow":
+        _follow_memory_pointers(rec, name, pointer_budget, hold, contents_cache)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

@@ -18,18 +18,56 @@ import heapq
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from ..errors import FormatError
 
 SCHEMA_VERSION = 3
 # Schema 1 stored each kernel argument as its own map ({"d": bytes, "r": [[off, region, off]]});
 # schema 2 stores a node's whole parameter buffer and one packed table of its pointers, which
 # validates and restores without a Python object per argument; schema 3 stores a graph's kernel
-# nodes and edges as columns (cgsnap.format.tables), without a map per node or edge, sparse
-# region contents (Region.extents), and lets identical contents share one blob. All three are
-# read.
+# nodes and edges as columns (cgsnap.format.tables), without a map per node or edge, the
+# pointers stored in saved region contents (Region.refs), strided named views
+# (Region.strides, Region.view_offset), sparse region contents (Region.extents), and lets
+# identical contents share one blob. All three are read.
 READ_SCHEMAS = (1, 2, 3)
 U64 = (1 << 64) - 1
+REGION_REF_DTYPE = np.dtype([("offset", "<u8"), ("region", "<u8"), ("target_offset", "<u8")])
 MAX_DECISIONS_KEPT = 64       # ambiguous-word decision lines kept in Snapshot.meta; the count stays exact
+
+# Item sizes of the dtype names strided views may carry (torch / numpy names). A view's strides
+# are in elements: validating its span needs the element size, so only these are accepted.
+DTYPE_ITEMSIZE = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+    "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex32": 4, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+}
+
+
+def view_span(shape, strides, view_offset: int = 0) -> tuple:
+    """``(lowest, highest)`` element index, relative to the span start, that a view of
+    ``shape`` / ``strides`` (elements) starting ``view_offset`` elements in touches; ``None``
+    for a view without elements."""
+    if any(n == 0 for n in shape):
+        return None
+    lo = hi = view_offset
+    for n, s in zip(shape, strides):
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return lo, hi
+
+
+def remap_region_refs(refs: bytes, rmap) -> bytes:
+    """A region's stored-pointer table with its target regions renumbered (``rmap[old]``)."""
+    if not refs:
+        return refs
+    table = np.frombuffer(refs, dtype=REGION_REF_DTYPE).copy()
+    table["region"] = [rmap[t] for t in table["region"].tolist()]
+    return table.tobytes()
+
 
 class RegionKind(str, enum.Enum):
     ALLOCATION = "allocation"      # a driver allocation found with cuMemGetAddressRange
@@ -80,6 +118,19 @@ class Region:
     parent_offset: int = 0
     data: Any = None               # SAVED: contents (bytes-like, a contents.Contents, or a blob index)
     origin: Optional[int] = None   # address in the capturing process (never saved; merges snapshots)
+    # Schema 3. Pointers stored in the saved contents: packed little-endian u64 triples (offset
+    # in this region, target region, offset in the target), offsets increasing, words inside the
+    # region; restore writes base(target) + offset over each word after the contents.
+    refs: bytes = b""
+    # A named strided view (schema 3): the region is the span of memory the view covers; the
+    # view's first element is ``view_offset`` elements into it and dimension i steps
+    # ``strides[i]`` elements (negative allowed: __cuda_array_interface__). None: C-contiguous.
+    strides: Optional[tuple] = None
+    view_offset: int = 0
+
+    def pointer_table(self) -> np.ndarray:
+        """``refs`` as a structured array (fields offset, region, target_offset)."""
+        return np.frombuffer(self.refs, dtype=REGION_REF_DTYPE)
     # SAVED, sparse (schema 3): only these bytes are stored; the rest of the region is zero at
     # restore. Sorted by offset, non-overlapping. None: the whole region is in ``data``.
     extents: Optional[list] = None
@@ -356,6 +407,12 @@ def _region_out(r: Region, add_blob) -> dict:
         out["parent_offset"] = r.parent_offset
     if r.shape is not None:
         out["shape"] = list(r.shape)
+    if r.strides is not None:
+        out["strides"] = list(r.strides)
+        if r.view_offset:
+            out["view_offset"] = r.view_offset
+    if r.refs:
+        out["refs"] = bytes(r.refs)
     if r.policy is Policy.SAVED:
         if r.extents is not None:
             out["extents"] = [[e.offset, e.length, add_blob(e.data)] for e in r.extents]

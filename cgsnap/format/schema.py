@@ -16,13 +16,20 @@ import numpy as np
 
 from ..errors import FormatError
 from .hashing import is_hash
-from .model import (READ_SCHEMAS, U64, Edge, Extent, Graph, Kernel, KernelImage, Policy, Ref,
-                    Region, RegionKind, RngState, Snapshot, toposort)
+from .model import (DTYPE_ITEMSIZE, READ_SCHEMAS, REGION_REF_DTYPE, U64, Edge, Extent, Graph,
+                    Kernel, KernelImage, Policy, Ref, Region, RegionKind, RngState, Snapshot,
+                    toposort, view_span)
 from .nodes import DIM_MAX, NODE_TYPES, KernelNode, param_buffer_size
 from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
 from .trace import parse_trace
 
 _IDENT_MAX = 4096          # longest name / string field accepted
+_REGION_REQUIRED = ("id", "kind", "size", "policy", "alignment")
+_REGION_OPTIONAL = ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool", "blob",
+                    "parent", "parent_offset")
+# Schema 3: pointers stored in the contents, strided views.
+_REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "extents")
+_STRIDE_MAX = 1 << 48
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
 
 
@@ -187,6 +194,7 @@ class Validator:
         for i, r in enumerate(self.list(m["regions"], "regions")):
             self.regions.append(self.region(r, f"regions[{i}]", i))
         regions = self.regions
+        self.region_pointer_tables(regions)
         images = [self.image(im, f"images[{i}]")
                   for i, im in enumerate(self.list(m["images"], "images"))]
         hashes = {im.hash for im in images}
@@ -222,9 +230,8 @@ class Validator:
                 seen.add(r.name)
 
     def region(self, r, where, index) -> Region:
-        r = self.map(r, where, ("id", "kind", "size", "policy", "alignment"),
-                     ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool",
-                      "blob", "parent", "parent_offset", "extents"))
+        r = self.map(r, where, _REGION_REQUIRED,
+                     _REGION_OPTIONAL_3 if self.schema >= 3 else _REGION_OPTIONAL)
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
         kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
@@ -241,8 +248,6 @@ class Validator:
                         if "content_hash" in r else None)
         extents = None
         if "extents" in r:
-            if self.schema < 3:
-                self.fail(f"{where}.extents", f"unknown field in schema {self.schema}")
             if policy is not Policy.SAVED:
                 self.fail(f"{where}.extents", f"a {policy.value} region carries no contents")
             if kind not in (RegionKind.ALLOCATION, RegionKind.NAMED):
@@ -283,7 +288,81 @@ class Validator:
                 self.fail(f"{where}.parent", "a bound region is the caller's memory, not a view")
         elif "parent_offset" in r:
             self.fail(f"{where}.parent_offset", "given without a parent")
+        if "strides" in r or "view_offset" in r:
+            self.view(r, where, region)
+        if "refs" in r:
+            refs = self.bytes(r["refs"], f"{where}.refs")
+            if len(refs) % 24 or len(refs) // 24 > size // 8:
+                self.fail(f"{where}.refs", f"{len(refs)} bytes: expected up to one 24-byte entry "
+                                           f"per 8 bytes of the region's {size}")
+            if refs and policy is not Policy.SAVED:
+                self.fail(f"{where}.refs", f"a {policy.value} region has no saved contents "
+                                           "whose pointers restore could rewrite")
+            region.refs = refs
         return region
+
+    def view(self, r, where, region: Region) -> None:
+        """A strided view: ``strides`` (elements, one per dimension of ``shape``) and
+        ``view_offset`` (elements from the region's start to the view's first element); every
+        element must lie inside the region."""
+        if "strides" not in r:
+            self.fail(f"{where}.view_offset", "given without strides")
+        if region.shape is None:
+            self.fail(f"{where}.strides", "a strided view needs a shape")
+        itemsize = DTYPE_ITEMSIZE.get(region.dtype)
+        if itemsize is None:
+            self.fail(f"{where}.strides", f"a strided view needs a dtype of known item size "
+                                          f"(found {region.dtype!r})")
+        raw = self.list(r["strides"], f"{where}.strides", 64)
+        if len(raw) != len(region.shape):
+            self.fail(f"{where}.strides", f"{len(raw)} strides for {len(region.shape)} "
+                                          "dimensions")
+        strides = tuple(self.int(x, f"{where}.strides[{i}]", -_STRIDE_MAX, _STRIDE_MAX)
+                        for i, x in enumerate(raw))
+        offset = self.int(r.get("view_offset", 0), f"{where}.view_offset", 0, _STRIDE_MAX)
+        span = view_span(region.shape, strides, offset)
+        if span is not None and (span[0] < 0 or (span[1] + 1) * itemsize > region.size):
+            self.fail(f"{where}.strides", f"the view's elements {span[0]}..{span[1]} of "
+                                          f"{itemsize} bytes do not lie inside the region's "
+                                          f"{region.size} bytes")
+        region.strides, region.view_offset = strides, offset
+
+    def region_pointer_tables(self, regions) -> None:
+        """Each region's stored-pointer table: words increasing, not overlapping, inside the
+        region; targets existing regions, offsets inside them (one past the end allowed), and
+        no graph_alloc target (its address exists only once its graph is built)."""
+        sizes = np.array([r.size for r in regions], dtype=np.uint64)
+        late = np.array([r.kind is RegionKind.GRAPH_ALLOC for r in regions], dtype=bool)
+        for r in regions:
+            if not r.refs:
+                continue
+            table = np.frombuffer(r.refs, dtype=REGION_REF_DTYPE)
+            off, target, toff = table["offset"], table["region"], table["target_offset"]
+            ok = off <= np.uint64(max(r.size - 8, 0)) if r.size >= 8 else \
+                np.zeros(len(table), dtype=bool)
+            ok[1:] &= off[1:] >= off[:-1] + np.uint64(8)
+            ok[1:] &= off[1:] > off[:-1]          # no wrap-around of the sum above
+            exists = target < np.uint64(len(regions))
+            ok &= exists
+            safe = np.where(exists, target, 0).astype(np.int64)
+            ok &= toff <= sizes[safe]
+            ok &= ~late[safe]
+            if ok.all():
+                continue
+            j = int(np.argmin(ok))
+            w = f"regions[{r.id}].refs[{j}]"
+            o, t, to = (int(x) for x in table[j].tolist())
+            if o + 8 > r.size:
+                self.fail(w, f"the word at offset {o} runs past the region's {r.size} bytes")
+            if j and o < int(off[j - 1]) + 8:
+                self.fail(w, "stored pointer offsets must be increasing, 8 bytes or more apart")
+            if t >= len(regions):
+                self.fail(w, f"region {t} does not exist ({len(regions)} regions)")
+            if to > regions[t].size:
+                self.fail(w, f"offset {to} is beyond the end of region {t} "
+                             f"({regions[t].size} bytes)")
+            self.fail(w, f"region {t} is a graph_alloc region: its address is known only once "
+                         "its graph is built")
 
     def image(self, im, where) -> KernelImage:
         im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))

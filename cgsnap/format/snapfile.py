@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import CaptureError, FormatError
 from . import contents as _contents
 from . import fileformat
-from .model import MAX_DECISIONS_KEPT, BlobTable, Extent, Graph, Policy, Region, RegionKind, Snapshot
+from .model import (MAX_DECISIONS_KEPT, REGION_REF_DTYPE, BlobTable, Extent, Graph, Policy,
+                    Region, RegionKind, Snapshot, remap_region_refs)
 from .nodes import Renumbering
 from .trace import remap_trace
 
@@ -47,16 +48,23 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events = [], set(), 0
     for snap in snaps:
-        rmap = {}
+        rmap, added, more_refs = {}, [], []
         for r in snap.regions:     # parents precede their children, so rmap has them
             key = _region_key(r)
             if key not in region_ids:
                 region_ids[key] = len(regions)
                 parent = rmap[r.parent] if r.parent is not None else None
                 regions.append(dataclasses.replace(r, id=len(regions), parent=parent))
+                added.append(regions[-1])
             else:
                 _merge_contents(regions[region_ids[key]], r)
+                if r.refs:
+                    more_refs.append((regions[region_ids[key]], r.refs))
             rmap[r.id] = region_ids[key]
+        for r in added:            # stored pointers may name any region of their snapshot
+            r.refs = remap_region_refs(r.refs, rmap)
+        for kept, refs in more_refs:   # the same memory: pointers the first did not record too
+            kept.refs = union_refs(kept.refs, remap_region_refs(refs, rmap))
         for im in snap.images:
             images.setdefault(im.hash, im)
         kmap = {}
@@ -107,6 +115,20 @@ def _merge_contents(kept: Region, other: Region) -> None:
     if len(merged) != len(kept.extents):
         kept.extents = merged
         kept.content_hash = None      # recomputed from the extents' checksums when saved
+
+
+def union_refs(first: bytes, second: bytes) -> bytes:
+    """Stored-pointer tables of the same memory from two snapshots: the first's rows, plus the
+    second's at offsets the first has none (sorted by offset)."""
+    if not second:
+        return first
+    a = np.frombuffer(first, dtype=REGION_REF_DTYPE)
+    b = np.frombuffer(second, dtype=REGION_REF_DTYPE)
+    b = b[~np.isin(b["offset"], a["offset"])]
+    if not len(b):
+        return first
+    rows = np.concatenate([a, b])
+    return rows[np.argsort(rows["offset"], kind="stable")].tobytes()
 
 
 def union_extents(first: list, second: list) -> list:
@@ -168,6 +190,7 @@ def trim_regions(snap: Snapshot) -> Snapshot:
         return dataclasses.replace(snap, regions=regions)
     regions = [dataclasses.replace(r, parent_offset=r.parent_offset - lo[r.parent])
                if r.parent in lo else r for r in regions]
+    regions = [dataclasses.replace(r, refs=_shift_refs(r, lo)) if r.refs else r for r in regions]
     shift = _Shift(lo)
     graphs = []
     for g in snap.graphs:
@@ -188,6 +211,17 @@ def trim_regions(snap: Snapshot) -> Snapshot:
                             top_level=g.top_level, checks=dict(g.checks), rng=rng,
                             trace=g.trace))
     return dataclasses.replace(snap, regions=regions, graphs=graphs)
+
+
+def _shift_refs(r: Region, lo: dict) -> bytes:
+    """Region ``r``'s stored-pointer rows with its own offsets and its targets' offsets moved
+    down by what trimming cut off each region's start."""
+    table = np.frombuffer(r.refs, dtype=REGION_REF_DTYPE).copy()
+    if r.id in lo:
+        table["offset"] -= np.uint64(lo[r.id])
+    for rid, a in lo.items():
+        table["target_offset"][table["region"] == rid] -= np.uint64(a)
+    return table.tobytes()
 
 
 def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0):

@@ -3,14 +3,15 @@
 Per graph, once, with numpy over the graph's columns (:mod:`cgsnap.format.tables`) -- no object
 per node: node order, dependencies, every kernel node's launch parameters in one array, where
 each node's arguments lie in the graph's one parameter buffer, and which words of it are
-pointers to patch. No driver calls (tested on CPU).
+pointers to patch. Per region, once: where its stored pointers go (:class:`RegionPatches`).
+No driver calls (tested on CPU).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..cuda.driver import KERNEL_NODE_PARAMS, launch_attribute_block
-from ..format.model import Snapshot
+from ..format.model import REGION_REF_DTYPE, Snapshot
 from ..format.tables import node_order
 
 
@@ -155,3 +156,50 @@ class GraphPlan:
 def param_offsets(kernels) -> list:
     """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets)."""
     return [np.array([off for off, _ in k.params], dtype=np.uint64) for k in kernels]
+
+
+class RegionPatches:
+    """The stored pointers of one region (its ``refs``), planned once: word offsets, target
+    regions and offsets as arrays, and the runs of consecutive words (a pointer array is one
+    run), so that writing them costs one vectorised step and one copy per run."""
+
+    __slots__ = ("offsets", "targets", "target_offsets", "runs")
+
+    def __init__(self, refs: bytes):
+        table = np.frombuffer(refs, dtype=REGION_REF_DTYPE)
+        self.offsets = table["offset"].astype(np.int64)
+        self.targets = table["region"].astype(np.int64)
+        self.target_offsets = table["target_offset"].copy()
+        self.runs = word_runs(self.offsets)
+
+    def values(self, bases: np.ndarray) -> np.ndarray:
+        """The words to write: each target's base in this process plus the offset."""
+        return bases[self.targets] + self.target_offsets
+
+    def apply(self, data: np.ndarray, bases: np.ndarray) -> None:
+        """Write the words into a host copy of the region's contents (bytes, in place)."""
+        flat = data.reshape(-1).view(np.uint8)
+        values = self.values(bases).astype("<u8").view(np.uint8).reshape(-1, 8)
+        index = self.offsets[:, None] + np.arange(8, dtype=np.int64)
+        flat[index] = values
+
+    def chunks(self, bases: np.ndarray) -> list:
+        """``[(offset in the region, bytes), ...]``: one piece per run of consecutive words, for
+        regions whose contents are written to the device without a host copy."""
+        values = self.values(bases).astype("<u8")
+        return [(int(self.offsets[a]), values[a:b].tobytes()) for a, b in self.runs]
+
+
+def word_runs(offsets: np.ndarray) -> list:
+    """``[(first, stop), ...]`` index ranges of ``offsets`` whose words follow each other
+    without a gap (offset[i + 1] == offset[i] + 8)."""
+    if not len(offsets):
+        return []
+    cuts = (np.flatnonzero(np.diff(offsets) != 8) + 1).tolist()
+    bounds = [0] + cuts + [len(offsets)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def region_patches(snap: Snapshot) -> dict:
+    """``{region id: RegionPatches}`` for every region with stored pointers."""
+    return {r.id: RegionPatches(r.refs) for r in snap.regions if r.refs}

@@ -6,8 +6,8 @@ far and raises a typed error):
 1. read and validate the whole file (no GPU work yet);
 2. check the device, the driver and every kernel image against the snapshot, and the bound
    buffers against the regions they replace;
-3. allocate regions, copy saved contents, load images and kernels, write module globals,
-   create events;
+3. allocate regions, load images and kernels, copy saved contents (module globals into the
+   loaded images), rewrite the pointers stored in them, create events;
 4. build each graph on first use (or all at once), instantiate once.
 
 The per-node work that does not depend on addresses (argument bytes, pointer patch lists,
@@ -37,7 +37,7 @@ from . import compat
 from .buffers import Buffer
 from .build import BuildState, build_graph
 from .ledger import Ledger
-from .plan import GraphPlan, param_offsets
+from .plan import GraphPlan, param_offsets, region_patches
 
 log = logging.getLogger("cgsnap.restore")
 
@@ -209,6 +209,7 @@ class Restored:
         self._late = {r.id for r in snap.regions if r.kind is RegionKind.GRAPH_ALLOC}
         offsets = param_offsets(snap.kernels)     # once per load, shared by every graph's plan
         self._plans = {g.name: GraphPlan(snap, g, self._late, offsets) for g in snap.graphs}
+        self._patches = region_patches(snap)      # pointers stored in region contents
         self.timings["read.plans"] = time.perf_counter() - t
         self.graph_names = [g.name for g in snap.graphs if g.top_level]
         missing = sorted({n.callback for g in snap.graphs for n in g.nodes if n.TYPE == "host"}
@@ -270,8 +271,9 @@ class Restored:
         self.timings["kernels"] = time.perf_counter() - t
         t = time.perf_counter()
         for r in snap.regions:
-            if r.policy is Policy.SAVED and r.id not in self._bound:
-                self._write_contents(r)
+            if r.policy is Policy.SAVED and r.id not in self._bound and \
+                    r.kind is not RegionKind.MODULE_GLOBAL:       # (written by _load_kernels)
+                self._write_region(r)
         if self._verify_bound:
             self._verify_bound_hashes()
         driver.ctx_sync()
@@ -300,28 +302,37 @@ class Restored:
         if zeroed:
             driver.ctx_sync()
 
-    def _write_contents(self, r) -> None:
-        """Region ``r``'s saved contents into its memory (parents before the views inside
-        them: region order), each extent at its offset."""
-        base = int(self._bases[r.id])
-        if r.extents is None:
-            self._write_blob(r.data, base, r.size, host=r.kind is RegionKind.HOST)
-            return
-        for e in r.extents:
-            self._write_blob(e.data, base + e.offset, e.length)
-
     def _alloc(self, size: int, alignment: int) -> int:
         # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
         pad = alignment if alignment > 256 else 0
         ptr = self._ledger.add("device", driver.mem_alloc(size + pad))
         return (ptr + pad - 1) // pad * pad if pad else ptr
 
-    def _write_blob(self, blob: int, dst: int, size: int, host: bool = False) -> None:
+    def _write_region(self, r) -> None:
+        """Region ``r``'s saved contents into its memory (parents before the views inside
+        them: region order) -- its blob, or each extent at its offset -- with the pointers
+        stored in them rewritten to this process's addresses."""
+        base, patches = int(self._bases[r.id]), self._patches.get(r.id)
+        if r.extents is None:
+            self._write_blob(r.data, base, r.size, host=r.kind is RegionKind.HOST,
+                             patches=patches)
+            return
+        for e in r.extents:
+            self._write_blob(e.data, base + e.offset, e.length)
+        if patches is not None:     # each copy above has ended: the words go over them
+            for off, chunk in patches.chunks(self._bases):
+                driver.htod(base + off, chunk, len(chunk))
+
+    def _write_blob(self, blob: int, dst: int, size: int, host: bool = False,
+                    patches=None) -> None:
         if not size:
             return
         info = self._file.blobs[blob]
         if host or size < transfer.THRESHOLD or info.compression != fileformat.Compression.NONE:
             data = self._file.blob(blob, verify=self._verify_blobs)
+            if patches is not None:         # rewritten on the host copy, then one upload
+                data = np.frombuffer(data, dtype=np.uint8).copy()
+                patches.apply(data, self._bases)
             if host:
                 driver.host_view(dst, size)[:] = data
             else:
@@ -347,6 +358,9 @@ class Restored:
         if not ok:
             raise FormatError(f"blob {blob}: checksum mismatch (the file is corrupt)",
                               path=self.path)
+        if patches is not None:     # uploaded as stored: the words rewritten after, per run
+            for off, chunk in patches.chunks(self._bases):
+                driver.htod(dst + off, chunk, len(chunk))
 
     def _close_stager(self) -> None:
         if self._stager is not None:
@@ -418,21 +432,23 @@ class Restored:
         self._func_handles = np.array([int(f) for f in self._funcs], dtype=np.uint64)
         self._builder = driver.GraphBuilder()
         self._node_loop = native.node_loop()
-        # Module globals live in the reloaded library; their saved contents are written there.
-        for r in snap.regions:
-            if r.kind is RegionKind.MODULE_GLOBAL:
-                lib = libs.get(r.image)
-                found = driver.library_global(lib, r.symbol) if lib is not None else None
-                if found is None:
-                    raise RestoreError(f"{self.path}: module global {r.symbol} of region {r.id} "
-                                       "is not in the reloaded image")
-                addr, size = found
-                if size != r.size:
-                    raise RestoreError(f"{self.path}: module global {r.symbol} has {size} bytes, "
-                                       f"the snapshot recorded {r.size}")
-                self._bases[r.id] = addr
-                if r.policy is Policy.SAVED:
-                    self._write_blob(r.data, addr, size)
+        # Module globals live in the reloaded library; their saved contents are written there,
+        # once every global's address is known (a global may hold another's address).
+        globals_ = [r for r in snap.regions if r.kind is RegionKind.MODULE_GLOBAL]
+        for r in globals_:
+            lib = libs.get(r.image)
+            found = driver.library_global(lib, r.symbol) if lib is not None else None
+            if found is None:
+                raise RestoreError(f"{self.path}: module global {r.symbol} of region {r.id} "
+                                   "is not in the reloaded image")
+            addr, size = found
+            if size != r.size:
+                raise RestoreError(f"{self.path}: module global {r.symbol} has {size} bytes, "
+                                   f"the snapshot recorded {r.size}")
+            self._bases[r.id] = addr
+        for r in globals_:
+            if r.policy is Policy.SAVED:
+                self._write_region(r)
 
     # ---- step 4: graphs -------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -470,7 +486,8 @@ class Restored:
             names = [r.name for r in self.snapshot.regions if r.name]
             raise KeyError(f"{self.path} has no buffer {name!r} (it has: {', '.join(names)})") \
                 from None
-        return Buffer(name, int(self._bases[r.id]), r.size, r.dtype, r.shape, owner=self)
+        return Buffer(name, int(self._bases[r.id]), r.size, r.dtype, r.shape, owner=self,
+                      strides=r.strides, view_offset=r.view_offset)
 
     @property
     def buffers(self) -> dict:
@@ -484,7 +501,7 @@ class Restored:
         for r in self.snapshot.regions:
             if r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
                     RegionKind.GRAPH_ALLOC:
-                self._write_contents(r)
+                self._write_region(r)
         driver.ctx_sync()
         self._close_stager()
 
@@ -501,9 +518,15 @@ class Restored:
         return out
 
     def expected(self, graph: str, rid: int):
-        """The contents region ``rid`` held after one launch of ``graph`` at save time."""
+        """The contents region ``rid`` held after one launch of ``graph`` at save time, with
+        the pointers stored in it as this restore rewrote them."""
         self._check_open()
-        return self._file.blob(self.snapshot.graph(graph).checks[rid])
+        data = self._file.blob(self.snapshot.graph(graph).checks[rid])
+        patches = self._patches.get(rid)
+        if patches is not None:
+            data = np.frombuffer(data, dtype=np.uint8).copy()
+            patches.apply(data, self._bases)
+        return data
 
     def synchronize(self) -> None:
         self._check_open()

@@ -9,11 +9,11 @@ import math
 import struct
 
 from ..binary.demangle import demangle, printable, short
-from ..capture.classify import plausible_address, weakly_reached_regions
-from ..format.model import Policy, Snapshot
+from ..capture.classify import plausible_address
+from ..format.model import Policy, Ref, Snapshot
 from ..kernels.identity import EXACT_SOURCE_PREFIX
 
-INFO_SCHEMA = 1
+INFO_SCHEMA = 2
 
 
 def _size(n: int) -> str:
@@ -76,11 +76,13 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
         "regions": [{"id": r.id, "kind": r.kind.value, "name": r.name, "size": r.size,
                      "policy": r.policy.value, "dtype": r.dtype,
                      "shape": list(r.shape) if r.shape is not None else None,
-                     "symbol": r.symbol, "saved_bytes": r.saved_bytes(),
+                     "strides": list(r.strides) if r.strides is not None else None,
+                     "view_offset": r.view_offset, "symbol": r.symbol,
+                     "memory_refs": len(r.refs) // 24, "saved_bytes": r.saved_bytes(),
                      "extents": None if r.extents is None else len(r.extents)}
                     for r in snap.regions],
-        "weakly_reached_regions": [{"id": rid, "size": size, "words": count}
-                                   for rid, size, count in weakly_reached_regions(snap)],
+        "memory_refs": {"words": sum(len(r.refs) // 24 for r in snap.regions),
+                        "regions": sum(1 for r in snap.regions if r.refs)},
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
                   "saved_regions": sum(r.saved_bytes() for r in snap.regions),
@@ -166,6 +168,10 @@ def info_text(d: dict) -> str:
         tied = sum(1 for k in d["kernels"] if k["image"] in exact)
         out.append(f"identity  {tied} of {len(d['kernels'])} kernels tied by the recorder to the "
                    "image they were loaded from; the others found by name")
+    mem = d.get("memory_refs") or {}
+    if mem.get("words"):
+        out.append(f"pointers  {mem['words']} words stored in {mem['regions']} saved region(s) "
+                   "point into regions: rewritten at restore (show lists them)")
     b = d["bytes"]
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
@@ -211,16 +217,17 @@ def info_text(d: dict) -> str:
         extra = ""
         if r["dtype"]:
             extra = f"  {r['dtype']}{r['shape'] if r['shape'] is not None else ''}"
+        if r.get("strides") is not None:
+            extra += f" strides {tuple(r['strides'])}" + (f" offset {r['view_offset']}"
+                                                        if r["view_offset"] else "")
+        if r.get("memory_refs"):
+            extra += f"  ({r['memory_refs']} stored pointers)"
         out.append(f"  {r['id']:>4}  {r['kind']:<13} {r['policy']:<8} {_size(r['size']):>12}  "
                    f"{label}{extra}")
     if len(globals_) > 8:
         out.append(f"  {'':>4}  {'module_global':<13} {'saved':<8} "
                    f"{_size(sum(r['size'] for r in globals_)):>12}  {len(globals_)} __device__ / "
                    "__constant__ variables of the kernels' modules (info --json lists them)")
-    for w in d.get("weakly_reached_regions", ()):
-        out.append(f"  suspect: region {w['id']} ({_size(w['size'])} saved) is reached only by "
-                   f"{w['words']} word(s) inside struct arguments -- a stale pointer may have "
-                   "dragged it in (docs/RELIABILITY.md, Known problems)")
     if d["events"]:
         out += ["", f"events    {d['events']}"]
     return "".join(printable(line) + "\n" for line in out)
@@ -266,6 +273,24 @@ def node_lines(snap: Snapshot, n) -> list:
     return n.describe(_Describer(snap))
 
 
+SHOW_MEMORY_REFS = 16      # stored pointers listed per region by ``show``
+
+
+def memory_ref_lines(snap: Snapshot, limit: int = SHOW_MEMORY_REFS) -> list:
+    """The pointers stored in saved regions, per region: what ``show`` lists after the graphs."""
+    out = []
+    for r in snap.regions:
+        if not r.refs:
+            continue
+        table = r.pointer_table()
+        out.append(f"{_region_label(snap, r.id)}: {len(table)} stored pointer(s)")
+        for off, target, toff in table[:limit].tolist():
+            out.append(f"  +{off:#x} → {_ref_text(snap, Ref(target, toff))}")
+        if len(table) > limit:
+            out.append(f"  … {len(table) - limit} more")
+    return out
+
+
 def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
     out = []
     for g in snap.graphs:
@@ -286,6 +311,11 @@ def show_text(snap: Snapshot, graph_name=None, width: int = 100) -> str:
                 line = line if len(line) <= width - 4 else line[:width - 5] + "…"
                 out.append("│ " + line.ljust(width - 4) + " │")
             out.append("└" + "─" * (width - 2) + "┘")
+        out.append("")
+    refs = memory_ref_lines(snap)
+    if refs:
+        out.append("pointers stored in region contents (rewritten at restore)")
+        out.extend(refs)
         out.append("")
     return "\n".join(out)
 
