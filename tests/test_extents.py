@@ -297,6 +297,9 @@ def _spanned_snapshot():
     from cgsnap.format.model import RngState
     g.rng = [RngState(seed=Ref(2, 1024), offset=Ref(2, 1032), increment=4, device=0,
                       saved_seed=7, saved_offset=8)]
+    # Stored pointers: in the trimmed region, to itself; in region 0, into it.
+    r.refs = np.array([[1024, 2, 600], [1032, 0, 8]], dtype="<u8").tobytes()
+    snap.regions[0].refs = np.array([[0, 2, 3000]], dtype="<u8").tobytes()
     return snap
 
 
@@ -314,6 +317,9 @@ def _addresses(snap):
                     out.append(snap.regions[ref.region].origin + ref.offset)
         for e in g.rng:
             out += [snap.regions[r.region].origin + r.offset for r in (e.seed, e.offset)]
+    for r in snap.regions:
+        for off, target, toff in np.frombuffer(r.refs, dtype="<u8").reshape(-1, 3).tolist():
+            out += [r.origin + off, snap.regions[target].origin + toff]
     return out
 
 
