@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import _progress
 from ..errors import DriverError
 from ..format import hashing
 from ..format.fileformat import io_threads
@@ -106,6 +107,7 @@ class Stager:
                 hashes[slot].result()                            # and so is its hashing
             fill(slot, off, n)
             call(cu.cuMemcpyHtoDAsync, dst + off, self.buffers[slot], n, self.stream)
+            _progress.advance(n)
             call(cu.cuEventRecord, self.events[slot], self.stream)
             if checksum is not None:
                 hashes[slot] = self.hashers.submit(hashing.piece_digest,
@@ -160,6 +162,7 @@ class Stager:
                     unlocked.add(i - ring)
                 a, b = max(lo, offset), min(hi, offset + size)
                 call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
+                _progress.advance(b - a)
                 call(cu.cuEventRecord, self.events[slot], self.stream)
                 if i + ring < len(pieces):
                     jobs.append(self.pool.submit(register, pieces[i + ring]))

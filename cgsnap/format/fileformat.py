@@ -21,7 +21,7 @@ import msgpack
 import xxhash
 import zstandard as zstd
 
-from .. import _fs
+from .. import _fs, _progress
 from ..errors import FormatError
 from ..limits import Limits, over_budget, resolve
 from .hashing import BLOB_PIECE, BlobHasher, blob_checksum, combine, piece_digest
@@ -313,6 +313,7 @@ def _feed(source: BlobSource, write, index: int, path: str) -> None:
             raise FormatError(f"blob {index}: source produced more than its raw_length of "
                               f"{source.raw_length} bytes", path=path)
         write(view)
+        _progress.advance(len(view))
     if total != source.raw_length:
         raise FormatError(f"blob {index}: source produced {total} bytes, raw_length is "
                           f"{source.raw_length}", path=path)
@@ -411,6 +412,7 @@ def _write_parallel(f, source: BlobSource, index: int, path: str) -> tuple:
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], at + done)
+        _progress.advance(len(view))
     pos = 0
     threads = io_threads()
     with ThreadPoolExecutor(threads) as pool:
@@ -467,7 +469,8 @@ def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> Non
             compressors[level] = zstd.ZstdCompressor(level=level, write_content_size=True,
                                                      write_checksum=False, threads=0)
         return compressors[level]
-    with _fs.atomic_write(path) as f:
+    with _fs.atomic_write(path) as f, \
+            _progress.task(f"saving {os.path.basename(path)}", sum(s.raw_length for s in sources)):
         # Header and table are placeholders until the blobs' stored sizes are known.
         f.write(bytes(HEADER_SIZE))
         f.write(manifest_bytes)

@@ -21,12 +21,14 @@ import contextlib
 import gc
 import logging
 import operator
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 
+from .. import _progress
 from ..capture.buffers import check_bind, flatten
 from ..cuda import driver, graphs, native, transfer
 from ..errors import BindError, CgsnapError, DriverError, FormatError, KernelNotFoundError, RestoreError
@@ -270,9 +272,12 @@ class Restored:
         self._load_kernels(choice)
         self.timings["kernels"] = time.perf_counter() - t
         t = time.perf_counter()
-        for r in snap.regions:
-            if r.policy is Policy.SAVED and r.id not in self._bound and \
-                    r.kind is not RegionKind.MODULE_GLOBAL:       # (written by _load_kernels)
+        saved = [r for r in snap.regions if r.policy is Policy.SAVED and r.id not in self._bound
+                 and r.kind is not RegionKind.MODULE_GLOBAL]     # (written by _load_kernels)
+        total = sum(sum(e.length for e in r.extents) if r.extents is not None else r.size
+                    for r in saved)
+        with _progress.task(f"loading {os.path.basename(self.path)}", total):
+            for r in saved:
                 self._write_region(r)
         if self._verify_bound:
             self._verify_bound_hashes()
@@ -337,6 +342,7 @@ class Restored:
                 driver.host_view(dst, size)[:] = data
             else:
                 driver.htod(dst, data, size)
+            _progress.advance(size)
             return
         # Large and stored as is: DMA straight from the file's page cache (or, where file pages
         # cannot be page-locked, read by several threads into a pinned ring), the checksum
