@@ -414,6 +414,7 @@ def _keep_regions(rec: Recording, keep: list) -> None:
     rec.extra_accesses = [(rmap[a[0]],) + tuple(a[1:]) for a in rec.extra_accesses
                           if a[0] in rmap]
     rec.planned = {rmap[rid]: p for rid, p in rec.planned.items() if rid in rmap}
+    rec.table.renumber(rmap)     # what is looked up after this (stored pointers) sees the new ids
     for g in rec.graphs:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
