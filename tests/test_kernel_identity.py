@@ -379,6 +379,25 @@ def test_the_recorder_ignores_cgsnap_own_loads(rec, fake):
     assert not rec._suppressed
 
 
+def test_the_cut_image_check_is_hidden_from_the_recorder(rec, fake, monkeypatch):
+    """save(prune=True) loads each cut cubin beside the whole one to compare them: those loads
+    are cgsnap's, and a recorder that kept the cut cubin would offer it as one more image of
+    its kernels to every later snapshot in the process."""
+    from cgsnap.capture import saving
+    from cgsnap.cuda import driver
+    monkeypatch.setattr(cupti, "_recorder", rec)
+    monkeypatch.setattr(driver, "current_device", lambda: None)
+
+    def images_agree(original, pruned, kernels, variables):
+        fake.module_load(pruned, 0x3000, inside=[pruned])
+        return None
+    monkeypatch.setattr(driver, "images_agree", images_agree)
+    check = saving.gpu_image_checker()
+    assert check(A, B, ["k"], []) is None
+    rec.sync()
+    assert not rec.images and not rec.loads.modules and not rec._suppressed
+
+
 def test_the_callback_never_raises(rec, fake):
     res = cupti._ResourceData()            # no descriptor
     rec._on_event(None, cupti.CUPTI_CB_DOMAIN_RESOURCE, cupti.CUPTI_CBID_RESOURCE_MODULE_LOADED,
