@@ -135,9 +135,38 @@ def test_param_offsets_and_callback_ids_match_the_cuda_headers(tmp_path):
         for field, _ in cls._fields_:
             lines.append(f'printf("{struct_name}.{field} %zu {getattr(cls, field).offset}\\n", '
                          f'offsetof({struct_name}, {field}));')
+    # What is read at those offsets, and how wide (cupti._word reads a pointer-sized word;
+    # numLibraryOptions is read as a uint32, each CUlibraryOption as an int32), and the enum
+    # values the recorder passes to CUPTI or compares with.
+    for name, fields in cupti.PARAMS.items():
+        for field in fields:
+            width = 4 if field == "numLibraryOptions" else 8
+            lines.append(f'printf("{name}.{field}.size %zu {width}\\n", '
+                         f'sizeof((({name}_params *)0)->{field}));')
+    lines.append('printf("CUlibraryOption.size %zu 4\\n", sizeof(CUlibraryOption));')
+    for struct_name, cls in (("CUpti_CallbackData", cupti._CallbackData),
+                             ("CUpti_ModuleResourceData", cupti._ModuleResourceData)):
+        for field, ctype in cls._fields_:
+            lines.append(f'printf("{struct_name}.{field}.size %zu {ctypes.sizeof(ctype)}\\n", '
+                         f'sizeof((({struct_name} *)0)->{field}));')
+    for const, value in (("CUPTI_CB_DOMAIN_DRIVER_API", cupti.CUPTI_CB_DOMAIN_DRIVER_API),
+                         ("CUPTI_CB_DOMAIN_RESOURCE", cupti.CUPTI_CB_DOMAIN_RESOURCE),
+                         ("CUPTI_CBID_RESOURCE_MODULE_LOADED",
+                          cupti.CUPTI_CBID_RESOURCE_MODULE_LOADED),
+                         ("CUPTI_CBID_RESOURCE_CONTEXT_DESTROY_STARTING",
+                          cupti.CUPTI_CBID_RESOURCE_CONTEXT_DESTROY_STARTING),
+                         ("CUPTI_API_ENTER", cupti.CUPTI_API_ENTER),
+                         ("CUPTI_API_EXIT", cupti.CUPTI_API_EXIT),
+                         ("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED",
+                          cupti.CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED),
+                         ("CU_LIBRARY_BINARY_IS_PRESERVED", cupti.CU_LIBRARY_BINARY_IS_PRESERVED)):
+        lines.append(f'printf("{const} %d {value}\\n", (int){const});')
+    lines.append(f'printf("CUPTI_API_VERSION>=min %d 1\\n", '
+                 f'CUPTI_API_VERSION >= {cupti.MIN_CUPTI_API_VERSION});')
     src = tmp_path / "offsets.c"
     src.write_text("#define __CUDA_API_VERSION_INTERNAL 1\n#include <stddef.h>\n#include <stdio.h>\n"
-                   "#include <cuda.h>\n#include <cupti_callbacks.h>\n#include <generated_cuda_meta.h>\n"
+                   "#include <cuda.h>\n#include <cupti_callbacks.h>\n#include <cupti_result.h>\n"
+                   "#include <cupti_version.h>\n#include <generated_cuda_meta.h>\n"
                    "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
     exe = tmp_path / "offsets"
     subprocess.run([cc, f"-I{CUDA_INCLUDE}", str(src), "-o", str(exe)], check=True,
