@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cgsnap.binary import elf, fatbin
-from cgsnap.errors import AmbiguousKernelError, KernelNotFoundError
+from cgsnap.errors import AmbiguousKernelError, KernelNotFoundError, RecorderError
 from cgsnap.format.hashing import content_hash
 from cgsnap.kernels import cupti
 from cgsnap.kernels.identity import IdentityResolver, image_extent
@@ -425,6 +425,39 @@ def test_the_cut_image_check_is_hidden_from_the_recorder(rec, fake, monkeypatch)
     assert check(A, B, ["k"], []) is None
     rec.sync()
     assert not rec.images and not rec.loads.modules and not rec._suppressed
+
+
+def test_an_old_libcupti_found_first_is_skipped(monkeypatch):
+    """A CUDA 12 libcupti sorted before the CUDA 13 one (two wheels installed) is passed over,
+    not fatal; with only old ones the error names each."""
+    class Lib:
+        def __init__(self, version):
+            self.version = version
+
+        def cuptiGetVersion(self, out):
+            out._obj.value = self.version
+            return 0
+    libs = {"/old/libcupti.so.12": Lib(120800), "/new/libcupti.so.13": Lib(130001)}
+    monkeypatch.setattr(cupti, "_open_library", lambda path: libs[path])
+    monkeypatch.setattr(cupti, "find_libcupti", lambda: list(libs))
+    rec = cupti.ModuleRecorder()
+    rec._load_library()
+    assert rec.library_path == "/new/libcupti.so.13" and rec._lib is libs[rec.library_path]
+    del libs["/new/libcupti.so.13"]
+    with pytest.raises(RecorderError, match=r"/old/libcupti.so.12: CUPTI API version 120800"):
+        cupti.ModuleRecorder()._load_library()
+
+
+def test_a_libcupti_already_loaded_is_the_first_candidate(monkeypatch, tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /site/nvidia/cu13/lib/libcupti.so.13\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/libc.so.6\n"
+                    "7f04-7f05 rw-p 00000000 00:00 0 \n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        maps if path == "/proc/self/maps" else path, *a, **k))
+    monkeypatch.delenv("CGSNAP_LIBCUPTI", raising=False)
+    assert cupti.find_libcupti()[0] == "/site/nvidia/cu13/lib/libcupti.so.13"
 
 
 def test_the_callback_never_raises(rec, fake):
