@@ -45,7 +45,8 @@ def capture(stream=None, mode: str = "thread_local"):
 
 def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
              host_callbacks=None, meta=None, memory_pointers: str = "follow",
-             pointer_budget: int = DEFAULT_POINTER_BUDGET, trace=False) -> Snapshot:
+             pointer_budget: int = DEFAULT_POINTER_BUDGET, hold: str = "copy",
+             trace=False) -> Snapshot:
     """Record a live graph: a :func:`capture`, a CUgraph or int handle, or a
     ``torch.cuda.CUDAGraph(keep_graph=True)``.
 
@@ -61,6 +62,13 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     (:class:`CaptureError` beyond, naming the region and offset), and has the restore rewrite
     them; ``"off"`` leaves saved contents as they are.
 
+    ``hold``: where the saved contents wait for :meth:`Snapshot.save`. ``"copy"`` (default) is
+    a device-side copy made now (the snapshot keeps the state it saw; the copy is freed with
+    the snapshot), or host memory for small totals and when the copy would take more than a
+    quarter of the free device memory; ``"live"`` reads the memory itself when saving (for a
+    save that follows at once; memory that changed in between fails the save); ``"host"``
+    copies into host memory now.
+
     ``trace=True`` (or a byte budget: an int) also records a per-node trace for
     ``cgsnap bisect``: the snapshot is restored in this process on fresh memory (copies of the
     saved state; the original graph and its memory are untouched), run node by node, and after
@@ -74,7 +82,8 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
         raise CaptureError(f"trace={trace!r}: expected True, False or a byte budget >= 0")
     snap = snapshot_graph(graph_handle(graph), name=name, buffers=buffers,
                           record_outputs=record_outputs, host_callbacks=host_callbacks, meta=meta,
-                          memory_pointers=memory_pointers, pointer_budget=pointer_budget)
+                          memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                          hold=hold)
     if trace is not False:
         from .restore.stepper import trace_snapshot
         from .restore.trace import DEFAULT_BUDGET
@@ -82,8 +91,11 @@ def snapshot(graph, buffers=None, name: str = "graph", *, record_outputs=None,
     return snap
 
 
-def save(path, snaps, *, compress: bool = False, prune: bool = True) -> None:
+def save(path, snaps, *, compress="auto", prune: bool = True) -> None:
     """Write one snapshot or a list of them (stored once where they share memory) atomically.
+    Identical region contents are stored once. ``compress``: ``"auto"`` (default) compresses a
+    region's contents when a sample of them shrinks well (zeros, small integers; not fp16 /
+    bf16 / fp32 values), ``True`` always, ``False`` never; kernel images are always compressed.
     ``prune``: cut library cubins down to the kernels the graphs launch (checked on the GPU
     first; faster restores, smaller files); ``False`` keeps them whole."""
     from .format.snapfile import save as _save

@@ -15,7 +15,10 @@ Restoring (new process; build the model and the KV cache first, at any addresses
     graphs["bs8"].replay()
 
 Memory of torch's graph pool (``graph_pool_handle``) that no named tensor covers becomes shared
-scratch: not saved, and the restored graphs share it the way the originals did.
+scratch: not saved, and the restored graphs share it the way the originals did. Of the caching
+allocator's other segments only the live blocks the graphs reach are saved (the allocator's own
+block map, :func:`allocator_map`); a segment stays one region, so graphs that share it still
+share it after the restore.
 
 Graphs that draw random numbers (dropout, sampling) record where their kernels read the Philox
 seed and offset and how far a replay advances the generator; a restored ``replay()`` writes the
@@ -42,13 +45,13 @@ except ImportError:     # the checks of what save() is given work without torch;
 
 from .capture import buffers as _buffers
 from .capture import philox
+from .capture.blocks import AllocatorMap, Block, Segment
 from .capture.classify import DEFAULT_POINTER_BUDGET
-from .capture.record import check_memory_pointers, snapshot_graph
+from .capture.record import check_memory_pointers, patch_saved_bytes, snapshot_graph
 from .capture.stream_capture import graph_handle
 from .cuda import driver
 from .cuda import graphs as cuda_graphs
 from .errors import CaptureError, DriverError, RestoreError
-from .format.hashing import region_hash
 from .format.model import Policy, RngState
 from .format.snapfile import save as _save_file
 
@@ -162,27 +165,60 @@ def check_graphs(graphs) -> None:
             raise err
 
 
-def _graph_pool_segments() -> dict:
-    """``{segment base: pool id}`` of the caching allocator's segments that belong to a graph
-    pool (pool id (0, 0) is the ordinary pool)."""
-    out = {}
+GRANULARITIES = ("block", "segment")
+
+
+def allocator_map(device: Optional[int] = None, granularity: str = "block") -> AllocatorMap:
+    """The caching allocator's segments on ``device`` (default: the current one) from
+    ``torch.cuda.memory.memory_snapshot()``: graph-pool segments (pool id other than (0, 0))
+    become shared scratch; the others carry their blocks -- live ones (``active_allocated``,
+    ``active_pending_free``) with their requested size, free ones (``inactive``) empty -- so
+    that only the live blocks the graphs reach are saved. ``granularity="segment"`` leaves the
+    blocks out: segments are then saved whole (bounds still from the allocator, which matters
+    for expandable segments)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+    _need_torch()
+    dev = torch.cuda.current_device() if device is None else device
+    segments = []
     for seg in torch.cuda.memory.memory_snapshot():
+        if int(seg.get("device", dev)) != dev:
+            continue
+        base, size = int(seg["address"]), int(seg["total_size"])
         pool = tuple(seg.get("segment_pool_id", (0, 0)))
         if pool != (0, 0):
-            out[int(seg["address"])] = "torch-pool-%d-%d" % pool
-    return out
+            segments.append(Segment(base, size, (), Policy.SCRATCH, "torch-pool-%d-%d" % pool))
+            continue
+        blocks = ()
+        if granularity == "block":
+            blocks = tuple(_block(b, base) for b in seg.get("blocks", ()))
+        segments.append(Segment(base, size, blocks))
+    return AllocatorMap(segments)
+
+
+def _block(b: dict, base: int) -> Block:
+    size = int(b["size"])
+    live = 0
+    if b.get("state") != "inactive":
+        requested = int(b.get("requested_size") or size)
+        live = min(requested, size)
+    return Block(int(b["address"]) - base, size, live)
 
 
 def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              bound: Optional[dict] = None, model_name: str = "model",
              memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
+             granularity: str = "block", hold: str = "copy",
              generators: Optional[dict] = None) -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
     ``memory_pointers`` / ``pointer_budget`` (see :func:`cgsnap.snapshot`) apply to each graph
-    on its own. Graphs that draw random numbers carry their generator's state (see
-    :func:`_record_rng`); ``generators``: ``{name: torch.Generator}`` for graphs that draw from
-    generators of their own (registered with ``register_generator_state`` before capture),
-    besides the default. What cannot be recorded is refused first (:func:`check_graphs`)."""
+    on its own. ``granularity``: ``"block"`` saves only the live allocator blocks the graphs
+    reach, ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"``
+    keeps a device copy of the saved contents until the snapshots are saved and dropped.
+    Graphs that draw random numbers carry their generator's state (see :func:`_record_rng`);
+    ``generators``: ``{name: torch.Generator}`` for graphs that draw from generators of their
+    own (registered with ``register_generator_state`` before capture), besides the default.
+    What cannot be recorded is refused first (:func:`check_graphs`)."""
     check_graphs(graphs)
     check_memory_pointers(memory_pointers, pointer_budget)   # before any work
     _need_torch()
@@ -194,29 +230,30 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     for name, t in (tensors or {}).items():
         named[name] = t if isinstance(t, _buffers._PolicyWrapper) else _buffers.Saved(t)
     torch.cuda.synchronize()
-    pools = _graph_pool_segments()
-
-    def allocation_policy(base: int, size: int):
-        pool = pools.get(base)
-        return (Policy.SCRATCH, pool) if pool is not None else None
-
+    amap = allocator_map(granularity=granularity)
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
+    contents: dict = {}         # and memory several graphs save is read once
     snaps = [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
-                            allocation_policy=allocation_policy, bound_hashes=bound_hashes,
-                            memory_pointers=memory_pointers, pointer_budget=pointer_budget)
+                            allocator_map=amap, bound_hashes=bound_hashes,
+                            memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                            hold=hold, contents_cache=contents)
              for name, g in graphs.items()]
     _record_rng(snaps, list(graphs.values()), generators)
     return snaps
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,
-         bound: Optional[dict] = None, compress: bool = False, prune: bool = True,
+         bound: Optional[dict] = None, compress="auto", prune: bool = True,
          memory_pointers: str = "follow", pointer_budget: int = DEFAULT_POINTER_BUDGET,
-         generators: Optional[dict] = None):
-    """Snapshot every graph and write them to one file; returns the merged snapshot."""
+         granularity: str = "block", generators: Optional[dict] = None):
+    """Snapshot every graph and write them to one file; returns the merged snapshot. The
+    contents are read from the live memory while the file is written (nothing runs in
+    between but the RNG probe, whose two words are patched into saved copies), each blob
+    checked against what the snapshot scanned."""
     from .format.snapfile import merge
     snaps = snapshot(graphs, model=model, tensors=tensors, bound=bound,
                      memory_pointers=memory_pointers, pointer_budget=pointer_budget,
+                     granularity=granularity, hold="live",
                      generators=generators)
     merged = merge(snaps)
     _save_file(path, merged, compress=compress, prune=prune)
@@ -345,21 +382,19 @@ def _rng_tensor_blocks() -> set:
 
 def _write_saved_words(snap, states: list) -> None:
     """Each entry's generator state at save time into the saved contents of its words (a
-    scratch or bound region keeps no contents: its words start as zeros or the caller's)."""
-    patched = set()
+    scratch or bound region keeps no contents: its words start as zeros or the caller's). The
+    innermost saved region holding a word is patched (a view's contents are written after its
+    parent's); an allocator block saved as an extent is patched in host memory, or added
+    where it was left out for being zero."""
     for e in states:
         for ref, value in ((e.seed, e.saved_seed), (e.offset, e.saved_offset)):
             rid, off = ref.region, ref.offset
             while rid is not None:
                 r = snap.regions[rid]
-                if r.policy is Policy.SAVED and r.data is not None:
-                    if not (isinstance(r.data, np.ndarray) and r.data.flags.writeable):
-                        r.data = np.frombuffer(bytes(r.data), dtype=np.uint8).copy()
-                    r.data[off:off + 8] = np.frombuffer(value.to_bytes(8, "little"), np.uint8)
-                    patched.add(rid)
+                if r.policy is Policy.SAVED and (r.data is not None or r.extents is not None):
+                    patch_saved_bytes(r, off, value.to_bytes(8, "little"))
+                    break
                 rid, off = r.parent, r.parent_offset + off
-    for rid in patched:
-        snap.regions[rid].content_hash = region_hash(snap.regions[rid].data)
 
 
 def capture_sizes(fn, sizes, batched, shared=(), *, warmup: int = 1, pool=None,

@@ -2,8 +2,8 @@
 C++ loop, region save/restore vs pinned copy bandwidth, replay parity, kernel lookup, and a
 compiled serving model's 67 batch-size graphs (``serving``: compile + capture vs restore).
 
-usage: python scripts/bench.py [--out bench.json] [--only cold,nodes,memory,parity,lookup,io]
-                               [--memory-gb 1,4,16] [--nodes 10000] [--layers N]
+usage: python scripts/bench.py [--out bench.json] [--only cold,nodes,memory,parity,lookup,io,size]
+                               [--memory-gb 1,4,16] [--io-gb 4] [--nodes 10000] [--layers N]
        python scripts/bench.py --only serving [--quick] [--layers 32] [--hidden 2048]
                                [--sizes default] [--serving-budget 420]
 Prints a table last. Not a test: numbers go to docs/PERFORMANCE.md with card, date and command."""
@@ -228,34 +228,107 @@ def _native_us_per_node(cubin: bytes, n: int, tmp: str):
 
 # ---- 3. memory ----------------------------------------------------------------------------
 
-def bench_memory(sizes_gb):
-    import cgsnap
+def _probes():
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "probes"))
+    import disk_probe
+    return disk_probe
+
+
+def _fill_random(ptr: int, size: int) -> None:
+    """Random-looking device contents (zeros or a repeated float would be compressed away by
+    compress='auto' and measure zstd, not the transfer paths): a 64 MiB random block copied
+    over the range."""
+    import numpy as np
+
     from cgsnap.cuda import driver
+    block = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
+    pinned = driver.host_alloc(block.nbytes)
+    driver.host_view(pinned, block.nbytes)[:] = block.tobytes()
+    for off in range(0, size, block.nbytes):
+        driver.htod(ptr + off, pinned, min(block.nbytes, size - off))
+    driver.ctx_sync()
+    driver.host_free(pinned)
+
+
+def bench_memory(sizes_gb, host_hold_up_to_gb: float = 4):
+    """Each path of a large saved region beside its ceiling, measured in the same run: pinned
+    copies both ways (the link), the disk's sequential write (buffered + one fsync, and
+    O_DIRECT) and read (O_DIRECT), then per size: snapshot (device copy + scan through the
+    pinned ring), snapshot into host memory (hold='host', the old path), save, restore from a
+    warm page cache verified and unverified, and from a cold one."""
+    import cgsnap
+    from cgsnap.cuda import driver, transfer
     from cgsnap.cuda.driver import call, cu
+    from cgsnap.restore.restored import Restored
     driver.init(0)
-    # Pinned copy bandwidth: the ceiling.
     probe = 1 << 30
     host = driver.host_alloc(probe)
     dbuf = driver.mem_alloc(probe)
+    pinned = {}
     for direction in ("H2D", "D2H"):
         best = 1e9
         for _ in range(3):
             t = time.perf_counter()
             (driver.htod(dbuf, host, probe) if direction == "H2D" else driver.dtoh(host, dbuf, probe))
             best = min(best, time.perf_counter() - t)
-        row("memory", f"pinned {direction} copy bandwidth (1 GiB)", probe / best / 1e9, "GB/s")
+        pinned[direction] = probe / best / 1e9
+        row("memory", f"pinned {direction} copy bandwidth (1 GiB)", pinned[direction], "GB/s")
     driver.host_free(host)
     driver.mem_free(dbuf)
     tmp = tempfile.mkdtemp(prefix="cgsnap-bench-mem-", dir=os.environ.get("BENCH_DIR"))
+    disk_probe = _probes()
+    # One snapshot first: the pinned staging ring (8 x 64 MiB) is allocated once per process
+    # (0.1 s per 256 MiB) and kept; the figures below are for a process that has saved before.
+    warm_size = 512 << 20
+    warm = driver.mem_alloc(warm_size)
+    _fill_random(warm, warm_size)
+    with cgsnap.capture() as cap:
+        call(cu.cuMemsetD8Async, warm, 7, 256, cap.stream)
+    t = time.perf_counter()
+    cgsnap.snapshot(cap, buffers={"w": (warm, warm_size)}, record_outputs=False,
+                    memory_pointers="off").save(os.path.join(tmp, "warm.cgsnap"))
+    row("memory", "first 512 MiB snapshot + save of the process (allocates the ring)",
+        time.perf_counter() - t, "s")
+    cap.close()
+    driver.mem_free(warm)
     for gb in sizes_gb:
         size = int(gb * (1 << 30))
+        disk = disk_probe.measure(tmp, size)
+        disk_write = max(v for v in (disk["write_buffered_fsync"], disk["write_direct"]) if v)
+        row("memory", f"{gb} GiB: disk write, buffered + one fsync", disk["write_buffered_fsync"], "GB/s")
+        if disk["write_direct"]:
+            row("memory", f"{gb} GiB: disk write, O_DIRECT", disk["write_direct"], "GB/s")
+        if disk["read_direct"]:
+            row("memory", f"{gb} GiB: disk read, O_DIRECT", disk["read_direct"], "GB/s")
         ptr = driver.mem_alloc(size)
-        call(cu.cuMemsetD32, ptr, 0x3F800000, size // 4)
-        driver.ctx_sync()
+        _fill_random(ptr, size)
         with cgsnap.capture() as cap:
             call(cu.cuMemsetD8Async, ptr, 7, 256, cap.stream)
+        # The buffer holds random bytes named without a dtype; the memory rows measure the
+        # transfer paths, so the scan for stored pointers (memory_pointers='follow', which
+        # reads every saved byte of such a buffer into host memory) is off but in one row.
+        big = {"big": (ptr, size)}
+        if gb <= host_hold_up_to_gb:
+            t = time.perf_counter()
+            snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, hold="host",
+                                   memory_pointers="off")
+            row("memory", f"{gb} GiB: snapshot into host memory (hold='host', before)",
+                size / (time.perf_counter() - t) / 1e9, "GB/s")
+            del snap
+        if gb == sizes_gb[0]:
+            t = time.perf_counter()
+            snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False)
+            row("memory", f"{gb} GiB: snapshot with the stored-pointer scan (memory_pointers="
+                "'follow')", size / (time.perf_counter() - t) / 1e9, "GB/s")
+            del snap
         t = time.perf_counter()
-        snap = cgsnap.snapshot(cap, buffers={"big": (ptr, size)}, record_outputs=False)
+        snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, hold="live",
+                               memory_pointers="off")
+        row("memory", f"{gb} GiB: snapshot, hold='live' (device -> pinned, hashed; no copy)",
+            size / (time.perf_counter() - t) / 1e9, "GB/s")
+        del snap
+        t = time.perf_counter()
+        snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, memory_pointers="off")
         t_snap = time.perf_counter() - t
         path = os.path.join(tmp, f"mem{gb}.cgsnap")
         t = time.perf_counter()
@@ -264,22 +337,26 @@ def bench_memory(sizes_gb):
         del snap
         cap.close()
         driver.mem_free(ptr)
-        row("memory", f"{gb} GiB: snapshot (device -> host)", size / t_snap / 1e9, "GB/s",
-            "goal >= 80% of pinned")
-        row("memory", f"{gb} GiB: save (host -> file, page cache)", size / t_save / 1e9, "GB/s")
+        row("memory", f"{gb} GiB: snapshot (device copy, then device -> pinned, hashed)",
+            size / t_snap / 1e9, "GB/s",
+            f"goal >= {0.8 * pinned['D2H']:.1f} (80% of pinned D2H)")
+        row("memory", f"{gb} GiB: save (device -> pinned -> file, one fsync)", size / t_save / 1e9,
+            "GB/s", f"goal >= {0.8 * disk_write:.2f} (80% of disk write)")
         for label in ("warm", "warm, unverified", "cold"):
             if label == "cold":
                 if not _drop_caches(path):
                     continue
             t = time.perf_counter()
-            from cgsnap.restore.restored import Restored
             with Restored(path, verify_blobs=label != "warm, unverified") as r:
                 copy = r.timings["copy"]
             total = time.perf_counter() - t
+            goal = {"warm": f"goal >= {0.8 * pinned['H2D']:.1f} (80% of pinned H2D)",
+                    "cold": f"disk read {disk['read_direct'] or 0:.2f}"}.get(label, "")
             row("memory", f"{gb} GiB: restore copy, {label} page cache", size / copy / 1e9, "GB/s",
-                "goal >= 80% of pinned" if label == "warm" else "")
+                goal)
             row("memory", f"{gb} GiB: whole load, {label} page cache", total, "s")
         os.unlink(path)
+    transfer.release_pinned_cache()
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -327,6 +404,19 @@ def bench_io(gb: float = 4):
     dev = driver.mem_alloc(size)
     mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     addr = int(np.frombuffer(mm, dtype=np.uint8).ctypes.data)
+    # What verifying costs: the blob checksum's 64 MiB pieces hashed from the page cache.
+    from cgsnap.format.hashing import piece_digest
+    pages = memoryview(mm)
+
+    def digest(o, pages=pages):
+        return piece_digest(pages[o:o + chunk])
+    for threads in (1, 4, 8):
+        pool = ThreadPoolExecutor(threads)
+        t = time.perf_counter()
+        list(pool.map(digest, range(0, size, chunk)))
+        row("io", f"xxh3-128 of the page cache, {threads} threads",
+            size / (time.perf_counter() - t) / 1e9, "GB/s")
+        pool.shutdown()
     t = time.perf_counter()
     res = cu.cuMemHostRegister(addr, size, cu.CU_MEMHOSTREGISTER_READ_ONLY)
     t_reg = time.perf_counter() - t
@@ -343,6 +433,283 @@ def bench_io(gb: float = 4):
     driver.mem_free(dev)
     driver.host_free(pinned)
     os.close(fd)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- 3b. file size: live blocks the graphs reach vs the file ------------------------------
+
+def _live_bytes_reached(graphs: dict, tensors: dict) -> dict:
+    """The bytes the graphs can read, computed without cgsnap's recorder: every 8-byte
+    aligned word of every kernel's parameters, every memcpy / memset box (child graphs
+    included), looked up in torch's allocator snapshot; the live bytes (requested size) of the
+    default-pool blocks they reach, plus the named tensors that lie outside them (graph-pool
+    outputs). Graph-pool segments are the graphs' own scratch and count nothing. Each word
+    that happens to look like an address in a live block counts too, so this is an upper
+    bound of what a recorder that tells pointers from integers must save."""
+    import bisect
+
+    import torch
+
+    from cgsnap.capture.stream_capture import graph_handle
+    from cgsnap.cuda import driver, graphs as cg
+    from cgsnap.format.nodes import pitched_span
+    dev = torch.cuda.current_device()
+    blocks = []                 # (start, end, live bytes) of default-pool live blocks
+    for seg in torch.cuda.memory.memory_snapshot():
+        if int(seg.get("device", dev)) != dev or tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0):
+            continue
+        for b in seg["blocks"]:
+            if b["state"] != "inactive":
+                blocks.append((int(b["address"]), int(b["address"]) + int(b["size"]),
+                               min(int(b.get("requested_size") or b["size"]), int(b["size"]))))
+    blocks.sort()
+    starts = [b[0] for b in blocks]
+    reached: set = set()
+
+    def hit(addr: int, span: int = 0) -> None:
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and addr < blocks[i][1]:
+            reached.add(i)
+        j = i + 1
+        while span and j < len(blocks) and blocks[j][0] < addr + span:
+            reached.add(j)
+            j += 1
+
+    def walk(graph) -> None:
+        for n in cg.graph_nodes(graph):
+            t = cg.node_type(n)
+            if t == "kernel":
+                kp = cg.read_kernel(n)
+                layout = driver.func_params(kp.func)
+                for (off, _), data in zip(layout, kp.argument_bytes(layout, "bench")):
+                    for o in range((-off) % 8, len(data) - 7, 8):
+                        hit(int.from_bytes(data[o:o + 8], "little"))
+            elif t == "memcpy":
+                raw = cg.read_node(n, t, "bench")
+                for side in ("src", "dst"):
+                    sd = raw[side]
+                    if sd["kind"] == "device":
+                        hit(sd["addr"], pitched_span(raw["width"], raw["height"] or 1,
+                                                     raw["depth"] or 1, sd["pitch"], sd["height"]))
+            elif t == "memset":
+                raw = cg.read_node(n, t, "bench")
+                row_bytes = raw["width"] * raw["element_size"]
+                hit(raw["dst"], pitched_span(row_bytes, raw["height"], 1, raw["pitch"], 0))
+            elif t == "graph":
+                walk(cg.read_node(n, t, "bench")["graph"])
+    for g in graphs.values():
+        walk(graph_handle(g))
+    live = sum(blocks[i][2] for i in reached)
+    outside = 0
+    for t in tensors.values():
+        p = int(t.data_ptr())
+        i = bisect.bisect_right(starts, p) - 1
+        if not (i >= 0 and p < blocks[i][1]):
+            outside += t.numel() * t.element_size()
+    return {"blocks": len(reached), "live": live + outside}
+
+
+def _file_parts(path) -> dict:
+    """Stored bytes of the file by what they hold."""
+    from cgsnap.format import fileformat
+    with fileformat.open_file(path) as f:
+        m = f.manifest
+        image_blobs = {im["blob"] for im in m["images"]}
+        images = sum(f.blobs[i].stored_length for i in image_blobs)
+        return {"total": os.path.getsize(path), "images": images,
+                "contents": sum(b.stored_length for b in f.blobs) - images, "blobs": len(f.blobs)}
+
+
+def _wl_train_step():
+    """A whole training step: a 0.8M-parameter MLP, cross entropy, AdamW(capturable)."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    x = torch.randn(256, 512, device="cuda")
+    y = torch.randint(0, 10, (256,), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph(keep_graph=True)
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return {"step": g}, {"x": x, "y": y, "loss": loss}
+
+
+def _wl_multi_stream():
+    """Two branches on their own streams inside one capture, joined at the end; the warm-up's
+    temporaries are freed in the same segments."""
+    import torch
+    torch.manual_seed(1)
+    a, b = (torch.randn(512, 1024, device="cuda") for _ in range(2))
+    w1, w2 = (torch.randn(1024, 512, device="cuda") for _ in range(2))
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def step():
+        cur = torch.cuda.current_stream()
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            o1 = (a @ w1).relu_()
+        with torch.cuda.stream(s2):
+            o2 = (b @ w2).sigmoid_()
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+        return o1 + o2
+    junk = [torch.randn(256, 1024, device="cuda") for _ in range(8)]   # then freed
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    del junk
+    g = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(g):
+        out = step()
+    return {"branches": g}, {"a": a, "b": b, "out": out}
+
+
+def _wl_decode():
+    """The warm-restart decoder (2 layers, bf16) with its static KV cache, two batch sizes in
+    one graph pool; weights and cache are saved (nothing bound)."""
+    import torch
+    os.environ["WARM_LAYERS"] = "2"
+    sys.path.insert(0, EXAMPLE)
+    import model as decoder
+    model, kv, _ = decoder.build()
+    tokens = torch.zeros(decoder.CONFIG["max_batch"], dtype=torch.long, device="cuda")
+    pos = torch.zeros_like(tokens)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for b in (8, 1):
+                model(tokens[:b], pos[:b], kv)
+        torch.cuda.current_stream().wait_stream(s)
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outs = {}, {}
+        for b in (8, 1):
+            g = torch.cuda.CUDAGraph(keep_graph=True)
+            with torch.cuda.graph(g, pool=pool):
+                outs[b] = model(tokens[:b], pos[:b], kv)
+            graphs[f"bs{b}"] = g
+    return graphs, {"tokens": tokens, "pos": pos, **{f"logits{b}": o for b, o in outs.items()}}
+
+
+def _wl_gpt2():
+    """A 4-layer fp32 GPT-2 (d 256, vocab 4096: ~17 MB of parameters), a forward pass."""
+    import torch
+    from torch import nn
+    torch.manual_seed(2)
+
+    class Layer(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            self.heads = heads
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.attn(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads) \
+                .permute(2, 0, 3, 1, 4)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self, vocab=4096, d=256, layers=4, heads=8, ctx=256):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+            self.layers = nn.ModuleList(Layer(d, heads) for _ in range(layers))
+            self.ln = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(self.ln(x))
+    model = GPT().cuda().eval()
+    idx = torch.randint(0, 4096, (4, 128), device="cuda")
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(idx)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph(keep_graph=True)
+        with torch.cuda.graph(g):
+            logits = model(idx)
+    return {"forward": g}, {"idx": idx, "logits": logits}
+
+
+SIZE_WORKLOADS = (("train-step", _wl_train_step), ("multi-stream", _wl_multi_stream),
+                  ("decode", _wl_decode), ("gpt2-4L", _wl_gpt2))
+
+
+def bench_size():
+    """File size against the live bytes the graphs reach, per workload: block granularity
+    (now) and whole segments (before); each file restored in this process and its graphs'
+    outputs compared with the original's, bit for bit."""
+    import numpy as np
+    import torch
+
+    import cgsnap
+    import cgsnap.torch
+    tmp = tempfile.mkdtemp(prefix="cgsnap-bench-size-", dir=os.environ.get("BENCH_DIR"))
+    for label, build in SIZE_WORKLOADS:
+        graphs, tensors = build()
+        torch.cuda.synchronize()
+        reach = _live_bytes_reached(graphs, tensors)
+        parts = {}
+        for gran in ("segment", "block"):
+            path = os.path.join(tmp, f"{label}-{gran}.cgsnap")
+            cgsnap.torch.save(path, graphs, tensors=tensors, granularity=gran)
+            parts[gran] = _file_parts(path)
+        path = os.path.join(tmp, f"{label}-block.cgsnap")
+        # The restored graphs from the saved state give the original's outputs.
+        restored = cgsnap.torch.load(path)
+        want = {}
+        for name, g in graphs.items():
+            g.replay()
+            torch.cuda.synchronize()
+            want[name] = {k: t.detach().clone() for k, t in tensors.items()}
+        same = True
+        for name in graphs:
+            restored.restored.reset()
+            restored[name].replay()
+            torch.cuda.synchronize()
+            for k in tensors:
+                a = restored.tensor(k).reshape(-1).view(torch.uint8).cpu().numpy()
+                b = want[name][k].contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+                same &= bool(np.array_equal(a, b))
+        restored.close()
+        live, whole, block = reach["live"], parts["segment"], parts["block"]
+        row("size", f"{label}: live bytes the graphs reach ({reach['blocks']} blocks)", live / 1e6, "MB")
+        row("size", f"{label}: file, whole segments (before)", whole["total"] / 1e6, "MB",
+            f"{whole['total'] / live:.2f}x live")
+        row("size", f"{label}: file, live blocks ({block['blobs']} blobs; images "
+            f"{block['images'] / 1e6:.2f} MB)", block["total"] / 1e6, "MB",
+            f"{block['total'] / live:.2f}x live; goal <= 1.1x")
+        row("size", f"{label}: restored replay equals the original (1 = yes)", float(same), "")
+        del graphs, tensors, restored
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -785,9 +1152,10 @@ def _compile_package() -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--only", default="cold,nodes,memory,parity,lookup,io",
+    ap.add_argument("--only", default="cold,nodes,memory,parity,lookup,io,size",
                     help="sections, comma-separated; also: serving (not in the default set)")
     ap.add_argument("--memory-gb", default="1,4,16")
+    ap.add_argument("--io-gb", type=float, default=4, help="io: size of the file read")
     ap.add_argument("--nodes", type=int, default=10000)
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: 12; serving: 32, --quick 4)")
@@ -820,7 +1188,8 @@ def main():
                      ("parity", lambda: bench_parity(layers)),
                      ("lookup", lambda: bench_lookup(layers)),
                      ("memory", lambda: bench_memory([float(x) for x in args.memory_gb.split(",")])),
-                     ("io", bench_io), ("serving", lambda: bench_serving(args))):
+                     ("io", lambda: bench_io(args.io_gb)), ("size", bench_size),
+                     ("serving", lambda: bench_serving(args))):
         if name in only:
             try:
                 fn()

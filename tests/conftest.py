@@ -24,6 +24,11 @@ def gpu_reason():
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CGSNAP_HEAVY") != "1":
+        heavy = pytest.mark.skip(reason="moves gigabytes: set CGSNAP_HEAVY=1 to run")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(heavy)
     reason = gpu_reason()
     if reason is None:
         return

@@ -99,9 +99,13 @@ def image_bomb(raw_length: int = 4 * GiB, images: int = 1) -> bytes:
     def edit(manifest, blobs):
         first = manifest["images"][0]
         manifest["images"] = []
-        for i in range(images):
-            manifest["images"].append(dict(first, hash=f"{i:032x}", blob=len(blobs)))
-            blobs.append((rle_zstd(raw_length), raw_length))
+        for i in range(images):       # the first takes the old image's blob (no blob unused)
+            index = first["blob"] if i == 0 else len(blobs)
+            manifest["images"].append(dict(first, hash=f"{i:032x}", blob=index))
+            if i == 0:
+                blobs[index] = (rle_zstd(raw_length), raw_length)
+            else:
+                blobs.append((rle_zstd(raw_length), raw_length))
         for k in manifest["kernels"]:
             k["image"] = f"{0:032x}"
         for r in manifest["regions"]:

@@ -7,6 +7,7 @@ import os
 import struct
 
 import msgpack
+import numpy as np
 import pytest
 import zstandard
 
@@ -152,6 +153,29 @@ def test_an_allocation_found_only_through_a_literal_word_is_dropped():
     _drop_unused_allocations(rec)
     assert [r.origin for r in rec.regions] == [0x7FF6_1000_0000]
     assert rec.graphs[0].nodes[0].pointers() == [(0, Ref(0, 0x40))]
+
+
+def test_the_range_table_follows_the_renumbering_after_a_drop(monkeypatch):
+    """Dropping an allocation renumbers the regions after it: the address table must follow,
+    or the scan of stored pointers that comes next resolves words to the ids regions had
+    before (another region, or none: an IndexError)."""
+    from cgsnap.capture import record
+    monkeypatch.setattr(record.driver, "address_range", lambda ptr: None)
+    dropped, y, w = 0x7FF6_0000_0000, 0x7FF6_1000_0000, 0x7FF6_2000_0000
+    rec = recording([(RegionKind.ALLOCATION, dropped, 1 << 20, None),     # literal word only
+                     (RegionKind.ALLOCATION, y, 64, None),
+                     (RegionKind.ALLOCATION, w, 64, None)])
+    k = add_kernel(rec, [(0, 24)])
+    run(rec, [(k, [q(y) + q(dropped + 3) + q(w)])])
+    _drop_unused_allocations(rec)
+    assert [r.origin for r in rec.regions] == [y, w]
+    assert rec.table.find(w + 8) == Ref(1, 8) and rec.table.find(y) == Ref(0, 0)
+    assert rec.table.find(dropped + 3) is None
+    for r in rec.regions:
+        r.data = np.zeros(r.size, dtype=np.uint8)
+    rec.regions[0].data[:8] = np.frombuffer(q(w + 0x10), dtype=np.uint8)
+    record._follow_memory_pointers(rec, "g", 1 << 30, "copy", None)
+    assert np.frombuffer(rec.regions[0].refs, dtype="<u8").tolist() == [0, 1, 0x10]
 
 
 def test_merge_keeps_every_graphs_decisions():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cgsnap.binary import elf, fatbin
-from cgsnap.errors import AmbiguousKernelError, KernelNotFoundError
+from cgsnap.errors import AmbiguousKernelError, KernelNotFoundError, RecorderError
 from cgsnap.format.hashing import content_hash
 from cgsnap.kernels import cupti
 from cgsnap.kernels.identity import IdentityResolver, image_extent
@@ -135,9 +135,38 @@ def test_param_offsets_and_callback_ids_match_the_cuda_headers(tmp_path):
         for field, _ in cls._fields_:
             lines.append(f'printf("{struct_name}.{field} %zu {getattr(cls, field).offset}\\n", '
                          f'offsetof({struct_name}, {field}));')
+    # What is read at those offsets, and how wide (cupti._word reads a pointer-sized word;
+    # numLibraryOptions is read as a uint32, each CUlibraryOption as an int32), and the enum
+    # values the recorder passes to CUPTI or compares with.
+    for name, fields in cupti.PARAMS.items():
+        for field in fields:
+            width = 4 if field == "numLibraryOptions" else 8
+            lines.append(f'printf("{name}.{field}.size %zu {width}\\n", '
+                         f'sizeof((({name}_params *)0)->{field}));')
+    lines.append('printf("CUlibraryOption.size %zu 4\\n", sizeof(CUlibraryOption));')
+    for struct_name, cls in (("CUpti_CallbackData", cupti._CallbackData),
+                             ("CUpti_ModuleResourceData", cupti._ModuleResourceData)):
+        for field, ctype in cls._fields_:
+            lines.append(f'printf("{struct_name}.{field}.size %zu {ctypes.sizeof(ctype)}\\n", '
+                         f'sizeof((({struct_name} *)0)->{field}));')
+    for const, value in (("CUPTI_CB_DOMAIN_DRIVER_API", cupti.CUPTI_CB_DOMAIN_DRIVER_API),
+                         ("CUPTI_CB_DOMAIN_RESOURCE", cupti.CUPTI_CB_DOMAIN_RESOURCE),
+                         ("CUPTI_CBID_RESOURCE_MODULE_LOADED",
+                          cupti.CUPTI_CBID_RESOURCE_MODULE_LOADED),
+                         ("CUPTI_CBID_RESOURCE_CONTEXT_DESTROY_STARTING",
+                          cupti.CUPTI_CBID_RESOURCE_CONTEXT_DESTROY_STARTING),
+                         ("CUPTI_API_ENTER", cupti.CUPTI_API_ENTER),
+                         ("CUPTI_API_EXIT", cupti.CUPTI_API_EXIT),
+                         ("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED",
+                          cupti.CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED),
+                         ("CU_LIBRARY_BINARY_IS_PRESERVED", cupti.CU_LIBRARY_BINARY_IS_PRESERVED)):
+        lines.append(f'printf("{const} %d {value}\\n", (int){const});')
+    lines.append(f'printf("CUPTI_API_VERSION>=min %d 1\\n", '
+                 f'CUPTI_API_VERSION >= {cupti.MIN_CUPTI_API_VERSION});')
     src = tmp_path / "offsets.c"
     src.write_text("#define __CUDA_API_VERSION_INTERNAL 1\n#include <stddef.h>\n#include <stdio.h>\n"
-                   "#include <cuda.h>\n#include <cupti_callbacks.h>\n#include <generated_cuda_meta.h>\n"
+                   "#include <cuda.h>\n#include <cupti_callbacks.h>\n#include <cupti_result.h>\n"
+                   "#include <cupti_version.h>\n#include <generated_cuda_meta.h>\n"
                    "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
     exe = tmp_path / "offsets"
     subprocess.run([cc, f"-I{CUDA_INCLUDE}", str(src), "-o", str(exe)], check=True,
@@ -377,6 +406,58 @@ def test_the_recorder_ignores_cgsnap_own_loads(rec, fake):
     rec.sync()
     assert list(rec.loads.modules) == [0x2000] and set(rec.images) == {HB}
     assert not rec._suppressed
+
+
+def test_the_cut_image_check_is_hidden_from_the_recorder(rec, fake, monkeypatch):
+    """save(prune=True) loads each cut cubin beside the whole one to compare them: those loads
+    are cgsnap's, and a recorder that kept the cut cubin would offer it as one more image of
+    its kernels to every later snapshot in the process."""
+    from cgsnap.capture import saving
+    from cgsnap.cuda import driver
+    monkeypatch.setattr(cupti, "_recorder", rec)
+    monkeypatch.setattr(driver, "current_device", lambda: None)
+
+    def images_agree(original, pruned, kernels, variables):
+        fake.module_load(pruned, 0x3000, inside=[pruned])
+        return None
+    monkeypatch.setattr(driver, "images_agree", images_agree)
+    check = saving.gpu_image_checker()
+    assert check(A, B, ["k"], []) is None
+    rec.sync()
+    assert not rec.images and not rec.loads.modules and not rec._suppressed
+
+
+def test_an_old_libcupti_found_first_is_skipped(monkeypatch):
+    """A CUDA 12 libcupti sorted before the CUDA 13 one (two wheels installed) is passed over,
+    not fatal; with only old ones the error names each."""
+    class Lib:
+        def __init__(self, version):
+            self.version = version
+
+        def cuptiGetVersion(self, out):
+            out._obj.value = self.version
+            return 0
+    libs = {"/old/libcupti.so.12": Lib(120800), "/new/libcupti.so.13": Lib(130001)}
+    monkeypatch.setattr(cupti, "_open_library", lambda path: libs[path])
+    monkeypatch.setattr(cupti, "find_libcupti", lambda: list(libs))
+    rec = cupti.ModuleRecorder()
+    rec._load_library()
+    assert rec.library_path == "/new/libcupti.so.13" and rec._lib is libs[rec.library_path]
+    del libs["/new/libcupti.so.13"]
+    with pytest.raises(RecorderError, match=r"/old/libcupti.so.12: CUPTI API version 120800"):
+        cupti.ModuleRecorder()._load_library()
+
+
+def test_a_libcupti_already_loaded_is_the_first_candidate(monkeypatch, tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /site/nvidia/cu13/lib/libcupti.so.13\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/libc.so.6\n"
+                    "7f04-7f05 rw-p 00000000 00:00 0 \n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        maps if path == "/proc/self/maps" else path, *a, **k))
+    monkeypatch.delenv("CGSNAP_LIBCUPTI", raising=False)
+    assert cupti.find_libcupti()[0] == "/site/nvidia/cu13/lib/libcupti.so.13"
 
 
 def test_the_callback_never_raises(rec, fake):

@@ -190,6 +190,8 @@ CORRUPTIONS = [
      "out of range"),
     ("blob used twice", lambda m: m["regions"][2].__setitem__("blob", m["regions"][0]["blob"]),
      "used twice"),
+    ("image blob shared with a region", lambda m: m["images"][0].__setitem__(
+        "blob", m["regions"][0]["blob"]), r"images\[0\].blob: blob 0 is used twice"),
     ("bad hash", lambda m: m["images"][0].__setitem__("hash", "zz"), "hex content hash"),
     ("kernel of unknown image", lambda m: m["kernels"][0].__setitem__("image", "0" * 32),
      "unknown image"),

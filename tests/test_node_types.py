@@ -813,3 +813,26 @@ def test_show_and_dot_escape_the_names_of_bodies():
         assert "\x1b" not in text and "\u202e" not in text
     assert "╰ then: graph 'main/\\x1b[2Jthen\\u202e': 1 nodes" in show
     assert "main/\\x1b[2Jthen\\u202e/cond0.0" in show       # nested two deep, escaped too
+
+
+def test_array_contents_are_read_through_the_array_never_as_device_addresses(monkeypatch):
+    """A CUDA array region's origin is its CUarray handle: snapshot reads it with a 3D copy
+    into host memory (like host regions), and never hands it to the device-range reader."""
+    monkeypatch.setattr(driver, "array_descriptor", lambda a: (0x01, 1, 16, 2, 0, 0))
+    rec = record.Recording(None, None, None)
+    ref, desc = rec.array_ref(0xA0, 0, 0, 0, "n")
+    pattern = np.arange(32, dtype=np.uint8)
+
+    def array_copy(array, host, row_bytes, rows, slices, to_host):
+        assert (array, row_bytes, rows, slices, to_host) == (0xA0, 16, 2, 1, True)
+        ctypes.memmove(host, pattern.ctypes.data, 32)
+    monkeypatch.setattr(driver, "array_copy", array_copy)
+
+    def device_ranges(spans, hold, stager=None):
+        assert not spans, f"device ranges read for an array region: {spans}"
+        return [], "none"
+    monkeypatch.setattr(record, "hold_contents", device_ranges)
+    record._read_contents(rec, "copy", None)
+    r = rec.regions[ref.region]
+    from cgsnap.format.hashing import region_hash
+    assert np.array_equal(np.asarray(r.data), pattern) and r.content_hash == region_hash(pattern)

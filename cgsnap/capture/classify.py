@@ -116,6 +116,14 @@ class RangeTable:
             i -= 1
         return None if best is None else Ref(best[1], best[2])
 
+    def renumber(self, rmap: dict) -> None:
+        """Keep only the ranges of regions in ``rmap`` (old id -> new id), renumbered."""
+        self._ranges = [(start, end, prio, size, rmap[region])
+                        for start, end, prio, size, region in self._ranges if region in rmap]
+        self._starts = [r[0] for r in self._ranges]
+        self._max_size = max((r[3] for r in self._ranges), default=0)
+        self._flat = None
+
     def note_not_device(self, addr: int) -> None:
         self._negative.add(addr)
 

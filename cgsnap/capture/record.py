@@ -20,14 +20,17 @@ from .._version import __version__
 from ..binary import calls, elf
 from ..cuda import driver, graphs, transfer
 from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
-from ..format.hashing import region_hash
+from ..format.contents import Contents, checksum, is_zero
+from ..format.hashing import extents_hash, region_hash
 from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, ArrayDesc, Edge,
-                            Graph, Kernel, KernelImage, Policy, Ref, Region, RegionKind,
+                            Extent, Graph, Kernel, KernelImage, Policy, Ref, Region, RegionKind,
                             Snapshot, remap_region_refs)
 from ..format.nodes import COND_KINDS, NODE_TYPES, KernelNode, Renumbering
 from ..kernels import graph_hooks
 from . import classify
+from .blocks import AllocatorMap, reached_extents, reached_span
 from .buffers import expand_buffers
+from .contents import DeviceContents, hold_contents, reader_for
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
                        ambiguous, classify_words, decide, dtype_alignment, make_lookup)
 
@@ -43,7 +46,7 @@ class Recording:
     (:mod:`cgsnap.format.nodes`) call back into it to turn addresses and handles into refs."""
 
     def __init__(self, device: driver.Device, resolver, host_callbacks: Optional[dict],
-                 allocation_policy=None):
+                 allocation_policy=None, allocator_map: Optional[AllocatorMap] = None):
         self.device = device
         self.resolver = resolver
         # {name: function} (ctypes function objects are unhashable) -> {address: name}
@@ -52,6 +55,14 @@ class Recording:
         # (base, size) -> (Policy, pool name) or None: lets an integration mark allocations it
         # knows (torch's graph memory pool becomes shared scratch).
         self.allocation_policy = allocation_policy
+        # An allocator's own records (cgsnap.capture.blocks): segment bounds (expandable
+        # segments span several driver handles), policies, and which blocks are live.
+        self.allocator_map = allocator_map
+        self.segments: dict = {}          # ALLOCATION region id -> its blocks.Segment
+        # Extra (region, offset, span) accesses for the reach of blocks: in-memory pointers
+        # (pointer tables in device memory) belong here -- span 0 for a pointer.
+        self.extra_accesses: list = []
+        self.planned: dict = {}           # region id -> extents planned (zero ones included)
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -96,7 +107,7 @@ class Recording:
         ranges = {}
         for spec in specs:
             if spec.policy is not Policy.BOUND:
-                rng = driver.address_range(spec.ptr)
+                rng = self._allocation_range(spec.ptr)
                 if rng is not None and not (rng[0] <= spec.ptr and
                                             spec.ptr + spec.nbytes <= rng[0] + rng[1]):
                     rng = None      # (a view straddling two mappings: not one allocation)
@@ -123,18 +134,36 @@ class Recording:
             if parent is not None:
                 region.parent, region.parent_offset = parent.id, spec.ptr - parent.origin
 
+    def _allocation_range(self, addr: int) -> Optional[tuple]:
+        """``(base, size)`` of the allocation holding ``addr``: the allocator map's segment
+        where there is one (with expandable segments the driver reports only the 2 or 20 MiB
+        handle holding ``addr``), else the driver's allocation."""
+        if self.allocator_map is not None:
+            seg = self.allocator_map.segment_at(addr)
+            if seg is not None:
+                return seg.address, seg.size
+        return driver.address_range(addr)
+
     def _allocation_region(self, base: int, size: int, policy: Policy = Policy.SAVED) -> Region:
         for r in self.regions:
             if r.kind is RegionKind.ALLOCATION and r.origin == base:
                 return r
         pool = None
-        if self.allocation_policy is not None:
+        seg = self.allocator_map.segment_at(base) if self.allocator_map is not None else None
+        if seg is not None and (seg.address, seg.size) != (base, size):
+            seg = None
+        if seg is not None:
+            policy, pool = seg.policy or policy, seg.pool
+        elif self.allocation_policy is not None:
             policy, pool = self.allocation_policy(base, size) or (policy, pool)
-        return self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
-                               pool=pool)
+        region = self.add_region(RegionKind.ALLOCATION, base, size, ALLOCATION, policy=policy,
+                                 pool=pool)
+        if seg is not None and seg.blocks:
+            self.segments[region.id] = seg
+        return region
 
     def _find_allocation(self, addr: int) -> Optional[Ref]:
-        rng = driver.address_range(addr)
+        rng = self._allocation_range(addr)
         if rng is None:
             return None
         region = self._allocation_region(*rng)
@@ -577,6 +606,11 @@ def _keep_regions(rec: Recording, keep: list) -> None:
                                        parent=None if r.parent is None else rmap[r.parent],
                                        refs=remap_region_refs(r.refs, rmap))
                    for r in keep]
+    rec.segments = {rmap[rid]: seg for rid, seg in rec.segments.items() if rid in rmap}
+    rec.extra_accesses = [(rmap[a[0]],) + tuple(a[1:]) for a in rec.extra_accesses
+                          if a[0] in rmap]
+    rec.planned = {rmap[rid]: p for rid, p in rec.planned.items() if rid in rmap}
+    rec.table.renumber(rmap)     # what is looked up after this (stored pointers) sees the new ids
     for g in rec.graphs:
         renumber = Renumbering(rmap)
         g.nodes = [n.remap(renumber) for n in g.nodes]
@@ -669,28 +703,145 @@ def _strong_argument_values(rec: Recording) -> set:
     return values
 
 
-def _follow_memory_pointers(rec: Recording, name: str, budget: int, stager) -> None:
+MAX_POINTER_ROUNDS = 64
+
+
+def _follow_memory_pointers(rec: Recording, name: str, budget: int, hold: str,
+                            contents_cache: Optional[dict]) -> None:
     """Scan what is saved for stored pointers (classify.MemoryPointers), bring in the
     allocations they reach (contents read now, like the others'), record each word in its
-    region's ``refs``."""
-    def read(region: Region):
-        """Contents of a region brought in, read once it is within the budgets."""
-        if region.data is None:
-            region.data = _read_region(region, stager)
-            region.content_hash = region_hash(region.data, stager.pool if stager else None)
-        return region.data
+    region's ``refs``.
 
-    scan = classify.MemoryPointers(
-        rec.regions, rec.table, driver.address_range, rec._allocation_region, read,
-        lambda r: _scannable(rec, r), lambda rid: _region_label(rec.regions[rid]),
-        _strong_argument_values(rec), budget=budget, what=f"snapshot {name!r}")
-    result = scan.run()
-    for rid in result.added:
-        if rec.regions[rid].policy is Policy.SAVED:
-            read(rec.regions[rid])
-    for rid, table in result.refs.items():
-        rec.regions[rid].refs = table.astype("<u8").tobytes()
+    Saved contents are scanned as a restore will write them: a whole region's bytes, or a
+    segment's extents with zeros between them. A stored pointer reaches the block it lands in
+    like any other ref (``Recording.extra_accesses``): where that adds blocks to a segment's
+    extents, their contents are read, and everything is scanned again, until no pointer adds
+    a block (their bytes may hold pointers too)."""
+    views: dict = {}
+
+    def read(region: Region):
+        """Contents of a region, read once it is within the budgets."""
+        if region.policy is Policy.SAVED and region.data is None and region.extents is None:
+            if region.id in rec.segments:          # a segment brought in: planned by block
+                _replan(rec, [region.id], hold, contents_cache)
+            else:
+                _read_whole(region, hold, contents_cache)
+        key = (region.id, len(region.extents) if region.extents is not None else -1)
+        hit = views.get(region.id)
+        if hit is None or hit[0] != key:
+            hit = views[region.id] = (key, _scan_bytes(region))
+        return hit[1]
+
+    for _ in range(MAX_POINTER_ROUNDS):
+        scan = classify.MemoryPointers(
+            rec.regions, rec.table, rec._allocation_range, rec._allocation_region, read,
+            lambda r: _scannable(rec, r), lambda rid: _region_label(rec.regions[rid]),
+            _strong_argument_values(rec), budget=budget, what=f"snapshot {name!r}")
+        result = scan.run()
+        for rid in result.added:
+            if rec.regions[rid].policy is Policy.SAVED:
+                read(rec.regions[rid])
+        touched = set()
+        rec.extra_accesses = [a for a in rec.extra_accesses if a[3:] != ("stored",)]
+        for rid, table in result.refs.items():
+            rec.regions[rid].refs = table.astype("<u8").tobytes()
+            for target, offset in table[:, 1:].tolist():
+                if target in rec.segments:
+                    rec.extra_accesses.append((target, offset, 0, "stored"))
+                    touched.add(target)
+        if not _replan(rec, sorted(touched), hold, contents_cache):
+            break
+    else:
+        raise CaptureError(f"snapshot {name!r}: pointers stored in device memory kept reaching "
+                           f"new blocks after {MAX_POINTER_ROUNDS} rounds")
     rec.decisions.extend(result.decisions)
+
+
+def _scan_bytes(r: Region) -> np.ndarray:
+    """A saved region's bytes as a restore writes them (extents, zeros between them)."""
+    if r.extents is None:
+        return _host_bytes(r.data)
+    out = np.zeros(r.size, dtype=np.uint8)
+    for e in r.extents:
+        out[e.offset:e.offset + e.length] = _host_bytes(e.data)
+    return out
+
+
+def _host_bytes(data) -> np.ndarray:
+    if isinstance(data, Contents):
+        return np.asarray(data)
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+
+
+# Regions whose contents are read into host memory by _read_region, not as device address
+# ranges: host memory, module globals, and CUDA arrays (their origin is a CUarray, no address).
+_READ_TO_HOST = (RegionKind.HOST, RegionKind.MODULE_GLOBAL, RegionKind.ARRAY)
+
+
+def _read_whole(r: Region, hold: str, contents_cache: Optional[dict]) -> None:
+    """The whole contents of a saved region that was brought in late (held as ``hold``)."""
+    if r.kind in _READ_TO_HOST:
+        r.data = _read_region(r)
+        r.content_hash = region_hash(r.data)
+        return
+    key = (r.origin, r.size)
+    cache = contents_cache if contents_cache is not None else {}
+    if key not in cache:
+        cache[key] = hold_contents([key], hold)[0][0]
+    r.data = cache[key]
+    if isinstance(r.data, Contents):
+        r.data.reader.scan([r.data])
+    r.content_hash = _digest(r.data).hex()
+
+
+def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict]) -> bool:
+    """Extents and spans of segments ``rids`` again, now that more refs reach them; the new
+    extents' contents read and scanned (all-zero ones left out). Whether any extent was
+    added."""
+    if not rids:
+        return False
+    accesses = _accesses(rec)
+    views = _views_by_parent(rec)
+    grew = False
+    for rid in rids:
+        r, seg = rec.regions[rid], rec.segments[rid]
+        ptrs, spans = accesses.get(rid, ((), ()))
+        used = reached_span(seg, ptrs, spans)
+        if used[1] > used[0]:
+            r.span = used
+        if r.policy is not Policy.SAVED:
+            continue
+        planned = rec.planned.setdefault(rid, set())
+        new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()))
+               if (o, n) not in planned]
+        if r.extents is None:
+            r.extents = []
+        if not new:
+            continue
+        planned.update(new)
+        extents = [Extent(o, n) for o, n in new]
+        _hold_extents(rec, r, extents, hold, contents_cache)
+        kept = [e for e in extents if not _zero(e.data)]
+        if kept:
+            grew = True
+            r.extents = sorted(r.extents + kept, key=lambda e: e.offset)
+        r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+    return grew
+
+
+def _hold_extents(rec: Recording, r: Region, extents: list, hold: str,
+                  contents_cache: Optional[dict]) -> None:
+    cache = contents_cache if contents_cache is not None else {}
+    spans = [(r.origin + e.offset, e.length) for e in extents]
+    todo = [sp for sp in dict.fromkeys(spans) if sp not in cache]
+    if todo:
+        for sp, c in zip(todo, hold_contents(todo, hold)[0]):
+            cache[sp] = c
+    device = [cache[sp] for sp in spans if isinstance(cache[sp], Contents)]
+    if device:
+        device[0].reader.scan(device)
+    for e, sp in zip(extents, spans):
+        e.data = cache[sp]
 
 
 def _read_region(region: Region, stager=None) -> np.ndarray:
@@ -707,6 +858,192 @@ def _read_region(region: Region, stager=None) -> np.ndarray:
         else:
             driver.dtoh(int(out.ctypes.data), region.origin, region.size)
     return out
+
+
+# ---- which blocks of a segment the graphs reach -----------------------------------------------
+
+def _accesses(rec: Recording) -> dict:
+    """``{region id: ([pointer offsets], [(offset, length)] spans)}`` of every place the
+    graphs address; an access to a view counts in its parent too (same memory). A node type
+    that says only which regions it uses reaches all of them."""
+    out: dict = {}
+
+    def add(rid: int, offset: int, span: Optional[int]) -> None:
+        while True:
+            ptrs, spans = out.setdefault(rid, ([], []))
+            if span is None:
+                spans.append((0, rec.regions[rid].size))
+            elif span == 0:
+                ptrs.append(offset)
+            else:
+                spans.append((offset, span))
+            parent = rec.regions[rid].parent
+            if parent is None:
+                return
+            offset += rec.regions[rid].parent_offset
+            rid = parent
+    for g in rec.graphs:
+        for n in g.nodes:
+            if n.TYPE == "kernel":
+                for _, rid, off in np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).tolist():
+                    add(rid, off, 0)
+            elif n.TYPE == "memcpy":
+                add(n.src.region, n.src.offset, n.span("src"))
+                add(n.dst.region, n.dst.offset, n.span("dst"))
+            elif n.TYPE == "memset":
+                add(n.dst.region, n.dst.offset, n.span())
+            elif n.TYPE == "mem_free":
+                add(n.ptr.region, n.ptr.offset, 0)
+            else:
+                for rid in n.regions():
+                    add(rid, 0, None)
+    for r in rec.regions:          # a named view reaches the blocks it overlaps
+        if r.parent is not None:
+            add(r.parent, r.parent_offset, r.size)
+    for access in rec.extra_accesses:      # (region, offset, span[, why])
+        add(*access[:3])
+    return out
+
+
+def _views_by_parent(rec: Recording) -> dict:
+    """``{parent id: [(offset, size)]}`` of the views that are saved or scratch on their own."""
+    views: dict = {}
+    for r in rec.regions:
+        if r.parent is not None and r.policy in (Policy.SAVED, Policy.SCRATCH):
+            views.setdefault(r.parent, []).append((r.parent_offset, r.size))
+    return views
+
+
+def _plan_extents(rec: Recording) -> None:
+    """Saved allocations of the allocator map get ``extents``: the live blocks the graphs
+    reach, less the views inside them that are saved or scratch on their own; and every
+    allocation of the map its ``span``, the part of it the graphs use."""
+    if not rec.segments:
+        return
+    accesses = _accesses(rec)
+    views = _views_by_parent(rec)
+    for rid, seg in rec.segments.items():
+        r = rec.regions[rid]
+        ptrs, spans = accesses.get(rid, ((), ()))
+        used = reached_span(seg, ptrs, spans)
+        if used[1] > used[0]:
+            r.span = used
+        if r.policy is not Policy.SAVED:
+            continue
+        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()))
+        rec.planned[rid] = set(planned)
+        r.extents = [Extent(o, n) for o, n in planned]
+
+
+# ---- reading the contents -----------------------------------------------------------------------
+
+def _read_contents(rec: Recording, hold: str, contents_cache: Optional[dict]) -> str:
+    """Every saved region's (and extent's) contents as they are now: device ranges held as
+    ``hold`` says (:func:`cgsnap.capture.contents.hold_contents`), then scanned; host and
+    module-global regions read into host memory. Sets content hashes and drops all-zero
+    extents (zero is what the restore leaves there). Returns the hold used."""
+    targets, spans = [], []
+    for r in rec.regions:
+        if r.policy is not Policy.SAVED:
+            continue
+        if r.kind in _READ_TO_HOST:
+            r.data = _read_region(r)
+            r.content_hash = region_hash(r.data)
+        elif r.extents is not None:
+            for e in r.extents:
+                targets.append(e)
+                spans.append((r.origin + e.offset, e.length))
+        else:
+            targets.append(r)
+            spans.append((r.origin, r.size))
+    cache = contents_cache if contents_cache is not None else {}
+    todo = [i for i, sp in enumerate(spans) if sp not in cache]
+    how = "none"
+    if todo:
+        big = sum(spans[i][1] for i in todo) >= transfer.THRESHOLD
+        with (transfer.Stager() if big else contextlib.nullcontext()) as st:
+            held, how = hold_contents([spans[i] for i in todo], hold, st)
+        for i, c in zip(todo, held):
+            cache[spans[i]] = c
+    data = [cache[sp] for sp in spans]
+    device = [c for c in data if isinstance(c, Contents)]
+    if device:
+        device[0].reader.scan(device)
+    for t, c in zip(targets, data):
+        t.data = c
+    for r in rec.regions:
+        if r.policy is not Policy.SAVED or r.kind in _READ_TO_HOST:
+            continue
+        if r.extents is None:
+            r.content_hash = _digest(r.data).hex()
+            continue
+        r.extents = [e for e in r.extents if not _zero(e.data)]
+        r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+    return how
+
+
+def _digest(data) -> bytes:
+    if isinstance(data, Contents):
+        if data.digest is None:
+            data.reader.scan([data])
+        return data.digest
+    return checksum(memoryview(data).cast("B"))
+
+
+def _zero(data) -> bool:
+    return data.zero if isinstance(data, Contents) else is_zero(memoryview(data).cast("B"))
+
+
+def patch_saved_bytes(r: Region, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` into the saved contents of region ``r`` -- its whole
+    contents, or the extent holding those bytes (a new extent where none does and ``data`` is
+    not all zero: an all-zero block is left out at snapshot time). What is patched is kept in
+    host memory from then on (no longer read from the device at save time); ``content_hash``
+    follows."""
+    n = len(data)
+    patch = np.frombuffer(data, dtype=np.uint8)
+    if r.extents is None:
+        r.data = _writable(r.data)
+        r.data[offset:offset + n] = patch
+        r.content_hash = region_hash(r.data)
+        return
+    for e in r.extents:
+        if e.offset <= offset and offset + n <= e.offset + e.length:
+            e.data = _writable(e.data)
+            e.data[offset - e.offset:offset - e.offset + n] = patch
+            break
+        if e.offset < offset + n and offset < e.offset + e.length:
+            raise CaptureError(f"bytes {offset}..{offset + n} of region {r.id} straddle the "
+                               f"saved extent at {e.offset} ({e.length} bytes)")
+    else:
+        if not patch.any():
+            return
+        r.extents = sorted(r.extents + [Extent(offset, n, patch.copy())], key=lambda e: e.offset)
+    r.content_hash = extents_hash((e.offset, e.length, _digest(e.data)) for e in r.extents)
+
+
+def _writable(data) -> np.ndarray:
+    if isinstance(data, np.ndarray) and data.flags.writeable and data.dtype == np.uint8:
+        return data
+    if isinstance(data, Contents):
+        return np.array(np.asarray(data), dtype=np.uint8)
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8).copy()
+
+
+def _bound_hashes(rec: Recording, bound_hashes: Optional[dict]) -> None:
+    """``content_hash`` of bound named regions, for load(verify_bound=True): read and hashed
+    through the staging pipeline, once per range for all the graphs of a file."""
+    cache = bound_hashes if bound_hashes is not None else {}
+    bound = [r for r in rec.regions if r.policy is Policy.BOUND and r.kind is RegionKind.NAMED]
+    todo = [r for r in bound if (r.origin, r.size) not in cache]
+    if todo:
+        reader = reader_for(driver.current_context())
+        live = [DeviceContents(r.origin, r.size, reader) for r in todo]
+        reader.scan(live)
+        for r, c in zip(todo, live):
+            cache[(r.origin, r.size)] = c.digest.hex()
+    for r in bound:
+        r.content_hash = cache[(r.origin, r.size)]
 
 
 def _write_region(region: Region, data: np.ndarray) -> None:
@@ -764,14 +1101,23 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                    resolver=None, meta: Optional[dict] = None,
                    allocation_policy=None, bound_hashes: Optional[dict] = None,
                    memory_pointers: str = "follow",
-                   pointer_budget: int = classify.DEFAULT_POINTER_BUDGET) -> Snapshot:
-    """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form)."""
+                   pointer_budget: int = classify.DEFAULT_POINTER_BUDGET,
+                   allocator_map: Optional[AllocatorMap] = None, hold: str = "copy",
+                   contents_cache: Optional[dict] = None) -> Snapshot:
+    """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form).
+    ``allocator_map``: the allocator's segments and blocks (only reached live blocks are
+    saved); ``hold``: where saved contents wait for the save
+    (:func:`cgsnap.capture.contents.hold_contents`); ``bound_hashes`` / ``contents_cache``
+    let the snapshots of several graphs read shared memory once."""
     check_memory_pointers(memory_pointers, pointer_budget)
+    from .contents import HOLD_CHOICES
+    if hold not in HOLD_CHOICES:
+        raise CaptureError(f"hold={hold!r}: expected one of {', '.join(HOLD_CHOICES)}")
     device = driver.current_device()
     if resolver is None:
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
-    rec = Recording(device, resolver, host_callbacks, allocation_policy)
+    rec = Recording(device, resolver, host_callbacks, allocation_policy, allocator_map)
     rec.add_named(expand_buffers(buffers or {}))
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
@@ -779,23 +1125,11 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
     rec.assign_handle_refs()
     rec.refuse_texture_objects()
     _drop_unused_allocations(rec)
-    big = any(r.size >= transfer.THRESHOLD for r in rec.regions if r.policy is not Policy.SCRATCH)
-    with (transfer.Stager() if big else contextlib.nullcontext()) as stager:
-        for r in rec.regions:     # contents as they are now, before any check launch
-            if r.policy is Policy.SAVED:
-                r.data = _read_region(r, stager)
-                r.content_hash = region_hash(r.data, stager.pool if stager else None)
-            elif r.policy is Policy.BOUND and r.kind is RegionKind.NAMED:
-                # For load(verify_bound=True). ``bound_hashes`` lets the snapshots of several
-                # graphs over the same weights read and hash them once.
-                cache = bound_hashes if bound_hashes is not None else {}
-                key = (r.origin, r.size)
-                if key not in cache:
-                    cache[key] = region_hash(_read_region(r, stager),
-                                             stager.pool if stager else None)
-                r.content_hash = cache[key]
-        if memory_pointers == "follow":
-            _follow_memory_pointers(rec, name, pointer_budget, stager)
+    _plan_extents(rec)
+    _read_contents(rec, hold, contents_cache)    # as they are now, before any check launch
+    _bound_hashes(rec, bound_hashes)
+    if memory_pointers == "follow":
+        _follow_memory_pointers(rec, name, pointer_budget, hold, contents_cache)
     note = None
     # By default outputs are recorded when buffers are named and nothing is bound: a bound
     # region's contents are not in the file, so `replay --check` could not use them anyway.

@@ -204,6 +204,37 @@ def memset_d8(dst: int, value: int, size: int) -> None:
     call(cu.cuMemsetD8, dst, value, size)
 
 
+def dtod(dst: int, src: int, size: int, stream) -> None:
+    call(cu.cuMemcpyDtoDAsync, dst, src, size, stream)
+
+
+def current_context():
+    """The current context (None if there is none)."""
+    res = cu.cuCtxGetCurrent()
+    return res[1] if res[0] == SUCCESS and int(res[1]) else None
+
+
+class in_context:
+    """``with in_context(ctx):`` makes ``ctx`` current for the block and puts the thread's
+    previous context back afterwards (a finaliser or a pool thread must not change it)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        call(cu.cuCtxPushCurrent, self.ctx)
+        return self
+
+    def __exit__(self, *exc):
+        call(cu.cuCtxPopCurrent)
+
+
+def free_in_context(ptr: int, ctx) -> None:
+    """``cuMemFree`` from any thread (finalisers run wherever the collector does)."""
+    with in_context(ctx):
+        mem_free(ptr)
+
+
 def write_u64_async(dst: int, value: int, stream) -> None:
     """Write the little-endian 8-byte word ``value`` at ``dst`` (4-aligned), ordered on
     ``stream``: two 32-bit memsets, whose values travel in the call itself, so no host buffer

@@ -13,12 +13,14 @@ import ctypes
 import logging
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 
+from .. import _progress
 from ..errors import DriverError
 from ..format import hashing
 from ..format.fileformat import io_threads
@@ -63,9 +65,10 @@ class Stager:
     def _ensure_buffers(self) -> None:
         # The pinned ring is made on first use only: allocating 256 MiB of pinned memory costs
         # ~0.1 s (the kernel zeroes and locks it), and DMA straight from the page-locked file
-        # mapping -- the usual restore path -- never touches it.
+        # mapping -- the usual restore path -- never touches it. Buffers come from (and go back
+        # to) a process-wide cache, so that the next save or snapshot does not pay that again.
         while len(self.buffers) < self.ring:
-            self.buffers.append(driver.host_alloc(self.chunk))
+            self.buffers.append(_take_pinned(self.chunk))
 
     def _parallel_memmove(self, dst: int, src: int, n: int) -> None:
         pieces = [(off, min(_PIECE, n - off)) for off in range(0, n, _PIECE)]
@@ -104,6 +107,7 @@ class Stager:
                 hashes[slot].result()                            # and so is its hashing
             fill(slot, off, n)
             call(cu.cuMemcpyHtoDAsync, dst + off, self.buffers[slot], n, self.stream)
+            _progress.advance(n)
             call(cu.cuEventRecord, self.events[slot], self.stream)
             if checksum is not None:
                 hashes[slot] = self.hashers.submit(hashing.piece_digest,
@@ -158,6 +162,7 @@ class Stager:
                     unlocked.add(i - ring)
                 a, b = max(lo, offset), min(hi, offset + size)
                 call(cu.cuMemcpyHtoDAsync, dst + a - offset, base + a, b - a, self.stream)
+                _progress.advance(b - a)
                 call(cu.cuEventRecord, self.events[slot], self.stream)
                 if i + ring < len(pieces):
                     jobs.append(self.pool.submit(register, pieces[i + ring]))
@@ -251,7 +256,7 @@ class Stager:
         for ev in self.events:
             call(cu.cuEventDestroy, ev)
         for buf in self.buffers:
-            driver.host_free(buf)
+            _give_pinned(buf, self.chunk)
         if self.stream is not None:
             driver.stream_destroy(self.stream)
         self.pool.shutdown(wait=True)
@@ -263,6 +268,168 @@ class Stager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ---- reading device memory in order, through the ring -------------------------------
+    def read_chunks(self, spans: list) -> "ChunkRing":
+        """The bytes of device ranges ``spans`` (``[(address, nbytes)]``), in order, as chunks
+        of the pinned ring (:class:`ChunkRing`); DMAs run ring-ahead of the consumer."""
+        assert self.chunk == hashing.BLOB_PIECE
+        self._ensure_buffers()
+        return ChunkRing(_DeviceEngine(self), spans, self.chunk, len(self.buffers))
+
+
+# ---- the read pipeline ------------------------------------------------------------------------
+
+_STAGING_ALIGN = 256
+
+
+def plan_chunks(sizes, chunk: int) -> list:
+    """How items of ``sizes`` bytes are packed into staging chunks of ``chunk`` bytes:
+    ``[[(item, item_offset, n, chunk_offset), ...] per chunk]``, items in order. An item
+    larger than a chunk starts a new chunk and fills whole chunks (so each of its pieces is one
+    ``chunk``-sized piece of its blob checksum), its tail sharing the next chunk with the
+    following items; smaller items are packed at 256-byte aligned offsets and never split.
+    Empty items take no room."""
+    plan: list = []
+    room = 0                            # bytes left in the last chunk
+    for item, n in enumerate(sizes):
+        if n == 0:
+            continue
+        if n > chunk:
+            for off in range(0, n, chunk):
+                piece = min(chunk, n - off)
+                plan.append([(item, off, piece, 0)])
+            room = chunk - _round_up(plan[-1][-1][2])
+            continue
+        if n > room:
+            plan.append([])
+            room = chunk
+        at = chunk - room
+        plan[-1].append((item, 0, n, at))
+        room = max(chunk - _round_up(at + n), 0)
+    return plan
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _STAGING_ALIGN) * _STAGING_ALIGN
+
+
+class Chunk:
+    """One filled staging chunk: ``pieces`` are ``(item, item_offset, view)``. The views stay
+    valid until the ring reuses the slot: right after the consumer asks for a later chunk,
+    unless it passed :meth:`hold` futures that still read them (the slot is then reused only
+    once they are done)."""
+
+    __slots__ = ("index", "slot", "pieces", "futures")
+
+    def __init__(self, index: int, slot: int, pieces: list):
+        self.index, self.slot, self.pieces, self.futures = index, slot, pieces, []
+
+    def hold(self, futures) -> None:
+        self.futures.extend(futures)
+
+
+class ChunkRing:
+    """Device ranges read in order through ``slots`` staging buffers by ``engine`` (DMA into a
+    slot, wait for it, view it): chunk k+slots is started as soon as chunk k's slot is free,
+    so copies run ahead while the consumer hashes or writes."""
+
+    def __init__(self, engine, spans: list, chunk: int, slots: int):
+        self.engine, self.spans, self.slots = engine, list(spans), max(1, slots)
+        self.plan = plan_chunks([n for _, n in self.spans], chunk)
+
+    def __iter__(self):
+        plan, slots, engine = self.plan, self.slots, self.engine
+        held: list = [[] for _ in range(slots)]
+        started = 0
+
+        def start(k: int) -> None:
+            slot = k % slots
+            for f in held[slot]:
+                f.result()
+            held[slot] = []
+            engine.start(slot, [(at, self.spans[i][0] + off, n) for i, off, n, at in plan[k]])
+
+        try:
+            for k in range(len(plan)):
+                while started <= k:
+                    start(started)
+                    started += 1
+                # Start what can start without waiting: the slots whose consumers are done.
+                while started < min(len(plan), k + slots) and \
+                        all(f.done() for f in held[started % slots]):
+                    start(started)
+                    started += 1
+                slot = k % slots
+                engine.wait(slot)
+                chunk = Chunk(k, slot, [(i, off, engine.view(slot, at, n))
+                                        for i, off, n, at in plan[k]])
+                yield chunk
+                held[slot] = chunk.futures
+        finally:
+            # Nothing may still read a slot, nor a copy still write one, once the ring is gone.
+            for futures in held:
+                for f in futures:
+                    f.exception()
+            engine.drain()
+
+
+class _DeviceEngine:
+    """The ring's copies: device -> pinned slot on the stager's stream, one event per slot."""
+
+    def __init__(self, stager: "Stager"):
+        self.stager = stager
+
+    def start(self, slot: int, copies) -> None:
+        st = self.stager
+        for at, src, n in copies:
+            call(cu.cuMemcpyDtoHAsync, st.buffers[slot] + at, src, n, st.stream)
+        call(cu.cuEventRecord, st.events[slot], st.stream)
+
+    def wait(self, slot: int) -> None:
+        call(cu.cuEventSynchronize, self.stager.events[slot])
+
+    def view(self, slot: int, at: int, n: int) -> memoryview:
+        return driver.host_view(self.stager.buffers[slot] + at, n)
+
+    def drain(self) -> None:
+        if self.stager.stream is not None:
+            driver.stream_sync(self.stager.stream)
+
+
+# ---- pinned staging buffers, kept for the process --------------------------------------------
+
+_pinned_free: list = []          # (size, address) of cached pinned buffers
+_pinned_lock = threading.Lock()
+MAX_PINNED_CACHED = 8
+
+
+def _take_pinned(size: int) -> int:
+    with _pinned_lock:
+        for i, (n, addr) in enumerate(_pinned_free):
+            if n == size:
+                del _pinned_free[i]
+                return addr
+    return driver.host_alloc(size)
+
+
+def _give_pinned(addr: int, size: int) -> None:
+    with _pinned_lock:
+        if os.environ.get("CGSNAP_PINNED_CACHE", "1") != "0" and \
+                len(_pinned_free) < MAX_PINNED_CACHED:
+            _pinned_free.append((size, addr))
+            return
+    driver.host_free(addr)
+
+
+def release_pinned_cache() -> int:
+    """Free the pinned staging buffers kept for later transfers (``CGSNAP_PINNED_CACHE=0``
+    keeps none); returns the bytes freed."""
+    with _pinned_lock:
+        cached, _pinned_free[:] = list(_pinned_free), []
+    for _, addr in cached:
+        driver.host_free(addr)
+    return sum(n for n, _ in cached)
 
 
 def _lock_budget() -> int:

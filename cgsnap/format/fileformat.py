@@ -21,10 +21,10 @@ import msgpack
 import xxhash
 import zstandard as zstd
 
-from .. import _fs
+from .. import _fs, _progress
 from ..errors import FormatError
 from ..limits import Limits, over_budget, resolve
-from .hashing import BlobHasher, blob_checksum
+from .hashing import BLOB_PIECE, BlobHasher, blob_checksum, combine, piece_digest
 
 MAGIC = b"\x89CGSNAP\n"
 VERSION = (1, 0)
@@ -254,10 +254,16 @@ class BlobSource:
     """A blob for :func:`write_file`: either ``data`` known up front, or ``chunks`` (an
     iterable of bytes-like objects, e.g. staged from device memory) producing exactly
     ``raw_length`` bytes. The length must be known before streaming starts because the zstd
-    frame header records it. A ``chunks`` iterator can be consumed only once."""
+    frame header records it. A ``chunks`` iterator can be consumed only once, and each chunk
+    is used before the next is asked for (a producer may reuse a chunk's memory then).
+
+    ``level``: the zstd level when compressed (None: the writer's). ``digest``: the blob
+    checksum (:func:`~cgsnap.format.hashing.blob_checksum`) the raw bytes must have; a source
+    that produces other bytes fails the write (device memory that changed since it was
+    scanned), so the file never holds bytes its manifest did not describe."""
 
     def __init__(self, data=None, *, chunks: Iterable | None = None, raw_length: int | None = None,
-                 compress: bool = False):
+                 compress: bool = False, level: int | None = None, digest: bytes | None = None):
         if (data is None) == (chunks is None):
             raise TypeError("BlobSource takes exactly one of data or chunks")
         if data is not None:
@@ -270,6 +276,8 @@ class BlobSource:
         self._chunks = chunks
         self.raw_length = raw_length
         self.compress = compress
+        self.level = level
+        self.digest = digest
 
     def _views(self) -> Iterator[memoryview]:
         if self._chunks is None:
@@ -305,29 +313,52 @@ def _feed(source: BlobSource, write, index: int, path: str) -> None:
             raise FormatError(f"blob {index}: source produced more than its raw_length of "
                               f"{source.raw_length} bytes", path=path)
         write(view)
+        _progress.advance(len(view))
     if total != source.raw_length:
         raise FormatError(f"blob {index}: source produced {total} bytes, raw_length is "
                           f"{source.raw_length}", path=path)
 
 
-def _write_blob(f, index: int, source: BlobSource, blobs_offset: int, cctx, path: str) -> tuple:
+def _write_blob(f, index: int, source: BlobSource, blobs_offset: int, compressor, path: str) -> tuple:
     """Writes one blob at the next aligned position; returns its table entry."""
     f.write(bytes(_align(f.tell()) - f.tell()))
     offset = f.tell() - blobs_offset
     sink = _HashingSink(f)
+    raw_digest = None
     if source.compress:
         # Not a `with` block: on a failed source, closing would end the frame and raise a
         # size-mismatch error that hides the real one. The temporary file is discarded anyway.
-        writer = cctx.stream_writer(sink, size=source.raw_length, closefd=False)
-        _feed(source, writer.write, index, path)
+        writer = compressor(source.level).stream_writer(sink, size=source.raw_length,
+                                                        closefd=False)
+        if source.digest is None:
+            _feed(source, writer.write, index, path)
+        else:
+            raw = BlobHasher()
+
+            def both(view):
+                raw.update(view)
+                writer.write(view)
+            _feed(source, both, index, path)
+            raw_digest = raw.digest()
         writer.close()
-    elif source._chunks is None and source.raw_length >= PARALLEL_WRITE:
-        n, digest = _write_parallel(f, source._data)
+    elif source.raw_length >= PARALLEL_WRITE:
+        n, digest = _write_parallel(f, source, index, path)
+        _check_digest(source, digest, index, path)
         return offset, n, n, Compression.NONE, digest
     else:
         _feed(source, sink.write, index, path)
+        raw_digest = sink.digest()
+    if raw_digest is not None:
+        _check_digest(source, raw_digest, index, path)
     compression = Compression.ZSTD if source.compress else Compression.NONE
     return offset, sink.length, source.raw_length, compression, sink.digest()
+
+
+def _check_digest(source: BlobSource, digest: bytes, index: int, path: str) -> None:
+    if source.digest is not None and digest != source.digest:
+        raise FormatError(f"blob {index}: its source produced other bytes than it was scanned "
+                          "with (device memory changed during the save?); nothing was written",
+                          path=path)
 
 
 PARALLEL_WRITE = 64 << 20   # large uncompressed blobs are written by several threads at once
@@ -342,30 +373,85 @@ def io_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _write_parallel(f, view: memoryview) -> tuple:
-    """``os.pwrite`` of the pieces of a large blob from several threads: one thread copying into
-    the page cache is bound by page allocation at a few GB/s."""
+class _PieceHasher:
+    """:func:`blob_checksum` of chunks arriving in order; a chunk that is exactly a whole
+    piece, at a piece boundary, is hashed by ``pool`` (the pieces of a multi-GB blob then hash
+    in parallel), anything else serially. :meth:`update` returns the futures that still read
+    the chunk."""
+
+    def __init__(self, pool):
+        self._pool, self._digests, self._tail = pool, [], BlobHasher()
+
+    def update(self, view) -> list:
+        if self._tail._filled == 0 and len(view) == BLOB_PIECE:
+            job = self._pool.submit(piece_digest, view)
+            self._digests.append(job)
+            return [job]
+        self._tail.update(view)
+        self._digests.extend(self._tail._digests)     # pieces the serial hasher completed
+        self._tail._digests = []
+        return []
+
+    def digest(self) -> bytes:
+        out = [d if isinstance(d, bytes) else d.result() for d in self._digests]
+        if self._tail._filled:
+            out.append(self._tail._piece.digest())
+        return combine(out)
+
+
+def _write_parallel(f, source: BlobSource, index: int, path: str) -> tuple:
+    """``os.pwrite`` of the pieces of a large uncompressed blob from several threads (one
+    thread copying into the page cache is bound by page allocation at a few GB/s), its pieces
+    hashed on the same threads alongside (xxhash drops the GIL). A chunked source's chunks are
+    written one after another, each released only when its writes and hashes are done."""
     f.flush()
     _fs.step("write")
-    fd, start, n = f.fileno(), f.tell(), len(view)
+    fd, start = f.fileno(), f.tell()
 
-    def put(off):
-        chunk = view[off:off + _PIECE]
+    def put(view, at):
         done = 0
-        while done < len(chunk):
-            done += os.pwrite(fd, chunk[done:], start + off + done)
-    with ThreadPoolExecutor(io_threads()) as pool:
-        writes = [pool.submit(put, off) for off in range(0, n, _PIECE)]
-        digest = blob_checksum(view, pool)      # pieces hashed alongside; xxhash drops the GIL
-        for w in writes:
-            w.result()
-    f.seek(start + n)
-    return n, digest
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], at + done)
+        _progress.advance(len(view))
+    pos = 0
+    threads = io_threads()
+    with ThreadPoolExecutor(threads) as pool:
+        hasher = _PieceHasher(pool)
+        for view in source._views():
+            if pos + len(view) > source.raw_length:
+                raise FormatError(f"blob {index}: source produced more than its raw_length of "
+                                  f"{source.raw_length} bytes", path=path)
+            # A chunk is written by all the threads at once (the next one is asked for only
+            # when this one is written); a whole buffer in pieces of _PIECE.
+            if source._chunks is None:
+                step = _PIECE
+            else:
+                per_thread = -(-len(view) // threads)
+                step = max(1 << 20, -(-per_thread // (1 << 20)) * (1 << 20))
+            jobs = [pool.submit(put, view[o:o + step], start + pos + o)
+                    for o in range(0, len(view), step)]
+            # Whole 64 MiB pieces hash in parallel; the rest of the data (a ragged tail, or one
+            # buffer given whole) is split at piece boundaries first.
+            if source._chunks is None:
+                for o in range(0, len(view), BLOB_PIECE):
+                    jobs += hasher.update(view[o:o + BLOB_PIECE])
+            else:
+                jobs += hasher.update(view)
+            for job in jobs:
+                job.result()
+            pos += len(view)
+        if pos != source.raw_length:
+            raise FormatError(f"blob {index}: source produced {pos} bytes, raw_length is "
+                              f"{source.raw_length}", path=path)
+        digest = hasher.digest()
+    f.seek(start + pos)
+    return pos, digest
 
 
 def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> None:
     """Writes a snapshot file atomically; ``blobs`` are :class:`BlobSource` or bytes-like
-    (stored uncompressed). The same inputs always give the same bytes."""
+    (stored uncompressed). The same inputs always give the same bytes. The file is written
+    with large writes and made durable with one fsync at the end."""
     path = os.fspath(path)
     manifest_bytes = _pack_manifest(manifest, path)
     sources = [b if isinstance(b, BlobSource) else BlobSource(b) for b in blobs]
@@ -375,14 +461,22 @@ def write_file(path, manifest: dict, blobs: list, *, zstd_level: int = 3) -> Non
     blobs_offset = _align(table_offset + _ENTRY.size * len(sources))
     # threads=0: zstd's multi-threaded frames differ from single-threaded ones, and
     # threads=-1 would tie the output to the writing machine's CPU count.
-    cctx = zstd.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False,
-                               threads=0)
-    with _fs.atomic_write(path) as f:
+    compressors: dict = {}
+
+    def compressor(level):
+        level = zstd_level if level is None else level
+        if level not in compressors:
+            compressors[level] = zstd.ZstdCompressor(level=level, write_content_size=True,
+                                                     write_checksum=False, threads=0)
+        return compressors[level]
+    with _fs.atomic_write(path) as f, \
+            _progress.task(f"saving {os.path.basename(path)}", sum(s.raw_length for s in sources)):
         # Header and table are placeholders until the blobs' stored sizes are known.
         f.write(bytes(HEADER_SIZE))
         f.write(manifest_bytes)
         f.write(bytes(blobs_offset - table_offset))
-        entries = [_write_blob(f, i, s, blobs_offset, cctx, path) for i, s in enumerate(sources)]
+        entries = [_write_blob(f, i, s, blobs_offset, compressor, path)
+                   for i, s in enumerate(sources)]
         table = b"".join(_ENTRY.pack(*entry) for entry in entries)
         header = _Header(magic=MAGIC, major=VERSION[0], minor=VERSION[1], flags=0,
                          manifest_offset=HEADER_SIZE, manifest_length=len(manifest_bytes),

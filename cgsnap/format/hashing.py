@@ -77,6 +77,17 @@ class BlobHasher:
         return combine(self._digests + tail)
 
 
+def extents_hash(extents) -> str:
+    """``content_hash`` of a region saved as extents: XXH3-128 (hex) of, for each extent in
+    order, its offset and length (u64 little-endian each) followed by the 16-byte blob checksum
+    of its bytes. ``extents`` yields ``(offset, length, checksum)``. It names the contents
+    without hashing the zeros between extents (an expandable segment can be many GB)."""
+    h = xxhash.xxh3_128()
+    for offset, length, checksum in extents:
+        h.update(offset.to_bytes(8, "little") + length.to_bytes(8, "little") + checksum)
+    return h.hexdigest()
+
+
 def region_hash(data, pool=None) -> str:
     """A region's ``content_hash``: the blob checksum of its contents, hex (parallel pieces:
     regions can be many GB)."""

@@ -28,8 +28,9 @@ SCHEMA_VERSION = 3
 # validates and restores without a Python object per argument; schema 3 stores a graph's kernel
 # nodes and edges as columns (cgsnap.format.tables), without a map per node or edge, the
 # pointers stored in saved region contents (Region.refs), strided named views
-# (Region.strides, Region.view_offset), CUDA-array regions (Region.array), conditional and
-# batch mem-op nodes and the kernel table's conditional-handle columns. All three are read.
+# (Region.strides, Region.view_offset), sparse region contents (Region.extents), identical
+# contents sharing one blob, CUDA-array regions (Region.array), conditional and batch mem-op
+# nodes and the kernel table's conditional-handle columns. All three are read.
 READ_SCHEMAS = (1, 2, 3)
 U64 = (1 << 64) - 1
 REGION_REF_DTYPE = np.dtype([("offset", "<u8"), ("region", "<u8"), ("target_offset", "<u8")])
@@ -149,6 +150,14 @@ class Ref:
 
 
 @dataclass(slots=True)
+class Extent:
+    """Saved bytes inside a region: ``length`` bytes at ``offset`` (schema 3)."""
+    offset: int
+    length: int
+    data: Any = None               # bytes-like, a contents.Contents, or a blob index when read
+
+
+@dataclass(slots=True)
 class Region:
     id: int
     kind: RegionKind
@@ -167,7 +176,7 @@ class Region:
     parent: Optional[int] = None
     parent_offset: int = 0
     array: Optional[ArrayDesc] = None   # ARRAY: the array's format and extent
-    data: Any = None               # SAVED: contents (bytes-like, a BlobSource, or a blob index)
+    data: Any = None               # SAVED: contents (bytes-like, a contents.Contents, or a blob index)
     origin: Optional[int] = None   # address in the capturing process (never saved; merges snapshots)
     # Schema 3. Pointers stored in the saved contents: packed little-endian u64 triples (offset
     # in this region, target region, offset in the target), offsets increasing, words inside the
@@ -182,6 +191,18 @@ class Region:
     def pointer_table(self) -> np.ndarray:
         """``refs`` as a structured array (fields offset, region, target_offset)."""
         return np.frombuffer(self.refs, dtype=REGION_REF_DTYPE)
+    # SAVED, sparse (schema 3): only these bytes are stored; the rest of the region is zero at
+    # restore. Sorted by offset, non-overlapping. None: the whole region is in ``data``.
+    extents: Optional[list] = None
+    # In memory only (never saved): the part ``(lo, hi)`` of the region that the graphs use,
+    # when an allocator map says so. A save keeps only that part (snapfile.trim_regions).
+    span: Optional[tuple] = None
+
+    def saved_bytes(self) -> int:
+        """Bytes of contents this region stores (its extents', or its size)."""
+        if self.policy is not Policy.SAVED:
+            return 0
+        return self.size if self.extents is None else sum(e.length for e in self.extents)
 
 
 @dataclass(slots=True)
@@ -387,23 +408,22 @@ class Snapshot:
     def arch(self) -> int:
         return int(self.device.get("arch", 0))
 
-    def save(self, path, *, compress: bool = False, prune: bool = True) -> None:
+    def save(self, path, *, compress="auto", prune: bool = True) -> None:
         """Write this snapshot to ``path`` (see :func:`cgsnap.save`)."""
         from .snapfile import save
         save(path, self, compress=compress, prune=prune)
 
     # ---- to and from the manifest ---------------------------------------------------------
-    def to_manifest(self) -> tuple:
-        """Return ``(manifest, blobs)``: the plain dict and the blob payloads it indexes."""
-        blobs: list = []
-
-        def add_blob(data) -> int:
-            blobs.append(data)
-            return len(blobs) - 1
+    def to_manifest(self, table: Optional["BlobTable"] = None) -> tuple:
+        """Return ``(manifest, blobs)``: the plain dict and the blob payloads it indexes.
+        Identical region contents and checks (byte for byte) share one blob; pass a
+        :class:`BlobTable` to keep what it learnt about each blob (checksums, samples)."""
+        table = table if table is not None else BlobTable(self)
+        add_blob = table.add_shared
 
         from .nodes import node_to_manifest
         regions = [_region_out(r, add_blob) for r in self.regions]
-        images = [_image_out(im, add_blob) for im in self.images]
+        images = [_image_out(im, table.add) for im in self.images]
         manifest = {
             "schema": SCHEMA_VERSION,
             "device": dict(self.device),
@@ -416,7 +436,7 @@ class Snapshot:
             "graphs": [_graph_out(g, add_blob, [k.params for k in self.kernels], node_to_manifest)
                        for g in self.graphs],
         }
-        return manifest, blobs
+        return manifest, table.items
 
     @classmethod
     def from_manifest(cls, manifest: Any, blob_sizes: list, path: str = "",
@@ -458,8 +478,67 @@ def _region_out(r: Region, add_blob) -> dict:
         out["array"] = {"format": a.format, "channels": a.channels, "width": a.width,
                         "height": a.height, "depth": a.depth, "flags": a.flags}
     if r.policy is Policy.SAVED:
-        out["blob"] = add_blob(r.data)
+        if r.extents is not None:
+            out["extents"] = [[e.offset, e.length, add_blob(e.data)] for e in r.extents]
+        else:
+            out["blob"] = add_blob(r.data)
     return out
+
+
+class BlobTable:
+    """The blobs of a manifest being written. Region contents and checks whose bytes are equal
+    share one blob (schema 3): candidates by length and blob checksum, confirmed byte for
+    byte. Image blobs are never shared. ``items[i]`` is blob ``i``'s payload as the model holds
+    it; ``contents[i]`` its :class:`~cgsnap.format.contents.Contents` (None for images)."""
+
+    def __init__(self, snap: Optional["Snapshot"] = None):
+        self.items: list = []
+        self.contents: list = []
+        self._by_key: dict = {}
+        self._wrapped: dict = {}      # id(payload) -> (payload, Contents): wrapped once
+        if snap is not None:   # checksums of every shareable payload, one batch per reader
+            from .contents import scan_all
+            scan_all([c for c in map(self._contents, _payloads(snap)) if c is not None])
+
+    def _contents(self, data):
+        if data is None or isinstance(data, int):      # a blob index of a file: not shareable
+            return None
+        hit = self._wrapped.get(id(data))
+        if hit is None:
+            from .contents import as_contents
+            hit = self._wrapped[id(data)] = (data, as_contents(data))
+        return hit[1]
+
+    def add(self, data, contents=None) -> int:
+        self.items.append(data)
+        self.contents.append(contents)
+        return len(self.items) - 1
+
+    def add_shared(self, data) -> int:
+        c = self._contents(data)
+        if c is None:
+            return self.add(data)
+        from .contents import same_bytes, scan_all
+        if c.digest is None:
+            scan_all([c])
+        key = (c.nbytes, c.digest)
+        for i in self._by_key.get(key, ()):
+            if same_bytes(self.contents[i], c):
+                return i
+        i = self.add(data, c)
+        self._by_key.setdefault(key, []).append(i)
+        return i
+
+
+def _payloads(snap: "Snapshot"):
+    for r in snap.regions:
+        if r.policy is Policy.SAVED:
+            if r.extents is not None:
+                yield from (e.data for e in r.extents)
+            else:
+                yield r.data
+    for g in snap.graphs:
+        yield from g.checks.values()
 
 
 def _image_out(im: KernelImage, add_blob) -> dict:

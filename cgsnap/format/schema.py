@@ -17,8 +17,8 @@ import numpy as np
 from ..errors import FormatError
 from .hashing import is_hash
 from .model import (ARRAY_DIM_MAX, ARRAY_FLAGS, ARRAY_FORMATS, DTYPE_ITEMSIZE, READ_SCHEMAS,
-                    REGION_REF_DTYPE, U64, ArrayDesc, Edge, Graph, Kernel, KernelImage, Policy,
-                    Ref, Region, RegionKind, RngState, Snapshot, toposort, view_span)
+                    REGION_REF_DTYPE, U64, ArrayDesc, Edge, Extent, Graph, Kernel, KernelImage,
+                    Policy, Ref, Region, RegionKind, RngState, Snapshot, toposort, view_span)
 from .nodes import (DIM_MAX, FIELDS_SINCE, NODE_TYPES, NODE_TYPES_SINCE, ConditionalNode,
                     KernelNode, param_buffer_size)
 from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
@@ -28,8 +28,8 @@ _IDENT_MAX = 4096          # longest name / string field accepted
 _REGION_REQUIRED = ("id", "kind", "size", "policy", "alignment")
 _REGION_OPTIONAL = ("name", "dtype", "shape", "content_hash", "image", "symbol", "pool", "blob",
                     "parent", "parent_offset")
-# Schema 3: pointers stored in the contents, strided views, CUDA arrays.
-_REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "array")
+# Schema 3: pointers stored in the contents, strided views, sparse contents, CUDA arrays.
+_REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "extents", "array")
 _STRIDE_MAX = 1 << 48
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
 
@@ -41,7 +41,8 @@ class Validator:
         self.path = path
         self.blob_sizes = blob_sizes
         self.blob_getter = blob_getter
-        self.used_blobs: set = set()
+        self.used_blobs: dict = {}        # blob index -> "image" | "contents"
+        self.schema = 0
 
     # primitive checks -------------------------------------------------------------------
     def fail(self, where: str, msg: str):
@@ -134,14 +135,46 @@ class Validator:
             self.fail(where, f"expected a map, found {type(v).__name__}")
         return self.plain(v, where)
 
-    def blob(self, v, where, size: Optional[int] = None) -> int:
+    def blob(self, v, where, size: Optional[int] = None, use: str = "contents") -> int:
+        """A blob index. From schema 3 on, region contents, extents and checks may share a
+        blob (identical bytes stored once; the sizes checked here make every use exact); an
+        image's blob is its own. Before schema 3 every blob had one use."""
         i = self.int(v, where, 0, len(self.blob_sizes) - 1 if self.blob_sizes else -1)
-        if i in self.used_blobs:
+        before = self.used_blobs.get(i)
+        if before is not None and (self.schema < 3 or use == "image" or before == "image"):
             self.fail(where, f"blob {i} is used twice")
-        self.used_blobs.add(i)
+        self.used_blobs[i] = use
         if size is not None and self.blob_sizes[i] != size:
             self.fail(where, f"blob {i} holds {self.blob_sizes[i]} bytes, expected {size}")
         return i
+
+    def extents(self, v, where, region_size: int) -> list:
+        """A region's sparse contents (schema 3): ``[[offset, length, blob], ...]``, sorted,
+        non-overlapping (adjacent allowed), each at least one byte and inside the region, each
+        blob holding exactly its length."""
+        out = []
+        end = 0
+        for j, e in enumerate(self.list(v, where)):
+            ew = f"{where}[{j}]"
+            if type(e) is not list or len(e) != 3:
+                self.fail(ew, "expected [offset, length, blob]")
+            offset = self.int(e[0], f"{ew}[0]", 0, region_size)
+            length = self.int(e[1], f"{ew}[1]", 1, region_size)
+            if offset < end:
+                self.fail(ew, f"starts at {offset}, inside the previous extent (ends at {end}): "
+                              "extents must be sorted and must not overlap")
+            if offset + length > region_size:
+                self.fail(ew, f"{length} bytes at offset {offset} overrun the region "
+                              f"({region_size} bytes)")
+            end = offset + length
+            out.append(Extent(offset, length, self.blob(e[2], f"{ew}[2]", length)))
+        return out
+
+    def all_blobs_used(self) -> None:
+        """Schema 3: every blob is some field's (a file holds no dead bytes)."""
+        if self.schema >= 3 and len(self.used_blobs) != len(self.blob_sizes):
+            unused = next(i for i in range(len(self.blob_sizes)) if i not in self.used_blobs)
+            self.fail("", f"blob {unused} is used by no region, extent, check or image")
 
     # the snapshot -----------------------------------------------------------------------
     def snapshot(self, m) -> Snapshot:
@@ -186,6 +219,7 @@ class Validator:
         graphs = [self.graph(g, f"graphs[{i}]", ctx) for i, g in enumerate(raw_graphs)]
         self.child_graphs_acyclic(graphs)
         ConditionalNode.check_snapshot(self, graphs, ctx)
+        self.all_blobs_used()
         return Snapshot(graphs=graphs, regions=regions, images=images, kernels=kernels,
                         events=events, device=device, versions=versions, meta=meta)
 
@@ -219,9 +253,20 @@ class Validator:
                           for i, x in enumerate(self.list(r["shape"], f"{where}.shape", 64)))
         content_hash = (self.hash(r["content_hash"], f"{where}.content_hash")
                         if "content_hash" in r else None)
-        if policy is Policy.SAVED:
+        extents = None
+        if "extents" in r:
+            if policy is not Policy.SAVED:
+                self.fail(f"{where}.extents", f"a {policy.value} region carries no contents")
+            if kind not in (RegionKind.ALLOCATION, RegionKind.NAMED):
+                self.fail(f"{where}.extents", f"a {kind.value} region is saved whole (extents "
+                                              "are for allocation and named regions)")
+            if "blob" in r:
+                self.fail(where, "a region has a blob or extents, not both")
+            extents = self.extents(r["extents"], f"{where}.extents", size)
+        elif policy is Policy.SAVED:
             if "blob" not in r:
-                self.fail(where, "a saved region needs a blob")
+                self.fail(where, "a saved region needs a blob" +
+                          (" or extents" if self.schema >= 3 else ""))
             self.blob(r["blob"], f"{where}.blob", size)
         elif "blob" in r:
             self.fail(f"{where}.blob", f"a {policy.value} region carries no contents")
@@ -237,6 +282,7 @@ class Validator:
         if kind is RegionKind.ARRAY or "array" in r:
             region.array = self.array(r, where, kind, policy, size)
         region.data = r.get("blob")          # blob index; the loader reads it lazily
+        region.extents = extents
         if "parent" in r:
             # Parents come first (ids are in order), so the parent is already validated.
             region.parent = self.int(r["parent"], f"{where}.parent", 0, index - 1)
@@ -361,7 +407,7 @@ class Validator:
         im = self.map(im, where, ("hash", "kind", "arch", "names", "source", "blob"))
         names = tuple(self.str(n, f"{where}.names[{i}]")
                       for i, n in enumerate(self.list(im["names"], f"{where}.names")))
-        blob = self.blob(im["blob"], f"{where}.blob")
+        blob = self.blob(im["blob"], f"{where}.blob", use="image")
         image = KernelImage(hash=self.hash(im["hash"], f"{where}.hash"),
                             kind=self.str(im["kind"], f"{where}.kind", {"cubin", "fatbin", "ptx"}),
                             arch=self.int(im["arch"], f"{where}.arch", 0, 10_000), names=names,

@@ -5,14 +5,19 @@ The container itself is :mod:`cgsnap.format.fileformat`; the dict it carries is 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Iterable, Optional, Union
 
+import numpy as np
 
-from ..errors import CaptureError
+
+from ..errors import CaptureError, FormatError
+from . import contents as _contents
 from . import fileformat
-from .model import MAX_DECISIONS_KEPT, Graph, Region, RegionKind, Snapshot, remap_region_refs
+from .model import (MAX_DECISIONS_KEPT, REGION_REF_DTYPE, BlobTable, Extent, Graph, Policy,
+                    Region, RegionKind, Snapshot, remap_region_refs)
 from .nodes import Renumbering
 from .trace import remap_trace
 
@@ -43,7 +48,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events, handles = [], set(), 0, 0
     for snap in snaps:
-        rmap, added = {}, []
+        rmap, added, more_refs = {}, [], []
         for r in snap.regions:     # parents precede their children, so rmap has them
             key = _region_key(r)
             if key not in region_ids:
@@ -51,9 +56,15 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
                 parent = rmap[r.parent] if r.parent is not None else None
                 regions.append(dataclasses.replace(r, id=len(regions), parent=parent))
                 added.append(regions[-1])
+            else:
+                _merge_contents(regions[region_ids[key]], r)
+                if r.refs:
+                    more_refs.append((regions[region_ids[key]], r.refs))
             rmap[r.id] = region_ids[key]
         for r in added:            # stored pointers may name any region of their snapshot
             r.refs = remap_region_refs(r.refs, rmap)
+        for kept, refs in more_refs:   # the same memory: pointers the first did not record too
+            kept.refs = union_refs(kept.refs, remap_region_refs(refs, rmap))
         for im in snap.images:
             images.setdefault(im.hash, im)
         kmap = {}
@@ -87,6 +98,134 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),
                     meta=meta)
+
+
+def _merge_contents(kept: Region, other: Region) -> None:
+    """The same memory saved by two snapshots: each graph saved the blocks it reaches, so the
+    merged region holds the union (and uses the union of the parts each one uses). Where both
+    saved the same bytes the first snapshot's are kept (as for whole regions); a whole region
+    covers every extent."""
+    if kept.span is not None:
+        kept.span = None if other.span is None else \
+            (min(kept.span[0], other.span[0]), max(kept.span[1], other.span[1]))
+    if kept.policy is not Policy.SAVED or other.policy is not Policy.SAVED:
+        return
+    if kept.extents is None:
+        return
+    if other.extents is None:
+        kept.extents, kept.data, kept.content_hash = None, other.data, other.content_hash
+        return
+    merged = union_extents(kept.extents, other.extents)
+    if len(merged) != len(kept.extents):
+        kept.extents = merged
+        kept.content_hash = None      # recomputed from the extents' checksums when saved
+
+
+def union_refs(first: bytes, second: bytes) -> bytes:
+    """Stored-pointer tables of the same memory from two snapshots: the first's rows, plus the
+    second's at offsets the first has none (sorted by offset)."""
+    if not second:
+        return first
+    a = np.frombuffer(first, dtype=REGION_REF_DTYPE)
+    b = np.frombuffer(second, dtype=REGION_REF_DTYPE)
+    b = b[~np.isin(b["offset"], a["offset"])]
+    if not len(b):
+        return first
+    rows = np.concatenate([a, b])
+    return rows[np.argsort(rows["offset"], kind="stable")].tobytes()
+
+
+def union_extents(first: list, second: list) -> list:
+    """The extents of ``first`` plus the parts of ``second`` that no extent of ``first``
+    covers (their contents sliced: ``data.slice(offset, length)``), sorted."""
+    out = list(first)
+    covered = [(e.offset, e.offset + e.length) for e in first]
+    for e in second:
+        pieces = [(e.offset, e.offset + e.length)]
+        for lo, hi in covered:
+            pieces = [p for a, b in pieces
+                      for p in ((a, min(b, lo)), (max(a, hi), b)) if p[0] < p[1]]
+        for a, b in pieces:
+            data = e.data if (a, b) == (e.offset, e.offset + e.length) else \
+                _contents.as_contents(e.data).slice(a - e.offset, b - a)
+            out.append(Extent(a, b - a, data))
+    return sorted(out, key=lambda e: e.offset)
+
+
+class _Shift(Renumbering):
+    """Refs into trimmed regions move down by the part cut off the region's start."""
+
+    __slots__ = ("lo",)
+
+    def __init__(self, lo: dict):
+        super().__init__()
+        self.lo = lo
+
+    def ref(self, ref):
+        lo = self.lo.get(ref.region)
+        return ref if lo is None else type(ref)(ref.region, ref.offset - lo)
+
+
+def trim_regions(snap: Snapshot) -> Snapshot:
+    """``snap`` with each allocation that knows the part the graphs use (``Region.span``, set
+    from an allocator map) cut down to that part: same relative layout, less memory at
+    restore (an expandable segment can be a whole pool). Refs, views, extents and pointer
+    tables move with it (and the RNG words' refs); the address every ref names stays the
+    same."""
+    lo: dict = {}
+    regions = []
+    for r in snap.regions:
+        span = r.span
+        if span is None or r.kind is not RegionKind.ALLOCATION or r.parent is not None or \
+                not (0 <= span[0] < span[1] <= r.size) or span == (0, r.size) or \
+                (r.policy is Policy.SAVED and r.extents is None):
+            regions.append(dataclasses.replace(r, span=None) if span is not None else r)
+            continue
+        a, b = span
+        lo[r.id] = a
+        fields = dict(size=b - a, span=None,
+                      alignment=min(r.alignment, a & -a) if a else r.alignment,
+                      origin=None if r.origin is None else r.origin + a)
+        if r.extents is not None:
+            fields["extents"] = [Extent(e.offset - a, e.length, e.data) for e in r.extents]
+            fields["content_hash"] = None        # the offsets are part of it: recomputed
+        regions.append(dataclasses.replace(r, **fields))
+    if not lo:
+        return dataclasses.replace(snap, regions=regions)
+    regions = [dataclasses.replace(r, parent_offset=r.parent_offset - lo[r.parent])
+               if r.parent in lo else r for r in regions]
+    regions = [dataclasses.replace(r, refs=_shift_refs(r, lo)) if r.refs else r for r in regions]
+    shift = _Shift(lo)
+    graphs = []
+    for g in snap.graphs:
+        nodes = []
+        for n in g.nodes:
+            n = n.remap(shift)
+            if n.TYPE == "kernel" and n.refs:
+                table = np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).copy()
+                for rid, a in lo.items():
+                    table[table[:, 1] == rid, 2] -= np.uint64(a)
+                n = dataclasses.replace(n, refs=table.tobytes())
+            nodes.append(n)
+        rng = [dataclasses.replace(e, seed=shift.ref(e.seed), offset=shift.ref(e.offset))
+               for e in g.rng]
+        # A trace stays as it is: trace_snapshot records it from a file this same trimming
+        # wrote, so its offsets and digests are already the trimmed regions'.
+        graphs.append(Graph(name=g.name, nodes=nodes, edges=list(g.edges),
+                            top_level=g.top_level, checks=dict(g.checks), rng=rng,
+                            trace=g.trace))
+    return dataclasses.replace(snap, regions=regions, graphs=graphs)
+
+
+def _shift_refs(r: Region, lo: dict) -> bytes:
+    """Region ``r``'s stored-pointer rows with its own offsets and its targets' offsets moved
+    down by what trimming cut off each region's start."""
+    table = np.frombuffer(r.refs, dtype=REGION_REF_DTYPE).copy()
+    if r.id in lo:
+        table["offset"] -= np.uint64(lo[r.id])
+    for rid, a in lo.items():
+        table["target_offset"][table["region"] == rid] -= np.uint64(a)
+    return table.tobytes()
 
 
 def remap_node(n, rmap: dict, kmap: Optional[dict] = None, event_offset: int = 0,
@@ -193,22 +332,89 @@ def prune_images(snap: Snapshot, check=None) -> Snapshot:
     return dataclasses.replace(snap, images=images, kernels=kernels, regions=regions, meta=meta)
 
 
-def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress: bool = False,
+def save(path, snaps: Union[Snapshot, Iterable[Snapshot]], *, compress="auto",
          prune: bool = True) -> None:
-    """Write one or several snapshots to ``path`` atomically. ``compress`` zstd-compresses region
-    contents too (kernel images are always compressed: they shrink several-fold). ``prune``
-    cuts each cubin down to the kernels the graphs launch, checked on the GPU first
-    (:func:`prune_images`); ``prune=False`` (or ``CGSNAP_PRUNE=0`` in the environment, for
-    comparisons) keeps library images whole."""
-    snap = merge([snaps] if isinstance(snaps, Snapshot) else list(snaps))
+    """Write one or several snapshots to ``path`` atomically.
+
+    Region contents and checks with identical bytes are stored once. ``compress``: ``"auto"``
+    zstd-compresses a region blob when a sample of it shrinks below
+    :data:`~cgsnap.format.contents.AUTO_RATIO` (zeros, repeated values and small integers do;
+    fp16 / bf16 / fp32 weights do not), ``True`` compresses every region blob, ``False`` none
+    (kernel images are always compressed: they shrink several-fold). Contents kept in device
+    memory stream device -> pinned staging -> file. ``prune`` cuts each cubin down to the
+    kernels the graphs launch, checked on the GPU first (:func:`prune_images`); ``prune=False``
+    (or ``CGSNAP_PRUNE=0`` in the environment, for comparisons) keeps library images whole."""
+    _contents.check_compress(compress)
+    snap = trim_regions(merge([snaps] if isinstance(snaps, Snapshot) else list(snaps)))
     if prune and os.environ.get("CGSNAP_PRUNE", "1") != "0":
         snap = prune_images(snap)
-    manifest, blobs = snap.to_manifest()
+    table = BlobTable(snap)
+    _fill_extent_hashes(snap, table)
+    manifest, blobs = snap.to_manifest(table)
     # What is written must read back: the reader's own validation, before the file exists.
-    Snapshot.from_manifest(manifest, [memoryview(b).nbytes for b in blobs], str(path))
-    image_blobs = {id(im.data) for im in snap.images}
-    sources = [fileformat.BlobSource(b, compress=compress or id(b) in image_blobs) for b in blobs]
-    fileformat.write_file(str(path), manifest, sources)
+    Snapshot.from_manifest(manifest, [_length(b) for b in blobs], str(path))
+    write_blobs(str(path), manifest, table, compress)
+
+
+def _length(payload) -> int:
+    if isinstance(payload, _contents.Contents):
+        return payload.nbytes
+    return memoryview(payload).nbytes
+
+
+def _fill_extent_hashes(snap: Snapshot, table: BlobTable) -> None:
+    """``content_hash`` of regions saved as extents (:func:`hashing.extents_hash`), where the
+    snapshot did not set it (a merge of two snapshots' extents)."""
+    from .hashing import extents_hash
+    for r in snap.regions:
+        if r.policy is Policy.SAVED and r.extents is not None and r.content_hash is None:
+            items = [(e.offset, e.length, table._contents(e.data)) for e in r.extents]
+            _contents.scan_all([c for _, _, c in items if c is not None])
+            if all(c is not None for _, _, c in items):
+                r.content_hash = extents_hash((o, n, c.digest) for o, n, c in items)
+
+
+def write_blobs(path: str, manifest: dict, table: BlobTable, compress) -> None:
+    """Write the file: images compressed, region contents as ``compress`` says, contents of
+    each reader streamed through that reader's pipeline in file order, each streamed blob
+    checked against the checksum its scan gave (memory that changed between snapshot and save
+    fails the save, and leaves no file)."""
+    sources, streamed = [], {}
+    for data, c in zip(table.items, table.contents):
+        if c is None:                     # a kernel image (or a blob index of a read file)
+            if isinstance(data, int):
+                raise FormatError("a region's contents are a blob of another file: read the "
+                                  "snapshot with its file open, or load it", path=path)
+            sources.append(fileformat.BlobSource(data, compress=True))
+            continue
+        squeeze = _contents.worth_compressing(compress, c.ratio)
+        level = _contents.REGION_LEVEL
+        if isinstance(c, _contents.HostContents):
+            sources.append(fileformat.BlobSource(c.view, compress=squeeze, level=level))
+            continue
+        group = streamed.setdefault(id(c.reader), (c.reader, []))[1]
+        group.append(c)
+        sources.append(fileformat.BlobSource(chunks=_Streamed(streamed, c), raw_length=c.nbytes,
+                                             compress=squeeze, level=level, digest=c.digest))
+    with contextlib.ExitStack() as stack:
+        for key, (reader, items) in list(streamed.items()):
+            streamed[key] = (reader, iter(stack.enter_context(reader.stream(items))))
+        fileformat.write_file(path, manifest, sources)
+
+
+class _Streamed:
+    """The chunks of one streamed blob: the next item of its reader's stream (the writer takes
+    blobs in order, and each reader streams its items in that same order)."""
+
+    def __init__(self, streams: dict, contents):
+        self._streams, self._contents = streams, contents
+
+    def __iter__(self):
+        _, stream = self._streams[id(self._contents.reader)]
+        item, chunks = next(stream)
+        if item is not self._contents:
+            raise RuntimeError("a contents stream is out of order")
+        return iter(chunks)
 
 
 def read(path, *, load_images: bool = True, limits=None, signature_key=None) -> tuple:

@@ -163,11 +163,29 @@ def _cstr(pointer: int) -> Optional[str]:
     return ctypes.string_at(pointer, n).decode(errors="replace") if n < MAX_NAME else None
 
 
+def _open_library(path: str):
+    return ctypes.CDLL(path)
+
+
+def _mapped_libcupti() -> list:
+    """libcupti files already mapped into this process (torch's profiler links one): the
+    recorder uses the same copy, never a second CUPTI beside it."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6]
+    except OSError:
+        return []
+    return [p for p in dict.fromkeys(paths)
+            if p.startswith("/") and os.path.basename(p).startswith("libcupti.so")]
+
+
 def find_libcupti() -> list:
-    """Candidate libcupti paths: $CGSNAP_LIBCUPTI, the nvidia-cuda-cupti wheel, the CUDA install."""
+    """Candidate libcupti paths: $CGSNAP_LIBCUPTI, one already loaded in the process, the
+    nvidia-cuda-cupti wheel, the CUDA install."""
     out = []
     if os.environ.get("CGSNAP_LIBCUPTI"):
         out.append(os.environ["CGSNAP_LIBCUPTI"])
+    out += _mapped_libcupti()
     roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
     for root in dict.fromkeys(roots):
         out += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libcupti.so*")))
@@ -415,18 +433,26 @@ class ModuleRecorder:
                 del self._suppressed[tid]
 
     def _load_library(self) -> None:
+        """The first candidate that loads and is of API version MIN_CUPTI_API_VERSION or later
+        (an older one, e.g. a CUDA 12 wheel's sorted first, is skipped, not fatal)."""
         errors = []
         for path in find_libcupti():
             try:
-                self._lib = ctypes.CDLL(path)
-                self.library_path = path
-                break
+                lib = _open_library(path)
             except OSError as exc:
                 errors.append(f"{path}: {exc}")
-        if self._lib is None:
-            raise RecorderError("no libcupti found (install the CUDA toolkit's CUPTI or the "
-                                "nvidia-cuda-cupti wheel, or set CGSNAP_LIBCUPTI)"
-                                + (f"; tried {'; '.join(errors)}" if errors else ""))
+                continue
+            version = ctypes.c_uint32()
+            if lib.cuptiGetVersion(ctypes.byref(version)) != 0 or \
+                    version.value < MIN_CUPTI_API_VERSION:
+                errors.append(f"{path}: CUPTI API version {version.value} is older than "
+                              f"{MIN_CUPTI_API_VERSION}, whose structure layout cgsnap reads")
+                continue
+            self._lib, self.library_path = lib, path
+            return
+        raise RecorderError("no usable libcupti found (install the CUDA toolkit's CUPTI or the "
+                            "nvidia-cuda-cupti wheel, or set CGSNAP_LIBCUPTI)"
+                            + (f"; tried {'; '.join(errors)}" if errors else ""))
 
     def start(self, launches: bool = False) -> None:
         if self.active:
@@ -435,11 +461,6 @@ class ModuleRecorder:
             return
         if self._lib is None:
             self._load_library()
-        version = ctypes.c_uint32()
-        if self._lib.cuptiGetVersion(ctypes.byref(version)) != 0 or \
-                version.value < MIN_CUPTI_API_VERSION:
-            raise RecorderError(f"{self.library_path}: CUPTI API version {version.value} is older "
-                                f"than {MIN_CUPTI_API_VERSION}, whose structure layout cgsnap reads")
         rc = self._lib.cuptiSubscribe(ctypes.byref(self._subscriber), self._callback, None)
         if rc == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED:
             raise RecorderError("another CUPTI client (a profiler: nsys, ncu, torch.profiler / "

@@ -21,12 +21,14 @@ import contextlib
 import gc
 import logging
 import operator
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 
+from .. import _progress
 from ..capture.buffers import check_bind, flatten
 from ..cuda import driver, graphs, native, transfer
 from ..errors import BindError, CgsnapError, DriverError, FormatError, KernelNotFoundError, RestoreError
@@ -270,15 +272,10 @@ class Restored:
                 self._bases[r.id] = self._ledger.add("host", driver.host_alloc(r.size))
             else:
                 self._bases[r.id] = self._alloc(r.size, r.alignment)
-        for r in snap.regions:
-            # Scratch starts zeroed, not with whatever the allocator returns: some library
-            # kernels keep self-resetting counters in their workspace, valid when zero.
-            if r.policy is Policy.SCRATCH and r.parent is None and r.id not in self._bound \
-                    and r.kind in (RegionKind.ALLOCATION, RegionKind.NAMED):
-                driver.memset_d8(int(self._bases[r.id]), 0, r.size)
         for r in snap.regions:              # views: at their offset in the parent's memory
             if r.parent is not None and r.id not in self._bound:
                 self._bases[r.id] = self._bases[r.parent] + np.uint64(r.parent_offset)
+        self._zero_fill()
         self.timings["alloc"] = time.perf_counter() - t
         t = time.perf_counter()
         self._load_kernels(choice)
@@ -287,8 +284,13 @@ class Restored:
         for r in snap.regions:
             if r.kind is RegionKind.ARRAY:
                 self._write_array(r)
-            elif r.policy is Policy.SAVED and r.id not in self._bound and \
-                    r.kind is not RegionKind.MODULE_GLOBAL:       # (written by _load_kernels)
+        saved = [r for r in snap.regions if r.policy is Policy.SAVED and r.id not in self._bound
+                 and r.kind not in (RegionKind.MODULE_GLOBAL,      # (written by _load_kernels)
+                                    RegionKind.ARRAY)]
+        total = sum(sum(e.length for e in r.extents) if r.extents is not None else r.size
+                    for r in saved)
+        with _progress.task(f"loading {os.path.basename(self.path)}", total):
+            for r in saved:
                 self._write_region(r)
         if self._verify_bound:
             self._verify_bound_hashes()
@@ -303,6 +305,22 @@ class Restored:
                                  graphs.AddEnv(dev.context, dev.ordinal, self._keepalive),
                                  plans=self._plans, arrays=self._arrays)
 
+    def _zero_fill(self, scratch: bool = True) -> None:
+        """Memory no saved byte covers starts zeroed: scratch (not whatever the allocator
+        returns: some library kernels keep self-resetting counters in their workspace, valid
+        when zero) and the parts of sparse regions between their extents. The zeroing ends
+        before any contents are copied (copies run on another stream)."""
+        zeroed = False
+        for r in self.snapshot.regions:
+            if r.id in self._bound or r.kind not in (RegionKind.ALLOCATION, RegionKind.NAMED):
+                continue
+            if (scratch and r.policy is Policy.SCRATCH and r.parent is None) or \
+                    (r.policy is Policy.SAVED and r.extents is not None):
+                driver.memset_d8(int(self._bases[r.id]), 0, r.size)
+                zeroed = True
+        if zeroed:
+            driver.ctx_sync()
+
     def _alloc(self, size: int, alignment: int) -> int:
         # cuMemAlloc aligns to at least 256 bytes; larger recorded alignments get padding.
         pad = alignment if alignment > 256 else 0
@@ -310,10 +328,19 @@ class Restored:
         return (ptr + pad - 1) // pad * pad if pad else ptr
 
     def _write_region(self, r) -> None:
-        """Region ``r``'s saved contents into its memory, with the pointers stored in them
-        rewritten to this process's addresses."""
-        self._write_blob(r.data, int(self._bases[r.id]), r.size, host=r.kind is RegionKind.HOST,
-                         patches=self._patches.get(r.id))
+        """Region ``r``'s saved contents into its memory (parents before the views inside
+        them: region order) -- its blob, or each extent at its offset -- with the pointers
+        stored in them rewritten to this process's addresses."""
+        base, patches = int(self._bases[r.id]), self._patches.get(r.id)
+        if r.extents is None:
+            self._write_blob(r.data, base, r.size, host=r.kind is RegionKind.HOST,
+                             patches=patches)
+            return
+        for e in r.extents:
+            self._write_blob(e.data, base + e.offset, e.length)
+        if patches is not None:     # each copy above has ended: the words go over them
+            for off, chunk in patches.chunks(self._bases):
+                driver.htod(base + off, chunk, len(chunk))
 
     def _write_blob(self, blob: int, dst: int, size: int, host: bool = False,
                     patches=None) -> None:
@@ -329,6 +356,7 @@ class Restored:
                 driver.host_view(dst, size)[:] = data
             else:
                 driver.htod(dst, data, size)
+            _progress.advance(size)
             return
         # Large and stored as is: DMA straight from the file's page cache (or, where file pages
         # cannot be page-locked, read by several threads into a pinned ring), the checksum
@@ -500,9 +528,11 @@ class Restored:
     def reset(self) -> None:
         """Write the saved contents back into every saved region (the state at save time)."""
         self._check_open()
+        self._zero_fill(scratch=False)      # scratch is left as the graphs left it
         for r in self.snapshot.regions:
             if r.kind is RegionKind.ARRAY:
-                self._write_array(r)
+                if r.policy is Policy.SAVED:
+                    self._write_array(r)
             elif r.policy is Policy.SAVED and r.id not in self._bound and r.kind is not \
                     RegionKind.GRAPH_ALLOC:
                 self._write_region(r)

@@ -47,6 +47,8 @@ class Stepper:
                 driver.memset_d8(base, 0, reg.size)
             elif reg.kind is RegionKind.HOST:
                 driver.host_view(base, reg.size)[:] = bytes(reg.size)
+            elif reg.kind is RegionKind.ARRAY:
+                self.write(reg.id, np.zeros(reg.size, dtype=np.uint8))
         driver.ctx_sync()
 
     def run(self, step, graph_name: str) -> None:

@@ -307,9 +307,11 @@ def extract(machine, graph: Graph, steps: list, lo: int, hi: int, load: Callable
 
 
 def _region(r, rid, data, content_hash, parent, parent_offset):
+    # The whole region as read back (a source region saved as extents becomes a whole one).
     return dataclasses.replace(r, id=rid, policy=Policy.SAVED, data=data,
                                content_hash=content_hash, parent=parent,
-                               parent_offset=parent_offset, origin=None)
+                               parent_offset=parent_offset, origin=None, extents=None,
+                               span=None)
 
 
 def _renumbered_kernel(k, kid):

@@ -86,8 +86,8 @@ def cmd_verify(args) -> int:
             f.limits.check("image_bytes", size, f"kernel image {im.hash}", args.file)
         f.limits.check("image_total", sum(sizes), "the kernel images", args.file)
         content = {im.data: im.hash for im in snap.images}
-        content.update({r.data: r.content_hash for r in snap.regions
-                        if r.policy is Policy.SAVED and r.content_hash})
+        content.update({r.data: r.content_hash for r in snap.regions       # whole regions
+                        if r.policy is Policy.SAVED and r.content_hash and r.extents is None})
         f.verify(content)
         nblobs = len(f.blobs)
     print(printable(f"{args.file}: OK ({len(snap.graphs)} graph(s), "

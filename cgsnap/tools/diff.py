@@ -53,8 +53,28 @@ class _Side:
     def blob_chunks(self, index: int):
         return self.file.iter_chunks(index, WINDOW)
 
+    def region_chunks(self, r):
+        """A saved region's bytes as a restore leaves them: its blob, or its extents with
+        zeros between them."""
+        if r.extents is None:
+            yield from self.blob_chunks(r.data)
+            return
+        pos = 0
+        for e in r.extents:
+            yield from _zeros(e.offset - pos)
+            yield from self.blob_chunks(e.data)
+            pos = e.offset + e.length
+        yield from _zeros(r.size - pos)
+
     def blob_size(self, index: int) -> int:
         return self.file.blobs[index].raw_length
+
+
+def _zeros(n: int):
+    zero = bytes(min(n, WINDOW))
+    while n > 0:
+        yield zero[:min(n, WINDOW)]
+        n -= WINDOW
 
 
 class _List:
@@ -476,7 +496,12 @@ def _compare_regions(d: _Differ, out: _List) -> None:
         if x.policy is Policy.SAVED and y.policy is Policy.SAVED:
             if x.content_hash and x.content_hash == y.content_hash:
                 continue
-            c = d.compare_blobs(x.data, y.data, _common_dtype(x, y))
+            if x.extents is None and y.extents is None:
+                c = d.compare_blobs(x.data, y.data, _common_dtype(x, y))
+            else:
+                c = compare_streams(a.region_chunks(x), b.region_chunks(y), x.size, y.size,
+                                    _common_dtype(x, y))
+                c = None if c.equal else c
             if c is not None:
                 out.add({"kind": "contents", "region": [ra, rb], "comparison": c.to_json(),
                          "text": f"{label}: {c.summary()}"})

@@ -78,12 +78,14 @@ def info_dict(snap: Snapshot, blobs=None, version=None, path: str = "") -> dict:
                      "shape": list(r.shape) if r.shape is not None else None,
                      "strides": list(r.strides) if r.strides is not None else None,
                      "view_offset": r.view_offset, "symbol": r.symbol,
-                     "memory_refs": len(r.refs) // 24} for r in snap.regions],
+                     "memory_refs": len(r.refs) // 24, "saved_bytes": r.saved_bytes(),
+                     "extents": None if r.extents is None else len(r.extents)}
+                    for r in snap.regions],
         "memory_refs": {"words": sum(len(r.refs) // 24 for r in snap.regions),
                         "regions": sum(1 for r in snap.regions if r.refs)},
         "events": snap.events,
         "bytes": {"raw": raw, "stored": stored,
-                  "saved_regions": sum(r.size for r in snap.regions if r.policy is Policy.SAVED),
+                  "saved_regions": sum(r.saved_bytes() for r in snap.regions),
                   "bound_regions": sum(r.size for r in snap.regions if r.policy is Policy.BOUND)},
     }
 
@@ -174,6 +176,12 @@ def info_text(d: dict) -> str:
     if b["raw"] is not None:
         out.append(f"bytes     {_size(b['raw'])} raw, {_size(b['stored'])} stored "
                    f"({_size(b['saved_regions'])} of saved regions, {_size(b['bound_regions'])} bound)")
+    sparse = [r for r in d["regions"] if r.get("extents") is not None]
+    if sparse:
+        out.append(f"sparse    {len(sparse)} allocator segment(s) saved as "
+                   f"{sum(r['extents'] for r in sparse)} extents: "
+                   f"{_size(sum(r['saved_bytes'] for r in sparse))} of "
+                   f"{_size(sum(r['size'] for r in sparse))}")
     out.append("")
     out.append(f"graphs ({len(d['graphs'])})")
     for g in d["graphs"]:

@@ -48,8 +48,8 @@ def wrong_arch(m, blobs):
 
 def out_of_memory(m, blobs):
     r = next(r for r in m["regions"] if r["kind"] == "allocation")
-    r.pop("blob", None)
-    r["policy"] = "scratch"
+    if "blob" in r:       # its contents become one extent of it (a file uses every blob)
+        r["extents"] = [[0, len(blobs[r["blob"]]), r.pop("blob")]]
     r["size"] = 1 << 46                                      # 64 TiB
 
 

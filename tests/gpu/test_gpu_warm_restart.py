@@ -117,9 +117,9 @@ def _suspect_bytes(path) -> int:
     snap = cgsnap.read(path)
     weak = _weak_regions(snap)
     for rid, words in weak.items():
-        print(f"{path.name}: suspect region {rid}, {snap.regions[rid].size} bytes, "
+        print(f"{path.name}: suspect region {rid}, {snap.regions[rid].saved_bytes()} bytes, "
               f"words {words[:3]}")
-    return sum(snap.regions[rid].size for rid in weak)
+    return sum(snap.regions[rid].saved_bytes() for rid in weak)
 
 
 def test_seven_graphs_in_one_file_are_far_smaller(example, tmp_path):
