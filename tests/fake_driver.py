@@ -91,6 +91,7 @@ class FakeDriver:
         self.memory: dict = {}             # device base -> bytearray
         self.freed: list = []
         self.host: dict = {}               # pinned host address -> ctypes buffer
+        self.registered: dict = {}         # page-locked host address -> size
         self.libraries: dict = {}          # handle -> image bytes
         self.functions: dict = {}          # handle -> kernel name
         self.graphs: dict = {}             # handle -> FakeGraph
@@ -218,6 +219,15 @@ class FakeDriver:
         if int(dst) % 4:
             return (INVALID,)
         self.write(int(dst), int(value).to_bytes(4, "little") * count)
+        return (OK,)
+
+    def cuMemHostRegister(self, ptr, size, flags):
+        self.registered[int(ptr)] = size
+        return (OK,)
+
+    def cuMemHostUnregister(self, ptr):
+        if self.registered.pop(int(ptr), None) is None:
+            return (INVALID,)
         return (OK,)
 
     def cuMemGetInfo(self):

@@ -161,3 +161,73 @@ def test_load_build_launch_close(fake, tmp_path):
     assert fake.execs == {} and all(fg.destroyed for fg in fake.graphs.values())
     assert fake.libraries == {} and fake.events == set() and fake.host == {}
     assert set(fake.memory) == {kv, bases[4]} | set(fake._global_addrs.values())
+
+
+def test_stored_pointers_rng_words_and_large_uploads(fake, tmp_path, monkeypatch):
+    """Pointers stored in region contents are rewritten on the host copy (small regions) or
+    after the direct upload (large ones, DMA from the file mapping); set_rng writes its two
+    words with 32-bit memsets on the stream given."""
+    from cgsnap.format.hashing import content_hash
+    from cgsnap.format.model import Policy, Ref, Region, RegionKind, RngState
+    snap = fake.snap
+    size = 9 << 20                                   # over transfer.THRESHOLD: the DMA path
+    big = np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8).tobytes()
+    snap.regions.append(Region(6, RegionKind.ALLOCATION, size, Policy.SAVED, data=big,
+                               content_hash=content_hash(big)))
+    table = {2: [(0, 0, 0), (8, 1, 64), (16, 3, 8)], 6: [(0, 0, 4), (8, 2, 16), (size - 8, 6, 0)]}
+    for rid, rows in table.items():
+        snap.regions[rid].refs = np.array(rows, dtype="<u8").tobytes()
+    snap.graphs[0].rng = [RngState(Ref(2, 1024), Ref(2, 1032), 4, 0, 123, 456)]
+    monkeypatch.setenv("CGSNAP_UPLOAD", "mapped")
+    r, kv, _ = _load(fake, tmp_path)
+    bases = [int(b) for b in r._bases]
+    for rid, rows in table.items():
+        want = bytearray(snap.regions[rid].data)
+        for pos, target, off in rows:
+            want[pos:pos + 8] = (bases[target] + off).to_bytes(8, "little")
+        assert fake.read(bases[rid], len(want)) == bytes(want), rid
+    assert fake.registered == {}                     # every page-locked piece unlocked again
+    g = r.graph("step")
+    g.set_rng((1 << 64) - 1, 7, stream=0x1234)
+    memsets = [a for name, a in fake.calls if name == "cuMemsetD32Async"]
+    assert [(int(d) - bases[2], v, n, int(s)) for d, v, n, s in memsets] == [
+        (1024, 0xFFFFFFFF, 1, 0x1234), (1028, 0xFFFFFFFF, 1, 0x1234), (1032, 7, 1, 0x1234),
+        (1036, 0, 1, 0x1234)]
+    assert fake.read(bases[2] + 1024, 16) == ((1 << 64) - 1).to_bytes(8, "little") + \
+        (7).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="out of range"):
+        g.set_rng(1 << 64, 0)
+    assert fake.faults == []
+    r.close()
+
+
+def test_node_by_node_steps_build_one_node_graphs(fake, tmp_path):
+    """The stepper (trace / bisect / extract) builds a graph of each node from the same plan,
+    launches it and destroys it; the node is the same node as in the whole graph."""
+    import dataclasses
+
+    from cgsnap.format.model import Graph, Policy
+    from cgsnap.restore.stepper import Stepper
+    from cgsnap.restore.trace import plan_steps, record_steps
+    snap = fake.snap
+    g = snap.graphs[0]
+    gone = {4, 9, 10, 11}        # graph memory, host callbacks: not steppable; node 1 uses it
+    nodes = [n for n in g.nodes if n.id not in gone and n.id != 1]
+    edges = [e for e in g.edges if not {e.src, e.dst} & (gone | {1})]
+    snap.graphs[0] = Graph("step", nodes, edges)
+    snap.regions[5] = dataclasses.replace(snap.regions[5], policy=Policy.SCRATCH)
+    path = tmp_path / "s.cgsnap"
+    snapfile.save(path, snap, prune=False)
+    with cgsnap.load(path) as r:
+        machine = Stepper(r)
+        steps = plan_steps(r.snapshot, r.snapshot.graph("step"))
+        trace = record_steps(machine, "step", steps)
+        assert [s.node for s in trace] == [s.node.id for s in steps]
+        ran = [n for n in nodes if n.TYPE not in ("empty", "event_record", "event_wait")]
+        assert len(fake.launches) == len(ran) and fake.execs == {}
+        kernel = [fg for fg in fake.graphs.values()
+                  if [n.type for n in fg.nodes] == ["kernel"]]
+        assert len(kernel) == 1 and kernel[0].destroyed
+        args = kernel[0].nodes[0].params["args"]
+        assert args[0] == int(r._bases[0]).to_bytes(8, "little")
+    assert fake.faults == []
