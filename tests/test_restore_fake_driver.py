@@ -231,3 +231,28 @@ def test_node_by_node_steps_build_one_node_graphs(fake, tmp_path):
         args = kernel[0].nodes[0].params["args"]
         assert args[0] == int(r._bases[0]).to_bytes(8, "little")
     assert fake.faults == []
+
+
+@pytest.mark.parametrize("case", ["no allocation", "used before", "memset before"])
+def test_graph_memory_used_where_it_has_no_address_is_refused(fake, tmp_path, case):
+    """Graph memory gets its address when its mem_alloc node is added: a file whose graph uses
+    it in a node that does not come after such a node (no edge orders them, or there is no
+    allocation at all) would hand that node address 0 + offset -- a fault on the card. The
+    load refuses it, naming the graph and node, before any GPU work."""
+    from cgsnap.errors import FormatError
+    from cgsnap.format.model import Edge, MemsetNode, Ref
+    g = fake.snap.graphs[0]
+    if case == "no allocation":
+        g.nodes = [n for n in g.nodes if n.id not in (9, 10)]
+        g.edges = [e for e in g.edges if not {e.src, e.dst} & {9, 10}]
+        where = "node 1"
+    elif case == "used before":
+        g.edges = [e for e in g.edges if e.src != 9] + [Edge(1, 9), Edge(9, 10)]
+        where = "node 1"
+    else:
+        g.nodes = g.nodes + [MemsetNode(12, Ref(4, 0), 0, 4, 16)]
+        where = "node 12"
+    with pytest.raises(FormatError, match=f"graph 'step' {where}: uses graph memory "
+                                          r"\(region 4\)"):
+        _load(fake, tmp_path)
+    assert fake.memory.keys() <= {min(fake.memory)}     # nothing allocated but the bound buffer
