@@ -130,8 +130,8 @@ class Buffer:
         driver.htod(self.ptr, int(span.ctypes.data), self.nbytes)
 
     def to_numpy(self) -> np.ndarray:
-        """A host copy of the view, C-contiguous (synchronous). bfloat16 / fp8 come back as raw
-        unsigned integers."""
+        """A host copy of the view, C-contiguous (synchronous). Dtypes numpy lacks (bfloat16,
+        fp8, complex32, ...) come back as raw unsigned integers of their size."""
         self._check()
         if self.strides is None:
             out = np.empty(self.shape, dtype=self._np_dtype)
