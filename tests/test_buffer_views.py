@@ -61,3 +61,36 @@ def test_buffer_interface_and_copies_through_the_view(monkeypatch):
     # Negative strides: the data pointer is the first element's.
     r = Buffer("r", BASE, 96, "float32", (4, 6), strides=(-6, 1), view_offset=18)
     assert r.__cuda_array_interface__["data"] == (BASE + 72, False)
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("complex32", 4), ("bfloat16", 2), ("qint32", 4),
+                                            ("float8_e8m0fnu", 1)])
+def test_dtypes_numpy_lacks_travel_as_raw_items_of_their_size(monkeypatch, dtype, itemsize):
+    """A named complex32 (or quantized, ...) buffer: numpy has no such dtype; its copies move
+    the region's bytes exactly, as raw items of the dtype's size -- never more bytes than the
+    host array holds."""
+    memory = np.arange(8 * itemsize, dtype=np.uint8)
+    moved = []
+
+    def dtoh(dst, src, size):
+        moved.append(size)
+        ctypes.memmove(dst, memory[src - BASE:].ctypes.data, size)
+
+    def htod(dst, src, size):
+        moved.append(size)
+        ctypes.memmove(memory[dst - BASE:].ctypes.data, src, size)
+    monkeypatch.setattr(rbuf.driver, "dtoh", dtoh)
+    monkeypatch.setattr(rbuf.driver, "htod", htod)
+    b = Buffer("c", BASE, 8 * itemsize, dtype, (8,))
+    out = b.to_numpy()
+    assert moved == [8 * itemsize] and out.nbytes == 8 * itemsize and out.shape == (8,)
+    assert out.tobytes() == memory.tobytes()
+    assert b.__cuda_array_interface__["typestr"] == out.dtype.str
+    b.copy_from(np.zeros(8 * itemsize, np.uint8))
+    assert moved[-1] == 8 * itemsize and not memory.any()
+
+
+def test_a_shape_larger_than_its_region_is_refused():
+    from cgsnap.errors import RestoreError
+    with pytest.raises(RestoreError, match="buffer 'x': shape \\(64,\\) of float32 is 256 bytes"):
+        Buffer("x", BASE, 16, "float32", (64,))

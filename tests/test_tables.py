@@ -116,6 +116,8 @@ CORRUPTIONS = [
     ("edge to nowhere", _edges(lambda a: np.vstack([a, [[0, 999, 0]]])),
      r"edges\[12\]: edge 0->999"),
     ("self loop", _edges(lambda a: np.vstack([a, [[3, 3, 0]]])), "self-loop"),
+    ("repeated edge", _edges(lambda a: np.vstack([a, a[2:3]])),
+     r"edges\[12\]: edge \d+->\d+ is given twice"),
     ("cycle", _edges(lambda a: np.vstack([a, [[11, 0, 0]]])), "cycle"),
     ("edge table not triples", lambda m: m["graphs"][0].__setitem__(
         "edges", m["graphs"][0]["edges"][:-4]), "a multiple of 12"),
@@ -155,3 +157,15 @@ def test_any_byte_of_a_column_changed_is_a_model_or_a_format_error(column, index
     assert snap.to_manifest()[0]["graphs"][0]["kernels"][column] == bytes(raw)
     for n in snap.graphs[0].nodes:      # materialising the nodes never fails after validation
         assert n.id >= 0
+
+
+def test_a_repeated_edge_is_refused_in_schema_2_too():
+    """The plan passes a node's dependencies as a run of consecutive handles when they look
+    consecutive: a repeated edge (a, a, a + 2) would look so and add a dependency on a + 1."""
+    from synthetic import make_snapshot, schema2_manifest
+    from cgsnap.format.model import Edge
+    snap = make_snapshot()
+    snap.graphs[0].edges = snap.graphs[0].edges + [Edge(0, 1)]
+    manifest, blobs = schema2_manifest(snap)
+    with pytest.raises(FormatError, match=r"graphs\[0\].edges\[12\]: edge 0->1 is given twice"):
+        Snapshot.from_manifest(manifest, [len(memoryview(b).cast("B")) for b in blobs], "t")

@@ -21,7 +21,8 @@ from .model import (ARRAY_DIM_MAX, ARRAY_FLAGS, ARRAY_FORMATS, DTYPE_ITEMSIZE, R
                     Policy, Ref, Region, RegionKind, RngState, Snapshot, toposort, view_span)
 from .nodes import (DIM_MAX, FIELDS_SINCE, NODE_TYPES, NODE_TYPES_SINCE, ConditionalNode,
                     KernelNode, param_buffer_size)
-from .tables import KernelTable, parse_edges, topological_positions, toposort_arrays
+from .tables import (KernelTable, first_duplicate_edge, parse_edges, topological_positions,
+                     toposort_arrays)
 from .trace import parse_trace
 
 _IDENT_MAX = 4096          # longest name / string field accepted
@@ -484,6 +485,11 @@ class Validator:
                 self.fail(f"{where}.edges[{i}]", f"edge {src}->{dst} names no pair of nodes")
             edges.append(Edge(src, dst, *(self.int(x, f"{where}.edges[{i}]", 0, 255)
                                           for x in e[2:])))
+        dup = first_duplicate_edge(np.array([[e.src, e.dst, e.from_port, e.to_port, e.type]
+                                             for e in edges], dtype=np.int64).reshape(-1, 5))
+        if dup is not None:
+            self.fail(f"{where}.edges[{dup}]", f"edge {edges[dup].src}->{edges[dup].dst} is "
+                                               "given twice")
         checks = self.checks(g["checks"], where, ctx)
         top_level = self.bool(g["top_level"], f"{where}.top_level")
         graph = Graph(name=g["name"], nodes=nodes, edges=edges, top_level=top_level,

@@ -355,7 +355,26 @@ def parse_edges(v, raw, where: str, ids: np.ndarray) -> np.ndarray:
     if bad.size:
         v.fail(f"{where}[{bad[0]}]", f"edge {arr[bad[0], 0]}->{arr[bad[0], 1]} is a self-loop "
                                     "or has an unknown type")
+    dup = first_duplicate_edge(arr)
+    if dup is not None:
+        v.fail(f"{where}[{dup}]", f"edge {arr[dup, 0]}->{arr[dup, 1]} is given twice")
     return arr
+
+
+def first_duplicate_edge(rows: np.ndarray) -> Optional[int]:
+    """Index of the first of ``rows`` (``int64[E, 5]``: src, dst, ports, type) that repeats an
+    earlier one, or None: the driver holds an edge once; a repeated dependency would be
+    refused, or passed as a wrong run of consecutive handles."""
+    if len(rows) < 2:
+        return None
+    pair = rows[:, 0].astype(np.uint64) << np.uint64(32) | rows[:, 1].astype(np.uint64)
+    ordered = np.sort(pair)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return None                      # (nearly always: one edge per pair of nodes)
+    data = rows[:, 2] | rows[:, 3] << 8 | rows[:, 4] << 16
+    order = np.lexsort((data, pair))     # stable: of two equal rows the earlier comes first
+    same = (pair[order[1:]] == pair[order[:-1]]) & (data[order[1:]] == data[order[:-1]])
+    return int(order[1:][same].min()) if same.any() else None
 
 
 def array_to_edges(arr: np.ndarray) -> list:

@@ -13,6 +13,24 @@ import numpy as np
 
 from ..capture.buffers import numpy_dtype
 from ..cuda import driver
+from ..errors import RestoreError
+from ..format.model import DTYPE_ITEMSIZE
+
+_RAW_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def element_dtype(dtype: Optional[str], count: int, nbytes: int) -> np.dtype:
+    """The numpy dtype a buffer's elements travel as: the dtype itself, or, where numpy has no
+    such dtype (bfloat16, fp8, complex32, torch's quantized types), raw unsigned integers (or
+    raw bytes) of its item size -- the size cgsnap knows, else ``nbytes / count``."""
+    dt = np.dtype(numpy_dtype(dtype))
+    size = DTYPE_ITEMSIZE.get(dtype)
+    if size is None and dtype is not None and dt == np.uint8 and dtype != "uint8" and count \
+            and nbytes % count == 0:
+        size = nbytes // count          # a dtype neither cgsnap nor numpy knows
+    if size is not None and dt.itemsize != size:
+        dt = np.dtype(_RAW_UINT.get(size, f"V{size}"))
+    return dt
 
 
 def host_view(span: np.ndarray, shape: tuple, strides: Optional[tuple], offset: int,
@@ -50,10 +68,17 @@ class Buffer:
         self.name, self.ptr, self.nbytes = name, ptr, nbytes
         self.dtype = dtype
         self.shape = tuple(shape) if shape is not None else (nbytes,)
-        self._np_dtype = numpy_dtype(dtype) if shape is not None else np.uint8
+        count = int(np.prod(self.shape, dtype=np.int64))
+        self._np_dtype = element_dtype(dtype, count, nbytes) if shape is not None else \
+            np.dtype(np.uint8)
         self.strides = tuple(strides) if strides is not None and shape is not None else None
         self.view_offset = view_offset if self.strides is not None else 0
         self._owner = owner
+        # The bytes a C-contiguous view covers: what its copies move (never past the region).
+        self._view_bytes = count * self.itemsize
+        if self.strides is None and self._view_bytes > nbytes:
+            raise RestoreError(f"buffer {name!r}: shape {self.shape} of {dtype} is "
+                               f"{self._view_bytes} bytes, its region holds {nbytes}")
 
     def _check(self) -> None:
         if self._owner is not None:
@@ -92,7 +117,8 @@ class Buffer:
         if arr.nbytes != want:
             raise ValueError(f"buffer {self.name!r} holds {want} bytes, got {arr.nbytes}")
         if self.strides is None:
-            driver.htod(self.ptr, int(arr.ctypes.data), self.nbytes)
+            if want:
+                driver.htod(self.ptr, int(arr.ctypes.data), want)
             return
         span = self._read_span()          # the bytes between the view's elements stay
         values = arr.reshape(-1).view(np.uint8).view(self._np_dtype).reshape(self.shape)
@@ -104,12 +130,13 @@ class Buffer:
         driver.htod(self.ptr, int(span.ctypes.data), self.nbytes)
 
     def to_numpy(self) -> np.ndarray:
-        """A host copy of the view, C-contiguous (synchronous). bfloat16 / fp8 come back as raw
-        unsigned integers."""
+        """A host copy of the view, C-contiguous (synchronous). Dtypes numpy lacks (bfloat16,
+        fp8, complex32, ...) come back as raw unsigned integers of their size."""
         self._check()
         if self.strides is None:
             out = np.empty(self.shape, dtype=self._np_dtype)
-            driver.dtoh(int(out.ctypes.data), self.ptr, self.nbytes)
+            if out.nbytes:
+                driver.dtoh(int(out.ctypes.data), self.ptr, out.nbytes)
             return out
         return np.ascontiguousarray(host_view(self._read_span(), self.shape, self.strides,
                                               self.view_offset, self._np_dtype))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cuda.driver import KERNEL_NODE_PARAMS, launch_attribute_block
+from ..errors import FormatError
 from ..format.model import REGION_REF_DTYPE, Snapshot
 from ..format.tables import node_order
 
@@ -118,6 +119,8 @@ class GraphPlan:
                 p = int(pos[owner_row[idx]])
                 self.late_refs.setdefault(p, []).append(
                     (int(word[idx]), int(region[idx]), int(kt.refs[idx, 2])))
+        if late_regions:
+            self._check_graph_memory(late_regions, src, dst)
         other_order = [self.others[p] for p in sorted(self.others)]
         self.children = [n.graph for n in other_order if n.TYPE == "graph"]
         # Conditional nodes (their bodies are built when the node is added), and the kernel
@@ -155,6 +158,37 @@ class GraphPlan:
         cuts = (np.flatnonzero(np.diff(simple.astype(np.int8))) + 1).tolist()
         bounds = [0] + cuts + [n]
         self.runs = [(a, b, bool(simple[a])) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def _check_graph_memory(self, late_regions: set, src, dst) -> None:
+        """Graph memory has an address once its mem_alloc node is added, and may be used only
+        by nodes ordered after it: every node using it must be reachable from an allocation of
+        it in this graph (else it would be handed address 0, or race with the allocation)."""
+        uses = [(p, r) for p, refs in self.late_refs.items() for _, r, _ in refs]
+        uses += [(p, r) for p, node in self.others.items() if node.TYPE != "mem_alloc"
+                 for r in node.regions() if r in late_regions]
+        if not uses:
+            return
+        starts: dict = {}
+        for p, node in self.others.items():
+            if node.TYPE == "mem_alloc":
+                starts.setdefault(node.region, []).append(p)
+        succ: list = [[] for _ in range(len(self.node_ids))]
+        for a, b in zip(src.tolist(), dst.tolist()):
+            succ[a].append(b)
+        reached: dict = {}
+        for p, r in sorted(uses):
+            if r not in reached:
+                seen, todo = set(), list(starts.get(r, ()))
+                while todo:
+                    for b in succ[todo.pop()]:
+                        if b not in seen:
+                            seen.add(b)
+                            todo.append(b)
+                reached[r] = seen
+            if p not in reached[r]:
+                raise FormatError(f"graph {self.name!r} node {int(self.node_ids[p])}: uses graph "
+                                  f"memory (region {r}) that no mem_alloc node ordered before it "
+                                  "allocates")
 
     def deps_of(self, i: int) -> list:
         """Positions node ``i`` depends on (plain edges)."""
