@@ -261,48 +261,20 @@ class KernelNode(_Spec):
 
     @staticmethod
     def check_tables(v, ctx) -> None:
-        """Check the pointer tables of one graph's kernel nodes in one vectorised pass: each
-        entry 8-aligned, inside one argument of its kernel, increasing within its node, naming
-        an existing region and an offset inside it (one past the end allowed)."""
+        """Check the pointer tables of one graph's kernel nodes (schema 1-2: one per node) in
+        one vectorised pass (:func:`check_pointer_rows`)."""
         items = ctx.tables
-        table = np.frombuffer(b"".join(node.refs for node, _ in items), dtype=REF_DTYPE)
-        if not len(table):
-            return
+        table = np.frombuffer(b"".join(node.refs for node, _ in items), dtype="<u8").reshape(-1, 3)
         counts = [len(node.refs) // 24 for node, _ in items]
         owner = np.repeat(np.arange(len(items)), counts)
-        kid = np.array([node.kernel for node, _ in items], dtype=np.uint64)[owner]
-        pos, region, offset = table["pos"], table["region"], table["offset"]
-        ok = (pos & np.uint64(7)) == 0
-        ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
-        ok &= region < np.uint64(len(ctx.region_sizes))
-        sizes = np.array(ctx.region_sizes, dtype=np.uint64)
-        ok &= offset <= sizes[np.minimum(region, np.uint64(max(len(sizes) - 1, 0)))] \
-            if len(sizes) else False
-        # Inside an argument: the last argument starting at or before pos must reach pos + 8.
-        starts, ends, arg_kid = ctx.arg_table
-        key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
-        at = np.searchsorted(starts, key, side="right") - 1
-        safe = np.maximum(at, 0)
-        ok &= (at >= 0) & (arg_kid[safe] == kid) & (pos <= np.uint64(0xFFFFFFF0))
-        ok &= (pos & np.uint64(0xFFFFFFFF)) + np.uint64(8) <= ends[safe]
-        if ok.all():
-            return
-        bad = int(np.argmin(ok))
-        node, where = items[owner[bad]]
-        if type(where) is tuple:          # (graph's where, node index): built only for errors
-            where = f"{where[0]}.nodes[{where[1]}]"
-        j = bad - int(np.searchsorted(owner, owner[bad]))
-        p, r, o = (int(x) for x in table[bad].tolist())
-        w = f"{where}.refs[{j}]"
-        if p % 8 or (j and p <= int(pos[bad - 1])):
-            v.fail(w, "pointer positions must be 8-aligned and increasing")
-        if r >= len(ctx.region_sizes):
-            v.fail(w, f"region {r} does not exist ({len(ctx.region_sizes)} regions)")
-        if o > ctx.region_sizes[r]:
-            v.fail(w, f"offset {o} is beyond the end of region {r} "
-                      f"({ctx.region_sizes[r]} bytes)")
-        v.fail(w, f"position {p} is not an 8-byte word inside one argument of "
-                  f"kernel {ctx.kernels[node.kernel].name}")
+        kernel = np.array([node.kernel for node, _ in items], dtype=np.int64)
+
+        def where(bad: int, row: int) -> str:
+            node_where = items[row][1]
+            if type(node_where) is tuple:     # (graph's where, node index): built for errors
+                node_where = f"{node_where[0]}.nodes[{node_where[1]}]"
+            return f"{node_where}.refs[{bad - int(np.searchsorted(owner, row))}]"
+        check_pointer_rows(v, table, owner, kernel, ctx, where)
 
     @staticmethod
     def _parse_args_v1(v, n, where, kernel, ctx) -> tuple:
@@ -337,6 +309,51 @@ class KernelNode(_Spec):
                 refs.append((off, Ref(rid, roff)))
             args.append(Arg(data, tuple(refs)))
         return pack_args(args, kernel.params)
+
+
+def check_pointer_rows(v, refs: np.ndarray, owner: np.ndarray, kernel: np.ndarray, ctx,
+                       where) -> None:
+    """Every pointer entry (``refs``: u64 rows position, region, offset; ``owner``: the row of
+    the node each belongs to; ``kernel``: each node's kernel) is 8-aligned, increasing within its
+    node, an 8-byte word inside one argument of its node's kernel, and names an existing region
+    with an address (not a CUDA array) and an offset inside it (one past the end allowed).
+    ``where(entry, row)`` names a bad entry for the error."""
+    if not len(refs):
+        return
+    kid = kernel[owner].astype(np.uint64)
+    pos, region, offset = refs[:, 0], refs[:, 1], refs[:, 2]
+    ok = (pos & np.uint64(7)) == 0
+    ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
+    nregions = len(ctx.region_sizes)
+    ok &= region < np.uint64(nregions)
+    sizes = np.array(ctx.region_sizes, dtype=np.uint64)
+    safe_region = np.minimum(region, np.uint64(max(nregions - 1, 0)))
+    ok &= offset <= sizes[safe_region] if nregions else False
+    if nregions:
+        ok &= ~ctx.no_address[safe_region]          # a CUDA array: no address to point at
+    # Inside an argument: the last argument starting at or before pos must reach pos + 8.
+    starts, ends, arg_kid = ctx.arg_table
+    key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
+    at = np.searchsorted(starts, key, side="right") - 1
+    safe = np.maximum(at, 0)
+    ok &= (at >= 0) & (arg_kid[safe] == kid) & (pos <= np.uint64(0xFFFFFFF0))
+    ok &= (pos & np.uint64(0xFFFFFFFF)) + np.uint64(8) <= ends[safe]
+    if ok.all():
+        return
+    bad = int(np.argmin(ok))
+    row = int(owner[bad])
+    p, r, o = (int(x) for x in refs[bad].tolist())
+    w = where(bad, row)
+    if p % 8 or (bad and owner[bad - 1] == row and p <= int(pos[bad - 1])):
+        v.fail(w, "pointer positions must be 8-aligned and increasing")
+    if r >= nregions:
+        v.fail(w, f"region {r} does not exist ({nregions} regions)")
+    if o > ctx.region_sizes[r]:
+        v.fail(w, f"offset {o} is beyond the end of region {r} ({ctx.region_sizes[r]} bytes)")
+    if ctx.no_address[r]:
+        v.fail(w, f"region {r} is a CUDA array, which has no address to point at")
+    v.fail(w, f"position {p} is not an 8-byte word inside one argument of kernel "
+              f"{ctx.kernels[int(kernel[row])].name}")
 
 
 def param_buffer_size(layout) -> int:

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from .model import Edge, Ref
-from .nodes import DIM_MAX, REF_DTYPE, KernelNode, param_buffer_size
+from .nodes import DIM_MAX, REF_DTYPE, KernelNode, check_pointer_rows, param_buffer_size
 
 KERNEL_FIELDS = ("ids", "kernel", "dims", "params", "nrefs", "refs", "attrs", "attr")
 HANDLE_FIELDS = ("nhandles", "handles")
@@ -187,7 +187,8 @@ class KernelTable:
             v.fail(f"{where}.refs", f"expected {24 * int(nrefs.sum())} bytes: one 24-byte entry "
                                     "per pointer that nrefs counts")
         refs = np.frombuffer(refs_raw, dtype="<u8").reshape(-1, 3)
-        _check_pointer_rows(v, refs, nrefs, kernel, ctx, where)
+        check_pointer_rows(v, refs, np.repeat(np.arange(len(nrefs)), nrefs), kernel, ctx,
+                           lambda bad, row: f"{where}.refs[{bad}] (row {row})")
         attrs = []
         for i, a in enumerate(v.list(raw["attrs"], f"{where}.attrs", 4096)):
             attrs.append(_parse_attrs(v, a, f"{where}.attrs[{i}]"))
@@ -278,48 +279,6 @@ def _parse_attrs(v, a, where: str) -> dict:
         if key in a:
             out[key] = v.int(a[key], f"{where}.{key}", -(1 << 31), (1 << 31) - 1)
     return out
-
-
-def _check_pointer_rows(v, refs: np.ndarray, nrefs: np.ndarray, kernel: np.ndarray, ctx,
-                        where: str) -> None:
-    """Every pointer entry 8-aligned, increasing within its node, inside one argument of its
-    node's kernel, naming an existing region and an offset inside it (one past the end allowed)."""
-    if not len(refs):
-        return
-    owner = np.repeat(np.arange(len(nrefs)), nrefs)
-    kid = kernel[owner].astype(np.uint64)
-    pos, region, offset = refs[:, 0], refs[:, 1], refs[:, 2]
-    ok = (pos & np.uint64(7)) == 0
-    ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
-    nregions = len(ctx.region_sizes)
-    ok &= region < np.uint64(nregions)
-    sizes = np.array(ctx.region_sizes, dtype=np.uint64)
-    safe_region = np.minimum(region, np.uint64(max(nregions - 1, 0)))
-    ok &= offset <= sizes[safe_region] if nregions else False
-    if nregions:
-        ok &= ~ctx.no_address[safe_region]          # a CUDA array: no address to point at
-    starts, ends, arg_kid = ctx.arg_table
-    key = (kid << np.uint64(32)) | np.minimum(pos, np.uint64(0xFFFFFFFF))
-    at = np.searchsorted(starts, key, side="right") - 1
-    safe = np.maximum(at, 0)
-    ok &= (at >= 0) & (arg_kid[safe] == kid) & (pos <= np.uint64(0xFFFFFFF0))
-    ok &= (pos & np.uint64(0xFFFFFFFF)) + np.uint64(8) <= ends[safe]
-    if ok.all():
-        return
-    bad = int(np.argmin(ok))
-    row = int(owner[bad])
-    p, r, o = (int(x) for x in refs[bad].tolist())
-    w = f"{where}.refs[{bad}] (row {row})"
-    if p % 8 or (bad and owner[bad - 1] == row and p <= int(pos[bad - 1])):
-        v.fail(w, "pointer positions must be 8-aligned and increasing")
-    if r >= nregions:
-        v.fail(w, f"region {r} does not exist ({nregions} regions)")
-    if o > ctx.region_sizes[r]:
-        v.fail(w, f"offset {o} is beyond the end of region {r} ({ctx.region_sizes[r]} bytes)")
-    if ctx.no_address[r]:
-        v.fail(w, f"region {r} is a CUDA array, which has no address to point at")
-    v.fail(w, f"position {p} is not an 8-byte word inside one argument of kernel "
-              f"{ctx.kernels[int(kernel[row])].name}")
 
 
 # ---- edges ----------------------------------------------------------------------------------
