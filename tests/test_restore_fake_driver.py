@@ -256,3 +256,53 @@ def test_graph_memory_used_where_it_has_no_address_is_refused(fake, tmp_path, ca
                                           r"\(region 4\)"):
         _load(fake, tmp_path)
     assert fake.memory.keys() <= {min(fake.memory)}     # nothing allocated but the bound buffer
+
+
+# Driver calls a restore makes, in the order it makes them: (call, which call of that name
+# fails, the error). Allocation, the staging upload, kernel loads, a module global, events,
+# node adds and instantiation (instantiate="all" builds every graph inside load()).
+_FAIL_AT = [
+    ("cuMemAlloc", 1, "CUDA_ERROR_OUT_OF_MEMORY"),
+    ("cuMemAlloc", 3, "CUDA_ERROR_OUT_OF_MEMORY"),
+    ("cuMemcpyHtoD", 1, "CUDA_ERROR_ILLEGAL_ADDRESS"),
+    ("cuLibraryLoadData", 1, "CUDA_ERROR_INVALID_IMAGE"),
+    ("cuLibraryGetGlobal", 1, "CUDA_ERROR_NOT_FOUND"),     # late: memory and images are in
+    ("cuEventCreate", 1, "CUDA_ERROR_OUT_OF_MEMORY"),
+    ("cuGraphAddMemsetNode", 1, "CUDA_ERROR_INVALID_VALUE"),
+    ("cuGraphAddChildGraphNode", 1, "CUDA_ERROR_INVALID_VALUE"),
+    ("cuGraphInstantiate", 1, "CUDA_ERROR_OUT_OF_MEMORY"),
+]
+
+
+@pytest.mark.parametrize("call, nth, error", _FAIL_AT, ids=[f"{c}#{n}" for c, n, _ in _FAIL_AT])
+def test_a_failed_gpu_step_frees_everything_made_before_it(fake, tmp_path, monkeypatch, call,
+                                                           nth, error):
+    """A restore whose driver call fails at any step raises a typed cgsnap error naming the
+    call, and leaves nothing behind: every allocation, library, event, stream, pinned or
+    page-locked buffer, graph and executable graph it made is freed (tests/gpu/
+    test_gpu_rollback.py checks the same on the card through free device memory)."""
+    from cuda.bindings import driver as cu
+    real, count = getattr(cu, call), []
+
+    def failing(*args):
+        count.append(1)
+        if len(count) == nth:
+            return (getattr(cu.CUresult, error),)
+        return real(*args)
+    failing.__name__ = call                            # errors name the driver call
+    monkeypatch.setattr(cu, call, failing)
+    named = "module global coeff of region 3 is not in the reloaded image" \
+        if call == "cuLibraryGetGlobal" else f"restore failed, everything it allocated was " \
+        f"released: {call} failed: {error}"
+    with pytest.raises(cgsnap.RestoreError, match=named):
+        _load(fake, tmp_path, instantiate="all")
+    assert len(count) >= nth, f"{call} was called {len(count)} times"
+    kv = min(fake.memory)                             # _load's bound buffer, allocated first
+    graph_memory = {n.params["dptr"] for fg in fake.graphs.values() for n in fg.nodes
+                    if n.type == "mem_alloc"}         # the fake keeps a destroyed graph's pool
+    left = set(fake.memory) - {kv} - set(fake._global_addrs.values()) - graph_memory
+    assert left == set(), [hex(a) for a in left]
+    assert fake.libraries == {} and fake.events == set() and fake.streams == set()
+    assert fake.host == {} and fake.registered == {} and fake.execs == {}
+    assert all(fg.destroyed for fg in fake.graphs.values())
+    assert fake.faults == []
