@@ -232,3 +232,20 @@ def test_the_captured_failure_is_classified_right():
     assert all(ref.region == weight.id and 0 < ref.offset < 0x100 for ref in dropped.values())
     # The real pointers to the weight's first byte survive.
     assert sum(ref == Ref(weight.id, 0) for got in now for ref in got.values()) > 0
+
+
+def test_the_gpu_tests_stale_word_is_a_pointer_by_value_and_literal_by_the_rule():
+    """tests/gpu/test_gpu_ambiguous.py's pattern on CPU: a struct {int 7; 4 stale bytes; float*
+    x} whose first word (the 4 GiB boundary B inside a 5 GiB allocation, plus 7) lies inside
+    that allocation. By value alone it is a pointer into it -- rewriting it at restore would
+    turn the 7 into the low half of a new address -- and the rule keeps it literal."""
+    big = B - (1 << 30)
+    x, y = 0x7FF6_1000_0000, 0x7FF6_2000_0000
+    rec = recording([(RegionKind.ALLOCATION, big, 5 << 30, None),
+                     (RegionKind.NAMED, x, 4096, "float32"), (RegionKind.NAMED, y, 4096, "float32")])
+    assert rec.lookup(B + 7) == Ref(0, (1 << 30) + 7)        # what a value test alone takes
+    assert ambiguous(B + 7, whole_parameter=False)
+    k = add_kernel(rec, [(0, 16), (16, 8), (24, 4)])
+    refs = run(rec, [(k, [q(B + 7) + q(x), q(y), (1024).to_bytes(4, "little")])])
+    assert refs == [{8: Ref(1, 0), 16: Ref(2, 0)}]           # word 0 stays the int 7
+    assert len(rec.decisions) == 1 and rec.decisions[0].endswith(": literal")

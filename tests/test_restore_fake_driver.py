@@ -306,3 +306,30 @@ def test_a_failed_gpu_step_frees_everything_made_before_it(fake, tmp_path, monke
     assert fake.host == {} and fake.registered == {} and fake.execs == {}
     assert all(fg.destroyed for fg in fake.graphs.values())
     assert fake.faults == []
+
+
+def test_a_graph_whose_build_fails_at_launch_is_destroyed_and_built_again(fake, tmp_path,
+                                                                         monkeypatch):
+    """Lazy instantiation: a node add that fails inside ``launch()`` raises, the half-built
+    graph is destroyed (never kept for the retry), and the next launch builds it whole."""
+    from cuda.bindings import driver as cu
+    real, count = cu.cuGraphAddMemsetNode, []
+
+    def failing(*args):
+        count.append(1)
+        return (cu.CUresult.CUDA_ERROR_INVALID_VALUE,) if len(count) == 1 else real(*args)
+    failing.__name__ = "cuGraphAddMemsetNode"
+    monkeypatch.setattr(cu, "cuGraphAddMemsetNode", failing)
+    r, _, _ = _load(fake, tmp_path)
+    g = r.graph("step")
+    with pytest.raises(cgsnap.CgsnapError, match="cuGraphAddMemsetNode"):
+        g.launch()
+    first = [fg for fg in fake.graphs.values() if fg.destroyed]
+    assert first and fake.execs == {} and fake.launches == []
+    g.launch()
+    assert len(fake.launches) == 1
+    live = [fg for fg in fake.graphs.values() if not fg.destroyed]
+    whole = len(fake.snap.graph("step").nodes)
+    assert [len(fg.nodes) for fg in live if len(fg.nodes) == whole] == [whole]
+    r.close()
+    assert fake.execs == {} and all(fg.destroyed for fg in fake.graphs.values())
