@@ -67,3 +67,13 @@ def test_a_kernel_missing_from_its_image_is_refused():
 def test_an_image_that_is_no_cubin_is_a_format_error():
     with pytest.raises(FormatError, match="is not a loadable cubin"):
         choose_images(snapshot(data=b"\x7fELF" + bytes(60)), 90, "dev", 13000, False, "f.cgsnap")
+
+
+def test_an_arch_specific_cubin_runs_only_on_its_exact_arch():
+    """sm_90a (from the cubin's own header, not the image's arch number) runs on sm_90 only."""
+    snap = snapshot("kernels.sm_90a.cubin")
+    assert choose_images(snap, 90, "dev", 13000, False, "f.cgsnap")[0] is snap.images[0]
+    with pytest.raises(CompatibilityError, match="cannot run here"):
+        choose_images(snap, 91, "dev", 13000, False, "f.cgsnap")
+    plain = snapshot("kernels.sm_90.cubin")
+    assert choose_images(plain, 91, "dev", 13000, False, "f.cgsnap")[0] is plain.images[0]

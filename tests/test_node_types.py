@@ -229,7 +229,7 @@ CORRUPTIONS = [
         {"id": 9, "t": "memset", "dst": [3, 0], "value": 0, "element_size": 1, "width": 8,
          "height": 1, "pitch": 0}), r"nodes\[4\].dst: a memset writes device memory"),
     ("freeing an array", lambda m: _graph(m, "main")["nodes"].append(
-        {"id": 9, "t": "mem_free", "ptr": [3, 0]}), r"nodes\[4\].ptr: a CUDA array"),
+        {"id": 9, "t": "mem_free", "ptr": [3, 0]}), r"nodes\[4\].ptr: a mem_free node frees graph memory"),
     ("strided array", lambda m: _region(m, 3).update(shape=[8, 16], dtype="float32",
                                                       strides=[16, 1]), "neither bound"),
     ("array copy with another height", lambda m: _node(m, "main", 3).__setitem__("dst_height", 4),

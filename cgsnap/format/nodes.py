@@ -235,7 +235,7 @@ class KernelNode(_Spec):
         if not (_KERNEL_REQUIRED <= keys and keys <= _KERNEL_ALLOWED):
             return None
         nid, kid, smem, params, refs = n["id"], n["kernel"], n["smem"], n["params"], n["refs"]
-        if type(nid) is not int or not 0 <= nid <= 1 << 32 or type(kid) is not int or \
+        if type(nid) is not int or not 0 <= nid < 1 << 32 or type(kid) is not int or \
                 not 0 <= kid < len(ctx.kernels) or type(smem) is not int or \
                 not 0 <= smem <= 1 << 24:
             return None
@@ -708,13 +708,18 @@ class MemFreeNode(_Spec):
     @classmethod
     def parse(cls, v, n: dict, where: str, ctx, nid: int):
         ptr = v.ref(n["ptr"], f"{where}.ptr", ctx)
-        if ctx.regions[ptr.region].kind is RegionKind.ARRAY:
-            v.fail(f"{where}.ptr", "a CUDA array is no graph allocation to free")
+        if ctx.regions[ptr.region].kind is not RegionKind.GRAPH_ALLOC:
+            v.fail(f"{where}.ptr", "a mem_free node frees graph memory: a graph_alloc region")
         return cls(nid, ptr)
 
     @classmethod
     def from_live(cls, index: int, raw: dict, rec, where: str):
-        return cls(index, rec.device_ref(raw["dptr"], where))
+        ref = rec.device_ref(raw["dptr"], where)
+        if rec.regions[ref.region].kind is not RegionKind.GRAPH_ALLOC:
+            raise UnsupportedNodeError(
+                f"{where}: frees memory this graph did not allocate (cudaMallocAsync memory or "
+                "another graph's): a restore cannot recreate it as graph memory")
+        return cls(index, ref)
 
     def to_live(self, ctx) -> dict:
         return {"dptr": ctx.addr(self.ptr)}

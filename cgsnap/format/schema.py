@@ -554,7 +554,7 @@ class Validator:
             self.map(n, where, ("id", "t", "kernel", "grid", "block", "smem", "args"), ("attrs",))
         else:
             self.map(n, where, ("id", "t") + spec.REQUIRED, spec.OPTIONAL)
-        nid = self.int(n["id"], f"{where}.id", 0, 1 << 32)
+        nid = self.int(n["id"], f"{where}.id", 0, (1 << 32) - 1)
         return spec.parse(self, n, where, ctx, nid)
 
     def span_fits(self, ctx, ref: Ref, span: int, where):

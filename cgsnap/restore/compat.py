@@ -30,10 +30,13 @@ def choose_images(snap, dev_arch: int, dev_name: str, driver_version: int, allow
             f"this machine's driver is {driver_version_text(driver_version)}, older than its "
             "major version")
     images = {im.hash: im for im in snap.images}
+    names: dict = {}                  # image hash -> its arch name as the cubin states it
     choice, problems = {}, []
     for k in snap.kernels:
         im = images[k.image]
-        if im.kind == "cubin" and arch_runs_on(im.arch, f"sm_{im.arch}", dev_arch):
+        if im.kind == "cubin" and im.hash not in names:
+            names[im.hash] = image_arch_name(im)
+        if im.kind == "cubin" and arch_runs_on(im.arch, names[im.hash], dev_arch):
             choice[k.id] = im
         elif k.ptx_image and allow_jit_ok(allow_jit, images[k.ptx_image], dev_arch):
             choice[k.id] = images[k.ptx_image]
@@ -49,6 +52,16 @@ def choose_images(snap, dev_arch: int, dev_name: str, driver_version: int, allow
             f"machine has sm_{dev_arch} ({dev_name}). {len(problems)} kernel(s) cannot run "
             f"here, e.g. {problems[0]}{hint}")
     return choice
+
+
+def image_arch_name(im) -> str:
+    """``sm_90a``-style name of a cubin image from its own header: an arch-specific build
+    (``a``/``f``) runs only on exactly its arch. An unreadable image keeps the plain name here;
+    :func:`check_images` refuses it."""
+    try:
+        return elf.cubin_info(im.data).arch_name
+    except BinaryFormatError:
+        return f"sm_{im.arch}"
 
 
 def check_images(snap, choice: dict, path: str) -> None:
