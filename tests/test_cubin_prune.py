@@ -399,7 +399,12 @@ def test_a_failed_check_keeps_the_image_whole():
 def test_without_a_gpu_images_stay_whole(monkeypatch):
     """No GPU (CI): the installed checker says why, whatever context the caller had current."""
     from cgsnap.cuda import driver
+    from cgsnap.errors import CgsnapError
+
+    def no_device():
+        raise CgsnapError("no CUDA device (this test)")
     monkeypatch.setattr(driver, "context_current", lambda: True)   # the ambient state is ignored
+    monkeypatch.setattr(driver, "current_device", no_device)       # as on CI, on a GPU machine too
     snap = _snapshot_with_fixture_image()
     out = snapfile.prune_images(snap)
     assert out.images == snap.images and out.kernels == snap.kernels

@@ -1,6 +1,7 @@
 """The layer contracts in pyproject.toml ([tool.importlinter]) hold: no lower layer imports a higher
 one, the format and binary layers never import the driver or a framework, the restore path never
 imports torch or CuPy."""
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_import_contracts_are_kept():
     exe = shutil.which("lint-imports")
     if exe is None:
-        pytest.fail("import-linter is a test dependency (pip install -e '.[test]')")
+        # CI installs the test extras (.ci/run sets CGSNAP_CI): there a missing linter fails.
+        # The lent GPU machine has no registry to install it from: there the contracts are
+        # checked by the CPU run of the same commit.
+        if os.environ.get("CGSNAP_CI") == "1":
+            pytest.fail("import-linter is a test dependency (pip install -e '.[test]')")
+        pytest.skip("import-linter is not installed here (CI installs it and runs this test)")
     proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout

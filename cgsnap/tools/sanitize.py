@@ -284,6 +284,10 @@ def run_sanitize(path: str, tool: str = "memcheck", graph: Optional[str] = None,
     root = os.path.dirname(os.path.dirname(os.path.abspath(cgsnap.__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    # The sanitizer holds CUPTI in its target, and a replay needs no module recorder: an
+    # inherited CGSNAP_RECORD=1 would make `import cgsnap` there fail before any GPU work.
+    env.pop("CGSNAP_RECORD", None)
+    env.pop("CGSNAP_RECORD_LAUNCHES", None)
     proc = subprocess.run(sanitizer_command(exe, tool, path, graph, device, print_limit,
                                             allow_jit),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,

@@ -93,6 +93,16 @@ def main() -> int:
     res["inductor"] = {"compile_threads": inductor_config.compile_threads,
                        "gemm_backends": inductor_config.max_autotune_gemm_backends,
                        "gemm_search_space": inductor_config.max_autotune_gemm_search_space}
+    # Why Dynamo compiles again, if it does (each reason goes into TIMINGS).
+    import logging
+    recompiles: list = []
+
+    class _Recompiles(logging.Handler):
+        def emit(self, record):
+            if record.name.endswith("__recompiles") and len(recompiles) < 8:
+                recompiles.append(record.getMessage()[:1500])
+    logging.getLogger("torch").addHandler(_Recompiles())
+    torch._logging.set_logs(recompiles=True)
     step = torch.compile(model, options=compile_options(args.mode, args.coordinate_descent))
 
     # 1. compile + autotune: the first call, at the largest size (autotuning's size hint)
@@ -115,6 +125,7 @@ def main() -> int:
         cap["instantiate"]
     res["graph_part"] = res["compile"] + res["warmup"] + res["capture"] + res["instantiate"]
     res["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])
+    res["recompile_reasons"] = recompiles
     res["ready_from_start"] = time.perf_counter() - T_START
 
     # 3. the first request: one sequence

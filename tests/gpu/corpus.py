@@ -412,9 +412,13 @@ def _cupy_case(build, replays=2):
 
     import cgsnap
     launch, inputs, outputs = build(cp)
-    launch()                              # warm up: plans, JIT kernels, pool blocks
-    cp.cuda.Device().synchronize()
     cap = cgsnap.capture()
+    # Warm up on the stream that is captured: plans, JIT kernels, and pool blocks (CuPy's pool
+    # keeps its free blocks per stream, so a temporary freed on another stream is not reused
+    # and the capture would call cudaMalloc).
+    with cp.cuda.ExternalStream(cap.stream_handle):
+        launch()
+    cp.cuda.Device().synchronize()
     with cap:
         with cp.cuda.ExternalStream(cap.stream_handle):
             launch()

@@ -35,8 +35,8 @@ def restore_in_fresh_process(path, inputs: dict, outputs: list, graph: str, tmp_
 
 def assert_bit_equal(restored: dict, original: dict):
     for k, want in original.items():
-        got = restored[k].view(np.uint8).reshape(-1)
-        want = np.asarray(want).view(np.uint8).reshape(-1)
+        got = np.ascontiguousarray(restored[k]).view(np.uint8).reshape(-1)
+        want = np.ascontiguousarray(want).view(np.uint8).reshape(-1)
         assert got.nbytes == want.nbytes, k
         diff = np.flatnonzero(got != want)
         assert diff.size == 0, f"buffer {k} differs first at byte {diff[0] if diff.size else -1}"
