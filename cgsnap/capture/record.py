@@ -19,7 +19,7 @@ import numpy as np
 from .._version import __version__
 from ..binary import calls, elf
 from ..cuda import driver, graphs, transfer
-from ..errors import BinaryFormatError, CaptureError, UnsupportedNodeError
+from ..errors import BinaryFormatError, CaptureError, DriverError, UnsupportedNodeError
 from ..format.contents import Contents, checksum, is_zero
 from ..format.hashing import extents_hash, region_hash
 from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, ArrayDesc, Edge,
@@ -370,7 +370,17 @@ class Recording:
 
     def kernel_node(self, i, n, where) -> KernelNode:
         kp = graphs.read_kernel(n)
-        kid = self.kernel_for(kp.func, kp.kern)
+        try:
+            kid = self.kernel_for(kp.func, kp.kern)
+        except DriverError as exc:
+            if exc.name != "CUDA_ERROR_INVALID_HANDLE":
+                raise
+            raise CaptureError(
+                f"{where}: the kernel's function handle {int(kp.func):#x} is no longer valid: "
+                "its module was unloaded after capture (a library object freed -- a cuFFT plan, "
+                "a cuDNN or cuBLAS handle, a JIT-compiled kernel -- while the graph still "
+                "names it), so the graph itself can no longer run; keep what launched it "
+                "alive until the graph is snapshot") from exc
         kernel = self.kernels[kid]
         raw = kp.argument_bytes(kernel.params, where)
         return self.classified_node(

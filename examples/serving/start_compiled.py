@@ -103,7 +103,16 @@ def main() -> int:
                 recompiles.append(record.getMessage()[:1500])
     logging.getLogger("torch").addHandler(_Recompiles())
     torch._logging.set_logs(recompiles=True)
-    step = torch.compile(model, options=compile_options(args.mode, args.coordinate_descent))
+    options = compile_options(args.mode, args.coordinate_descent)
+    # One compile for every size, as vLLM does (it calls its one compiled graph without
+    # Dynamo's guards): Inductor's reshapes guard "batch != 1" where they merge the batch with
+    # a head dimension, although the code they emit is valid for a batch of 1 too; the batch-1
+    # graph is checked against eager execution below.
+    res["guards_skipped"] = False
+    if not args.batch_one_apart and hasattr(torch.compiler, "skip_all_guards_unsafe"):
+        options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+        res["guards_skipped"] = True
+    step = torch.compile(model, options=options)
 
     # 1. compile + autotune: the first call, at the largest size (autotuning's size hint)
     big = max(sizes)
@@ -116,17 +125,6 @@ def main() -> int:
     torch.cuda.synchronize()
     res["compile"] = time.perf_counter() - t
     res["dynamo_graphs_after_compile"] = int(counters["stats"]["unique_graphs"])
-    # One compile for every size, as serving engines do (vLLM calls its one compiled graph
-    # without Dynamo's guards): Inductor's reshapes guard "batch != 1" when they merge the
-    # batch with a head dimension, although the code they emit is valid for a batch of 1;
-    # the batch-1 graph is checked against eager execution below.
-    res["guards_skipped"] = False
-    if not args.batch_one_apart and hasattr(torch.compiler, "set_stance"):
-        try:
-            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-            res["guards_skipped"] = True
-        except TypeError:        # a torch without the flag
-            pass
 
     # 2. warm-up of every size, then capture (and instantiate) one graph per size, largest first
     cap: dict = {}

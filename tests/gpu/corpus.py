@@ -438,7 +438,8 @@ def _cupy_case(build, replays=2):
         k: (lambda rng, a=a: (rng.standard_normal(a.shape) + 1j * rng.standard_normal(a.shape))
             .astype(a.dtype) if a.dtype.kind == "c" else rng.standard_normal(a.shape).astype(a.dtype))
         for k, a in inputs.items()}, outputs=list(outputs), replay=replay, write=write,
-        read=lambda k: arrays[k].get(), replays=replays, keep=[cap, exe, arrays])
+        read=lambda k: arrays[k].get(), replays=replays,
+        keep=[cap, exe, arrays, launch])   # launch holds the cuFFT plan: its module
 
 
 def cupy_fft_kernels():
