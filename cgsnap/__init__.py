@@ -20,7 +20,7 @@ from ._version import __version__
 from .capture.buffers import Bound, Saved, Scratch
 from .capture.classify import DEFAULT_POINTER_BUDGET
 from .errors import (AmbiguousKernelError, BinaryFormatError, BindError, CaptureError, CgsnapError,
-                     CompatibilityError, DriverError, FormatError, KernelNotFoundError,
+                     CgsnapWarning, CompatibilityError, DriverError, FormatError, KernelNotFoundError,
                      LimitError, RecorderError, RestoreError, SignatureError,
                      UnsupportedNodeError)
 from .format.model import Snapshot
@@ -32,7 +32,7 @@ __all__ = [
     "Bound", "Saved", "Scratch", "Snapshot", "CgsnapError", "FormatError", "BinaryFormatError",
     "KernelNotFoundError", "AmbiguousKernelError", "UnsupportedNodeError", "CompatibilityError",
     "BindError", "DriverError", "CaptureError", "RestoreError", "RecorderError", "SignatureError",
-    "LimitError", "Limits", "sign", "__version__",
+    "LimitError", "CgsnapWarning", "Limits", "sign", "__version__",
 ]
 
 

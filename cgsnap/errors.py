@@ -11,6 +11,11 @@ class CgsnapError(Exception):
     """Base class of all cgsnap errors."""
 
 
+class CgsnapWarning(UserWarning):
+    """Something recorded that is probably a bug in the program (the snapshot is still made):
+    for example a graph that reads memory its allocator has freed."""
+
+
 class FormatError(CgsnapError):
     """A snapshot file (or its manifest) is malformed, truncated, corrupt or of an unknown version."""
 

@@ -520,6 +520,12 @@ def _file_parts(path) -> dict:
                 "contents": sum(b.stored_length for b in f.blobs) - images, "blobs": len(f.blobs)}
 
 
+# What a size workload's graphs use and nothing else holds (its model, weights, optimizer):
+# kept alive until the workload is measured, as a program keeps what its graphs read. (Freed,
+# their blocks are free memory the graphs still read: saved whole, with a CgsnapWarning.)
+_KEEP: list = []
+
+
 def _wl_train_step():
     """A whole training step: a 0.8M-parameter MLP, cross entropy, AdamW(capturable)."""
     import torch
@@ -545,6 +551,7 @@ def _wl_train_step():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+    _KEEP.extend([model, opt])
     return {"step": g}, {"x": x, "y": y, "loss": loss}
 
 
@@ -578,6 +585,7 @@ def _wl_multi_stream():
     g = torch.cuda.CUDAGraph(keep_graph=True)
     with torch.cuda.graph(g):
         out = step()
+    _KEEP.extend([w1, w2, s1, s2])
     return {"branches": g}, {"a": a, "b": b, "out": out}
 
 
@@ -605,6 +613,7 @@ def _wl_decode():
             with torch.cuda.graph(g, pool=pool):
                 outs[b] = model(tokens[:b], pos[:b], kv)
             graphs[f"bs{b}"] = g
+    _KEEP.extend([model, kv])
     return graphs, {"tokens": tokens, "pos": pos, **{f"logits{b}": o for b, o in outs.items()}}
 
 
@@ -655,6 +664,7 @@ def _wl_gpt2():
         g = torch.cuda.CUDAGraph(keep_graph=True)
         with torch.cuda.graph(g):
             logits = model(idx)
+    _KEEP.append(model)
     return {"forward": g}, {"idx": idx, "logits": logits}
 
 
@@ -716,6 +726,7 @@ def bench_size():
             f"{block['total'] / live:.2f}x live; goal <= 1.1x")
         row("size", f"{label}: restored replay equals the original (1 = yes)", float(same), "")
         del graphs, tensors, restored
+        _KEEP.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)

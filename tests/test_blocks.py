@@ -37,7 +37,7 @@ def test_a_pointer_reaches_the_live_block_it_lands_in():
     seg = segment()
     assert reached_extents(seg, pointers=[100]) == [(0, 8 * KiB)]
     assert reached_extents(seg, pointers=[16 * KiB + 5]) == [(16 * KiB, 3000)]   # requested size
-    assert reached_extents(seg, pointers=[9 * KiB]) == []                         # a free block
+    assert reached_extents(seg, pointers=[9 * KiB]) == [(8 * KiB, 8 * KiB)]       # a free block: whole
     assert reached_extents(seg, pointers=[64 * KiB, 1 << 40]) == []              # past the end
     # The start of the next block is the next block (not the end of the previous one).
     assert reached_extents(seg, pointers=[20 * KiB]) == [(20 * KiB, 12 * KiB)]
@@ -46,11 +46,21 @@ def test_a_pointer_reaches_the_live_block_it_lands_in():
 
 def test_a_span_reaches_every_block_it_overlaps():
     seg = segment()
-    assert reached_extents(seg, spans=[(7 * KiB, 10 * KiB)]) == [(0, 8 * KiB), (16 * KiB, 3000)]
+    assert reached_extents(seg, spans=[(7 * KiB, 10 * KiB)]) == [
+        (0, 8 * KiB), (8 * KiB, 8 * KiB), (16 * KiB, 3000)]
     assert reached_extents(seg, spans=[(0, 64 * KiB)]) == [
-        (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 16 * KiB)]
-    assert reached_extents(seg, spans=[(33 * KiB, 1 * KiB)]) == []             # inside a free block
+        (0, 8 * KiB), (8 * KiB, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB),
+        (32 * KiB, 16 * KiB), (48 * KiB, 16 * KiB)]
+    assert reached_extents(seg, spans=[(33 * KiB, 1 * KiB)]) == [(32 * KiB, 16 * KiB)]  # a free block
     assert reached_extents(seg, spans=[(20 * KiB, 0)]) == [(20 * KiB, 12 * KiB)]  # empty: a pointer
+
+
+def test_free_blocks_reached_are_reported():
+    from cgsnap.capture.blocks import reached_free_blocks
+    seg = segment()
+    assert reached_free_blocks(seg, pointers=[100, 9 * KiB], spans=[(40 * KiB, 100)]) == [
+        (8 * KiB, 8 * KiB), (32 * KiB, 16 * KiB)]
+    assert reached_free_blocks(seg, pointers=[100, 20 * KiB]) == []
 
 
 def test_excluded_views_are_cut_out_of_the_blocks():
@@ -82,8 +92,8 @@ def test_reach_agrees_with_a_brute_force_model():
             hit = any(b.offset <= p < b.offset + b.size for p in ptrs) or any(
                 (n == 0 and b.offset <= o < b.offset + b.size) or
                 (n > 0 and o < b.offset + b.size and b.offset < o + n) for o, n in spans)
-            if hit:
-                want[b.offset:b.offset + b.live] = True
+            if hit:      # a live block's live bytes; a free block (live 0) whole
+                want[b.offset:b.offset + (b.live or b.size)] = True
         for o, n in excl:
             want[o:o + n] = False
         got = np.zeros(off, dtype=bool)
@@ -137,7 +147,7 @@ def test_plan_extents_from_the_graphs_refs():
     ]
     rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
                                 segments={0: seg, 3: segment()}, extra_accesses=[(3, 20 * KiB, 0)],
-                                planned={})
+                                planned={}, freed={})
     record._plan_extents(rec)
     assert [(e.offset, e.length) for e in regions[0].extents] == [
         (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 1 * KiB),
@@ -145,6 +155,28 @@ def test_plan_extents_from_the_graphs_refs():
     assert regions[2].extents is None and regions[2].span is None     # no map: saved whole
     assert [(e.offset, e.length) for e in regions[3].extents] == [(20 * KiB, 12 * KiB)]
     assert regions[0].span == (0, 64 * KiB) and regions[3].span == (20 * KiB, 32 * KiB)
+    assert rec.freed == {} and record.freed_report(rec) is None
+
+
+def test_a_freed_block_the_graph_reads_is_saved_whole_and_reported():
+    """A kernel pointer into a block the allocator has freed (a model dropped after capture,
+    seen on the H200): the block is saved as it is now and the snapshot says so."""
+    seg = segment()
+    regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
+    nodes = [_kernel(0, [(0, 100), (0, 33 * KiB)])]        # block 0 (live), block 4 (free)
+    rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
+                                segments={0: seg}, extra_accesses=[], planned={}, freed={})
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in regions[0].extents] == [(0, 8 * KiB), (32 * KiB, 16 * KiB)]
+    assert record.freed_report(rec) == {
+        "count": 1, "bytes": 16 * KiB,
+        "blocks": [{"region": 0, "address": seg.address + 32 * KiB, "size": 16 * KiB}]}
+    import cgsnap
+    meta: dict = {}
+    with pytest.warns(cgsnap.CgsnapWarning, match=r"graph 'g' reaches 1 block\(s\) the allocator "
+                                                  r"has freed \(16384 bytes; the first at 0x18000"):
+        record.report_freed(rec, "g", meta)
+    assert meta["freed_blocks_read"]["count"] == 1
 
 
 # ---- the staging ring, with a fake DMA engine --------------------------------------------------

@@ -16,6 +16,12 @@ it lands in; a byte span (a memcpy's or memset's box, a named view) reaches ever
 overlaps. A kernel given a pointer into a block is assumed to stay inside that block: torch
 allocates each storage as one block, and a kernel has no legal way to reach another
 allocation through it.
+
+A *free* block that the graphs reach is saved whole, as it is now: the graph reads memory the
+program freed while the graph still uses it (a model dropped after capture -- seen on the
+H200), and the original computes from whatever bytes lie there until the allocator hands them
+out again. Saving them keeps the restore bit-exact with what the original computes now; the
+recorder reports each such block (:func:`reached_free_blocks`), since the program has a bug.
 """
 from __future__ import annotations
 
@@ -119,20 +125,27 @@ def reached_span(segment: Segment, pointers=(), spans=()) -> tuple:
 
 
 def reached_extents(segment: Segment, pointers=(), spans=(), exclude=()) -> list:
-    """``[(offset, length)]``: the live bytes of the blocks of ``segment`` that ``pointers``
-    (segment offsets) land in or ``spans`` (``(offset, length)``) overlap, minus the
-    ``exclude`` ranges (``(offset, length)``, e.g. named views saved on their own), sorted and
-    non-overlapping, one entry per piece of a block. Free blocks are never in it; a pointer at
-    or past the end of the segment reaches nothing."""
+    """``[(offset, length)]``: the bytes of the blocks of ``segment`` that ``pointers``
+    (segment offsets) land in or ``spans`` (``(offset, length)``) overlap -- a live block's
+    live bytes, a free block whole -- minus the ``exclude`` ranges (``(offset, length)``, e.g.
+    named views saved on their own), sorted and non-overlapping, one entry per piece of a
+    block. A pointer at or past the end of the segment reaches nothing."""
     reached = _reached_blocks(segment, pointers, spans)
     cuts = sorted((o, o + n) for o, n in exclude if n > 0)
     out = []
     for i in sorted(reached):
         b = segment.blocks[i]
-        if b.live <= 0:
-            continue
-        out.extend(_subtract((b.offset, b.offset + min(b.live, b.size)), cuts))
+        n = b.size if b.live <= 0 else min(b.live, b.size)
+        out.extend(_subtract((b.offset, b.offset + n), cuts))
     return [(lo, hi - lo) for lo, hi in out]
+
+
+def reached_free_blocks(segment: Segment, pointers=(), spans=()) -> list:
+    """``[(offset, size)]`` of the free blocks of ``segment`` that ``pointers`` or ``spans``
+    reach (memory the program freed while its graph still uses it), sorted."""
+    return [(segment.blocks[i].offset, segment.blocks[i].size)
+            for i in sorted(_reached_blocks(segment, pointers, spans))
+            if segment.blocks[i].live <= 0]
 
 
 def _subtract(interval: tuple, cuts: list) -> list:

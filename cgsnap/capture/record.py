@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import platform
 import sys
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -19,7 +20,8 @@ import numpy as np
 from .._version import __version__
 from ..binary import calls, elf
 from ..cuda import driver, graphs, transfer
-from ..errors import BinaryFormatError, CaptureError, DriverError, UnsupportedNodeError
+from ..errors import (BinaryFormatError, CaptureError, CgsnapWarning, DriverError,
+                      UnsupportedNodeError)
 from ..format.contents import Contents, checksum, is_zero
 from ..format.hashing import extents_hash, region_hash
 from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, ArrayDesc, Edge,
@@ -28,7 +30,7 @@ from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, Arra
 from ..format.nodes import COND_KINDS, NODE_TYPES, KernelNode, Renumbering
 from ..kernels import graph_hooks
 from . import classify
-from .blocks import AllocatorMap, reached_extents, reached_span
+from .blocks import AllocatorMap, reached_extents, reached_free_blocks, reached_span
 from .buffers import expand_buffers
 from .contents import DeviceContents, hold_contents, reader_for
 from .classify import (ALLOCATION, NAMED, SPECIAL, Candidate, RangeTable,
@@ -63,6 +65,7 @@ class Recording:
         # (pointer tables in device memory) belong here -- span 0 for a pointer.
         self.extra_accesses: list = []
         self.planned: dict = {}           # region id -> extents planned (zero ones included)
+        self.freed: dict = {}             # region id -> free allocator blocks the graph reaches
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -822,6 +825,7 @@ def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict
         if r.policy is not Policy.SAVED:
             continue
         planned = rec.planned.setdefault(rid, set())
+        _note_free(rec, rid, seg, ptrs, spans)
         new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()))
                if (o, n) not in planned]
         if r.extents is None:
@@ -924,6 +928,41 @@ def _views_by_parent(rec: Recording) -> dict:
     return views
 
 
+def _note_free(rec: Recording, rid: int, seg, ptrs, spans) -> None:
+    """Remember the free allocator blocks of region ``rid`` that the graph reaches (saved whole
+    by :func:`~cgsnap.capture.blocks.reached_extents`; reported in the snapshot's meta)."""
+    free = reached_free_blocks(seg, ptrs, spans)
+    if free:
+        rec.freed[rid] = free
+
+
+def freed_report(rec: Recording) -> Optional[dict]:
+    """The snapshot meta entry for free blocks the graph reads, or None: how many, their
+    bytes, and the first few as ``{region, address, size}``."""
+    rows = [(rid, rec.regions[rid].origin + off, n)
+            for rid, blocks in sorted(rec.freed.items()) for off, n in blocks]
+    if not rows:
+        return None
+    return {"count": len(rows), "bytes": sum(n for _, _, n in rows),
+            "blocks": [{"region": rid, "address": addr, "size": n}
+                       for rid, addr, n in rows[:MAX_DECISIONS_KEPT]]}
+
+
+def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
+    """Put :func:`freed_report` into ``snap_meta`` and warn (:class:`cgsnap.CgsnapWarning`)."""
+    freed = freed_report(rec)
+    if freed is None:
+        return
+    snap_meta["freed_blocks_read"] = freed
+    first = freed["blocks"][0]
+    warnings.warn(CgsnapWarning(
+        f"graph {name!r} reaches {freed['count']} block(s) the allocator has freed "
+        f"({freed['bytes']} bytes; the first at {first['address']:#x}, region "
+        f"{first['region']}): a tensor the graph uses was freed while the graph lives, and the "
+        "original reads whatever the allocator puts there next. They are saved as they are "
+        "now; keep the tensors (the model) alive while the graph is used"), stacklevel=4)
+
+
 def _plan_extents(rec: Recording) -> None:
     """Saved allocations of the allocator map get ``extents``: the live blocks the graphs
     reach, less the views inside them that are saved or scratch on their own; and every
@@ -941,6 +980,7 @@ def _plan_extents(rec: Recording) -> None:
         if r.policy is not Policy.SAVED:
             continue
         planned = reached_extents(seg, ptrs, spans, views.get(rid, ()))
+        _note_free(rec, rid, seg, ptrs, spans)
         rec.planned[rid] = set(planned)
         r.extents = [Extent(o, n) for o, n in planned]
 
@@ -1158,6 +1198,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         snap_meta["ambiguous_word_count"] = len(rec.decisions)
     if note:
         snap_meta["checks_skipped"] = note
+    report_freed(rec, name, snap_meta)
     snap_meta.update(meta or {})
     return Snapshot(graphs=rec.graphs, regions=rec.regions, images=list(rec.images.values()),
                     kernels=rec.kernels, events=len(rec.events), device=device.describe(),
