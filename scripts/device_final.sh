@@ -3,11 +3,7 @@
 #   run(command="bash scripts/device_final.sh", carry=[".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 \
-  CGSNAP_CACHE_DIR=/tmp/cgsnap-cache CGSNAP_TEST_ARTIFACTS="$OUT"
+. scripts/device_env.sh
 start=$(date +%s)
 timeout 90 python3 scripts/probes/blocks_probe.py gpt2-4L multi-stream > "$OUT/blocks_probe.log" 2>&1
 echo "probe exit $? after $(( $(date +%s) - start )) s"
