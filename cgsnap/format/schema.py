@@ -518,15 +518,21 @@ class Validator:
                 self.fail(f"{where}.nodes[{i}]", "kernel nodes belong in the kernel table")
             others.append(self.node(n, f"{where}.nodes[{i}]", ctx))
         ids = np.concatenate([ktable.ids, np.array([n.id for n in others], dtype=np.int64)])
-        if len(np.unique(ids)) != len(ids):
+        # The ids sorted once: for the duplicate check, the edges' ends and the node order.
+        by_id = np.argsort(ids, kind="stable")
+        sorted_ids = ids[by_id]
+        if len(ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
             self.fail(f"{where}.nodes", "duplicate node id")
-        edges = parse_edges(self, g["edges"], f"{where}.edges", ids)
-        if topological_positions(ids, edges) is None:
-            toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
+        edges = parse_edges(self, g["edges"], f"{where}.edges", ids, sorted_ids)
+        # Kept for the restore's plan (Graph.table_order): the graph is sorted once.
+        order = topological_positions(ids, edges, by_id)
+        if order is None:
+            order = toposort_arrays(ids, edges, f"manifest {where}")   # FormatError on a cycle
         top_level = self.bool(g["top_level"], f"{where}.top_level")
         return self.graph_trace(g, Graph.from_tables(g["name"], ktable, others, edges, top_level,
                                                      self.checks(g["checks"], where, ctx),
-                                                     self.graph_rng(g, where, ctx, top_level)),
+                                                     self.graph_rng(g, where, ctx, top_level),
+                                                     order),
                                 where, ctx)
 
     def checks(self, raw, where, ctx) -> dict:
@@ -647,10 +653,14 @@ class GraphContext:
     graph_names: set
 
     def __post_init__(self):
+        # Per file, shared by every graph's checks: region sizes and kernel parameter buffer
+        # sizes as lists (node parsers) and arrays (the kernel tables' vectorised checks).
         self.region_sizes = [r.size for r in self.regions]
+        self.region_size_array = np.array(self.region_sizes, dtype=np.uint64)
         # Regions without a device address (CUDA arrays): no pointer may target one.
         self.no_address = np.array([r.kind is RegionKind.ARRAY for r in self.regions], dtype=bool)
         self.buffer_sizes = [param_buffer_size(k.params) for k in self.kernels]
+        self.buffer_size_array = np.array(self.buffer_sizes, dtype=np.int64)
         # Every kernel argument as a sorted key (kernel << 32 | start) with its end: where a
         # pointer table entry may lie (KernelNode.check_tables).
         rows = sorted((k.id << 32 | off, off + size, k.id)
