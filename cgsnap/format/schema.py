@@ -33,6 +33,9 @@ _REGION_OPTIONAL = ("name", "dtype", "shape", "content_hash", "image", "symbol",
 _REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "extents", "array")
 _STRIDE_MAX = 1 << 48
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
+# A region's kind and policy by their stored value (looked up once per file, not per region).
+_KINDS = {k.value: k for k in RegionKind}
+_POLICIES = {p.value: p for p in Policy}
 
 
 class Validator:
@@ -242,8 +245,8 @@ class Validator:
                      _REGION_OPTIONAL_3 if self.schema >= 3 else _REGION_OPTIONAL)
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
-        kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
-        policy = Policy(self.str(r["policy"], f"{where}.policy", {p.value for p in Policy}))
+        kind = _KINDS[self.str(r["kind"], f"{where}.kind", _KINDS.keys())]
+        policy = _POLICIES[self.str(r["policy"], f"{where}.policy", _POLICIES.keys())]
         size = self.int(r["size"], f"{where}.size", 0, 1 << 48)
         alignment = self.int(r["alignment"], f"{where}.alignment", 1, 1 << 30)
         if alignment & (alignment - 1):
@@ -550,7 +553,7 @@ class Validator:
     def node(self, n, where, ctx):
         if not isinstance(n, dict):
             self.fail(where, "expected a map")
-        t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
+        t = self.str(n.get("t"), f"{where}.t", NODE_TYPES.keys())
         spec = NODE_TYPES[t]
         since = NODE_TYPES_SINCE.get(t, 1)
         if self.schema < since:

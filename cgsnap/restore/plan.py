@@ -108,13 +108,17 @@ class GraphPlan:
         word = ((kt.starts[owner_row].astype(np.uint64) + kt.refs[:, 0]) // np.uint64(8)
                 ).astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
         region = kt.refs[:, 1].astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
-        late = np.isin(region, sorted(late_regions)) if late_regions else \
-            np.zeros(len(region), dtype=bool)
-        self.patch_pos = word[~late]
-        self.patch_region = region[~late]
-        self.patch_off = kt.refs[~late, 2].copy() if len(kt.refs) else np.zeros(0, np.uint64)
+        late = np.isin(region, sorted(late_regions)) if late_regions else None
+        if late is None or not late.any():      # (nearly always: no graph memory in the table)
+            late = None
+            self.patch_pos, self.patch_region = word, region
+            self.patch_off = kt.refs[:, 2].copy() if len(kt.refs) else np.zeros(0, np.uint64)
+        else:
+            self.patch_pos = word[~late]
+            self.patch_region = region[~late]
+            self.patch_off = kt.refs[~late, 2].copy()
         self.late_refs: dict = {}
-        if late.any():
+        if late is not None:
             for idx in np.flatnonzero(late).tolist():
                 p = int(pos[owner_row[idx]])
                 self.late_refs.setdefault(p, []).append(
