@@ -271,7 +271,7 @@ class Graph:
     or ``edges`` get them made (once) from the columns."""
 
     __slots__ = ("name", "top_level", "checks", "rng", "trace", "_nodes", "_edges", "_ktable",
-                 "_others", "_edge_array", "_order")
+                 "_others", "_edge_array", "_order", "_table_order")
 
     def __init__(self, name: str, nodes: Optional[list] = None, edges: Optional[list] = None,
                  top_level: bool = True, checks: Optional[dict] = None,
@@ -290,14 +290,29 @@ class Graph:
         # The order the validator found, with the node and edge lists it was found for: a
         # graph read from a file is sorted once, not again by the restore's plan.
         self._order = None
+        # The same for a graph held as columns: indices into its node ids (kernel table rows,
+        # then the other nodes) in topological order (tables.node_order), or None.
+        self._table_order = None
 
     @classmethod
     def from_tables(cls, name: str, ktable, others: list, edge_array, top_level: bool,
-                    checks: dict, rng: Optional[list] = None) -> "Graph":
+                    checks: dict, rng: Optional[list] = None,
+                    order: Optional[np.ndarray] = None) -> "Graph":
+        """A graph held as validated columns; ``order``: its topological order as
+        :func:`cgsnap.format.tables.node_order` gives it, when already known."""
         g = cls(name, None, None, top_level, checks, rng)
         g._nodes = g._edges = None
         g._ktable, g._others, g._edge_array = ktable, others, edge_array
+        g._table_order = order
         return g
+
+    def table_order(self) -> Optional[np.ndarray]:
+        """The topological order the validator found for the columns (``node_order`` of the
+        kernel table's ids, then the other nodes'), while they are what the graph holds;
+        else None."""
+        if self._ktable is None or self._edge_array is None:
+            return None
+        return self._table_order
 
     # nodes and edges, as objects
     @property
@@ -309,6 +324,7 @@ class Graph:
     @nodes.setter
     def nodes(self, value: list) -> None:
         self._nodes, self._ktable, self._others, self._order = value, None, None, None
+        self._table_order = None
         if self._edges is None:
             self._edges = self.edges
 
@@ -322,6 +338,7 @@ class Graph:
     @edges.setter
     def edges(self, value: list) -> None:
         self._edges, self._edge_array, self._order = value, None, None
+        self._table_order = None
 
     # the same as columns (what the restore and the writer use)
     def kernel_table(self, layouts):

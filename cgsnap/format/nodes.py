@@ -326,7 +326,7 @@ def check_pointer_rows(v, refs: np.ndarray, owner: np.ndarray, kernel: np.ndarra
     ok[1:] &= (owner[1:] != owner[:-1]) | (pos[1:] > pos[:-1])
     nregions = len(ctx.region_sizes)
     ok &= region < np.uint64(nregions)
-    sizes = np.array(ctx.region_sizes, dtype=np.uint64)
+    sizes = ctx.region_size_array
     safe_region = np.minimum(region, np.uint64(max(nregions - 1, 0)))
     ok &= offset <= sizes[safe_region] if nregions else False
     if nregions:

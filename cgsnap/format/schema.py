@@ -33,6 +33,9 @@ _REGION_OPTIONAL = ("name", "dtype", "shape", "content_hash", "image", "symbol",
 _REGION_OPTIONAL_3 = _REGION_OPTIONAL + ("refs", "strides", "view_offset", "extents", "array")
 _STRIDE_MAX = 1 << 48
 _KEYSETS: dict = {}        # (required, optional) -> (required set, allowed set)
+# A region's kind and policy by their stored value (looked up once per file, not per region).
+_KINDS = {k.value: k for k in RegionKind}
+_POLICIES = {p.value: p for p in Policy}
 
 
 class Validator:
@@ -242,8 +245,8 @@ class Validator:
                      _REGION_OPTIONAL_3 if self.schema >= 3 else _REGION_OPTIONAL)
         if self.int(r["id"], f"{where}.id") != index:
             self.fail(f"{where}.id", f"region ids must be 0..n-1 in order (found {r['id']})")
-        kind = RegionKind(self.str(r["kind"], f"{where}.kind", {k.value for k in RegionKind}))
-        policy = Policy(self.str(r["policy"], f"{where}.policy", {p.value for p in Policy}))
+        kind = _KINDS[self.str(r["kind"], f"{where}.kind", _KINDS.keys())]
+        policy = _POLICIES[self.str(r["policy"], f"{where}.policy", _POLICIES.keys())]
         size = self.int(r["size"], f"{where}.size", 0, 1 << 48)
         alignment = self.int(r["alignment"], f"{where}.alignment", 1, 1 << 30)
         if alignment & (alignment - 1):
@@ -518,15 +521,21 @@ class Validator:
                 self.fail(f"{where}.nodes[{i}]", "kernel nodes belong in the kernel table")
             others.append(self.node(n, f"{where}.nodes[{i}]", ctx))
         ids = np.concatenate([ktable.ids, np.array([n.id for n in others], dtype=np.int64)])
-        if len(np.unique(ids)) != len(ids):
+        # The ids sorted once: for the duplicate check, the edges' ends and the node order.
+        by_id = np.argsort(ids, kind="stable")
+        sorted_ids = ids[by_id]
+        if len(ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
             self.fail(f"{where}.nodes", "duplicate node id")
-        edges = parse_edges(self, g["edges"], f"{where}.edges", ids)
-        if topological_positions(ids, edges) is None:
-            toposort_arrays(ids, edges, f"manifest {where}")       # FormatError on a cycle
+        edges = parse_edges(self, g["edges"], f"{where}.edges", ids, sorted_ids)
+        # Kept for the restore's plan (Graph.table_order): the graph is sorted once.
+        order = topological_positions(ids, edges, by_id)
+        if order is None:
+            order = toposort_arrays(ids, edges, f"manifest {where}")   # FormatError on a cycle
         top_level = self.bool(g["top_level"], f"{where}.top_level")
         return self.graph_trace(g, Graph.from_tables(g["name"], ktable, others, edges, top_level,
                                                      self.checks(g["checks"], where, ctx),
-                                                     self.graph_rng(g, where, ctx, top_level)),
+                                                     self.graph_rng(g, where, ctx, top_level),
+                                                     order),
                                 where, ctx)
 
     def checks(self, raw, where, ctx) -> dict:
@@ -544,7 +553,7 @@ class Validator:
     def node(self, n, where, ctx):
         if not isinstance(n, dict):
             self.fail(where, "expected a map")
-        t = self.str(n.get("t"), f"{where}.t", set(NODE_TYPES))
+        t = self.str(n.get("t"), f"{where}.t", NODE_TYPES.keys())
         spec = NODE_TYPES[t]
         since = NODE_TYPES_SINCE.get(t, 1)
         if self.schema < since:
@@ -647,10 +656,14 @@ class GraphContext:
     graph_names: set
 
     def __post_init__(self):
+        # Per file, shared by every graph's checks: region sizes and kernel parameter buffer
+        # sizes as lists (node parsers) and arrays (the kernel tables' vectorised checks).
         self.region_sizes = [r.size for r in self.regions]
+        self.region_size_array = np.array(self.region_sizes, dtype=np.uint64)
         # Regions without a device address (CUDA arrays): no pointer may target one.
         self.no_address = np.array([r.kind is RegionKind.ARRAY for r in self.regions], dtype=bool)
         self.buffer_sizes = [param_buffer_size(k.params) for k in self.kernels]
+        self.buffer_size_array = np.array(self.buffer_sizes, dtype=np.int64)
         # Every kernel argument as a sorted key (kernel << 32 | start) with its end: where a
         # pointer table entry may lie (KernelNode.check_tables).
         rows = sorted((k.id << 32 | off, off + size, k.id)

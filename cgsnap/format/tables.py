@@ -166,8 +166,7 @@ class KernelTable:
         if bad.size:
             v.fail(f"{where}.dims[{bad[0]}]", f"{dims[bad[0], 6]} bytes of dynamic shared "
                                              "memory, more than 16 MiB")
-        buffer_sizes = np.array(ctx.buffer_sizes, dtype=np.int64)
-        sizes = buffer_sizes[kernel] if n else np.zeros(0, dtype=np.int64)
+        sizes = ctx.buffer_size_array[kernel] if n else np.zeros(0, dtype=np.int64)
         padded = _pad8(sizes)
         starts = np.zeros(n, dtype=np.int64)
         if n > 1:
@@ -295,13 +294,16 @@ def edges_to_manifest(arr: np.ndarray) -> bytes:
     return packed.astype("<u4").tobytes()
 
 
-def parse_edges(v, raw, where: str, ids: np.ndarray) -> np.ndarray:
-    """The edge table as ``int64[E, 5]``; both ends must be node ids, never the same node."""
+def parse_edges(v, raw, where: str, ids: np.ndarray,
+                sorted_ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """The edge table as ``int64[E, 5]``; both ends must be node ids, never the same node.
+    ``sorted_ids``: ``ids`` sorted, when the caller has them."""
     rows = _column(v, raw, where, "<u4", 3)
     arr = np.empty((len(rows), 5), dtype=np.int64)
     arr[:, 0], arr[:, 1] = rows[:, 0], rows[:, 1]
     arr[:, 2], arr[:, 3], arr[:, 4] = rows[:, 2] & 0xFF, rows[:, 2] >> 8 & 0xFF, rows[:, 2] >> 16
-    sorted_ids = np.sort(ids)
+    if sorted_ids is None:
+        sorted_ids = np.sort(ids)
     for col, what in ((0, "source"), (1, "destination")):
         at = np.searchsorted(sorted_ids, arr[:, col])
         bad = np.flatnonzero((at >= len(sorted_ids)) |
@@ -340,10 +342,13 @@ def array_to_edges(arr: np.ndarray) -> list:
     return [Edge(*row) for row in arr.tolist()]
 
 
-def topological_positions(ids: np.ndarray, edges: np.ndarray) -> Optional[np.ndarray]:
+def topological_positions(ids: np.ndarray, edges: np.ndarray,
+                          order: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """When the nodes in id order already have every edge pointing forward (a stream capture
-    records them that way), that order: indices sorting ``ids``. Else None."""
-    order = np.argsort(ids, kind="stable")
+    records them that way), that order: indices sorting ``ids``. Else None. ``order``:
+    ``np.argsort(ids, kind="stable")``, when the caller has it."""
+    if order is None:
+        order = np.argsort(ids, kind="stable")
     if not len(edges):
         return order
     sorted_ids = ids[order]          # an edge's rank in id order is where its id sorts

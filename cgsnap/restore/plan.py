@@ -27,13 +27,18 @@ class GraphPlan:
 
     def __init__(self, snap: Snapshot, graph, late_regions: set, offsets: list):
         self.name = graph.name
-        layouts = [k.params for k in snap.kernels]
+        if not isinstance(offsets, ParamOffsets):
+            offsets = ParamOffsets(snap.kernels, offsets)
+        layouts = offsets.layouts
         kt = graph.kernel_table(layouts)
         others = graph.other_nodes()
         nk = len(kt)
         ids = np.concatenate([kt.ids, np.array([n.id for n in others], dtype=np.int64)])
         edges = graph.edge_array()
-        order = node_order(ids, edges, f"graph {graph.name!r}")      # index -> position
+        # index -> position; the validator's order when the graph was read from a file
+        order = graph.table_order()
+        if order is None:
+            order = node_order(ids, edges, f"graph {graph.name!r}")
         n = len(order)
         pos = np.empty(n, dtype=np.int64)
         pos[order] = np.arange(n)
@@ -66,8 +71,9 @@ class GraphPlan:
             starts = np.searchsorted(d_dst[by_dst], scattered)
             for i, s in zip(scattered.tolist(), starts.tolist()):
                 self.dep_lists[i] = sorted(d_src[by_dst[s:s + ndeps[i]]].tolist())
-        self.special_edges = [(int(a), int(b), tuple(int(x) for x in e[2:]))
-                              for a, b, e in zip(src[~plain], dst[~plain], edges[~plain])]
+        self.special_edges = [] if plain.all() else \
+            [(int(a), int(b), tuple(int(x) for x in e[2:]))
+             for a, b, e in zip(src[~plain], dst[~plain], edges[~plain])]
         # ---- kernel nodes, in position order ---------------------------------------------------
         kpos = np.flatnonzero(order < nk)              # positions holding kernel nodes
         rows = order[kpos]                             # their rows in the kernel table
@@ -87,34 +93,32 @@ class GraphPlan:
         # node, where its kernelParams pointers start, and each parameter's byte offset.
         self.arg_bytes = kt.params
         starts = kt.starts[rows].astype(np.uint64)
-        counts = np.array([len(layouts[k]) for k in range(len(layouts))], dtype=np.int64)
-        per_node = counts[kernels] if count else np.zeros(0, dtype=np.int64)
+        per_node = offsets.counts[kernels] if count else np.zeros(0, dtype=np.int64)
         self.param_count = per_node
         self.param_first = np.zeros(count, dtype=np.int64)
         if count > 1:
             self.param_first[1:] = np.cumsum(per_node[:-1])
-        flat = np.concatenate([offsets[k] for k in range(len(layouts))]) if layouts else \
-            np.zeros(0, dtype=np.uint64)
-        kernel_first = np.zeros(len(layouts), dtype=np.int64)
-        if len(layouts) > 1:
-            kernel_first[1:] = np.cumsum(counts[:-1])
         total = int(per_node.sum())
         within = np.arange(total, dtype=np.int64) - np.repeat(self.param_first, per_node)
-        gather = np.repeat(kernel_first[kernels], per_node) + within
-        self.param_rel = (flat[gather] if total else np.zeros(0, dtype=np.uint64)) + \
+        gather = np.repeat(offsets.first[kernels], per_node) + within
+        self.param_rel = (offsets.flat[gather] if total else np.zeros(0, dtype=np.uint64)) + \
             np.repeat(starts, per_node)
         # Pointer words: the table's refs belong to rows in table order.
         owner_row = np.repeat(np.arange(nk), kt.nrefs)
         word = ((kt.starts[owner_row].astype(np.uint64) + kt.refs[:, 0]) // np.uint64(8)
                 ).astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
         region = kt.refs[:, 1].astype(np.int64) if len(kt.refs) else np.zeros(0, dtype=np.int64)
-        late = np.isin(region, sorted(late_regions)) if late_regions else \
-            np.zeros(len(region), dtype=bool)
-        self.patch_pos = word[~late]
-        self.patch_region = region[~late]
-        self.patch_off = kt.refs[~late, 2].copy() if len(kt.refs) else np.zeros(0, np.uint64)
+        late = np.isin(region, sorted(late_regions)) if late_regions else None
+        if late is None or not late.any():      # (nearly always: no graph memory in the table)
+            late = None
+            self.patch_pos, self.patch_region = word, region
+            self.patch_off = kt.refs[:, 2].copy() if len(kt.refs) else np.zeros(0, np.uint64)
+        else:
+            self.patch_pos = word[~late]
+            self.patch_region = region[~late]
+            self.patch_off = kt.refs[~late, 2].copy()
         self.late_refs: dict = {}
-        if late.any():
+        if late is not None:
             for idx in np.flatnonzero(late).tolist():
                 p = int(pos[owner_row[idx]])
                 self.late_refs.setdefault(p, []).append(
@@ -198,9 +202,29 @@ class GraphPlan:
         return self.dep_lists.get(i, [])
 
 
-def param_offsets(kernels) -> list:
-    """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets)."""
-    return [np.array([off for off, _ in k.params], dtype=np.uint64) for k in kernels]
+class ParamOffsets(list):
+    """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets):
+    ``offsets[k]`` is kernel k's as a uint64 array. Made once per load and shared by every
+    graph's plan, with what the plans look up in it: ``layouts[k]`` (kernel k's params),
+    ``counts[k]`` (how many), ``flat`` (every kernel's offsets, in kernel order) and
+    ``first[k]`` (where kernel k's start in ``flat``)."""
+
+    def __init__(self, kernels, offsets=None):
+        super().__init__(offsets if offsets is not None else
+                         [np.array([off for off, _ in k.params], dtype=np.uint64)
+                          for k in kernels])
+        self.layouts = [k.params for k in kernels]
+        self.counts = np.array([len(o) for o in self], dtype=np.int64)
+        self.flat = np.concatenate(self) if len(self) else np.zeros(0, dtype=np.uint64)
+        self.first = np.zeros(len(self), dtype=np.int64)
+        if len(self) > 1:
+            self.first[1:] = np.cumsum(self.counts[:-1])
+
+
+def param_offsets(kernels) -> ParamOffsets:
+    """Per kernel, its parameters' offsets in the parameter buffer (``kernelParams`` targets);
+    see :class:`ParamOffsets`."""
+    return ParamOffsets(kernels)
 
 
 class RegionPatches:
