@@ -16,8 +16,9 @@ Restoring (new process; build the model and the KV cache first, at any addresses
 
 Memory of torch's graph pool (``graph_pool_handle``) that no named tensor covers becomes shared
 scratch: not saved, and the restored graphs share it the way the originals did. Of the caching
-allocator's other segments only the live blocks the graphs reach are saved (the allocator's own
-block map, :func:`allocator_map`); a segment stays one region, so graphs that share it still
+allocator's other segments only the blocks the graphs reach are saved (the allocator's own
+block map, :func:`allocator_map`): live blocks' live bytes, and whole any free block a graph's
+nodes address (a tensor freed while its graph lives; reported with a ``CgsnapWarning``); a segment stays one region, so graphs that share it still
 share it after the restore.
 
 Graphs that draw random numbers (dropout, sampling) record where their kernels read the Philox
@@ -173,7 +174,7 @@ def allocator_map(device: Optional[int] = None, granularity: str = "block") -> A
     ``torch.cuda.memory.memory_snapshot()``: graph-pool segments (pool id other than (0, 0))
     become shared scratch; the others carry their blocks -- live ones (``active_allocated``,
     ``active_pending_free``) with their requested size, free ones (``inactive``) empty -- so
-    that only the live blocks the graphs reach are saved. ``granularity="segment"`` leaves the
+    that only the blocks the graphs reach are saved (a free one whole: see the module's doc). ``granularity="segment"`` leaves the
     blocks out: segments are then saved whole (bounds still from the allocator, which matters
     for expandable segments)."""
     if granularity not in GRANULARITIES:
@@ -212,7 +213,7 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
              generators: Optional[dict] = None) -> list:
     """One :class:`cgsnap.Snapshot` per graph, sharing regions by name and address.
     ``memory_pointers`` / ``pointer_budget`` (see :func:`cgsnap.snapshot`) apply to each graph
-    on its own. ``granularity``: ``"block"`` saves only the live allocator blocks the graphs
+    on its own. ``granularity``: ``"block"`` saves only the allocator blocks the graphs
     reach, ``"segment"`` whole segments. ``hold`` (see :func:`cgsnap.snapshot`): ``"copy"``
     keeps a device copy of the saved contents until the snapshots are saved and dropped.
     Graphs that draw random numbers carry their generator's state (see :func:`_record_rng`);

@@ -15,7 +15,7 @@ else
 fi
 # The recorder starts at `import cgsnap` in every test process, before any kernel loads.
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 CGSNAP_CACHE_DIR=/tmp/cgsnap-cache \
-  CGSNAP_TEST_ARTIFACTS="$OUT" CGSNAP_RECORD=1
+  CGSNAP_TEST_ARTIFACTS="$OUT" CGSNAP_RECORD=1 CGSNAP_SKIP_IMPORT_LINT=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # Tests run in parallel processes (pytest-xdist, on the device image) sharing the GPU.
 WORKERS=${PYTEST_WORKERS:-8}

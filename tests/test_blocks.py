@@ -451,3 +451,42 @@ def test_stored_pointers_reach_blocks_of_a_segment_saved_by_block(monkeypatch):
     assert region.content_hash == hashing.extents_hash(
         [(0, 4096, hashing.blob_checksum(mem[:4096])),
          (4096, 4096, hashing.blob_checksum(mem[4096:8192]))])
+
+
+def test_a_stored_word_into_a_free_block_pulls_nothing_in():
+    """A pointer found stored in saved memory (often a stale address) reaches no free block:
+    nothing saved, nothing reported -- only what the graph's nodes address does."""
+    seg = segment()
+    regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
+    nodes = [_kernel(0, [(0, 100)])]
+    rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
+                                segments={0: seg}, planned={}, freed={},
+                                extra_accesses=[(0, 33 * KiB, 0, "stored"),     # free block 4
+                                                (0, 17 * KiB, 0, "stored")])    # live block 2
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in regions[0].extents] == [(0, 8 * KiB), (16 * KiB, 3000)]
+    assert record.freed_report(rec) is None
+
+
+def test_a_free_block_under_a_saved_view_is_not_reported():
+    from cgsnap.capture.blocks import reached_free_blocks
+    seg = segment()
+    assert reached_free_blocks(seg, pointers=[9 * KiB], exclude=[(8 * KiB, 8 * KiB)]) == []
+    assert reached_free_blocks(seg, pointers=[9 * KiB], exclude=[(8 * KiB, 4 * KiB)]) == [
+        (8 * KiB, 8 * KiB)]
+
+
+def test_dropping_regions_renumbers_the_freed_blocks():
+    """Module globals dropped after planning (record._keep_regions) must not leave the freed
+    report pointing at other regions."""
+    seg = segment()
+    regions = [Region(0, RegionKind.ALLOCATION, 16, Policy.SAVED, origin=0x500000),
+               Region(1, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
+    table = types.SimpleNamespace(renumber=lambda rmap: None)
+    rec = types.SimpleNamespace(regions=regions, graphs=[], segments={1: seg}, planned={},
+                                freed={1: [(seg.address + 8 * KiB, 8 * KiB)]},
+                                extra_accesses=[], table=table)
+    record._keep_regions(rec, [regions[1]])
+    assert rec.freed == {0: [(seg.address + 8 * KiB, 8 * KiB)]}
+    assert record.freed_report(rec)["blocks"] == [
+        {"region": 0, "address": seg.address + 8 * KiB, "size": 8 * KiB}]

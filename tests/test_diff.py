@@ -187,7 +187,8 @@ def test_float8_tables():
 
 def cgsnap(*args, cwd):
     return subprocess.run([sys.executable, "-m", "cgsnap", *args], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")), timeout=120)
+                          cwd=cwd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)), timeout=120)
 
 
 def test_exit_codes(files, file_dir, capsys):

@@ -208,13 +208,19 @@ def test_save_compresses_where_it_pays(tmp_path, compress, zeros_packed, random_
         snap.save(path, compress="yes", prune=False)
 
 
-def test_merge_takes_the_union_of_extents():
+def _two_sparse():
+    """Two sparse snapshots of the same memory (same origins), their graphs named apart."""
     s1, s2 = sparse_snapshot(), sparse_snapshot()
     for s in (s1, s2):
         for r in s.regions:
             r.origin = 0x7000_0000 + r.id * 0x10000
     s2.graphs[0].name, s2.graphs[1].name = "step2", "step2/child6"
     s2.graphs[0].nodes[6].graph = "step2/child6"
+    return s1, s2
+
+
+def test_merge_takes_the_union_of_extents():
+    s1, s2 = _two_sparse()
     rng = np.random.default_rng(9)
     late = rng.integers(0, 255, 2048, dtype=np.uint8).tobytes()
     s2.regions[2].extents = [Extent(256, 512, late[:512]),       # overlaps the first's [0, 512)
@@ -383,3 +389,26 @@ def test_info_reports_sparse_regions(tmp_path):
     assert d["bytes"]["saved_regions"] == 1024 + 1536 + 16
     assert "sparse    1 allocator segment(s) saved as 2 extents: 1.5 KiB of 4.0 KiB" in \
         render.info_text(d)
+
+
+def test_merge_reports_every_graphs_freed_blocks_once_in_merged_ids():
+    """meta.freed_blocks_read of each snapshot survives a merge, its region ids renumbered
+    and a block two graphs share counted once."""
+    s1, s2 = _two_sparse()
+    s2.regions[2].origin = 0x9000_0000        # another allocation in the second snapshot
+    s1.meta["freed_blocks_read"] = {"count": 1, "bytes": 512, "blocks": [
+        {"region": 2, "address": 0x7002_0000, "size": 512}]}
+    s2.meta["freed_blocks_read"] = {"count": 3, "bytes": 4608, "blocks": [
+        {"region": 0, "address": 0x7000_0000, "size": 512},        # the block s1 reports too?
+        {"region": 2, "address": 0x9000_0000, "size": 4096}]}      # + one unlisted (0 bytes)
+    merged = snapfile.merge([s1, s2])
+    new_id = next(r.id for r in merged.regions if r.origin == 0x9000_0000)
+    got = merged.meta["freed_blocks_read"]
+    assert got["blocks"] == [{"region": 0, "address": 0x7000_0000, "size": 512},
+                             {"region": 2, "address": 0x7002_0000, "size": 512},
+                             {"region": new_id, "address": 0x9000_0000, "size": 4096}]
+    assert got["count"] == 4 and got["bytes"] == 512 + 512 + 4096
+    # a block both graphs list counts once
+    s2.meta["freed_blocks_read"] = dict(s1.meta["freed_blocks_read"])
+    once = snapfile.merge([s1, s2]).meta["freed_blocks_read"]
+    assert once["count"] == 1 and once["bytes"] == 512

@@ -4,8 +4,9 @@ A caching allocator (torch's) carves each driver allocation (a *segment*) into *
 or free. A graph's pointers land in some of the live ones. Saving whole segments made files
 several times larger than what the graphs touch (freed activations, other tensors); with an
 allocator map a segment stays one region -- so pointers, views and graphs that share it keep
-their layout -- but only the live blocks the graphs reach are saved, each an extent at its
-offset (:attr:`cgsnap.format.model.Region.extents`). Everything else is zero at restore.
+their layout -- but only the blocks the graphs reach are saved (live bytes of live blocks; a
+free block the graph's nodes address, whole), each an extent at its offset
+(:attr:`cgsnap.format.model.Region.extents`). Everything else is zero at restore.
 
 Pure Python: the reach computation is tested on CPU. An integration builds an
 :class:`AllocatorMap` from its allocator's own records (:func:`cgsnap.torch.allocator_map`);
@@ -21,7 +22,9 @@ A *free* block that the graphs reach is saved whole, as it is now: the graph rea
 program freed while the graph still uses it (a model dropped after capture -- seen on the
 H200), and the original computes from whatever bytes lie there until the allocator hands them
 out again. Saving them keeps the restore bit-exact with what the original computes now; the
-recorder reports each such block (:func:`reached_free_blocks`), since the program has a bug.
+recorder reports each such block (:func:`reached_free_blocks`), since the program probably has
+a bug. Only what the graph's nodes address does this: a pointer found *stored* in saved memory
+reaches no free block (a stale stored address mostly points at freed memory).
 """
 from __future__ import annotations
 
@@ -124,28 +127,39 @@ def reached_span(segment: Segment, pointers=(), spans=()) -> tuple:
     return (max(lo, 0), min(hi, segment.size))
 
 
-def reached_extents(segment: Segment, pointers=(), spans=(), exclude=()) -> list:
+def reached_extents(segment: Segment, pointers=(), spans=(), exclude=(),
+                    free_reach=None) -> list:
     """``[(offset, length)]``: the bytes of the blocks of ``segment`` that ``pointers``
     (segment offsets) land in or ``spans`` (``(offset, length)``) overlap -- a live block's
     live bytes, a free block whole -- minus the ``exclude`` ranges (``(offset, length)``, e.g.
     named views saved on their own), sorted and non-overlapping, one entry per piece of a
-    block. A pointer at or past the end of the segment reaches nothing."""
+    block. ``free_reach``: ``(pointers, spans)`` that may pull in a free block, if not all of
+    them (stored words do not: see :func:`cgsnap.capture.record._accesses`). A pointer at or
+    past the end of the segment reaches nothing."""
     reached = _reached_blocks(segment, pointers, spans)
+    free_ok = reached if free_reach is None else _reached_blocks(segment, *free_reach)
     cuts = sorted((o, o + n) for o, n in exclude if n > 0)
     out = []
     for i in sorted(reached):
         b = segment.blocks[i]
+        if b.live <= 0 and i not in free_ok:
+            continue
         n = b.size if b.live <= 0 else min(b.live, b.size)
         out.extend(_subtract((b.offset, b.offset + n), cuts))
     return [(lo, hi - lo) for lo, hi in out]
 
 
-def reached_free_blocks(segment: Segment, pointers=(), spans=()) -> list:
+def reached_free_blocks(segment: Segment, pointers=(), spans=(), exclude=()) -> list:
     """``[(offset, size)]`` of the free blocks of ``segment`` that ``pointers`` or ``spans``
-    reach (memory the program freed while its graph still uses it), sorted."""
-    return [(segment.blocks[i].offset, segment.blocks[i].size)
-            for i in sorted(_reached_blocks(segment, pointers, spans))
-            if segment.blocks[i].live <= 0]
+    reach (memory the program freed while its graph still uses it) and that ``exclude``
+    (views saved on their own) does not cover whole, sorted."""
+    cuts = sorted((o, o + n) for o, n in exclude if n > 0)
+    out = []
+    for i in sorted(_reached_blocks(segment, pointers, spans)):
+        b = segment.blocks[i]
+        if b.live <= 0 and _subtract((b.offset, b.offset + b.size), cuts):
+            out.append((b.offset, b.size))
+    return out
 
 
 def _subtract(interval: tuple, cuts: list) -> list:

@@ -372,18 +372,25 @@ class Recording:
         return name
 
     def kernel_node(self, i, n, where) -> KernelNode:
-        kp = graphs.read_kernel(n)
         try:
-            kid = self.kernel_for(kp.func, kp.kern)
+            kp = graphs.read_kernel(n)
         except DriverError as exc:
-            if exc.name != "CUDA_ERROR_INVALID_HANDLE":
-                raise
-            raise CaptureError(
-                f"{where}: the kernel's function handle {int(kp.func):#x} is no longer valid: "
-                "its module was unloaded after capture (a library object freed -- a cuFFT plan, "
-                "a cuDNN or cuBLAS handle, a JIT-compiled kernel -- while the graph still "
-                "names it), so the graph itself can no longer run; keep what launched it "
-                "alive until the graph is snapshot") from exc
+            raise CaptureError(f"{where}: the driver could not read this kernel node ({exc}); "
+                               "its kernel's module may have been unloaded after capture") from exc
+        if int(kp.func) not in self.kernel_by_func:
+            # The first use of the handle: an invalid one means its module is gone.
+            try:
+                driver.func_name(kp.func)
+            except DriverError as exc:
+                if exc.name != "CUDA_ERROR_INVALID_HANDLE":
+                    raise
+                raise CaptureError(
+                    f"{where}: the kernel's function handle {int(kp.func):#x} is no longer "
+                    "valid: its module was unloaded after capture (a library object freed -- a "
+                    "cuFFT plan, a cuDNN or cuBLAS handle, a JIT-compiled kernel -- while the "
+                    "graph still names it), so the graph itself can no longer run; keep what "
+                    "launched it alive until the graph is snapshot") from exc
+        kid = self.kernel_for(kp.func, kp.kern)
         kernel = self.kernels[kid]
         raw = kp.argument_bytes(kernel.params, where)
         return self.classified_node(
@@ -623,6 +630,7 @@ def _keep_regions(rec: Recording, keep: list) -> None:
     rec.extra_accesses = [(rmap[a[0]],) + tuple(a[1:]) for a in rec.extra_accesses
                           if a[0] in rmap]
     rec.planned = {rmap[rid]: p for rid, p in rec.planned.items() if rid in rmap}
+    rec.freed = {rmap[rid]: f for rid, f in rec.freed.items() if rid in rmap}
     rec.table.renumber(rmap)     # what is looked up after this (stored pointers) sees the new ids
     for g in rec.graphs:
         renumber = Renumbering(rmap)
@@ -813,20 +821,22 @@ def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict
     added."""
     if not rids:
         return False
-    accesses = _accesses(rec)
+    accesses, direct = _accesses(rec), _accesses(rec, stored=False)
     views = _views_by_parent(rec)
     grew = False
     for rid in rids:
         r, seg = rec.regions[rid], rec.segments[rid]
         ptrs, spans = accesses.get(rid, ((), ()))
+        free_reach = direct.get(rid, ((), ()))
         used = reached_span(seg, ptrs, spans)
         if used[1] > used[0]:
             r.span = used
         if r.policy is not Policy.SAVED:
             continue
         planned = rec.planned.setdefault(rid, set())
-        _note_free(rec, rid, seg, ptrs, spans)
-        new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()))
+        _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
+        new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()),
+                                                  free_reach=free_reach)
                if (o, n) not in planned]
         if r.extents is None:
             r.extents = []
@@ -876,10 +886,12 @@ def _read_region(region: Region, stager=None) -> np.ndarray:
 
 # ---- which blocks of a segment the graphs reach -----------------------------------------------
 
-def _accesses(rec: Recording) -> dict:
+def _accesses(rec: Recording, stored: bool = True) -> dict:
     """``{region id: ([pointer offsets], [(offset, length)] spans)}`` of every place the
     graphs address; an access to a view counts in its parent too (same memory). A node type
-    that says only which regions it uses reaches all of them."""
+    that says only which regions it uses reaches all of them. ``stored=False``: without the
+    pointers found stored in saved memory (what may pull in a free block: a stale stored
+    address mostly points at freed memory, and reaches no free block)."""
     out: dict = {}
 
     def add(rid: int, offset: int, span: Optional[int]) -> None:
@@ -908,6 +920,10 @@ def _accesses(rec: Recording) -> dict:
                 add(n.dst.region, n.dst.offset, n.span())
             elif n.TYPE == "mem_free":
                 add(n.ptr.region, n.ptr.offset, 0)
+            elif n.TYPE == "batch_mem_op":
+                for op in n.ops:
+                    if op.addr is not None:
+                        add(op.addr.region, op.addr.offset, 0)
             else:
                 for rid in n.regions():
                     add(rid, 0, None)
@@ -915,7 +931,8 @@ def _accesses(rec: Recording) -> dict:
         if r.parent is not None:
             add(r.parent, r.parent_offset, r.size)
     for access in rec.extra_accesses:      # (region, offset, span[, why])
-        add(*access[:3])
+        if stored or access[3:] != ("stored",):
+            add(*access[:3])
     return out
 
 
@@ -928,19 +945,20 @@ def _views_by_parent(rec: Recording) -> dict:
     return views
 
 
-def _note_free(rec: Recording, rid: int, seg, ptrs, spans) -> None:
-    """Remember the free allocator blocks of region ``rid`` that the graph reaches (saved whole
-    by :func:`~cgsnap.capture.blocks.reached_extents`; reported in the snapshot's meta)."""
-    free = reached_free_blocks(seg, ptrs, spans)
+def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> None:
+    """Remember the free allocator blocks of region ``rid`` that the graph reaches directly
+    (``free_reach``: its ``(pointers, spans)`` without stored words), less what views saved
+    on their own cover: saved whole by :func:`~cgsnap.capture.blocks.reached_extents`,
+    reported in the snapshot's meta. Kept by device address (region ids change later)."""
+    free = reached_free_blocks(seg, *free_reach, exclude=exclude)
     if free:
-        rec.freed[rid] = free
+        rec.freed[rid] = [(seg.address + off, n) for off, n in free]
 
 
 def freed_report(rec: Recording) -> Optional[dict]:
     """The snapshot meta entry for free blocks the graph reads, or None: how many, their
     bytes, and the first few as ``{region, address, size}``."""
-    rows = [(rid, rec.regions[rid].origin + off, n)
-            for rid, blocks in sorted(rec.freed.items()) for off, n in blocks]
+    rows = sorted({(rid, addr, n) for rid, blocks in rec.freed.items() for addr, n in blocks})
     if not rows:
         return None
     return {"count": len(rows), "bytes": sum(n for _, _, n in rows),
@@ -958,29 +976,31 @@ def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
     warnings.warn(CgsnapWarning(
         f"graph {name!r} reaches {freed['count']} block(s) the allocator has freed "
         f"({freed['bytes']} bytes; the first at {first['address']:#x}, region "
-        f"{first['region']}): a tensor the graph uses was freed while the graph lives, and the "
-        "original reads whatever the allocator puts there next. They are saved as they are "
-        "now; keep the tensors (the model) alive while the graph is used"), stacklevel=4)
+        f"{first['region']}): probably a tensor the graph uses was freed while the graph lives, "
+        "and the original reads whatever the allocator puts there next. They are saved as "
+        "they are now; keep the tensors (the model) alive while the graph is used"),
+        stacklevel=4)
 
 
 def _plan_extents(rec: Recording) -> None:
-    """Saved allocations of the allocator map get ``extents``: the live blocks the graphs
+    """Saved allocations of the allocator map get ``extents``: the blocks the graphs
     reach, less the views inside them that are saved or scratch on their own; and every
     allocation of the map its ``span``, the part of it the graphs use."""
     if not rec.segments:
         return
-    accesses = _accesses(rec)
+    accesses, direct = _accesses(rec), _accesses(rec, stored=False)
     views = _views_by_parent(rec)
     for rid, seg in rec.segments.items():
         r = rec.regions[rid]
         ptrs, spans = accesses.get(rid, ((), ()))
+        free_reach = direct.get(rid, ((), ()))
         used = reached_span(seg, ptrs, spans)
         if used[1] > used[0]:
             r.span = used
         if r.policy is not Policy.SAVED:
             continue
-        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()))
-        _note_free(rec, rid, seg, ptrs, spans)
+        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()), free_reach=free_reach)
+        _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
         rec.planned[rid] = set(planned)
         r.extents = [Extent(o, n) for o, n in planned]
 
@@ -1155,7 +1175,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                    allocator_map: Optional[AllocatorMap] = None, hold: str = "copy",
                    contents_cache: Optional[dict] = None) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form).
-    ``allocator_map``: the allocator's segments and blocks (only reached live blocks are
+    ``allocator_map``: the allocator's segments and blocks (only reached blocks are
     saved); ``hold``: where saved contents wait for the save
     (:func:`cgsnap.capture.contents.hold_contents`); ``bound_hashes`` / ``contents_cache``
     let the snapshots of several graphs read shared memory once."""

@@ -47,6 +47,8 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     regions, region_ids = [], {}
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events, handles = [], set(), 0, 0
+    freed: dict = {}                       # address -> row of meta.freed_blocks_read
+    freed_unlisted = [0, 0]                # count and bytes past each snapshot's listed rows
     for snap in snaps:
         rmap, added, more_refs = {}, [], []
         for r in snap.regions:     # parents precede their children, so rmap has them
@@ -63,6 +65,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
             rmap[r.id] = region_ids[key]
         for r in added:            # stored pointers may name any region of their snapshot
             r.refs = remap_region_refs(r.refs, rmap)
+        _merge_freed(snap.meta.get("freed_blocks_read"), rmap, freed, freed_unlisted)
         for kept, refs in more_refs:   # the same memory: pointers the first did not record too
             kept.refs = union_refs(kept.refs, remap_region_refs(refs, rmap))
         for im in snap.images:
@@ -95,9 +98,28 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     if ambiguous:      # each graph's decisions (cgsnap.capture.classify), not only the first one's
         meta["ambiguous_words"] = ambiguous[:MAX_DECISIONS_KEPT]
         meta["ambiguous_word_count"] = sum(s.meta.get("ambiguous_word_count", 0) for s in snaps)
+    meta.pop("freed_blocks_read", None)    # the first graph's, in its own region ids
+    if freed:      # every graph's, once per block (graphs sharing a segment report it each)
+        rows = [freed[a] for a in sorted(freed)]
+        meta["freed_blocks_read"] = {"count": len(rows) + freed_unlisted[0],
+                                     "bytes": sum(r["size"] for r in rows) + freed_unlisted[1],
+                                     "blocks": rows[:MAX_DECISIONS_KEPT]}
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),
                     meta=meta)
+
+
+def _merge_freed(report, rmap: dict, freed: dict, unlisted: list) -> None:
+    """One snapshot's ``meta.freed_blocks_read`` into the merged rows (``freed``, by address,
+    region ids renumbered by ``rmap``) and the count and bytes its list left out."""
+    if not isinstance(report, dict):
+        return
+    listed = [b for b in report.get("blocks", ()) if isinstance(b, dict)]
+    for b in listed:
+        freed.setdefault(b["address"], {"region": rmap.get(b["region"], b["region"]),
+                                        "address": b["address"], "size": b["size"]})
+    unlisted[0] += max(0, int(report.get("count", 0)) - len(listed))
+    unlisted[1] += max(0, int(report.get("bytes", 0)) - sum(b["size"] for b in listed))
 
 
 def _merge_contents(kept: Region, other: Region) -> None:
