@@ -16,7 +16,8 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cgsnap.errors import FormatError
+from cgsnap.errors import FormatError, LimitError
+from cgsnap.limits import Limits
 from cgsnap.format import fileformat
 from cgsnap.format.fileformat import BlobSource, open_file, pack_manifest, read_manifest, write_file
 from cgsnap.format.hashing import blob_checksum
@@ -506,3 +507,52 @@ def test_fuzz_only_format_errors(tmp_path, fuzz_base, data):
     path = tmp_path / "fuzz.cgs"
     rewrite(path, blob)
     exercise(path)
+
+
+# --------------------------------------------------------------------------- kernel images
+
+
+def image_file(tmp_path, count=5):
+    images = [bytes([i]) * (3000 + 100 * i) + os.urandom(64) for i in range(count)]
+    path = tmp_path / "images.cgs"
+    write_file(path, {}, [BlobSource(im, compress=True) for im in images])
+    return path, images
+
+
+@pytest.fixture(params=["serial", "threads"])
+def image_threads(request, monkeypatch):
+    if request.param == "threads":      # one thread per image, whatever the machine
+        monkeypatch.setattr(fileformat, "IMAGES_PER_THREAD", 1)
+        monkeypatch.setattr(fileformat.os, "cpu_count", lambda: 4)
+    return request.param
+
+
+def test_images_in_order_each_blob_read_once(tmp_path, image_threads):
+    path, images = image_file(tmp_path)
+    with open_file(path) as f:
+        got = f.images([3, 0, 3, 4])
+        assert got == [images[3], images[0], images[3], images[4]]
+        assert all(type(g) is bytes for g in got) and got[0] is got[2]
+    with open_file(path, limits=Limits(image_total=len(images[3]) + len(images[0]))) as f:
+        f.images([3, 0, 3])             # blob 3 charged once against image_total
+        with pytest.raises(LimitError, match="image_total"):
+            f.images([4])
+
+
+def test_images_raise_the_first_failure_in_order(tmp_path, image_threads):
+    path, _ = image_file(tmp_path)
+    with open_file(path) as f:
+        blobs = f.blobs
+    data = bytearray(path.read_bytes())
+    for i in (4, 1):                    # stored bytes of blobs 1 and 4 corrupt
+        data[blobs[i].offset + blobs[i].stored_length // 2] ^= 0xFF
+    rewrite(path, data)
+    with open_file(path) as f:
+        with pytest.raises(FormatError, match=r"blob 1: checksum mismatch") as info:
+            f.images([0, 1, 4])
+        assert str(info.value).startswith(str(path))
+        with pytest.raises(FormatError, match=r"blob 4: checksum"):
+            f.images([2, 4, 1])
+    with open_file(path, limits=Limits(image_bytes=3100)) as f:   # blob 0 fits, 2 does not
+        with pytest.raises(LimitError, match=r"blob 2 \(a kernel image\).*image_bytes"):
+            f.images([0, 2, 1])

@@ -615,6 +615,10 @@ def _map(fd: int, path: str) -> mmap.mmap:
         raise FormatError(f"cannot read: {e.strerror or e}", path=path) from e
 
 
+# Kernel images are decompressed by several threads only when each gets this many bytes (see
+# SnapshotFile.images).
+IMAGES_PER_THREAD = 2 << 20
+
 # Decoded zstd data is checked (verify) through a buffer of this size: bounded memory however
 # large a blob claims to be.
 VERIFY_CHUNK = 16 << 20
@@ -701,6 +705,32 @@ class SnapshotFile:
         self.limits.check("image_bytes", info.raw_length, f"blob {i} (a kernel image)", self.path)
         self._meter.charge("image_total", info.raw_length, f"blob {i} (kernel images)")
         return bytes(self.blob(i, verify=True))
+
+    def images(self, indices) -> list:
+        """:meth:`image` of each blob of ``indices``, in order (a blob named twice is read once,
+        the same ``bytes`` returned for both); the first failure, in ``indices`` order, raises.
+
+        Call it after the manifest is validated, not alongside: each image costs its thread a
+        few GIL hand-offs (checksum, zstd, the executor's locks) and each hand-off stalls the
+        thread running Python -- 50 images decompressed during validation made it ~1.3-1.9x
+        slower, more than decompressing them costs (``scripts/probes/tables_probe.py``).
+        Several threads only when each gets ``IMAGES_PER_THREAD`` decompressed bytes: zstd
+        decodes ~1 GB/s a thread, and an MB or two serially costs what starting and feeding
+        threads does."""
+        order = list(dict.fromkeys(indices))
+        total = sum(self.blobs[i].raw_length for i in order
+                    if type(i) is int and 0 <= i < len(self.blobs))
+        threads = min(8, os.cpu_count() or 1, len(order), total // IMAGES_PER_THREAD)
+        if threads <= 1:
+            done = {i: self.image(i) for i in order}
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="cgsnap-images") as pool:
+                try:
+                    jobs = [pool.submit(self.image, i) for i in order]
+                    done = {i: job.result() for i, job in zip(order, jobs)}
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        return [done[i] for i in indices]
 
     def read_into(self, i: int, dest, *, verify: bool = True) -> None:
         """Fills ``dest`` (a writable buffer of exactly raw_length bytes, e.g. pinned host

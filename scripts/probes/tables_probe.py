@@ -12,12 +12,13 @@ as ``cgsnap.load()`` has it.
 ``--graphs G``: a serving file instead (schema 3, written to a temporary file with
 ``cgsnap.format.snapfile.save``): G top-level graphs of one decoder, one per batch size (1, 2,
 4, then steps of 8, as vLLM captures them), each a chain of ~118 kernel nodes plus a few memcpy
-and memset nodes, sharing 100 kernels of 4 images and ~400 regions (bound named weights,
+and memset nodes, sharing 100 kernels of 50 images and ~400 regions (bound named weights,
 allocations saved as extents, graph-pool scratch with named views into it). Prints the times
 ``cgsnap.load()`` records as ``read.open`` (file + manifest decode), ``read.validate``
-(``Snapshot.from_manifest``) and ``read.plans`` (every graph's ``GraphPlan`` and the region
-patches), with the garbage collector off (as ``load()`` runs them) and on; ``--profile``
-prints the cProfile of one validate + plans run."""
+(``Snapshot.from_manifest``), ``read.images`` (``SnapshotFile.images``; see ``--image-kb``,
+``--image-count``, ``--no-images``, ``--overlap``) and ``read.plans`` (every graph's
+``GraphPlan`` and the region patches), with the garbage collector off (as ``load()`` runs
+them) and on; ``--profile`` prints the cProfile of one validate + plans run."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ def synthetic(n: int) -> Snapshot:
                     kernels=kernels, device={"arch": 90})
 
 
-def serving(graphs: int, image_kb: int = 256) -> Snapshot:
+def serving(graphs: int, image_kb: int = 256, image_count: int = 50) -> Snapshot:
     """A serving engine's file (see the module docstring): ``graphs`` batch sizes of one
     decoder, sharing kernels, images and regions."""
     sizes = ([1, 2, 4] + list(range(8, 8 * graphs, 8)))[:graphs]
@@ -85,20 +86,20 @@ def serving(graphs: int, image_kb: int = 256) -> Snapshot:
                                 name=f"act{i}.{j}", dtype="float16", shape=(512, 1024),
                                 parent=pools[-1], parent_offset=j << 21))
     targets = weights + saved + pools + views
-    # 50 images (Triton kernels come one per image): compressible like cubins, about
-    # ``image_kb`` KiB each.
+    # ``image_count`` images (Triton kernels come one per image): compressible like cubins,
+    # ``image_kb`` KiB each on average.
     images, kernels = [], []
     rng = np.random.default_rng(0)
-    for m in range(50):
+    for m in range(image_count):
         data = rng.integers(0, 16, (image_kb * 1024 * (1 + m % 3)) // 2, dtype=np.uint8).tobytes()
         h = content_hash(data)
-        names = tuple(f"_Z7kernel{k}Pv" for k in range(m, 100, 50))
+        names = tuple(f"_Z7kernel{k}Pv" for k in range(m, 100, image_count))
         images.append(KernelImage(h, "cubin", 90, names, data, "synthetic"))
     for k in range(100):
         npointers, nscalars = 3 + k % 5, 1 + k % 3
         params = tuple((8 * i, 8) for i in range(npointers)) + \
             tuple((8 * npointers + 4 * i, 4) for i in range(nscalars))
-        kernels.append(Kernel(k, f"_Z7kernel{k}Pv", images[k % 50].hash, params,
+        kernels.append(Kernel(k, f"_Z7kernel{k}Pv", images[k % image_count].hash, params,
                               {"max_dynamic_shared_size_bytes": 49152} if k % 10 == 0 else {}))
     out = []
     for b in sizes:
@@ -132,7 +133,7 @@ def serving_main(args) -> None:
     from cgsnap.format import fileformat
     from cgsnap.format.snapfile import save
     from concurrent.futures import ThreadPoolExecutor
-    snap = serving(args.graphs, args.image_kb)
+    snap = serving(args.graphs, args.image_kb, args.image_count)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "serving.cgsnap")
         save(path, snap, prune=False)
@@ -142,12 +143,13 @@ def serving_main(args) -> None:
               f"{os.path.getsize(path) / 1e6:.1f} MB")
 
         def read(profile=None):
-            # As Restored._prepare: the images are decompressed by 8 threads (zstd releases
-            # the GIL) while the manifest is validated, and waited for after.
+            # As Restored._prepare: validation, then the images (SnapshotFile.images). With
+            # --overlap, as load() did before: 8 threads decompress the images while the
+            # manifest is validated, waited for after.
             t0 = time.perf_counter()
             f = fileformat.open_file(path, check_types=False)
             t1 = time.perf_counter()
-            pool = ThreadPoolExecutor(8) if args.images else None
+            pool = ThreadPoolExecutor(8) if args.images and args.overlap else None
             jobs = [pool.submit(f.image, im["blob"]) for im in f.manifest["images"]] \
                 if pool else []
             if profile is not None:
@@ -158,6 +160,8 @@ def serving_main(args) -> None:
                 job.result()
             if pool:
                 pool.shutdown()
+            elif args.images:
+                f.images([im.data for im in s.images])
             t3 = time.perf_counter()
             late = {r.id for r in s.regions if r.kind is RegionKind.GRAPH_ALLOC}
             offsets = param_offsets(s.kernels)
@@ -196,9 +200,14 @@ def main() -> None:
                     help="a serving file of this many graphs instead (see the docstring)")
     ap.add_argument("--profile", action="store_true", help="with --graphs: cProfile one read")
     ap.add_argument("--image-kb", type=int, default=256,
-                    help="with --graphs: about this many KiB per kernel image (50 images)")
+                    help="with --graphs: KiB per kernel image, on average (0.5x to 1.5x)")
+    ap.add_argument("--image-count", type=int, default=50, choices=range(1, 101),
+                    metavar="1..100", help="with --graphs: this many kernel images (default 50)")
     ap.add_argument("--no-images", dest="images", action="store_false",
-                    help="with --graphs: validate without decompressing the images alongside")
+                    help="with --graphs: validate without decompressing the images")
+    ap.add_argument("--overlap", action="store_true",
+                    help="with --graphs: decompress the images on 8 threads while validating "
+                         "(what load() did before; slower: the threads' GIL hand-offs)")
     args = ap.parse_args()
     if args.graphs is not None:
         serving_main(args)
