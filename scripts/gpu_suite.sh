@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # Tests run in parallel processes (pytest-xdist, on the device image) sharing the GPU.
 WORKERS=${PYTEST_WORKERS:-8}
 XDIST=""
-python3 -c "import xdist" 2>/dev/null && [ "$WORKERS" != 0 ] && XDIST="-n $WORKERS"
+python3 -c "import xdist" 2>/dev/null && [ "$WORKERS" != 0 ] && XDIST="-n $WORKERS --dist loadgroup"
 python3 -m pytest -q $XDIST --junitxml="$OUT/junit.xml" -p no:cacheprovider -rfEs ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log"
 suite=${PIPESTATUS[0]}
 python3 -m cgsnap demo --keep "$OUT" 2>&1 | tee "$OUT/demo.log"
