@@ -556,3 +556,14 @@ def test_images_raise_the_first_failure_in_order(tmp_path, image_threads):
     with open_file(path, limits=Limits(image_bytes=3100)) as f:   # blob 0 fits, 2 does not
         with pytest.raises(LimitError, match=r"blob 2 \(a kernel image\).*image_bytes"):
             f.images([0, 2, 1])
+
+
+def test_the_image_total_budget_refuses_the_same_blob_whatever_the_threads(tmp_path, image_threads):
+    """image_total is charged in order before any thread starts: the refused blob is the first
+    one, in order, past the budget -- every time (threads raced for it before)."""
+    path, images = image_file(tmp_path, count=8)
+    budget = sum(len(im) for im in images) - 1          # one byte short of all eight
+    for _ in range(20):
+        with open_file(path, limits=Limits(image_total=budget)) as f:
+            with pytest.raises(LimitError, match=r"blob 7 \(kernel images\)"):
+                f.images(list(range(8)))

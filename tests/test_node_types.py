@@ -836,3 +836,18 @@ def test_array_contents_are_read_through_the_array_never_as_device_addresses(mon
     r = rec.regions[ref.region]
     from cgsnap.format.hashing import region_hash
     assert np.array_equal(np.asarray(r.data), pattern) and r.content_hash == region_hash(pattern)
+
+
+def test_a_cached_order_that_no_longer_fits_the_columns_is_not_used():
+    """Graph.table_order() is the validator's order for the columns it read; a plan given one
+    of the wrong length (columns changed in place since) sorts again instead of misplacing."""
+    snap = make_snapshot()
+    manifest, sizes = manifest_and_sizes(snap)
+    back = Snapshot.from_manifest(manifest, sizes, "t.cgsnap")
+    offsets = param_offsets(back.kernels)
+    g = back.graphs[0]
+    want = GraphPlan(back, g, set(), offsets)
+    assert g.table_order() is not None
+    g._table_order = g.table_order()[:-1]
+    got = GraphPlan(back, g, set(), offsets)
+    assert got.node_ids.tolist() == want.node_ids.tolist()

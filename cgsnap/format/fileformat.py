@@ -701,10 +701,13 @@ class SnapshotFile:
         """A kernel image's bytes (verified), to be held in memory: refused before anything is
         decompressed when it is over the ``image_bytes`` budget, or when the images read from
         this file so far would pass ``image_total``."""
+        self._charge_image(i)
+        return bytes(self.blob(i, verify=True))
+
+    def _charge_image(self, i: int) -> None:
         info, _ = self._locate(i)
         self.limits.check("image_bytes", info.raw_length, f"blob {i} (a kernel image)", self.path)
         self._meter.charge("image_total", info.raw_length, f"blob {i} (kernel images)")
-        return bytes(self.blob(i, verify=True))
 
     def images(self, indices) -> list:
         """:meth:`image` of each blob of ``indices``, in order (a blob named twice is read once,
@@ -724,9 +727,14 @@ class SnapshotFile:
         if threads <= 1:
             done = {i: self.image(i) for i in order}
         else:
+            # The budgets are charged here, in order, before any thread starts: which image a
+            # budget refuses does not depend on thread timing.
+            for i in order:
+                self._charge_image(i)
             with ThreadPoolExecutor(threads, thread_name_prefix="cgsnap-images") as pool:
                 try:
-                    jobs = [pool.submit(self.image, i) for i in order]
+                    jobs = [pool.submit(lambda i: bytes(self.blob(i, verify=True)), i)
+                            for i in order]
                     done = {i: job.result() for i, job in zip(order, jobs)}
                 finally:
                     pool.shutdown(wait=True, cancel_futures=True)

@@ -288,7 +288,7 @@ class Graph:
         self._edges = [] if edges is None else edges
         self._ktable = self._others = self._edge_array = None
         # The order the validator found, with the node and edge lists it was found for: a
-        # graph read from a file is sorted once, not again by the restore's plan.
+        # graph read from a file is not ordered again by the restore's plan.
         self._order = None
         # The same for a graph held as columns: indices into its node ids (kernel table rows,
         # then the other nodes) in topological order (tables.node_order), or None.

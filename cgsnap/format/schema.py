@@ -527,7 +527,7 @@ class Validator:
         if len(ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
             self.fail(f"{where}.nodes", "duplicate node id")
         edges = parse_edges(self, g["edges"], f"{where}.edges", ids, sorted_ids)
-        # Kept for the restore's plan (Graph.table_order): the graph is sorted once.
+        # Kept for the restore's plan (Graph.table_order): its topological order is not redone.
         order = topological_positions(ids, edges, by_id)
         if order is None:
             order = toposort_arrays(ids, edges, f"manifest {where}")   # FormatError on a cycle

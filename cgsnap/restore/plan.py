@@ -37,6 +37,8 @@ class GraphPlan:
         edges = graph.edge_array()
         # index -> position; the validator's order when the graph was read from a file
         order = graph.table_order()
+        if order is not None and len(order) != len(ids):   # columns changed since: not theirs
+            order = None
         if order is None:
             order = node_order(ids, edges, f"graph {graph.name!r}")
         n = len(order)
