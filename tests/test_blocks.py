@@ -147,7 +147,7 @@ def test_plan_extents_from_the_graphs_refs():
     ]
     rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
                                 segments={0: seg, 3: segment()}, extra_accesses=[(3, 20 * KiB, 0)],
-                                planned={}, freed={})
+                                planned={}, freed={}, freed_seen={})
     record._plan_extents(rec)
     assert [(e.offset, e.length) for e in regions[0].extents] == [
         (0, 8 * KiB), (16 * KiB, 3000), (20 * KiB, 12 * KiB), (48 * KiB, 1 * KiB),
@@ -165,12 +165,13 @@ def test_a_freed_block_the_graph_reads_is_saved_whole_and_reported():
     regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
     nodes = [_kernel(0, [(0, 100), (0, 33 * KiB)])]        # block 0 (live), block 4 (free)
     rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
-                                segments={0: seg}, extra_accesses=[], planned={}, freed={})
+                                segments={0: seg}, extra_accesses=[], planned={}, freed={}, freed_seen={})
     record._plan_extents(rec)
     assert [(e.offset, e.length) for e in regions[0].extents] == [(0, 8 * KiB), (32 * KiB, 16 * KiB)]
     assert record.freed_report(rec) == {
         "count": 1, "bytes": 16 * KiB,
-        "blocks": [{"region": 0, "address": seg.address + 32 * KiB, "size": 16 * KiB}]}
+        "blocks": [{"region": 0, "address": seg.address + 32 * KiB, "size": 16 * KiB,
+                    "saved": True}]}
     import cgsnap
     meta: dict = {}
     with pytest.warns(cgsnap.CgsnapWarning, match=r"graph 'g' reaches 1 block\(s\) the allocator "
@@ -460,7 +461,7 @@ def test_a_stored_word_into_a_free_block_pulls_nothing_in():
     regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
     nodes = [_kernel(0, [(0, 100)])]
     rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
-                                segments={0: seg}, planned={}, freed={},
+                                segments={0: seg}, planned={}, freed={}, freed_seen={},
                                 extra_accesses=[(0, 33 * KiB, 0, "stored"),     # free block 4
                                                 (0, 17 * KiB, 0, "stored")])    # live block 2
     record._plan_extents(rec)
@@ -484,9 +485,34 @@ def test_dropping_regions_renumbers_the_freed_blocks():
                Region(1, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
     table = types.SimpleNamespace(renumber=lambda rmap: None)
     rec = types.SimpleNamespace(regions=regions, graphs=[], segments={1: seg}, planned={},
-                                freed={1: [(seg.address + 8 * KiB, 8 * KiB)]},
+                                freed={1: [(seg.address + 8 * KiB, 8 * KiB, True)]},
                                 extra_accesses=[], table=table)
     record._keep_regions(rec, [regions[1]])
-    assert rec.freed == {0: [(seg.address + 8 * KiB, 8 * KiB)]}
+    assert rec.freed == {0: [(seg.address + 8 * KiB, 8 * KiB, True)]}
     assert record.freed_report(rec)["blocks"] == [
-        {"region": 0, "address": seg.address + 8 * KiB, "size": 8 * KiB}]
+        {"region": 0, "address": seg.address + 8 * KiB, "size": 8 * KiB, "saved": True}]
+
+
+def test_freed_blocks_past_the_budget_are_reported_not_saved(monkeypatch):
+    """A stale word can land in a large coalesced free block: what one snapshot saves of freed
+    memory is bounded (CGSNAP_FREED_BUDGET), and the rest is reported as not saved."""
+    import cgsnap
+    monkeypatch.setenv("CGSNAP_FREED_BUDGET", str(10 * KiB))
+    seg = segment()
+    regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
+    nodes = [_kernel(0, [(0, 9 * KiB), (0, 33 * KiB)])]     # free blocks 1 (8 KiB), 4 (16 KiB)
+    rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", nodes, [])],
+                                segments={0: seg}, extra_accesses=[], planned={}, freed={},
+                                freed_seen={})
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in regions[0].extents] == [(8 * KiB, 8 * KiB)]
+    report = record.freed_report(rec)
+    assert report["count"] == 2 and report["bytes"] == 24 * KiB
+    assert report["not_saved"] == {"count": 1, "bytes": 16 * KiB}
+    assert [b["saved"] for b in report["blocks"]] == [True, False]
+    with pytest.warns(cgsnap.CgsnapWarning, match=r"16384 bytes of them, past the freed-block "
+                                                  r"budget \(10240 bytes"):
+        record.report_freed(rec, "g", {})
+    # decided once: asked again, the same blocks are saved and nothing is charged twice
+    assert record._note_free(rec, 0, seg, ([9 * KiB, 33 * KiB], []), ()) == {8 * KiB}
+    assert record.freed_report(rec)["count"] == 2

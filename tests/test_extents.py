@@ -397,17 +397,20 @@ def test_merge_reports_every_graphs_freed_blocks_once_in_merged_ids():
     s1, s2 = _two_sparse()
     s2.regions[2].origin = 0x9000_0000        # another allocation in the second snapshot
     s1.meta["freed_blocks_read"] = {"count": 1, "bytes": 512, "blocks": [
-        {"region": 2, "address": 0x7002_0000, "size": 512}]}
+        {"region": 2, "address": 0x7002_0000, "size": 512, "saved": True}]}
     s2.meta["freed_blocks_read"] = {"count": 3, "bytes": 4608, "blocks": [
-        {"region": 0, "address": 0x7000_0000, "size": 512},        # the block s1 reports too?
-        {"region": 2, "address": 0x9000_0000, "size": 4096}]}      # + one unlisted (0 bytes)
+        {"region": 0, "address": 0x7000_0000, "size": 512, "saved": True},
+        {"region": 2, "address": 0x9000_0000, "size": 4096, "saved": False}],   # + one unlisted
+        "not_saved": {"count": 1, "bytes": 4096}}
     merged = snapfile.merge([s1, s2])
     new_id = next(r.id for r in merged.regions if r.origin == 0x9000_0000)
     got = merged.meta["freed_blocks_read"]
-    assert got["blocks"] == [{"region": 0, "address": 0x7000_0000, "size": 512},
-                             {"region": 2, "address": 0x7002_0000, "size": 512},
-                             {"region": new_id, "address": 0x9000_0000, "size": 4096}]
+    assert got["blocks"] == [{"region": 0, "address": 0x7000_0000, "size": 512, "saved": True},
+                             {"region": 2, "address": 0x7002_0000, "size": 512, "saved": True},
+                             {"region": new_id, "address": 0x9000_0000, "size": 4096,
+                              "saved": False}]
     assert got["count"] == 4 and got["bytes"] == 512 + 512 + 4096
+    assert got["not_saved"] == {"count": 1, "bytes": 4096}
     # a block both graphs list counts once
     s2.meta["freed_blocks_read"] = dict(s1.meta["freed_blocks_read"])
     once = snapfile.merge([s1, s2]).meta["freed_blocks_read"]

@@ -128,21 +128,21 @@ def reached_span(segment: Segment, pointers=(), spans=()) -> tuple:
 
 
 def reached_extents(segment: Segment, pointers=(), spans=(), exclude=(),
-                    free_reach=None) -> list:
+                    free_blocks=None) -> list:
     """``[(offset, length)]``: the bytes of the blocks of ``segment`` that ``pointers``
     (segment offsets) land in or ``spans`` (``(offset, length)``) overlap -- a live block's
     live bytes, a free block whole -- minus the ``exclude`` ranges (``(offset, length)``, e.g.
     named views saved on their own), sorted and non-overlapping, one entry per piece of a
-    block. ``free_reach``: ``(pointers, spans)`` that may pull in a free block, if not all of
-    them (stored words do not: see :func:`cgsnap.capture.record._accesses`). A pointer at or
-    past the end of the segment reaches nothing."""
+    block. ``free_blocks``: the offsets of the free blocks that may be saved, if not every one
+    reached (the recorder leaves out those only stored words reach, and those past its
+    budget: :func:`cgsnap.capture.record._note_free`). A pointer at or past the end of the
+    segment reaches nothing."""
     reached = _reached_blocks(segment, pointers, spans)
-    free_ok = reached if free_reach is None else _reached_blocks(segment, *free_reach)
     cuts = sorted((o, o + n) for o, n in exclude if n > 0)
     out = []
     for i in sorted(reached):
         b = segment.blocks[i]
-        if b.live <= 0 and i not in free_ok:
+        if b.live <= 0 and free_blocks is not None and b.offset not in free_blocks:
             continue
         n = b.size if b.live <= 0 else min(b.live, b.size)
         out.extend(_subtract((b.offset, b.offset + n), cuts))

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import os
 import platform
 import sys
 import warnings
@@ -65,7 +66,8 @@ class Recording:
         # (pointer tables in device memory) belong here -- span 0 for a pointer.
         self.extra_accesses: list = []
         self.planned: dict = {}           # region id -> extents planned (zero ones included)
-        self.freed: dict = {}             # region id -> free allocator blocks the graph reaches
+        self.freed: dict = {}             # region id -> [(address, size, saved)] free blocks reached
+        self.freed_seen: dict = {}        # address -> saved: each free block decided once
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -834,9 +836,9 @@ def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict
         if r.policy is not Policy.SAVED:
             continue
         planned = rec.planned.setdefault(rid, set())
-        _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
+        free_ok = _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
         new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()),
-                                                  free_reach=free_reach)
+                                                  free_blocks=free_ok)
                if (o, n) not in planned]
         if r.extents is None:
             r.extents = []
@@ -945,25 +947,55 @@ def _views_by_parent(rec: Recording) -> dict:
     return views
 
 
-def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> None:
-    """Remember the free allocator blocks of region ``rid`` that the graph reaches directly
+# Bytes of freed allocator blocks one snapshot saves at most (CGSNAP_FREED_BUDGET overrides):
+# a stale argument word can land in a large coalesced free block, and a graph that really reads
+# freed memory is a bug the warning names either way.
+FREED_BUDGET = 256 << 20
+
+
+def freed_budget() -> int:
+    forced = os.environ.get("CGSNAP_FREED_BUDGET", "")
+    return int(forced) if forced.isdigit() else FREED_BUDGET
+
+
+def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> set:
+    """The free allocator blocks of region ``rid`` that the graph reaches directly
     (``free_reach``: its ``(pointers, spans)`` without stored words), less what views saved
-    on their own cover: saved whole by :func:`~cgsnap.capture.blocks.reached_extents`,
-    reported in the snapshot's meta. Kept by device address (region ids change later)."""
+    on their own cover: each decided once, saved while the snapshot's freed bytes stay within
+    :func:`freed_budget`, and remembered by device address for the report (region ids change
+    later). Returns the offsets of the blocks to save, for
+    :func:`~cgsnap.capture.blocks.reached_extents`."""
+    ok = set()
     free = reached_free_blocks(seg, *free_reach, exclude=exclude)
-    if free:
-        rec.freed[rid] = [(seg.address + off, n) for off, n in free]
+    if not free:
+        return ok
+    rows = rec.freed.setdefault(rid, [])
+    for off, n in free:
+        addr = seg.address + off
+        if addr not in rec.freed_seen:
+            used = sum(size for blocks in rec.freed.values() for _, size, saved in blocks if saved)
+            rec.freed_seen[addr] = used + n <= freed_budget()
+            rows.append((addr, n, rec.freed_seen[addr]))
+        if rec.freed_seen[addr]:
+            ok.add(off)
+    return ok
 
 
 def freed_report(rec: Recording) -> Optional[dict]:
     """The snapshot meta entry for free blocks the graph reads, or None: how many, their
-    bytes, and the first few as ``{region, address, size}``."""
-    rows = sorted({(rid, addr, n) for rid, blocks in rec.freed.items() for addr, n in blocks})
+    bytes, those left unsaved over the budget, and the first few as
+    ``{region, address, size, saved}``."""
+    rows = sorted({(rid, addr, n, saved) for rid, blocks in rec.freed.items()
+                   for addr, n, saved in blocks})
     if not rows:
         return None
-    return {"count": len(rows), "bytes": sum(n for _, _, n in rows),
-            "blocks": [{"region": rid, "address": addr, "size": n}
-                       for rid, addr, n in rows[:MAX_DECISIONS_KEPT]]}
+    out = {"count": len(rows), "bytes": sum(r[2] for r in rows),
+           "blocks": [{"region": rid, "address": addr, "size": n, "saved": saved}
+                      for rid, addr, n, saved in rows[:MAX_DECISIONS_KEPT]]}
+    skipped = [r for r in rows if not r[3]]
+    if skipped:
+        out["not_saved"] = {"count": len(skipped), "bytes": sum(r[2] for r in skipped)}
+    return out
 
 
 def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
@@ -973,13 +1005,17 @@ def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
         return
     snap_meta["freed_blocks_read"] = freed
     first = freed["blocks"][0]
+    skipped = freed.get("not_saved")
+    what = ("They are saved as they are now" if skipped is None else
+            f"{skipped['bytes']} bytes of them, past the freed-block budget "
+            f"({freed_budget()} bytes, CGSNAP_FREED_BUDGET), are not saved: a graph that really "
+            "reads them restores zeros there; the rest are saved as they are now")
     warnings.warn(CgsnapWarning(
         f"graph {name!r} reaches {freed['count']} block(s) the allocator has freed "
         f"({freed['bytes']} bytes; the first at {first['address']:#x}, region "
         f"{first['region']}): probably a tensor the graph uses was freed while the graph lives, "
-        "and the original reads whatever the allocator puts there next. They are saved as "
-        "they are now; keep the tensors (the model) alive while the graph is used"),
-        stacklevel=4)
+        f"and the original reads whatever the allocator puts there next. {what}; keep the "
+        "tensors (the model) alive while the graph is used"), stacklevel=4)
 
 
 def _plan_extents(rec: Recording) -> None:
@@ -999,8 +1035,8 @@ def _plan_extents(rec: Recording) -> None:
             r.span = used
         if r.policy is not Policy.SAVED:
             continue
-        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()), free_reach=free_reach)
-        _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
+        free_ok = _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
+        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()), free_blocks=free_ok)
         rec.planned[rid] = set(planned)
         r.extents = [Extent(o, n) for o, n in planned]
 

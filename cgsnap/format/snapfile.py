@@ -48,7 +48,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events, handles = [], set(), 0, 0
     freed: dict = {}                       # address -> row of meta.freed_blocks_read
-    freed_unlisted = [0, 0]                # count and bytes past each snapshot's listed rows
+    freed_unlisted = [0, 0, 0, 0]          # count and bytes past the listed rows; not saved
     for snap in snaps:
         rmap, added, more_refs = {}, [], []
         for r in snap.regions:     # parents precede their children, so rmap has them
@@ -101,9 +101,12 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     meta.pop("freed_blocks_read", None)    # the first graph's, in its own region ids
     if freed:      # every graph's, once per block (graphs sharing a segment report it each)
         rows = [freed[a] for a in sorted(freed)]
-        meta["freed_blocks_read"] = {"count": len(rows) + freed_unlisted[0],
-                                     "bytes": sum(r["size"] for r in rows) + freed_unlisted[1],
-                                     "blocks": rows[:MAX_DECISIONS_KEPT]}
+        report = {"count": len(rows) + freed_unlisted[0],
+                  "bytes": sum(r["size"] for r in rows) + freed_unlisted[1],
+                  "blocks": rows[:MAX_DECISIONS_KEPT]}
+        if freed_unlisted[2]:        # summed over the graphs (a block two share counts twice)
+            report["not_saved"] = {"count": freed_unlisted[2], "bytes": freed_unlisted[3]}
+        meta["freed_blocks_read"] = report
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),
                     meta=meta)
@@ -111,15 +114,19 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
 
 def _merge_freed(report, rmap: dict, freed: dict, unlisted: list) -> None:
     """One snapshot's ``meta.freed_blocks_read`` into the merged rows (``freed``, by address,
-    region ids renumbered by ``rmap``) and the count and bytes its list left out."""
+    region ids renumbered by ``rmap``), the count and bytes its list left out, and what it
+    did not save."""
     if not isinstance(report, dict):
         return
     listed = [b for b in report.get("blocks", ()) if isinstance(b, dict)]
     for b in listed:
-        freed.setdefault(b["address"], {"region": rmap.get(b["region"], b["region"]),
-                                        "address": b["address"], "size": b["size"]})
+        freed.setdefault(b["address"], {**b, "region": rmap.get(b["region"], b["region"])})
     unlisted[0] += max(0, int(report.get("count", 0)) - len(listed))
     unlisted[1] += max(0, int(report.get("bytes", 0)) - sum(b["size"] for b in listed))
+    skipped = report.get("not_saved")
+    if isinstance(skipped, dict):
+        unlisted[2] += int(skipped.get("count", 0))
+        unlisted[3] += int(skipped.get("bytes", 0))
 
 
 def _merge_contents(kept: Region, other: Region) -> None:
