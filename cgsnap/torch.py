@@ -234,13 +234,30 @@ def snapshot(graphs: dict, *, model=None, tensors: Optional[dict] = None,
     amap = allocator_map(granularity=granularity)
     bound_hashes: dict = {}     # weights are read and hashed once for all the graphs
     contents: dict = {}         # and memory several graphs save is read once
+    freed_seen: dict = {}       # one freed-block budget for all the graphs, one warning
     snaps = [snapshot_graph(graph_handle(g), name=name, buffers=named, record_outputs=False,
                             allocator_map=amap, bound_hashes=bound_hashes,
                             memory_pointers=memory_pointers, pointer_budget=pointer_budget,
-                            hold=hold, contents_cache=contents)
+                            hold=hold, contents_cache=contents, freed_seen=freed_seen,
+                            warn_freed=False)
              for name, g in graphs.items()]
+    _warn_freed(snaps)
     _record_rng(snaps, list(graphs.values()), generators)
     return snaps
+
+
+def _warn_freed(snaps: list) -> None:
+    """One :class:`cgsnap.CgsnapWarning` for the freed blocks every graph of a save reaches
+    (each graph's snapshot keeps its own report in its meta)."""
+    from .capture.record import warn_freed
+    from .format.snapfile import merge_freed
+    reports = [(s.meta.get("freed_blocks_read"), {}) for s in snaps]
+    merged = merge_freed(reports)
+    if merged is not None:
+        names = [s.meta.get("name", "?") for s, (r, _) in zip(snaps, reports) if r]
+        shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more"
+                                                     if len(names) > 4 else "")
+        warn_freed(("graph " if len(names) == 1 else "graphs ") + shown, merged, stacklevel=4)
 
 
 def save(path, graphs: dict, *, model=None, tensors: Optional[dict] = None,

@@ -516,3 +516,27 @@ def test_freed_blocks_past_the_budget_are_reported_not_saved(monkeypatch):
     # decided once: asked again, the same blocks are saved and nothing is charged twice
     assert record._note_free(rec, 0, seg, ([9 * KiB, 33 * KiB], []), ()) == {8 * KiB}
     assert record.freed_report(rec)["count"] == 2
+
+
+def test_a_save_of_many_graphs_warns_once_for_their_freed_blocks():
+    """cgsnap.torch.save snapshots every graph with one shared freed-block budget and warns
+    once, naming the graphs, a block they share counted once."""
+    import warnings as _warnings
+
+    import cgsnap
+    from cgsnap import torch as cgtorch
+    row = {"region": 3, "address": 0x7000_0000, "size": 4096, "saved": True}
+    snaps = [types.SimpleNamespace(meta={"name": f"bs{b}", "freed_blocks_read": {
+        "count": 1, "bytes": 4096, "blocks": [dict(row)]}}) for b in (1, 2, 4, 8, 16)]
+    snaps.append(types.SimpleNamespace(meta={"name": "bs32"}))        # reaches none
+    with _warnings.catch_warnings(record=True) as got:
+        _warnings.simplefilter("always")
+        cgtorch._warn_freed(snaps)
+    assert len(got) == 1 and issubclass(got[0].category, cgsnap.CgsnapWarning)
+    text = str(got[0].message)
+    assert text.startswith("graphs 'bs1', 'bs2', 'bs4', 'bs8' and 1 more reach 1 block(s)")
+    assert "(4096 bytes; the first at 0x70000000" in text
+    with _warnings.catch_warnings(record=True) as got:
+        _warnings.simplefilter("always")
+        cgtorch._warn_freed(snaps[5:])
+    assert got == []

@@ -67,7 +67,8 @@ class Recording:
         self.extra_accesses: list = []
         self.planned: dict = {}           # region id -> extents planned (zero ones included)
         self.freed: dict = {}             # region id -> [(address, size, saved)] free blocks reached
-        self.freed_seen: dict = {}        # address -> saved: each free block decided once
+        self.freed_seen: dict = {}        # address -> (size, saved): each decided once; may be
+                                          # shared by the snapshots of one save (one budget)
         self.table = RangeTable()
         self.lookup = make_lookup(self.table, self._find_allocation)
         self.regions: list = []
@@ -973,10 +974,12 @@ def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> set:
     for off, n in free:
         addr = seg.address + off
         if addr not in rec.freed_seen:
-            used = sum(size for blocks in rec.freed.values() for _, size, saved in blocks if saved)
-            rec.freed_seen[addr] = used + n <= freed_budget()
-            rows.append((addr, n, rec.freed_seen[addr]))
-        if rec.freed_seen[addr]:
+            used = sum(size for size, saved in rec.freed_seen.values() if saved)
+            rec.freed_seen[addr] = (n, used + n <= freed_budget())
+        saved = rec.freed_seen[addr][1]
+        if (addr, n, saved) not in rows:
+            rows.append((addr, n, saved))
+        if saved:
             ok.add(off)
     return ok
 
@@ -998,12 +1001,20 @@ def freed_report(rec: Recording) -> Optional[dict]:
     return out
 
 
-def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
-    """Put :func:`freed_report` into ``snap_meta`` and warn (:class:`cgsnap.CgsnapWarning`)."""
+def report_freed(rec: Recording, name: str, snap_meta: dict, warn: bool = True) -> None:
+    """Put :func:`freed_report` into ``snap_meta`` and (``warn``) say so with a
+    :class:`cgsnap.CgsnapWarning` (:func:`warn_freed`)."""
     freed = freed_report(rec)
     if freed is None:
         return
     snap_meta["freed_blocks_read"] = freed
+    if warn:
+        warn_freed(f"graph {name!r}", freed, stacklevel=5)
+
+
+def warn_freed(graphs: str, freed: dict, stacklevel: int = 2) -> None:
+    """The :class:`cgsnap.CgsnapWarning` for a ``meta.freed_blocks_read`` report;
+    ``graphs``: ``"graph 'a'"`` or ``"graphs 'a', 'b'"``."""
     first = freed["blocks"][0]
     skipped = freed.get("not_saved")
     what = ("They are saved as they are now" if skipped is None else
@@ -1011,11 +1022,12 @@ def report_freed(rec: Recording, name: str, snap_meta: dict) -> None:
             f"({freed_budget()} bytes, CGSNAP_FREED_BUDGET), are not saved: a graph that really "
             "reads them restores zeros there; the rest are saved as they are now")
     warnings.warn(CgsnapWarning(
-        f"graph {name!r} reaches {freed['count']} block(s) the allocator has freed "
+        f"{graphs} reach{'es' if graphs.startswith('graph ') else ''} {freed['count']} block(s) "
+        "the allocator has freed "
         f"({freed['bytes']} bytes; the first at {first['address']:#x}, region "
         f"{first['region']}): probably a tensor the graph uses was freed while the graph lives, "
         f"and the original reads whatever the allocator puts there next. {what}; keep the "
-        "tensors (the model) alive while the graph is used"), stacklevel=4)
+        "tensors (the model) alive while the graph is used"), stacklevel=stacklevel)
 
 
 def _plan_extents(rec: Recording) -> None:
@@ -1209,12 +1221,15 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
                    memory_pointers: str = "follow",
                    pointer_budget: int = classify.DEFAULT_POINTER_BUDGET,
                    allocator_map: Optional[AllocatorMap] = None, hold: str = "copy",
-                   contents_cache: Optional[dict] = None) -> Snapshot:
+                   contents_cache: Optional[dict] = None, freed_seen: Optional[dict] = None,
+                   warn_freed: bool = True) -> Snapshot:
     """Record a live CUgraph (see :func:`cgsnap.snapshot` for the user-facing form).
     ``allocator_map``: the allocator's segments and blocks (only reached blocks are
     saved); ``hold``: where saved contents wait for the save
     (:func:`cgsnap.capture.contents.hold_contents`); ``bound_hashes`` / ``contents_cache``
-    let the snapshots of several graphs read shared memory once."""
+    let the snapshots of several graphs read shared memory once; ``freed_seen`` lets them
+    share one freed-block budget (:func:`freed_budget`), and ``warn_freed=False`` leaves the
+    warning about freed blocks to the caller (the report stays in the meta)."""
     check_memory_pointers(memory_pointers, pointer_budget)
     from .contents import HOLD_CHOICES
     if hold not in HOLD_CHOICES:
@@ -1224,6 +1239,8 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         from ..kernels.registry import default_resolver
         resolver = default_resolver(device.arch)
     rec = Recording(device, resolver, host_callbacks, allocation_policy, allocator_map)
+    if freed_seen is not None:
+        rec.freed_seen = freed_seen
     rec.add_named(expand_buffers(buffers or {}))
     driver.ctx_sync()      # contents must be read after the work that produced them
     g = rec.walk(graph, name)       # rec.graphs[0]; the steps below edit it in place
@@ -1254,7 +1271,7 @@ def snapshot_graph(graph, *, name: str = "graph", buffers: Optional[dict] = None
         snap_meta["ambiguous_word_count"] = len(rec.decisions)
     if note:
         snap_meta["checks_skipped"] = note
-    report_freed(rec, name, snap_meta)
+    report_freed(rec, name, snap_meta, warn=warn_freed)
     snap_meta.update(meta or {})
     return Snapshot(graphs=rec.graphs, regions=rec.regions, images=list(rec.images.values()),
                     kernels=rec.kernels, events=len(rec.events), device=device.describe(),

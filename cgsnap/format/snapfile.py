@@ -47,8 +47,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     regions, region_ids = [], {}
     images, kernels, kernel_ids = {}, [], {}
     graphs, names, events, handles = [], set(), 0, 0
-    freed: dict = {}                       # address -> row of meta.freed_blocks_read
-    freed_unlisted = [0, 0, 0, 0]          # count and bytes past the listed rows; not saved
+    freed_reports = []                     # (meta.freed_blocks_read, rmap) of each snapshot
     for snap in snaps:
         rmap, added, more_refs = {}, [], []
         for r in snap.regions:     # parents precede their children, so rmap has them
@@ -65,7 +64,7 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
             rmap[r.id] = region_ids[key]
         for r in added:            # stored pointers may name any region of their snapshot
             r.refs = remap_region_refs(r.refs, rmap)
-        _merge_freed(snap.meta.get("freed_blocks_read"), rmap, freed, freed_unlisted)
+        freed_reports.append((snap.meta.get("freed_blocks_read"), rmap))
         for kept, refs in more_refs:   # the same memory: pointers the first did not record too
             kept.refs = union_refs(kept.refs, remap_region_refs(refs, rmap))
         for im in snap.images:
@@ -99,17 +98,30 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
         meta["ambiguous_words"] = ambiguous[:MAX_DECISIONS_KEPT]
         meta["ambiguous_word_count"] = sum(s.meta.get("ambiguous_word_count", 0) for s in snaps)
     meta.pop("freed_blocks_read", None)    # the first graph's, in its own region ids
-    if freed:      # every graph's, once per block (graphs sharing a segment report it each)
-        rows = [freed[a] for a in sorted(freed)]
-        report = {"count": len(rows) + freed_unlisted[0],
-                  "bytes": sum(r["size"] for r in rows) + freed_unlisted[1],
-                  "blocks": rows[:MAX_DECISIONS_KEPT]}
-        if freed_unlisted[2]:        # summed over the graphs (a block two share counts twice)
-            report["not_saved"] = {"count": freed_unlisted[2], "bytes": freed_unlisted[3]}
-        meta["freed_blocks_read"] = report
+    freed = merge_freed(freed_reports)
+    if freed is not None:
+        meta["freed_blocks_read"] = freed
     return Snapshot(graphs=graphs, regions=regions, images=list(images.values()), kernels=kernels,
                     events=events, device=dict(first.device), versions=dict(first.versions),
                     meta=meta)
+
+
+def merge_freed(reports) -> Optional[dict]:
+    """Several snapshots' ``meta.freed_blocks_read`` (``[(report or None, rmap)]``, ``rmap``
+    renumbering each one's region ids) as one: every graph's blocks once per address (graphs
+    sharing a segment report it each); None when there are none."""
+    freed: dict = {}                       # address -> row
+    unlisted = [0, 0, 0, 0]                # count and bytes past the listed rows; not saved
+    for report, rmap in reports:
+        _merge_freed(report, rmap, freed, unlisted)
+    if not freed:
+        return None
+    rows = [freed[a] for a in sorted(freed)]
+    out = {"count": len(rows) + unlisted[0], "bytes": sum(r["size"] for r in rows) + unlisted[1],
+           "blocks": rows[:MAX_DECISIONS_KEPT]}
+    if unlisted[2]:              # summed over the graphs (a block two share counts twice)
+        out["not_saved"] = {"count": unlisted[2], "bytes": unlisted[3]}
+    return out
 
 
 def _merge_freed(report, rmap: dict, freed: dict, unlisted: list) -> None:
