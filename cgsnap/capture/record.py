@@ -824,7 +824,7 @@ def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict
     added."""
     if not rids:
         return False
-    accesses, direct = _accesses(rec), _accesses(rec, stored=False)
+    accesses, direct = _accesses_both(rec)
     views = _views_by_parent(rec)
     grew = False
     for rid in rids:
@@ -889,15 +889,19 @@ def _read_region(region: Region, stager=None) -> np.ndarray:
 
 # ---- which blocks of a segment the graphs reach -----------------------------------------------
 
-def _accesses(rec: Recording, stored: bool = True) -> dict:
-    """``{region id: ([pointer offsets], [(offset, length)] spans)}`` of every place the
-    graphs address; an access to a view counts in its parent too (same memory). A node type
-    that says only which regions it uses reaches all of them. ``stored=False``: without the
-    pointers found stored in saved memory (what may pull in a free block: a stale stored
-    address mostly points at freed memory, and reaches no free block)."""
-    out: dict = {}
+def _accesses_both(rec: Recording) -> tuple:
+    """``(every access, the accesses without stored words)``: :func:`_accesses` both ways,
+    the graphs walked once."""
+    direct = _accesses(rec, stored=False)
+    full = {rid: (list(p), list(s)) for rid, (p, s) in direct.items()}
+    _add_accesses(rec, full, [a for a in rec.extra_accesses if a[3:] == ("stored",)])
+    return full, direct
 
-    def add(rid: int, offset: int, span: Optional[int]) -> None:
+
+def _add_accesses(rec: Recording, out: dict, accesses) -> None:
+    """``(region, offset, span[, why])`` accesses into ``out`` as :func:`_accesses` counts
+    them (a view's in its parent too)."""
+    for rid, offset, span, *_ in accesses:
         while True:
             ptrs, spans = out.setdefault(rid, ([], []))
             if span is None:
@@ -908,34 +912,40 @@ def _accesses(rec: Recording, stored: bool = True) -> dict:
                 spans.append((offset, span))
             parent = rec.regions[rid].parent
             if parent is None:
-                return
+                break
             offset += rec.regions[rid].parent_offset
             rid = parent
+
+
+def _accesses(rec: Recording, stored: bool = True) -> dict:
+    """``{region id: ([pointer offsets], [(offset, length)] spans)}`` of every place the
+    graphs address; an access to a view counts in its parent too (same memory). A node type
+    that says only which regions it uses reaches all of them. ``stored=False``: without the
+    pointers found stored in saved memory (what may pull in a free block: a stale stored
+    address mostly points at freed memory, and reaches no free block)."""
+    acc: list = []          # (region, offset, span): span 0 a pointer, None the whole region
     for g in rec.graphs:
         for n in g.nodes:
             if n.TYPE == "kernel":
-                for _, rid, off in np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).tolist():
-                    add(rid, off, 0)
+                acc.extend((rid, off, 0) for _, rid, off in
+                           np.frombuffer(n.refs, dtype="<u8").reshape(-1, 3).tolist())
             elif n.TYPE == "memcpy":
-                add(n.src.region, n.src.offset, n.span("src"))
-                add(n.dst.region, n.dst.offset, n.span("dst"))
+                acc.append((n.src.region, n.src.offset, n.span("src")))
+                acc.append((n.dst.region, n.dst.offset, n.span("dst")))
             elif n.TYPE == "memset":
-                add(n.dst.region, n.dst.offset, n.span())
+                acc.append((n.dst.region, n.dst.offset, n.span()))
             elif n.TYPE == "mem_free":
-                add(n.ptr.region, n.ptr.offset, 0)
+                acc.append((n.ptr.region, n.ptr.offset, 0))
             elif n.TYPE == "batch_mem_op":
-                for op in n.ops:
-                    if op.addr is not None:
-                        add(op.addr.region, op.addr.offset, 0)
+                acc.extend((op.addr.region, op.addr.offset, 0) for op in n.ops
+                           if op.addr is not None)
             else:
-                for rid in n.regions():
-                    add(rid, 0, None)
-    for r in rec.regions:          # a named view reaches the blocks it overlaps
-        if r.parent is not None:
-            add(r.parent, r.parent_offset, r.size)
-    for access in rec.extra_accesses:      # (region, offset, span[, why])
-        if stored or access[3:] != ("stored",):
-            add(*access[:3])
+                acc.extend((rid, 0, None) for rid in n.regions())
+    # a named view reaches the blocks it overlaps
+    acc.extend((r.parent, r.parent_offset, r.size) for r in rec.regions if r.parent is not None)
+    acc.extend(a for a in rec.extra_accesses if stored or a[3:] != ("stored",))
+    out: dict = {}
+    _add_accesses(rec, out, acc)
     return out
 
 
@@ -1036,7 +1046,7 @@ def _plan_extents(rec: Recording) -> None:
     allocation of the map its ``span``, the part of it the graphs use."""
     if not rec.segments:
         return
-    accesses, direct = _accesses(rec), _accesses(rec, stored=False)
+    accesses, direct = _accesses_both(rec)
     views = _views_by_parent(rec)
     for rid, seg in rec.segments.items():
         r = rec.regions[rid]
