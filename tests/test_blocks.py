@@ -540,3 +540,20 @@ def test_a_save_of_many_graphs_warns_once_for_their_freed_blocks():
         _warnings.simplefilter("always")
         cgtorch._warn_freed(snaps[5:])
     assert got == []
+
+
+def test_a_batch_mem_op_reaches_the_blocks_of_its_words_only():
+    """A wait / write-value node on a flag word inside a torch segment reaches the block of
+    that word, not the whole segment (it used to: every block, free ones whole since freed
+    blocks are saved)."""
+    from cgsnap.format.nodes import BatchMemOpNode, MemOp
+    seg = segment()
+    regions = [Region(0, RegionKind.ALLOCATION, seg.size, Policy.SAVED, origin=seg.address)]
+    node = BatchMemOpNode(0, (MemOp("write32", Ref(0, 20 * KiB + 8), 1),
+                              MemOp("flush")))
+    rec = types.SimpleNamespace(regions=regions, graphs=[Graph("g", [node], [])],
+                                segments={0: seg}, extra_accesses=[], planned={}, freed={},
+                                freed_seen={})
+    record._plan_extents(rec)
+    assert [(e.offset, e.length) for e in regions[0].extents] == [(20 * KiB, 12 * KiB)]
+    assert record.freed_report(rec) is None
