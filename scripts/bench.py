@@ -308,25 +308,19 @@ def bench_memory(sizes_gb, host_hold_up_to_gb: float = 4):
         # transfer paths, so the scan for stored pointers (memory_pointers='follow', which
         # reads every saved byte of such a buffer into host memory) is off but in one row.
         big = {"big": (ptr, size)}
+
+        def snapshot_row(what: str, **options) -> None:
+            t = time.perf_counter()
+            snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, **options)
+            row("memory", f"{gb} GiB: {what}", size / (time.perf_counter() - t) / 1e9, "GB/s")
+            del snap
         if gb <= host_hold_up_to_gb:
-            t = time.perf_counter()
-            snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, hold="host",
-                                   memory_pointers="off")
-            row("memory", f"{gb} GiB: snapshot into host memory (hold='host', before)",
-                size / (time.perf_counter() - t) / 1e9, "GB/s")
-            del snap
+            snapshot_row("snapshot into host memory (hold='host', before)", hold="host",
+                         memory_pointers="off")
         if gb == sizes_gb[0]:
-            t = time.perf_counter()
-            snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False)
-            row("memory", f"{gb} GiB: snapshot with the stored-pointer scan (memory_pointers="
-                "'follow')", size / (time.perf_counter() - t) / 1e9, "GB/s")
-            del snap
-        t = time.perf_counter()
-        snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, hold="live",
-                               memory_pointers="off")
-        row("memory", f"{gb} GiB: snapshot, hold='live' (device -> pinned, hashed; no copy)",
-            size / (time.perf_counter() - t) / 1e9, "GB/s")
-        del snap
+            snapshot_row("snapshot with the stored-pointer scan (memory_pointers='follow')")
+        snapshot_row("snapshot, hold='live' (device -> pinned, hashed; no copy)", hold="live",
+                     memory_pointers="off")
         t = time.perf_counter()
         snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, memory_pointers="off")
         t_snap = time.perf_counter() - t

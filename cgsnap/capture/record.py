@@ -828,19 +828,12 @@ def _replan(rec: Recording, rids: list, hold: str, contents_cache: Optional[dict
     views = _views_by_parent(rec)
     grew = False
     for rid in rids:
-        r, seg = rec.regions[rid], rec.segments[rid]
-        ptrs, spans = accesses.get(rid, ((), ()))
-        free_reach = direct.get(rid, ((), ()))
-        used = reached_span(seg, ptrs, spans)
-        if used[1] > used[0]:
-            r.span = used
-        if r.policy is not Policy.SAVED:
+        r = rec.regions[rid]
+        reached = _plan_segment(rec, rid, accesses, direct, views)
+        if reached is None:
             continue
         planned = rec.planned.setdefault(rid, set())
-        free_ok = _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
-        new = [(o, n) for o, n in reached_extents(seg, ptrs, spans, views.get(rid, ()),
-                                                  free_blocks=free_ok)
-               if (o, n) not in planned]
+        new = [(o, n) for o, n in reached if (o, n) not in planned]
         if r.extents is None:
             r.extents = []
         if not new:
@@ -1048,19 +1041,29 @@ def _plan_extents(rec: Recording) -> None:
         return
     accesses, direct = _accesses_both(rec)
     views = _views_by_parent(rec)
-    for rid, seg in rec.segments.items():
-        r = rec.regions[rid]
-        ptrs, spans = accesses.get(rid, ((), ()))
-        free_reach = direct.get(rid, ((), ()))
-        used = reached_span(seg, ptrs, spans)
-        if used[1] > used[0]:
-            r.span = used
-        if r.policy is not Policy.SAVED:
+    for rid in rec.segments:
+        planned = _plan_segment(rec, rid, accesses, direct, views)
+        if planned is None:
             continue
-        free_ok = _note_free(rec, rid, seg, free_reach, views.get(rid, ()))
-        planned = reached_extents(seg, ptrs, spans, views.get(rid, ()), free_blocks=free_ok)
         rec.planned[rid] = set(planned)
-        r.extents = [Extent(o, n) for o, n in planned]
+        rec.regions[rid].extents = [Extent(o, n) for o, n in planned]
+
+
+def _plan_segment(rec: Recording, rid: int, accesses: dict, direct: dict,
+                  views: dict) -> Optional[list]:
+    """Allocator segment ``rid``: its ``span`` set from what reaches it (``accesses``, from
+    :func:`_accesses_both` with ``direct``), and, when it is saved, the extents the graphs
+    reach (:func:`~cgsnap.capture.blocks.reached_extents`; free blocks as
+    :func:`_note_free` decides); None when it is not saved."""
+    r, seg = rec.regions[rid], rec.segments[rid]
+    ptrs, spans = accesses.get(rid, ((), ()))
+    used = reached_span(seg, ptrs, spans)
+    if used[1] > used[0]:
+        r.span = used
+    if r.policy is not Policy.SAVED:
+        return None
+    free_ok = _note_free(rec, rid, seg, direct.get(rid, ((), ())), views.get(rid, ()))
+    return reached_extents(seg, ptrs, spans, views.get(rid, ()), free_blocks=free_ok)
 
 
 # ---- reading the contents -----------------------------------------------------------------------

@@ -91,18 +91,23 @@ def read_direct(path: str):
     except OSError:
         return None
     try:
-        t = time.perf_counter()
-        done = 0
-        while done < size:
-            got = os.readv(fd, [buf])
-            if got <= 0:
-                break
-            done += got
-        return done / (time.perf_counter() - t) / 1e9
+        return _timed_read(fd, buf, size)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _timed_read(fd: int, buf, size: int) -> float:
+    """GB/s of reading ``size`` bytes (or to the end) from ``fd`` through ``buf``."""
+    t = time.perf_counter()
+    done = 0
+    while done < size:
+        got = os.readv(fd, [buf])
+        if got <= 0:
+            break
+        done += got
+    return done / (time.perf_counter() - t) / 1e9
 
 
 def read_cold(path: str) -> float:
@@ -116,14 +121,7 @@ def read_warm(path: str) -> float:
     buf = memoryview(bytearray(BLOCK))
     fd = os.open(path, os.O_RDONLY)
     try:
-        t = time.perf_counter()
-        done = 0
-        while done < size:
-            got = os.readv(fd, [buf])
-            if got <= 0:
-                break
-            done += got
-        return done / (time.perf_counter() - t) / 1e9
+        return _timed_read(fd, buf, size)
     finally:
         os.close(fd)
 
