@@ -321,6 +321,20 @@ def bench_memory(sizes_gb, host_hold_up_to_gb: float = 4):
             snapshot_row("snapshot with the stored-pointer scan (memory_pointers='follow')")
         snapshot_row("snapshot, hold='live' (device -> pinned, hashed; no copy)", hold="live",
                      memory_pointers="off")
+        if gb == sizes_gb[-1]:
+            # The scan's knobs (hash threads x pinned slots), each setting run twice: the
+            # first run of a larger ring allocates its new pinned slots.
+            saved_env = {k: os.environ.get(k) for k in ("CGSNAP_HASH_THREADS", "CGSNAP_SCAN_RING")}
+            for threads, slots in ((8, 8), (12, 12), (16, 8), (16, 16)):
+                os.environ["CGSNAP_HASH_THREADS"], os.environ["CGSNAP_SCAN_RING"] = str(threads), str(slots)
+                for attempt in ("first", "again"):
+                    snapshot_row(f"snapshot, hold='live', {threads} hash threads, {slots} slots"
+                                 f" ({attempt})", hold="live", memory_pointers="off")
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         t = time.perf_counter()
         snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, memory_pointers="off")
         t_snap = time.perf_counter() - t
@@ -909,6 +923,40 @@ def _serving_step(label: str, script: str, argv: list, env: dict, timeout: float
             "timings": json.loads(m.group(1)) if m else None}
 
 
+def _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir, tmp,
+                  alone: bool = False) -> list:
+    """Writes the weights, then runs path A with cold compile caches; the compile arguments."""
+    steps["weights"] = _serving_step(
+        "weights", "make_weights.py",
+        [weights, "--layers", str(plan["layers"]), "--hidden", str(plan["hidden"]),
+         "--max-batch", str(plan["max_batch"])], env, min(240.0, left()), logdir)
+    if steps["weights"]["rc"] != 0:
+        raise RuntimeError("writing the weights failed")
+    compile_args = ["--weights", weights, "--sizes", sizes]
+    if plan["coordinate_descent"]:
+        compile_args.append("--coordinate-descent")
+    # Cold: fresh, empty compile caches (this run fills them).
+    # Alone (--serving-phase cold) it may take the whole budget; else warm and (b) follow.
+    share = 0.95 if alone else 0.6
+    steps["cold"] = _serving_step("a-cold", "start_compiled.py",
+                                  compile_args + ["--out", os.path.join(tmp, "cold")],
+                                  env, max(60.0, share * left()), logdir)
+    if steps["cold"]["timings"] is None and left() > 0.6 * plan["budget"]:
+        # The one fallback: batch 1 compiled on its own (no size-oblivious batch).
+        print("    [a-cold] retrying without a size-oblivious batch", flush=True)
+        shutil.rmtree(caches, ignore_errors=True)
+        compile_args.append("--batch-one-apart")
+        steps["cold"] = _serving_step("a-cold-retry", "start_compiled.py",
+                                      compile_args + ["--out", os.path.join(tmp, "cold")],
+                                      env, max(60.0, 0.6 * left()), logdir)
+        steps["cold"]["retried"] = True
+        RESULTS.append({"section": "serving", "note": "path A cold failed once; retried "
+                        "with batch 1 compiled on its own (--batch-one-apart)"})
+    if steps["cold"]["timings"] is None:
+        raise RuntimeError("path A (cold) did not finish")
+    return compile_args
+
+
 def bench_serving(args) -> None:
     """Issue #14: a compiled model's whole set of batch-size graphs. Path A (compile, autotune,
     capture) with cold and with warm compile caches, path B (cgsnap.torch.load) with lazy and
@@ -921,7 +969,15 @@ def bench_serving(args) -> None:
         return deadline - time.perf_counter()
 
     logdir = os.path.dirname(os.path.abspath(args.out))
-    tmp = tempfile.mkdtemp(prefix="cgsnap-bench-serving-", dir=os.environ.get("BENCH_DIR"))
+    phase = args.serving_phase
+    if args.serving_dir:         # kept: a later call (--serving-phase rest) goes on from it
+        tmp = os.path.abspath(args.serving_dir)
+        os.makedirs(tmp, exist_ok=True)
+    else:
+        if phase != "all":
+            raise SystemExit("--serving-phase cold|rest needs --serving-dir")
+        tmp = tempfile.mkdtemp(prefix="cgsnap-bench-serving-", dir=os.environ.get("BENCH_DIR"))
+    steps_file = os.path.join(tmp, "steps.json")
     weights = os.path.join(tmp, "weights.safetensors")
     caches = os.path.join(tmp, "compile-cache")
     env = _serving_env({"TORCHINDUCTOR_CACHE_DIR": caches,
@@ -931,31 +987,24 @@ def bench_serving(args) -> None:
     print(f"  serving: {plan['layers']} layers, hidden {plan['hidden']}, {len(plan['sizes'])} "
           f"sizes, budget {plan['budget']:.0f} s; logs in {logdir}", flush=True)
     try:
-        steps["weights"] = _serving_step(
-            "weights", "make_weights.py",
-            [weights, "--layers", str(plan["layers"]), "--hidden", str(plan["hidden"]),
-             "--max-batch", str(plan["max_batch"])], env, min(240.0, left()), logdir)
-        if steps["weights"]["rc"] != 0:
-            raise RuntimeError("writing the weights failed")
-        compile_args = ["--weights", weights, "--sizes", sizes]
-        if plan["coordinate_descent"]:
-            compile_args.append("--coordinate-descent")
-        # Cold: fresh, empty compile caches (this run fills them).
-        steps["cold"] = _serving_step("a-cold", "start_compiled.py",
-                                      compile_args + ["--out", os.path.join(tmp, "cold")],
-                                      env, max(60.0, 0.6 * left()), logdir)
-        if steps["cold"]["timings"] is None and left() > 0.6 * plan["budget"]:
-            # The one fallback: batch 1 compiled on its own (no size-oblivious batch).
-            print("    [a-cold] retrying without a size-oblivious batch", flush=True)
-            shutil.rmtree(caches, ignore_errors=True)
-            compile_args.append("--batch-one-apart")
-            steps["cold"] = _serving_step("a-cold-retry", "start_compiled.py",
-                                          compile_args + ["--out", os.path.join(tmp, "cold")],
-                                          env, max(60.0, 0.6 * left()), logdir)
-            steps["cold"]["retried"] = True
-            RESULTS.append({"section": "serving", "note": "path A cold failed once; retried "
-                            "with batch 1 compiled on its own (--batch-one-apart)"})
-        if steps["cold"]["timings"] is None:
+        if phase == "rest":
+            with open(steps_file) as f:
+                steps.update(json.load(f))
+            compile_args = ["--weights", weights, "--sizes", sizes]
+            if plan["coordinate_descent"]:
+                compile_args.append("--coordinate-descent")
+            if steps.get("cold", {}).get("retried"):
+                compile_args.append("--batch-one-apart")
+        else:
+            compile_args = _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir,
+                                         tmp, alone=phase == "cold")
+        if phase == "cold":
+            with open(steps_file, "w") as f:
+                json.dump(steps, f)
+            print(f"  serving: path A cold done; go on with --serving-phase rest "
+                  f"--serving-dir {tmp}", flush=True)
+            return
+        if steps.get("cold", {}).get("timings") is None:
             raise RuntimeError("path A (cold) did not finish")
         # Warm: the same caches, as a restart on the same machine finds them; saves the file.
         warm_dir = os.path.join(tmp, "warm")
@@ -988,7 +1037,7 @@ def bench_serving(args) -> None:
         with open(os.path.join(logdir, "serving.json"), "w") as f:
             json.dump({"plan": plan, "steps": raw, "wall": time.perf_counter() - t_begin}, f,
                       indent=1)
-        if not args.keep_serving:
+        if not args.keep_serving and not args.serving_dir:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"  serving: kept {tmp}")
@@ -1118,6 +1167,11 @@ def serving_rows(plan: dict, t: dict) -> list:
         out.append((f"original replay median, bs{min(plan['sizes'])}",
                     ms.get(f"bs{min(plan['sizes'])}", 0.0) * 1e3, "us", ""))
         out.append((f"original replay median, bs{big}", ms.get(f"bs{big}", 0.0) * 1e3, "us", ""))
+        out.append(("original replays timed as", 0, "", warm.get("replay_timed_as", "torch replay()")))
+        for k, v in sorted((warm.get("torch_replay_ms") or {}).items(), key=lambda kv: int(kv[0][2:])):
+            if ms.get(k):
+                out.append((f"torch replay() (RNG prologue + launch) / the graph alone, {k}",
+                            v / ms[k], "x", ""))
     if warm and "inprocess_bitexact" in warm:
         same = warm["inprocess_bitexact"]
         out.append((f"(a) restored in-process: bit-exact sizes of {len(same)}",
@@ -1183,6 +1237,11 @@ def parser() -> argparse.ArgumentParser:
                     help="serving: seconds for all its steps (default 420, --quick 170)")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="serving: Inductor's coordinate-descent tuning too (slow cold compile)")
+    ap.add_argument("--serving-dir", default=None,
+                    help="serving: work in this folder and keep it (for --serving-phase)")
+    ap.add_argument("--serving-phase", choices=("all", "cold", "rest"), default="all",
+                    help="serving: 'cold' stops after path A with cold caches (one device call), "
+                         "'rest' goes on from it in the same --serving-dir (the next call)")
     ap.add_argument("--keep-serving", action="store_true",
                     help="serving: keep the weights, caches and saved graphs")
     return ap

@@ -14,6 +14,7 @@ into host memory, the way it was before (and the fallback when device memory is 
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from typing import Optional
 
@@ -101,7 +102,7 @@ class DeviceReader:
                 for c in items:           # a few small ranges: plain copies
                     _scan_host(c, self.read(c))
                 return
-            with transfer.Stager(ring=_slots(items, READ_RING)) as st:
+            with transfer.Stager(ring=_slots(items, scan_ring())) as st:
                 _scan_staged(st, items)
 
     @contextlib.contextmanager
@@ -117,6 +118,12 @@ class DeviceReader:
                     yield _stream_items(ring, items)
                 finally:
                     ring.close()      # the ring waits for its copies before the stager goes
+
+
+def scan_ring() -> int:
+    """Staging slots of a scan (``CGSNAP_SCAN_RING`` overrides :data:`READ_RING`, 1-32)."""
+    forced = os.environ.get("CGSNAP_SCAN_RING", "")
+    return min(int(forced), 32) if forced.isdigit() and int(forced) > 0 else READ_RING
 
 
 def _slots(items, most: int) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from .. import _progress
 from ..errors import DriverError
 from ..format import hashing
-from ..format.fileformat import io_threads
+from ..format.fileformat import hash_threads, io_threads
 from . import driver
 from .driver import call, cu
 
@@ -51,7 +51,7 @@ class Stager:
         self.events = []
         self.pool = ThreadPoolExecutor(io_threads(), thread_name_prefix="cgsnap-copy")
         # Hashing has its own threads: queued behind page-locking jobs it would stall the DMA.
-        self.hashers = ThreadPoolExecutor(io_threads(), thread_name_prefix="cgsnap-hash")
+        self.hashers = ThreadPoolExecutor(hash_threads(), thread_name_prefix="cgsnap-hash")
         self.ring = ring
         self.stream = driver.stream_create()
         try:
