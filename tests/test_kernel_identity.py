@@ -140,7 +140,7 @@ def test_param_offsets_and_callback_ids_match_the_cuda_headers(tmp_path):
     # values the recorder passes to CUPTI or compares with.
     for name, fields in cupti.PARAMS.items():
         for field in fields:
-            width = 4 if field == "numLibraryOptions" else 8
+            width = 4 if field in ("numLibraryOptions", "config", "dev") else 8
             lines.append(f'printf("{name}.{field}.size %zu {width}\\n", '
                          f'sizeof((({name}_params *)0)->{field}));')
     lines.append('printf("CUlibraryOption.size %zu 4\\n", sizeof(CUlibraryOption));')
@@ -193,6 +193,10 @@ class _OutIn(ctypes.Structure):   # (T* out, handle in[, const char* name])
 
 class _Handle(ctypes.Structure):
     _fields_ = [("handle", ctypes.c_void_p)]
+
+
+class _CacheConfig(ctypes.Structure):   # cuFuncSetCacheConfig / cuKernelSetCacheConfig
+    _fields_ = [("handle", ctypes.c_void_p), ("config", ctypes.c_int), ("dev", ctypes.c_int)]
 
 
 class _LaunchEx(ctypes.Structure):
@@ -271,6 +275,9 @@ class FakeCupti:
 
     def library_module(self, lib, mod, ctx=0):
         self.call("cuLibraryGetModule", _OutIn(self.out(mod), lib, None), 0, (), ctx)
+
+    def cache_config(self, handle, config, api="cuFuncSetCacheConfig", result=0):
+        self.call(api, _CacheConfig(handle, config, 0), result)
 
     def unload(self, api, handle):
         self.call(api, _Handle(handle))
@@ -833,3 +840,28 @@ def test_stopping_the_recorder_forgets_the_associations_but_keeps_the_cubins(rec
     rec._lib, rec.active = FakeLib(), True
     rec.stop()
     assert not rec.loads.modules and HA in rec.images and not rec.active
+
+
+def test_a_cache_preference_set_on_a_function_is_recorded_until_its_module_goes(rec, fake):
+    """cuFuncSetCacheConfig has no getter: the recorder keeps the last value set per function
+    (Triton sets PREFER_SHARED on kernels over 48 KiB of shared memory), per kernel through
+    cuKernelSetCacheConfig; a failed call records nothing, an unload forgets it."""
+    fake.module_load(A, 0x1000, inside=[A])
+    fake.module_function(0x1000, "k", 0x1100)
+    fake.cache_config(0x1100, 1)                       # CU_FUNC_CACHE_PREFER_SHARED
+    fake.cache_config(0x1100, 3, result=1)             # failed: not applied
+    lib_buf = fake.library_load(B, 0x3000, inside=[B])
+    fake.get_kernel(0x3000, "kk", 0x3100)
+    fake.kernel_function(0x3100, 0x3200)
+    fake.cache_config(0x3100, 2, api="cuKernelSetCacheConfig")
+    rec.sync()
+    t = rec.loads
+    assert lib_buf is not None
+    assert t.cache_config(0x1100) == 1
+    assert t.cache_config(0x3200) == 2 and t.cache_config(0x3200, 0x3100) == 2
+    assert t.cache_config(0x9999) is None
+    fake.unload("cuModuleUnload", 0x1000)
+    fake.unload("cuLibraryUnload", 0x3000)
+    rec.sync()
+    assert t.cache_config(0x1100) is None and t.cache_config(0x3200, 0x3100) is None
+    assert rec.calls["cuFuncSetCacheConfig"] == 2

@@ -204,6 +204,8 @@ CORRUPTIONS = [
     ("event out of range", lambda m: m["graphs"][0]["nodes"][7].__setitem__("event", 3),
      "out of range"),
     ("parameters overlap", lambda m: m["kernels"][0]["params"][1].__setitem__(0, 4), "overlap"),
+    ("cache preference out of range", lambda m: m["kernels"][0]["attrs"].__setitem__(
+        "cache_config", 4), r"kernels\[0\].attrs.cache_config"),
 ]
 
 

@@ -217,6 +217,11 @@ class Recording:
                                   ("cluster_scheduling_policy_preference", 0)):
             if attrs.get(key_name) == default:
                 attrs.pop(key_name, None)
+        # A cache preference (L1 / shared split) has no getter: the recorder saw it set.
+        cache = getattr(self.resolver, "cache_config", None)
+        config = cache(func, kern) if cache is not None else None
+        if config:                          # 0 = CU_FUNC_CACHE_PREFER_NONE, a fresh function's
+            attrs["cache_config"] = int(config)
         kernel = Kernel(id=len(self.kernels), name=name, image=cand.hash,
                         params=driver.func_params(func), attrs=attrs, ptx_image=ptx_hash)
         self.kernels.append(kernel)

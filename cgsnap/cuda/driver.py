@@ -449,6 +449,8 @@ def func_set_attrs(func, attrs: dict) -> None:
         attr = FUNC_ATTRS.get(key)
         if attr is not None:
             call(cu.cuFuncSetAttribute, func, attr, int(value))
+        elif key == "cache_config":        # cuFuncSetCacheConfig: no attribute, no getter
+            call(cu.cuFuncSetCacheConfig, func, cu.CUfunc_cache(int(value)))
 
 
 def func_module(func):

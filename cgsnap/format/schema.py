@@ -444,6 +444,8 @@ class Validator:
         attrs = self.free_map(k["attrs"], f"{where}.attrs")
         for name, value in attrs.items():
             self.int(value, f"{where}.attrs.{name}", -(1 << 31), (1 << 31) - 1)
+        if "cache_config" in attrs:       # a CUfunc_cache: PREFER_NONE..PREFER_EQUAL
+            self.int(attrs["cache_config"], f"{where}.attrs.cache_config", 0, 3)
         return Kernel(id=index, name=self.str(k["name"], f"{where}.name"), image=image,
                       params=tuple(params), attrs=dict(attrs), ptx_image=ptx)
 

@@ -75,7 +75,7 @@ CBIDS = {"cuModuleLoad": 18, "cuModuleLoadData": 19, "cuModuleLoadDataEx": 20,
          "cuLibraryGetKernel": 681, "cuLibraryGetModule": 682, "cuKernelGetFunction": 683,
          "cuLaunchKernel": 307, "cuLaunchKernel_ptsz": 442, "cuLaunchCooperativeKernel": 477,
          "cuLaunchCooperativeKernel_ptsz": 478, "cuLaunchKernelEx": 652,
-         "cuLaunchKernelEx_ptsz": 653}
+         "cuLaunchKernelEx_ptsz": 653, "cuFuncSetCacheConfig": 86, "cuKernelSetCacheConfig": 688}
 PARAMS = {
     "cuModuleLoad": {"module": 0, "fname": 8},
     "cuModuleLoadData": {"module": 0, "image": 8},
@@ -93,6 +93,8 @@ PARAMS = {
     "cuLaunchKernel": {"f": 0}, "cuLaunchKernel_ptsz": {"f": 0},
     "cuLaunchCooperativeKernel": {"f": 0}, "cuLaunchCooperativeKernel_ptsz": {"f": 0},
     "cuLaunchKernelEx": {"f": 8}, "cuLaunchKernelEx_ptsz": {"f": 8},
+    "cuFuncSetCacheConfig": {"hfunc": 0, "config": 8},
+    "cuKernelSetCacheConfig": {"kernel": 0, "config": 8, "dev": 12},
 }
 NAMES = {cbid: name for name, cbid in CBIDS.items()}
 # load call -> (its output handle's field, its input's field, what it returns)
@@ -106,9 +108,15 @@ UNLOADS = {"cuModuleUnload": ("hmod", "module"), "cuLibraryUnload": ("library", 
 # naming call -> (the field naming a handle, what kind of handle)
 NAMING = {"cuModuleGetFunction": ("hmod", "module"), "cuLibraryGetKernel": ("library", "library"),
           "cuLibraryGetModule": ("library", "library"), "cuKernelGetFunction": ("kernel", "kernel")}
+# Settings no getter reads back (the driver has no cuFuncGetCacheConfig): call -> (the field
+# naming the handle, its kind). Triton sets CU_FUNC_CACHE_PREFER_SHARED on kernels that use
+# more than 48 KiB of shared memory; a reloaded function without it gets another L1 / shared
+# split and runs at another speed.
+SETTINGS = {"cuFuncSetCacheConfig": ("hfunc", "function"),
+            "cuKernelSetCacheConfig": ("kernel", "kernel")}
 LAUNCHES = tuple(n for n in CBIDS if n.startswith("cuLaunch"))
 LOAD_CALLS = {CBIDS[n] for n in LOADS}
-TRACKED_CALLS = tuple(CBIDS[n] for n in (*LOADS, *UNLOADS, *NAMING))
+TRACKED_CALLS = tuple(CBIDS[n] for n in (*LOADS, *UNLOADS, *NAMING, *SETTINGS))
 LAUNCH_CALLS = tuple(CBIDS[n] for n in LAUNCHES)
 # The calls that make and destroy conditional nodes and handles (cgsnap.kernels.graph_hooks):
 # dispatched to its handlers, on every thread, also inside cgsnap's own (suppressed) work.
@@ -313,6 +321,12 @@ class ModuleRecorder:
             self._load_returned(name, params, frame, ok, data.context or 0)
         elif ok and name in NAMING:
             self._naming_returned(name, params, data.context or 0)
+        elif ok and name in SETTINGS:
+            field, kind = SETTINGS[name]
+            handle = _word(params, PARAMS[name][field])
+            config = ctypes.c_int.from_address(params + PARAMS[name]["config"]).value
+            if handle:
+                self._append(("cache_config", kind, handle, config))
 
     @staticmethod
     def _owner(name: str, params: int):

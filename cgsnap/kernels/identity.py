@@ -203,6 +203,8 @@ class LoadTable:
         ("module_function", CUfunction, CUmodule, name)  # cuModuleGetFunction
         ("library_module", CUlibrary, CUmodule, context) # cuLibraryGetModule
         ("context_destroyed", CUcontext)
+        ("cache_config", "function" | "kernel", handle, CUfunc_cache)  # cuFuncSetCacheConfig /
+                                                       #   cuKernelSetCacheConfig
 
     Unloads drop every association of the handle (handles are reused); a destroyed context
     drops its modules and functions."""
@@ -216,6 +218,7 @@ class LoadTable:
         self.library_modules: dict = {}    # CUmodule -> (CUlibrary, context)
         self.launched: dict = {}           # CUfunction / CUkernel -> [hash] delivered in its launch
         self.by_name: dict = {}            # kernel name -> {CUlibrary} (cuLibraryGetKernel)
+        self.cache_configs: dict = {}      # CUfunction / CUkernel -> CUfunc_cache last set
         self.unattributed = 0              # cubins delivered outside any tracked call
         self._lib_kernels: dict = {}       # CUlibrary -> {CUkernel}
         self._kernel_functions: dict = {}  # CUkernel -> {CUfunction}
@@ -254,6 +257,20 @@ class LoadTable:
             self._lib_modules.setdefault(lib, set()).add(mod)
         elif kind == "context_destroyed":
             self._context_destroyed(event[1])
+        elif kind == "cache_config":
+            self.cache_configs[event[2]] = int(event[3])
+
+    def cache_config(self, func: int, kern: int = 0) -> Optional[int]:
+        """The cache preference last set on the function ``func`` or, failing that, on its
+        kernel ``kern`` (None: never set while recording)."""
+        got = self.cache_configs.get(func)
+        if got is None and kern:
+            got = self.cache_configs.get(kern)
+        if got is None:
+            owner = self.functions.get(func)
+            if owner is not None:
+                got = self.cache_configs.get(owner[0])
+        return got
 
     def _delivered(self, h: str, owner) -> None:
         record = None
@@ -300,9 +317,11 @@ class LoadTable:
                 if not self.by_name[name]:
                     del self.by_name[name]
             self.launched.pop(kern, None)
+            self.cache_configs.pop(kern, None)
             for func in self._kernel_functions.pop(kern, ()):
                 self.functions.pop(func, None)
                 self.launched.pop(func, None)
+                self.cache_configs.pop(func, None)
         for mod in self._lib_modules.pop(handle, ()):
             self.library_modules.pop(mod, None)
             self._forget_module_functions(mod)
@@ -311,6 +330,7 @@ class LoadTable:
         for func in self._module_funcs.pop(mod, ()):
             self.module_functions.pop(func, None)
             self.launched.pop(func, None)
+            self.cache_configs.pop(func, None)
 
     def _context_destroyed(self, ctx: int) -> None:
         for mod in [m for m, r in self.modules.items() if r.context == ctx]:
@@ -319,6 +339,7 @@ class LoadTable:
             kern = self.functions.pop(func)[0]
             self._kernel_functions.get(kern, set()).discard(func)
             self.launched.pop(func, None)
+            self.cache_configs.pop(func, None)
         for mod in [m for m, (_, c) in self.library_modules.items() if c == ctx]:
             lib = self.library_modules.pop(mod)[0]
             self._lib_modules.get(lib, set()).discard(mod)
@@ -549,6 +570,12 @@ class IdentityResolver:
         is ``cuFuncGetModule(func)``); its ``source`` says how it was found."""
         from .live import DriverFunction
         return self.resolve_live(DriverFunction(name, func, kern, module))
+
+    def cache_config(self, func, kern=None) -> Optional[int]:
+        """The cache preference the recorder saw set on this function (None: none seen, or no
+        recorder)."""
+        table = self._table()
+        return None if table is None else table.cache_config(int(func or 0), int(kern or 0))
 
     def resolve(self, name: str, module_functions: Callable[[], frozenset]) -> Candidate:
         """By name and the live module's function set only (no handle, no attributes)."""
