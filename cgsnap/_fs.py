@@ -254,7 +254,7 @@ def remove_stale_temporaries(dir_fd: int, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)

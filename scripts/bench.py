@@ -10,6 +10,7 @@ Prints a table last. Not a test: numbers go to docs/PERFORMANCE.md with card, da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -325,16 +326,19 @@ def bench_memory(sizes_gb, host_hold_up_to_gb: float = 4):
             # The scan's knobs (hash threads x pinned slots), each setting run twice: the
             # first run of a larger ring allocates its new pinned slots.
             saved_env = {k: os.environ.get(k) for k in ("CGSNAP_HASH_THREADS", "CGSNAP_SCAN_RING")}
-            for threads, slots in ((8, 8), (12, 12), (16, 8), (16, 16)):
-                os.environ["CGSNAP_HASH_THREADS"], os.environ["CGSNAP_SCAN_RING"] = str(threads), str(slots)
-                for attempt in ("first", "again"):
-                    snapshot_row(f"snapshot, hold='live', {threads} hash threads, {slots} slots"
-                                 f" ({attempt})", hold="live", memory_pointers="off")
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                for threads, slots in ((8, 8), (12, 12), (16, 8), (16, 16)):
+                    os.environ["CGSNAP_HASH_THREADS"] = str(threads)
+                    os.environ["CGSNAP_SCAN_RING"] = str(slots)
+                    for attempt in ("first", "again"):
+                        snapshot_row(f"snapshot, hold='live', {threads} hash threads, {slots} "
+                                     f"slots ({attempt})", hold="live", memory_pointers="off")
+            finally:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         t = time.perf_counter()
         snap = cgsnap.snapshot(cap, buffers=big, record_outputs=False, memory_pointers="off")
         t_snap = time.perf_counter() - t
@@ -991,6 +995,29 @@ def _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir, tmp,
     return compile_args
 
 
+def _plan_key(plan: dict) -> dict:
+    """What a 'rest' call must share with the 'cold' call it goes on from (not the budget)."""
+    return {k: v for k, v in plan.items() if k != "budget"}
+
+
+def _saved_steps(path: str, plan: dict) -> dict:
+    """The steps a '--serving-phase cold' call left, for the same plan; a missing, malformed or
+    other-plan file is a RuntimeError (the table then says so)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"no usable steps from a cold call in {path}: {exc}") from None
+    steps = saved.get("steps") if isinstance(saved, dict) else None
+    if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()) or \
+            not isinstance(steps.get("cold"), dict):
+        raise RuntimeError(f"{path}: not the steps of a cold call")
+    if saved.get("plan") != json.loads(json.dumps(_plan_key(plan))):
+        raise RuntimeError(f"{path}: the cold call ran another plan ({saved.get('plan')}); "
+                           "run --serving-phase cold again with these arguments")
+    return steps
+
+
 def bench_serving(args) -> None:
     """Issue #14: a compiled model's whole set of batch-size graphs. Path A (compile, autotune,
     capture) with cold and with warm compile caches, path B (cgsnap.torch.load) with lazy and
@@ -1022,19 +1049,24 @@ def bench_serving(args) -> None:
           f"sizes, budget {plan['budget']:.0f} s; logs in {logdir}", flush=True)
     try:
         if phase == "rest":
-            with open(steps_file) as f:
-                steps.update(json.load(f))
+            steps.update(_saved_steps(steps_file, plan))
             compile_args = ["--weights", weights, "--sizes", sizes]
             if plan["coordinate_descent"]:
                 compile_args.append("--coordinate-descent")
             if steps.get("cold", {}).get("retried"):
                 compile_args.append("--batch-one-apart")
         else:
+            # A cold run starts from empty compile caches and leaves no earlier run's steps for
+            # a later 'rest' to go on from (a reused --serving-dir).
+            shutil.rmtree(caches, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(steps_file)
             compile_args = _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir,
                                          tmp, alone=phase == "cold")
         if phase == "cold":
-            with open(steps_file, "w") as f:
-                json.dump(steps, f)
+            with open(steps_file + ".tmp", "w") as f:
+                json.dump({"plan": _plan_key(plan), "steps": steps}, f)
+            os.replace(steps_file + ".tmp", steps_file)
             print(f"  serving: path A cold done; go on with --serving-phase rest "
                   f"--serving-dir {tmp}", flush=True)
             return
@@ -1075,6 +1107,7 @@ def bench_serving(args) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"  serving: kept {tmp}")
+    steps = {k: v for k, v in steps.items() if isinstance(v, dict)}
     for k, v in steps.items():
         for key, err in (v.get("timings") or {}).items():
             if key.endswith("_error"):

@@ -865,3 +865,27 @@ def test_a_cache_preference_set_on_a_function_is_recorded_until_its_module_goes(
     rec.sync()
     assert t.cache_config(0x1100) is None and t.cache_config(0x3200, 0x3100) is None
     assert rec.calls["cuFuncSetCacheConfig"] == 2
+
+
+def test_a_reused_function_handle_drops_the_old_preference(rec, fake):
+    fake.module_load(A, 0x1000, inside=[A])
+    fake.module_load(B, 0x2000, inside=[B])
+    fake.module_function(0x1000, "k", 0x1100)
+    fake.cache_config(0x1100, 1)
+    fake.module_function(0x2000, "other", 0x1100)   # the driver hands the handle out again
+    rec.sync()
+    assert rec.loads.cache_config(0x1100) is None
+
+
+def test_the_restore_applies_a_cache_preference(monkeypatch):
+    """driver.func_set_attrs turns attrs.cache_config into cuFuncSetCacheConfig, the others
+    into cuFuncSetAttribute, and ignores names it does not know."""
+    from cgsnap.cuda import driver
+    calls = []
+    monkeypatch.setattr(driver, "call", lambda fn, *args: calls.append((fn, args)))
+    driver.func_set_attrs("F", {"cache_config": 1, "max_dynamic_shared_size_bytes": 65536,
+                                "made_up": 3})
+    assert [fn for fn, _ in calls] == [driver.cu.cuFuncSetCacheConfig,
+                                       driver.cu.cuFuncSetAttribute]
+    fn, args = calls[0]
+    assert args[0] == "F" and int(args[1]) == 1

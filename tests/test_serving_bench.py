@@ -315,3 +315,48 @@ def test_bench_serving_over_two_calls(fake_serving, tmp_path, monkeypatch):
     assert rows["speed-up of the graph part: (a) cold / (b) eager"]["value"] == \
         pytest.approx(40.0 / 0.12)
     assert work.exists()              # kept for a later call
+
+
+def _phase(fake_serving, monkeypatch, work, out, phase, *extra):
+    for name, src in (("make_weights.py", FAKE_WEIGHTS), ("start_compiled.py", FAKE_COMPILED),
+                      ("start_restored.py", FAKE_RESTORED)):
+        if not (fake_serving / name).exists():
+            (fake_serving / name).write_text(src)
+    monkeypatch.setattr(bench, "RESULTS", [])
+    bench.bench_serving(bench.parser().parse_args(
+        ["--only", "serving", "--quick", "--sizes", "1,2", "--out", str(out / "bench.json"),
+         "--serving-dir", str(work), "--serving-phase", phase, *extra]))
+
+
+@pytest.mark.parametrize("content", ['{"cold": null}', "not json", '{"steps": {"cold": 3}}'])
+def test_rest_from_unusable_steps_is_an_error_row(fake_serving, tmp_path, monkeypatch, content):
+    work, out = tmp_path / "w", tmp_path / "o"
+    work.mkdir()
+    out.mkdir()
+    (work / "steps.json").write_text(content)
+    _phase(fake_serving, monkeypatch, work, out, "rest")
+    assert any("error" in r and "cold call" in r["error"] for r in bench.RESULTS)
+    assert not (fake_serving / "calls.txt").exists()        # nothing ran
+
+
+def test_rest_refuses_the_steps_of_another_plan(fake_serving, tmp_path, monkeypatch):
+    work, out = tmp_path / "w", tmp_path / "o"
+    out.mkdir()
+    _phase(fake_serving, monkeypatch, work, out, "cold")
+    _phase(fake_serving, monkeypatch, work, out, "rest", "--hidden", "2048")
+    assert any("another plan" in r.get("error", "") for r in bench.RESULTS)
+    assert len((fake_serving / "calls.txt").read_text().splitlines()) == 1
+
+
+def test_a_cold_call_starts_clean(fake_serving, tmp_path, monkeypatch):
+    """A reused --serving-dir: the compile caches are emptied, and a cold call that fails
+    leaves no earlier steps behind for 'rest'."""
+    work, out = tmp_path / "w", tmp_path / "o"
+    out.mkdir()
+    (work / "compile-cache").mkdir(parents=True)
+    (work / "compile-cache" / "stale").write_text("x")
+    (work / "steps.json").write_text('{"plan": {}, "steps": {"cold": {"timings": {}}}}')
+    (fake_serving / "start_compiled.py").write_text("import sys; sys.exit(3)\n")
+    _phase(fake_serving, monkeypatch, work, out, "cold")
+    assert not (work / "compile-cache" / "stale").exists()
+    assert not (work / "steps.json").exists()

@@ -123,7 +123,8 @@ class DeviceReader:
 def scan_ring() -> int:
     """Staging slots of a scan (``CGSNAP_SCAN_RING`` overrides :data:`READ_RING`, 1-32)."""
     forced = os.environ.get("CGSNAP_SCAN_RING", "")
-    return min(int(forced), 32) if forced.isdigit() and int(forced) > 0 else READ_RING
+    return min(int(forced), 32) if forced.isascii() and forced.isdigit() and int(forced) > 0 \
+        else READ_RING
 
 
 def _slots(items, most: int) -> int:

@@ -964,7 +964,7 @@ FREED_BUDGET = 256 << 20
 
 def freed_budget() -> int:
     forced = os.environ.get("CGSNAP_FREED_BUDGET", "")
-    return int(forced) if forced.isdigit() else FREED_BUDGET
+    return int(forced) if forced.isascii() and forced.isdigit() else FREED_BUDGET
 
 
 def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> set:

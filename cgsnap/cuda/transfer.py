@@ -255,8 +255,8 @@ class Stager:
             driver.stream_sync(self.stream)
         for ev in self.events:
             call(cu.cuEventDestroy, ev)
-        for buf in self.buffers:
-            _give_pinned(buf, self.chunk)
+        for buf in self.buffers:        # a larger ring (CGSNAP_SCAN_RING) keeps its slots too
+            _give_pinned(buf, self.chunk, keep=max(MAX_PINNED_CACHED, self.ring))
         if self.stream is not None:
             driver.stream_destroy(self.stream)
         self.pool.shutdown(wait=True)
@@ -413,10 +413,9 @@ def _take_pinned(size: int) -> int:
     return driver.host_alloc(size)
 
 
-def _give_pinned(addr: int, size: int) -> None:
+def _give_pinned(addr: int, size: int, keep: int = MAX_PINNED_CACHED) -> None:
     with _pinned_lock:
-        if os.environ.get("CGSNAP_PINNED_CACHE", "1") != "0" and \
-                len(_pinned_free) < MAX_PINNED_CACHED:
+        if os.environ.get("CGSNAP_PINNED_CACHE", "1") != "0" and len(_pinned_free) < keep:
             _pinned_free.append((size, addr))
             return
     driver.host_free(addr)

@@ -368,7 +368,7 @@ _PIECE = 16 << 20
 def io_threads() -> int:
     """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.cuda.transfer`)."""
     forced = os.environ.get("CGSNAP_IO_THREADS", "")
-    if forced.isdigit() and int(forced) > 0:
+    if forced.isascii() and forced.isdigit() and int(forced) > 0:
         return int(forced)
     return max(2, min(8, os.cpu_count() or 2))
 
@@ -378,7 +378,7 @@ def hash_threads() -> int:
     to 8 (on the H200's 16-core host 16 threads scanned no faster: the DMA and the hashing
     share the memory system), ``CGSNAP_HASH_THREADS`` overrides (at most 64)."""
     forced = os.environ.get("CGSNAP_HASH_THREADS", "")
-    if forced.isdigit() and int(forced) > 0:
+    if forced.isascii() and forced.isdigit() and int(forced) > 0:
         return min(int(forced), 64)
     return max(2, min(8, os.cpu_count() or 2))
 

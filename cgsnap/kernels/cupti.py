@@ -334,6 +334,9 @@ class ModuleRecorder:
         if name in NAMING:
             field, kind = NAMING[name]
             return (kind, _word(params, PARAMS[name][field]))
+        if name == "cuKernelSetCacheConfig":     # lazy loading may deliver the kernel's cubin
+            kern = _word(params, PARAMS[name]["kernel"])
+            return ("kernel", kern) if kern else None
         if name in PARAMS and "f" in PARAMS[name]:
             f = _word(params, PARAMS[name]["f"])
             return ("launch", f) if f else None

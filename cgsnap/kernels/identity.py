@@ -245,10 +245,14 @@ class LoadTable:
                 self.by_name.setdefault(name, set()).add(lib)
         elif kind == "function":
             _, func, kern, ctx = event
+            if self.functions.get(func, (kern, ctx)) != (kern, ctx):
+                self.cache_configs.pop(func, None)     # the handle now names another function
             self.functions[func] = (kern, ctx)
             self._kernel_functions.setdefault(kern, set()).add(func)
         elif kind == "module_function":
             _, func, mod, _name = event
+            if self.module_functions.get(func, mod) != mod:
+                self.cache_configs.pop(func, None)
             self.module_functions[func] = mod
             self._module_funcs.setdefault(mod, set()).add(func)
         elif kind == "library_module":

@@ -46,7 +46,7 @@ def test_a_cache_preference_travels_with_the_kernel(tmp_path):
     call(cu.cuFuncSetAttribute, staged,
          cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM)
     call(cu.cuFuncSetCacheConfig, staged, cu.CUfunc_cache.CU_FUNC_CACHE_PREFER_SHARED)
-    mem = Memory()
+    mem, cap = Memory(), None
     try:
         rng = np.random.default_rng(5)
         x = mem.alloc(4 * N, rng.standard_normal(N, dtype=np.float32))
@@ -72,6 +72,7 @@ def test_a_cache_preference_travels_with_the_kernel(tmp_path):
         assert np.count_nonzero(original["out"]) > N // 2
         restored = restore_in_fresh_process(path, fresh, ["out"], "cache_config", tmp_path)
         assert_bit_equal(restored, original)
-        cap.close()
     finally:
+        if cap is not None:
+            cap.close()
         mem.free()
