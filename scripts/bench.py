@@ -1253,6 +1253,11 @@ def serving_rows(plan: dict, t: dict) -> list:
             if ms.get(k):
                 out.append((f"torch replay() (RNG prologue + launch) / the graph alone, {k}",
                             v / ms[k], "x", ""))
+        for tag, how in (("clone0", "flags 0"), ("clone1", "torch's AUTO_FREE_ON_LAUNCH")):
+            for k, v in sorted((warm.get(f"{tag}_ratio") or {}).items(),
+                               key=lambda kv: int(kv[0][2:])):
+                out.append((f"clone of the original graph, same memory, instantiated with "
+                            f"{how} / the original, {k}", v, "x", ""))
     if warm and "inprocess_bitexact" in warm:
         same = warm["inprocess_bitexact"]
         out.append((f"(a) restored in-process: bit-exact sizes of {len(same)}",

@@ -86,7 +86,8 @@ def timings():
     warm = dict(a, compile=10.0, graph_part=20.0, ttft_from_start=25.0, save=12.0,
                 file_bytes=5e6, replay_ms={f"bs{b}": 1.0 for b in sz},
                 inprocess_replay_ms={"bs1": 1.01, "bs2": 0.99, "bs4": 1.05, "bs8": 1.0},
-                inprocess_bitexact={"1": True, "4": True, "8": True})
+                inprocess_bitexact={"1": True, "4": True, "8": True},
+                clone1_ratio={"bs1": 0.97, "bs8": 0.98})
 
     def b(load, extra):
         return dict({"import": 3.0, "weights": 1.0, "kv": 0.01, "load": load,
@@ -119,6 +120,9 @@ def test_the_table():
     assert rows["ceiling: (a) warm / (node add + instantiate + one replay each)"][0] == \
         pytest.approx(20.0 / (0.02 + 0.08 + 0.05))
     assert rows["(b) lazy:   later.step"][0] == pytest.approx(1.0)     # timings added later too
+    clone = ("clone of the original graph, same memory, instantiated with torch's "
+             "AUTO_FREE_ON_LAUNCH / the original, bs8")
+    assert rows[clone][0] == pytest.approx(0.98)
     assert rows["floor: cuGraphInstantiate of the 4 graphs alone"][0] == pytest.approx(80.0)
     assert rows["ceiling: (a) warm / instantiate alone"][0] == pytest.approx(250.0)
     par = "replay parity, one process, interleaved"

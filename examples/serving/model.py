@@ -294,6 +294,35 @@ def replay_medians(replays: dict, rounds: int = 3, reps: int = 10, warmup: int =
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def clone_launcher(graph, flags: int = 0):
+    """A launch function for a copy of ``graph``'s own ``cudaGraph_t`` (``keep_graph=True``),
+    cloned and instantiated here with ``flags`` (torch instantiates with
+    CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH = 1): the same nodes on the same memory as
+    the original, a new executable graph -- what tells memory placement apart from the
+    executable graph in a replay-time difference. None where torch gives no graph."""
+    get = getattr(graph, "raw_cuda_graph", None)
+    if get is None:
+        return None
+    from cuda.bindings import driver as cu
+    try:
+        err, clone = cu.cuGraphClone(cu.CUgraph(int(get())))
+        if err != cu.CUresult.CUDA_SUCCESS:
+            return None
+        err, exe = cu.cuGraphInstantiate(clone, flags)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            return None
+    except Exception:
+        return None
+    _CLONES.append((clone, exe))        # kept for the process: the launches name them
+
+    def launch():
+        err, = cu.cuGraphLaunch(exe, cu.CUstream(torch.cuda.current_stream().cuda_stream))
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuGraphLaunch: {err}")
+    return launch
+
+
+_CLONES: list = []
 QUEUE_CYCLES = 20_000_000      # ~10 ms of GPU sleep at ~2 GHz: the host queues a batch behind it
 
 

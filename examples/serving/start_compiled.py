@@ -227,6 +227,7 @@ def save(args, c, model, kv, tokens, positions, graphs, outputs, sizes, res) -> 
                                                                for f in launchers.values())
                               else "torch replay()")
     prologue = {f"torch/bs{b}": graphs[f"bs{b}"].replay for b in M.check_sizes(sizes)}
+
     replays = {**{f"orig/bs{b}": launchers[b] for b in sizes}, **prologue}
     restored = None
     if args.parity:
@@ -262,6 +263,24 @@ def save(args, c, model, kv, tokens, positions, graphs, outputs, sizes, res) -> 
     med = M.replay_medians(replays)
     res["replay_ms"] = {k.split("/")[1]: v for k, v in med.items() if k.startswith("orig/")}
     res["torch_replay_ms"] = {k.split("/")[1]: v for k, v in med.items() if k.startswith("torch/")}
+    # Clones of the originals' own graphs (same nodes, same memory, new executable graphs),
+    # instantiated with torch's flag and without, each beside its original: if they replay
+    # like the restored graphs, the gap lies in the executable graph, not in where the restore
+    # put memory. A diagnostic: its failure is noted, never the run's.
+    try:
+        clones = {}
+        for b in M.check_sizes(sizes):
+            for tag, flags in (("clone0", 0), ("clone1", 1)):
+                fn = M.clone_launcher(graphs[f"bs{b}"], flags)
+                if fn is not None:
+                    clones[f"orig/bs{b}"] = launchers[b]
+                    clones[f"{tag}/bs{b}"] = fn
+        cmed = M.replay_medians(clones) if clones else {}
+        for tag in ("clone0", "clone1"):
+            res[f"{tag}_ratio"] = {k.split("/")[1]: v / cmed["orig/" + k.split("/")[1]]
+                                   for k, v in cmed.items() if k.startswith(tag + "/")}
+    except Exception as exc:
+        res["clone_error"] = f"{type(exc).__name__}: {exc}"[:1000]
     if restored is not None:
         res["inprocess_replay_ms"] = {k.split("/")[1]: v for k, v in med.items()
                                       if k.startswith("rest/")}
