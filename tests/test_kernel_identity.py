@@ -276,8 +276,8 @@ class FakeCupti:
     def library_module(self, lib, mod, ctx=0):
         self.call("cuLibraryGetModule", _OutIn(self.out(mod), lib, None), 0, (), ctx)
 
-    def cache_config(self, handle, config, api="cuFuncSetCacheConfig", result=0):
-        self.call(api, _CacheConfig(handle, config, 0), result)
+    def cache_config(self, handle, config, api="cuFuncSetCacheConfig", result=0, dev=0):
+        self.call(api, _CacheConfig(handle, config, dev), result)
 
     def unload(self, api, handle):
         self.call(api, _Handle(handle))
@@ -860,6 +860,13 @@ def test_a_cache_preference_set_on_a_function_is_recorded_until_its_module_goes(
     assert t.cache_config(0x1100) == 1
     assert t.cache_config(0x3200) == 2 and t.cache_config(0x3200, 0x3100) == 2
     assert t.cache_config(0x9999) is None
+    # cuKernelSetCacheConfig is per device: set for device 1 too, an unknown device is ambiguous.
+    fake.cache_config(0x3100, 3, api="cuKernelSetCacheConfig", dev=1)
+    rec.sync()
+    assert t.cache_config(0x3200, 0x3100, device=0) == 2
+    assert t.cache_config(0x3200, 0x3100, device=1) == 3
+    assert t.cache_config(0x3200, 0x3100) is None
+    assert t.cache_config(0x3200, 0x3100, device=2) is None
     fake.unload("cuModuleUnload", 0x1000)
     fake.unload("cuLibraryUnload", 0x3000)
     rec.sync()

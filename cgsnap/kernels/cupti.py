@@ -325,8 +325,10 @@ class ModuleRecorder:
             field, kind = SETTINGS[name]
             handle = _word(params, PARAMS[name][field])
             config = ctypes.c_int.from_address(params + PARAMS[name]["config"]).value
+            dev = ctypes.c_int.from_address(params + PARAMS[name]["dev"]).value \
+                if "dev" in PARAMS[name] else None
             if handle:
-                self._append(("cache_config", kind, handle, config))
+                self._append(("cache_config", kind, handle, config, dev))
 
     @staticmethod
     def _owner(name: str, params: int):

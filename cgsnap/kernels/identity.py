@@ -203,8 +203,9 @@ class LoadTable:
         ("module_function", CUfunction, CUmodule, name)  # cuModuleGetFunction
         ("library_module", CUlibrary, CUmodule, context) # cuLibraryGetModule
         ("context_destroyed", CUcontext)
-        ("cache_config", "function" | "kernel", handle, CUfunc_cache)  # cuFuncSetCacheConfig /
-                                                       #   cuKernelSetCacheConfig
+        ("cache_config", "function" | "kernel", handle, CUfunc_cache, CUdevice | None)
+                                                       # cuFuncSetCacheConfig /
+                                                       #   cuKernelSetCacheConfig (per device)
 
     Unloads drop every association of the handle (handles are reused); a destroyed context
     drops its modules and functions."""
@@ -218,7 +219,8 @@ class LoadTable:
         self.library_modules: dict = {}    # CUmodule -> (CUlibrary, context)
         self.launched: dict = {}           # CUfunction / CUkernel -> [hash] delivered in its launch
         self.by_name: dict = {}            # kernel name -> {CUlibrary} (cuLibraryGetKernel)
-        self.cache_configs: dict = {}      # CUfunction / CUkernel -> CUfunc_cache last set
+        self.cache_configs: dict = {}      # CUfunction -> CUfunc_cache last set;
+                                           # CUkernel -> {CUdevice: CUfunc_cache}
         self.unattributed = 0              # cubins delivered outside any tracked call
         self._lib_kernels: dict = {}       # CUlibrary -> {CUkernel}
         self._kernel_functions: dict = {}  # CUkernel -> {CUfunction}
@@ -262,18 +264,32 @@ class LoadTable:
         elif kind == "context_destroyed":
             self._context_destroyed(event[1])
         elif kind == "cache_config":
-            self.cache_configs[event[2]] = int(event[3])
+            _, what, handle, config = event[:4]
+            if what == "kernel":
+                dev = event[4] if len(event) > 4 else None
+                per_dev = self.cache_configs.get(handle)
+                if not isinstance(per_dev, dict):
+                    per_dev = self.cache_configs[handle] = {}
+                per_dev[dev] = int(config)
+            else:
+                self.cache_configs[handle] = int(config)
 
-    def cache_config(self, func: int, kern: int = 0) -> Optional[int]:
+    def cache_config(self, func: int, kern: int = 0, device: Optional[int] = None) -> Optional[int]:
         """The cache preference last set on the function ``func`` or, failing that, on its
-        kernel ``kern`` (None: never set while recording)."""
+        kernel ``kern`` for ``device`` (None: never set while recording; a kernel's setting
+        for an unknown device counts only where it was set for one device alone)."""
         got = self.cache_configs.get(func)
-        if got is None and kern:
-            got = self.cache_configs.get(kern)
-        if got is None:
-            owner = self.functions.get(func)
-            if owner is not None:
-                got = self.cache_configs.get(owner[0])
+        if isinstance(got, dict):
+            got = None
+        for k in (kern, (self.functions.get(func) or (0,))[0]):
+            if got is not None or not k:
+                continue
+            per_dev = self.cache_configs.get(k)
+            if isinstance(per_dev, dict):
+                if device is not None:
+                    got = per_dev.get(device)
+                elif len(per_dev) == 1:
+                    got = next(iter(per_dev.values()))
         return got
 
     def _delivered(self, h: str, owner) -> None:
@@ -575,11 +591,12 @@ class IdentityResolver:
         from .live import DriverFunction
         return self.resolve_live(DriverFunction(name, func, kern, module))
 
-    def cache_config(self, func, kern=None) -> Optional[int]:
+    def cache_config(self, func, kern=None, device: Optional[int] = None) -> Optional[int]:
         """The cache preference the recorder saw set on this function (None: none seen, or no
         recorder)."""
         table = self._table()
-        return None if table is None else table.cache_config(int(func or 0), int(kern or 0))
+        return None if table is None else table.cache_config(int(func or 0), int(kern or 0),
+                                                             device)
 
     def resolve(self, name: str, module_functions: Callable[[], frozenset]) -> Candidate:
         """By name and the live module's function set only (no handle, no attributes)."""
