@@ -220,6 +220,7 @@ def test_nv_compat_overrides_e_flags():
 def test_cubin_info(load, name):
     info = elf.cubin_info(load(name)[1])
     assert info.arch_name == CUBINS[name]
+    assert elf.cubin_arch_name(load(name)[1]) == CUBINS[name]     # the header-only read
     assert info.arch == int(re.sub(r"\D", "", CUBINS[name]))
     # -rdc gives the internal-linkage kernel a per-compilation prefix.
     assert {re.sub(r"^__nv_static_\w+?_(?=_Z)", "", k) for k in info.kernels} == KERNELS

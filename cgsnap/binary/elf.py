@@ -433,6 +433,15 @@ def cubin_info(data, limits: Limits | None = None) -> CubinInfo:
                      kernels, variables)
 
 
+def cubin_arch_name(data, limits: Limits | None = None) -> str:
+    """``sm_90a``-style name of a CUDA cubin from its header and ``.nv.compat`` alone (what
+    :func:`cubin_info` also reports, without reading its symbols)."""
+    elf = ElfFile(data, limits=limits)
+    if elf.machine != EM_CUDA:
+        raise BinaryFormatError(f"not a CUDA cubin (e_machine {elf.machine}, expected {EM_CUDA})")
+    return cuda_arch_name(elf.e_flags, elf.abiversion, _compat_arch_specific(elf))
+
+
 def global_initial_values(data) -> dict:
     """``{name: bytes}``: the contents a freshly loaded module gives each ``__device__`` /
     ``__constant__`` variable -- its bytes in the defining section, zeros for a ``.nv.global``

@@ -59,7 +59,7 @@ def image_arch_name(im) -> str:
     (``a``/``f``) runs only on exactly its arch. An unreadable image keeps the plain name here;
     :func:`check_images` refuses it."""
     try:
-        return elf.cubin_info(im.data).arch_name
+        return elf.cubin_arch_name(im.data)
     except BinaryFormatError:
         return f"sm_{im.arch}"
 
