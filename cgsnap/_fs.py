@@ -242,6 +242,9 @@ def _temporary_prefix(name: str) -> str:
     return f".{name[:200]}.tmp-"        # room for the suffix within NAME_MAX (255)
 
 
+MAX_PID = (1 << 22)                  # Linux's pid_max ceiling (PID_MAX_LIMIT)
+
+
 def remove_stale_temporaries(dir_fd: int, name: str) -> None:
     """Temporaries of earlier writes of ``name`` whose writer died (SIGKILL, power loss):
     ``.{name}.tmp-{pid}-{random}`` of ours with no live process ``pid``."""
@@ -254,15 +257,16 @@ def remove_stale_temporaries(dir_fd: int, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid():
-            continue
+        if not (pid.isascii() and pid.isdigit()) or len(pid) > 10 or int(pid) == os.getpid() \
+                or int(pid) > MAX_PID:
+            continue                    # not a pid a writer of ours could have had
         try:
             os.kill(int(pid), 0)
             continue                    # its writer may still be running
         except ProcessLookupError:
             pass
-        except OSError:
-            continue                    # alive, owned by someone else
+        except (OSError, OverflowError, ValueError):
+            continue                    # alive, owned by someone else, or no such pid here
         with contextlib.suppress(OSError):
             st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():

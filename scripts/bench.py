@@ -1059,6 +1059,7 @@ def bench_serving(args) -> None:
             # A cold run starts from empty compile caches and leaves no earlier run's steps for
             # a later 'rest' to go on from (a reused --serving-dir).
             shutil.rmtree(caches, ignore_errors=True)
+            shutil.rmtree(os.path.join(tmp, "warm"), ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(steps_file)
             compile_args = _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir,
@@ -1074,6 +1075,7 @@ def bench_serving(args) -> None:
             raise RuntimeError("path A (cold) did not finish")
         # Warm: the same caches, as a restart on the same machine finds them; saves the file.
         warm_dir = os.path.join(tmp, "warm")
+        shutil.rmtree(warm_dir, ignore_errors=True)     # judged below by the files it writes
         steps["warm"] = _serving_step("a-warm", "start_compiled.py",
                                       compile_args + ["--out", warm_dir, "--save", "--parity"],
                                       env, max(60.0, left() - 60.0), logdir)

@@ -38,6 +38,17 @@ def test_a_resave_keeps_the_files_mode(tmp_path):
     assert _mode(path) == 0o640
 
 
+def test_odd_temporaries_left_beside_a_file_do_not_stop_its_saves(tmp_path):
+    """Leftovers named like ours but with a pid no process can have (too large, not ASCII
+    digits) are left alone, and the save goes through."""
+    for pid in ("99999999999999999999", "4194305", "\u00b2", "12a", ""):
+        (tmp_path / f".x.cgsnap.tmp-{pid}-abcd").write_bytes(b"old")
+    with _fs.atomic_write(tmp_path / "x.cgsnap") as f:
+        f.write(b"new")
+    assert (tmp_path / "x.cgsnap").read_bytes() == b"new"
+    assert len([n for n in os.listdir(tmp_path) if ".tmp-" in n]) == 5
+
+
 def test_a_new_file_gets_the_umask_default_and_mode_overrides(tmp_path):
     old = os.umask(0o027)
     try:

@@ -896,3 +896,13 @@ def test_the_restore_applies_a_cache_preference(monkeypatch):
                                        driver.cu.cuFuncSetAttribute]
     fn, args = calls[0]
     assert args[0] == "F" and int(args[1]) == 1
+
+
+def test_a_function_setting_on_a_kernel_handle_still_counts(rec, fake):
+    """cuFuncSetCacheConfig given a CUkernel (the runtime casts them) applies to its functions."""
+    fake.library_load(B, 0x3000, inside=[B])
+    fake.get_kernel(0x3000, "kk", 0x3100)
+    fake.kernel_function(0x3100, 0x3200)
+    fake.cache_config(0x3100, 2)                      # cuFuncSetCacheConfig, a kernel handle
+    rec.sync()
+    assert rec.loads.cache_config(0x3200) == 2 and rec.loads.cache_config(0x3200, 0x3100) == 2

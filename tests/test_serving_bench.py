@@ -364,3 +364,18 @@ def test_a_cold_call_starts_clean(fake_serving, tmp_path, monkeypatch):
     _phase(fake_serving, monkeypatch, work, out, "cold")
     assert not (work / "compile-cache" / "stale").exists()
     assert not (work / "steps.json").exists()
+
+
+def test_a_warm_step_that_saves_nothing_restores_nothing_stale(fake_serving, tmp_path, monkeypatch):
+    """An earlier run's warm/ files in a reused --serving-dir are not taken for this run's."""
+    work, out = tmp_path / "w", tmp_path / "o"
+    out.mkdir()
+    _phase(fake_serving, monkeypatch, work, out, "cold")
+    (work / "warm").mkdir()
+    for name in ("serving.cgsnap", "reference.npz", "original.json"):
+        (work / "warm" / name).write_text("{}")
+    (fake_serving / "start_compiled.py").write_text("import sys; sys.exit(3)\n")
+    _phase(fake_serving, monkeypatch, work, out, "rest")
+    assert any("did not save" in r.get("error", "") for r in bench.RESULTS)
+    raw = json.loads((out / "serving.json").read_text())
+    assert "lazy" not in raw["steps"] and "all" not in raw["steps"]     # path B never ran

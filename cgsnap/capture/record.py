@@ -219,7 +219,8 @@ class Recording:
                 attrs.pop(key_name, None)
         # A cache preference (L1 / shared split) has no getter: the recorder saw it set.
         cache = getattr(self.resolver, "cache_config", None)
-        config = cache(func, kern, getattr(self.device, "ordinal", None)) \
+        handle = getattr(self.device, "handle", None)      # a CUdevice, as CUPTI reports it
+        config = cache(func, kern, None if handle is None else int(handle)) \
             if cache is not None else None
         if config:                          # 0 = CU_FUNC_CACHE_PREFER_NONE, a fresh function's
             attrs["cache_config"] = int(config)

@@ -290,6 +290,8 @@ class LoadTable:
                     got = per_dev.get(device)
                 elif len(per_dev) == 1:
                     got = next(iter(per_dev.values()))
+            else:               # cuFuncSetCacheConfig on a CUkernel cast to a CUfunction
+                got = per_dev
         return got
 
     def _delivered(self, h: str, owner) -> None:

@@ -299,20 +299,19 @@ def clone_launcher(graph, flags: int = 0):
     cloned and instantiated here with ``flags`` (torch instantiates with
     CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH = 1): the same nodes on the same memory as
     the original, a new executable graph -- what tells memory placement apart from the
-    executable graph in a replay-time difference. None where torch gives no graph."""
+    executable graph in a replay-time difference. None where torch gives no graph; a driver
+    error raises RuntimeError naming the call."""
     get = getattr(graph, "raw_cuda_graph", None)
     if get is None:
         return None
     from cuda.bindings import driver as cu
-    try:
-        err, clone = cu.cuGraphClone(cu.CUgraph(int(get())))
-        if err != cu.CUresult.CUDA_SUCCESS:
-            return None
-        err, exe = cu.cuGraphInstantiate(clone, flags)
-        if err != cu.CUresult.CUDA_SUCCESS:
-            return None
-    except Exception:
-        return None
+    err, clone = cu.cuGraphClone(cu.CUgraph(int(get())))
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuGraphClone: {err}")
+    err, exe = cu.cuGraphInstantiate(clone, flags)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        cu.cuGraphDestroy(clone)
+        raise RuntimeError(f"cuGraphInstantiate(flags={flags}) of the clone: {err}")
     _CLONES.append((clone, exe))        # kept for the process: the launches name them
 
     def launch():
