@@ -9,7 +9,9 @@ It does not say which module handle the cubin became. For that the same subscrib
 one) takes driver-API callbacks, at entry and exit, of a few rare calls (:data:`TRACKED_CALLS`):
 the ``cuModuleLoad*`` / ``cuLibraryLoad*`` family (the handle each returned, the image it was
 given), their unloads, and the calls that name a module, library or kernel (``cuModuleGetFunction``,
-``cuLibraryGetKernel``, ``cuLibraryGetModule``, ``cuKernelGetFunction``). A cubin delivered on a
+``cuLibraryGetKernel``, ``cuLibraryGetModule``, ``cuKernelGetFunction``), and the two that set
+a kernel's cache preference, which no getter reads back (``cuFuncSetCacheConfig``,
+``cuKernelSetCacheConfig``). A cubin delivered on a
 thread while one of them is in flight there belongs to it: inside a load, to the handle the load
 returns; inside the others (lazy loading: cuDNN's libraries load their module at first use), to the
 handle the call names. Launches are not tracked unless asked for (``start(launches=True)`` or
