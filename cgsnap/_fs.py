@@ -257,16 +257,16 @@ def remove_stale_temporaries(dir_fd: int, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if not (pid.isascii() and pid.isdigit()) or len(pid) > 10 or int(pid) == os.getpid() \
-                or int(pid) > MAX_PID:
-            continue                    # not a pid a writer of ours could have had
+        if not (pid.isascii() and pid.isdigit() and len(pid) <= 7) or int(pid) > MAX_PID or \
+                int(pid) == os.getpid():
+            continue                    # not a pid a writer of ours could have had, or ours
         try:
             os.kill(int(pid), 0)
             continue                    # its writer may still be running
         except ProcessLookupError:
             pass
-        except (OSError, OverflowError, ValueError):
-            continue                    # alive, owned by someone else, or no such pid here
+        except OSError:
+            continue                    # alive, owned by someone else
         with contextlib.suppress(OSError):
             st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():

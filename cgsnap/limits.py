@@ -16,6 +16,7 @@ held in memory, so they have their own, much smaller budgets.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ from dataclasses import dataclass
 from .errors import LimitError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+def env_count(name: str):
+    """The whole number (0 or more) the environment variable ``name`` holds, or None when it
+    is unset or not plain ASCII digits (at most 18 of them): the form of every numeric
+    ``CGSNAP_*`` setting."""
+    value = os.environ.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def test_no_cache_frees_every_slot(monkeypatch):
 def test_thread_and_ring_knobs_refuse_what_is_not_a_plain_number(monkeypatch):
     from cgsnap.capture.contents import READ_RING, scan_ring
     from cgsnap.format.fileformat import hash_threads, io_threads
-    for bad in ("\u00b2", "-3", "0", "x", ""):
+    for bad in ("\u00b2", "-3", "0", "x", "", "9" * 5000):
         monkeypatch.setenv("CGSNAP_SCAN_RING", bad)
         monkeypatch.setenv("CGSNAP_HASH_THREADS", bad)
         monkeypatch.setenv("CGSNAP_IO_THREADS", bad)

@@ -14,7 +14,6 @@ into host memory, the way it was before (and the fallback when device memory is 
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from typing import Optional
 
@@ -24,6 +23,7 @@ from ..cuda import driver, transfer
 from ..errors import CgsnapError
 from ..format.contents import Contents, is_zero, pieces_ratio, sample_spans
 from ..format.hashing import combine, piece_digest
+from ..limits import env_count
 
 HOLD_CHOICES = ("copy", "live", "host")
 READ_RING = 8              # staging chunks of a scan: hashes of several chunks run at once
@@ -122,9 +122,8 @@ class DeviceReader:
 
 def scan_ring() -> int:
     """Staging slots of a scan (``CGSNAP_SCAN_RING`` overrides :data:`READ_RING`, 1-32)."""
-    forced = os.environ.get("CGSNAP_SCAN_RING", "")
-    return min(int(forced), 32) if forced.isascii() and forced.isdigit() and int(forced) > 0 \
-        else READ_RING
+    forced = env_count("CGSNAP_SCAN_RING")
+    return min(forced, 32) if forced else READ_RING
 
 
 def _slots(items, most: int) -> int:

@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import os
 import platform
 import sys
 import warnings
@@ -30,6 +29,7 @@ from ..format.model import (ARRAY_FLAGS, ARRAY_FORMATS, MAX_DECISIONS_KEPT, Arra
                             Snapshot, remap_region_refs)
 from ..format.nodes import COND_KINDS, NODE_TYPES, KernelNode, Renumbering
 from ..kernels import graph_hooks
+from ..limits import env_count
 from . import classify
 from .blocks import AllocatorMap, reached_extents, reached_free_blocks, reached_span
 from .buffers import expand_buffers
@@ -965,8 +965,8 @@ FREED_BUDGET = 256 << 20
 
 
 def freed_budget() -> int:
-    forced = os.environ.get("CGSNAP_FREED_BUDGET", "")
-    return int(forced) if forced.isascii() and forced.isdigit() else FREED_BUDGET
+    forced = env_count("CGSNAP_FREED_BUDGET")
+    return FREED_BUDGET if forced is None else forced
 
 
 def _note_free(rec: Recording, rid: int, seg, free_reach, exclude) -> set:

@@ -23,7 +23,7 @@ import zstandard as zstd
 
 from .. import _fs, _progress
 from ..errors import FormatError
-from ..limits import Limits, over_budget, resolve
+from ..limits import Limits, env_count, over_budget, resolve
 from .hashing import BLOB_PIECE, BlobHasher, blob_checksum, combine, piece_digest
 
 MAGIC = b"\x89CGSNAP\n"
@@ -367,9 +367,9 @@ _PIECE = 16 << 20
 
 def io_threads() -> int:
     """Threads for bulk copies and hashing (file writes here, staging in :mod:`cgsnap.cuda.transfer`)."""
-    forced = os.environ.get("CGSNAP_IO_THREADS", "")
-    if forced.isascii() and forced.isdigit() and int(forced) > 0:
-        return int(forced)
+    forced = env_count("CGSNAP_IO_THREADS")
+    if forced:
+        return forced
     return max(2, min(8, os.cpu_count() or 2))
 
 
@@ -377,9 +377,9 @@ def hash_threads() -> int:
     """Threads that checksum staged chunks (one 64 MiB piece each, ~6.5 GB/s per thread): up
     to 8 (on the H200's 16-core host 16 threads scanned no faster: the DMA and the hashing
     share the memory system), ``CGSNAP_HASH_THREADS`` overrides (at most 64)."""
-    forced = os.environ.get("CGSNAP_HASH_THREADS", "")
-    if forced.isascii() and forced.isdigit() and int(forced) > 0:
-        return min(int(forced), 64)
+    forced = env_count("CGSNAP_HASH_THREADS")
+    if forced:
+        return min(forced, 64)
     return max(2, min(8, os.cpu_count() or 2))
 
 

@@ -338,8 +338,9 @@ class ModuleRecorder:
         if name in NAMING:
             field, kind = NAMING[name]
             return (kind, _word(params, PARAMS[name][field]))
-        if name == "cuKernelSetCacheConfig":     # lazy loading may deliver the kernel's cubin
-            kern = _word(params, PARAMS[name]["kernel"])
+        if name in SETTINGS and SETTINGS[name][1] == "kernel":
+            # lazy loading may deliver the kernel's cubin inside the call
+            kern = _word(params, PARAMS[name][SETTINGS[name][0]])
             return ("kernel", kern) if kern else None
         if name in PARAMS and "f" in PARAMS[name]:
             f = _word(params, PARAMS[name]["f"])

@@ -219,8 +219,8 @@ class LoadTable:
         self.library_modules: dict = {}    # CUmodule -> (CUlibrary, context)
         self.launched: dict = {}           # CUfunction / CUkernel -> [hash] delivered in its launch
         self.by_name: dict = {}            # kernel name -> {CUlibrary} (cuLibraryGetKernel)
-        self.cache_configs: dict = {}      # CUfunction -> CUfunc_cache last set;
-                                           # CUkernel -> {CUdevice: CUfunc_cache}
+        self.cache_configs: dict = {}      # handle -> {CUdevice: CUfunc_cache} last set (a
+                                           #   function's setting under None)
         self.unattributed = 0              # cubins delivered outside any tracked call
         self._lib_kernels: dict = {}       # CUlibrary -> {CUkernel}
         self._kernel_functions: dict = {}  # CUkernel -> {CUfunction}
@@ -264,34 +264,24 @@ class LoadTable:
         elif kind == "context_destroyed":
             self._context_destroyed(event[1])
         elif kind == "cache_config":
-            _, what, handle, config = event[:4]
-            if what == "kernel":
-                dev = event[4] if len(event) > 4 else None
-                per_dev = self.cache_configs.get(handle)
-                if not isinstance(per_dev, dict):
-                    per_dev = self.cache_configs[handle] = {}
-                per_dev[dev] = int(config)
-            else:
-                self.cache_configs[handle] = int(config)
+            _, _what, handle, config, dev = event
+            self.cache_configs.setdefault(handle, {})[dev] = int(config)
 
     def cache_config(self, func: int, kern: int = 0, device: Optional[int] = None) -> Optional[int]:
         """The cache preference last set on the function ``func`` or, failing that, on its
         kernel ``kern`` for ``device`` (None: never set while recording; a kernel's setting
         for an unknown device counts only where it was set for one device alone)."""
-        got = self.cache_configs.get(func)
-        if isinstance(got, dict):
-            got = None
+        got = self.cache_configs.get(func, {}).get(None)
         for k in (kern, (self.functions.get(func) or (0,))[0]):
-            if got is not None or not k:
+            settings = self.cache_configs.get(k) if k and got is None else None
+            if not settings:
                 continue
-            per_dev = self.cache_configs.get(k)
-            if isinstance(per_dev, dict):
-                if device is not None:
-                    got = per_dev.get(device)
-                elif len(per_dev) == 1:
-                    got = next(iter(per_dev.values()))
-            else:               # cuFuncSetCacheConfig on a CUkernel cast to a CUfunction
-                got = per_dev
+            if None in settings:        # cuFuncSetCacheConfig on a CUkernel cast to a CUfunction
+                got = settings[None]
+            elif device is not None:
+                got = settings.get(device)
+            elif len(settings) == 1:
+                got = next(iter(settings.values()))
         return got
 
     def _delivered(self, h: str, owner) -> None:
