@@ -971,9 +971,7 @@ def _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir, tmp,
          "--max-batch", str(plan["max_batch"])], env, min(240.0, left()), logdir)
     if steps["weights"]["rc"] != 0:
         raise RuntimeError("writing the weights failed")
-    compile_args = ["--weights", weights, "--sizes", sizes]
-    if plan["coordinate_descent"]:
-        compile_args.append("--coordinate-descent")
+    compile_args = _compile_args(plan, weights, sizes)
     # Cold: fresh, empty compile caches (this run fills them).
     # Alone (--serving-phase cold) it may take the whole budget; else warm and (b) follow.
     share = 0.95 if alone else 0.6
@@ -994,6 +992,13 @@ def _serving_cold(plan, steps, weights, caches, sizes, env, left, logdir, tmp,
     if steps["cold"]["timings"] is None:
         raise RuntimeError("path A (cold) did not finish")
     return compile_args
+
+
+def _compile_args(plan: dict, weights: str, sizes: str, batch_one_apart: bool = False) -> list:
+    """start_compiled.py's arguments for ``plan`` (both path A runs use the same)."""
+    return (["--weights", weights, "--sizes", sizes] +
+            (["--coordinate-descent"] if plan["coordinate_descent"] else []) +
+            (["--batch-one-apart"] if batch_one_apart else []))
 
 
 def _plan_key(plan: dict) -> dict:
@@ -1051,11 +1056,8 @@ def bench_serving(args) -> None:
     try:
         if phase == "rest":
             steps.update(_saved_steps(steps_file, plan))
-            compile_args = ["--weights", weights, "--sizes", sizes]
-            if plan["coordinate_descent"]:
-                compile_args.append("--coordinate-descent")
-            if steps.get("cold", {}).get("retried"):
-                compile_args.append("--batch-one-apart")
+            compile_args = _compile_args(plan, weights, sizes,
+                                         batch_one_apart=bool(steps["cold"].get("retried")))
         else:
             # A cold run starts from empty compile caches and leaves no earlier run's steps for
             # a later 'rest' to go on from (a reused --serving-dir).

@@ -292,35 +292,6 @@ def test_bench_serving_runs_the_four_steps_in_order(fake_serving, tmp_path, monk
     assert raw["plan"]["sizes"] == [1, 2] and set(raw["steps"]) >= {"cold", "warm", "lazy", "all"}
 
 
-def test_bench_serving_over_two_calls(fake_serving, tmp_path, monkeypatch):
-    """--serving-phase cold stops after (a) cold with its steps in --serving-dir; rest goes on
-    from them (warm, then both restores) without writing weights or compiling cold again; a
-    phase without a folder is refused."""
-    for name, src in (("make_weights.py", FAKE_WEIGHTS), ("start_compiled.py", FAKE_COMPILED),
-                      ("start_restored.py", FAKE_RESTORED)):
-        (fake_serving / name).write_text(src)
-    monkeypatch.setattr(bench, "RESULTS", [])
-    work, out = tmp_path / "work", tmp_path / "out"
-    out.mkdir()
-    base = ["--only", "serving", "--quick", "--sizes", "1,2", "--out", str(out / "bench.json"),
-            "--serving-dir", str(work)]
-    with pytest.raises(SystemExit):
-        bench.bench_serving(bench.parser().parse_args(base[:-2] + ["--serving-phase", "cold"]))
-    bench.bench_serving(bench.parser().parse_args(base + ["--serving-phase", "cold"]))
-    calls = (fake_serving / "calls.txt").read_text().splitlines()
-    assert len(calls) == 1 and "--save" not in calls[0]
-    assert (work / "steps.json").exists() and (work / "cold").is_dir()
-    bench.bench_serving(bench.parser().parse_args(base + ["--serving-phase", "rest"]))
-    calls = (fake_serving / "calls.txt").read_text().splitlines()
-    assert len(calls) == 2 and "--save --parity" in calls[1]
-    raw = json.loads((out / "serving.json").read_text())
-    assert set(raw["steps"]) >= {"weights", "cold", "warm", "lazy", "all"}
-    rows = {r["what"]: r for r in bench.RESULTS if "what" in r}
-    assert rows["speed-up of the graph part: (a) cold / (b) eager"]["value"] == \
-        pytest.approx(40.0 / 0.12)
-    assert work.exists()              # kept for a later call
-
-
 def _phase(fake_serving, monkeypatch, work, out, phase, *extra):
     for name, src in (("make_weights.py", FAKE_WEIGHTS), ("start_compiled.py", FAKE_COMPILED),
                       ("start_restored.py", FAKE_RESTORED)):
@@ -330,6 +301,31 @@ def _phase(fake_serving, monkeypatch, work, out, phase, *extra):
     bench.bench_serving(bench.parser().parse_args(
         ["--only", "serving", "--quick", "--sizes", "1,2", "--out", str(out / "bench.json"),
          "--serving-dir", str(work), "--serving-phase", phase, *extra]))
+
+
+def test_bench_serving_over_two_calls(fake_serving, tmp_path, monkeypatch):
+    """--serving-phase cold stops after (a) cold with its steps in --serving-dir; rest goes on
+    from them (warm, then both restores) without writing weights or compiling cold again; a
+    phase without a folder is refused."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit):
+        bench.bench_serving(bench.parser().parse_args(
+            ["--only", "serving", "--quick", "--out", str(out / "bench.json"),
+             "--serving-phase", "cold"]))
+    _phase(fake_serving, monkeypatch, work, out, "cold")
+    calls = (fake_serving / "calls.txt").read_text().splitlines()
+    assert len(calls) == 1 and "--save" not in calls[0]
+    assert (work / "steps.json").exists() and (work / "cold").is_dir()
+    _phase(fake_serving, monkeypatch, work, out, "rest")
+    calls = (fake_serving / "calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and "--save --parity" in calls[1]
+    raw = json.loads((out / "serving.json").read_text())
+    assert set(raw["steps"]) >= {"weights", "cold", "warm", "lazy", "all"}
+    rows = {r["what"]: r for r in bench.RESULTS if "what" in r}
+    assert rows["speed-up of the graph part: (a) cold / (b) eager"]["value"] == \
+        pytest.approx(40.0 / 0.12)
+    assert work.exists()              # kept for a later call
 
 
 @pytest.mark.parametrize("content", ['{"cold": null}', "not json", '{"steps": {"cold": 3}}'])

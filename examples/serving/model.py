@@ -269,6 +269,9 @@ def step_inputs(c: Config, batch: int, seed: int = 2) -> tuple:
 
 # ---- replay timing ----------------------------------------------------------------------------
 
+QUEUE_CYCLES = 20_000_000      # ~10 ms of GPU sleep at ~2 GHz: the host queues a batch behind it
+
+
 def replay_medians(replays: dict, rounds: int = 3, reps: int = 10, warmup: int = 3) -> dict:
     """``{name: median ms}`` of each replay function, on the current stream, one CUDA event pair
     per replay: the graph's time on the GPU. Each batch of replays is queued behind a GPU sleep,
@@ -294,6 +297,15 @@ def replay_medians(replays: dict, rounds: int = 3, reps: int = 10, warmup: int =
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _launcher(cu, exe):
+    """A function launching the executable graph ``exe`` alone on the current stream."""
+    def launch():
+        err, = cu.cuGraphLaunch(exe, cu.CUstream(torch.cuda.current_stream().cuda_stream))
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuGraphLaunch: {err}")
+    return launch
+
+
 def clone_launcher(graph, flags: int = 0):
     """A launch function for a copy of ``graph``'s own ``cudaGraph_t`` (``keep_graph=True``),
     cloned and instantiated here with ``flags`` (torch instantiates with
@@ -313,16 +325,10 @@ def clone_launcher(graph, flags: int = 0):
         cu.cuGraphDestroy(clone)
         raise RuntimeError(f"cuGraphInstantiate(flags={flags}) of the clone: {err}")
     _CLONES.append((clone, exe))        # kept for the process: the launches name them
-
-    def launch():
-        err, = cu.cuGraphLaunch(exe, cu.CUstream(torch.cuda.current_stream().cuda_stream))
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuGraphLaunch: {err}")
-    return launch
+    return _launcher(cu, exe)
 
 
 _CLONES: list = []
-QUEUE_CYCLES = 20_000_000      # ~10 ms of GPU sleep at ~2 GHz: the host queues a batch behind it
 
 
 def exec_launcher(graph):
@@ -337,12 +343,7 @@ def exec_launcher(graph):
     except Exception:
         return graph.replay
     from cuda.bindings import driver as cu
-    exe = cu.CUgraphExec(handle)
-
-    def launch():
-        err, = cu.cuGraphLaunch(exe, cu.CUstream(torch.cuda.current_stream().cuda_stream))
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuGraphLaunch: {err}")
+    launch = _launcher(cu, cu.CUgraphExec(handle))
     launch.raw = True
     return launch
 
